@@ -1,0 +1,108 @@
+"""Safetensors checkpoints: find the files, read them onto the target device, load strictly.
+
+A checkpoint is one `.safetensors` file, a sharded set described by `*.safetensors.index.json`, or
+a folder holding either (a diffusers `transformer/` folder, say). Models are built on the meta
+device and receive the checkpoint's tensors directly (`assign=True`), so weights are read once,
+straight into the device and dtype they will be used in.
+"""
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose keys or shapes do not fit the model."""
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The .safetensors files that make up the checkpoint at `path` (file, index file or folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        files = sorted(path.glob("*.safetensors"))
+        if len(indexes) == 1:
+            path = indexes[0]
+        elif len(indexes) > 1:
+            raise CheckpointError(f"{path} holds several index files: {', '.join(p.name for p in indexes)}")
+        elif len(files) == 1:
+            return files
+        else:
+            found = ", ".join(p.name for p in files) or "none"
+            raise CheckpointError(f"{path} must hold one .safetensors file or an index; found {found}")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{path} is not a safetensors index (no readable 'weight_map')") from e
+        shards = [path.parent / name for name in sorted(set(weight_map.values()))]
+        missing = [str(s) for s in shards if not s.exists()]
+        if missing:
+            raise CheckpointError(f"{path} names shards that are not there: {', '.join(missing)}")
+        return shards
+    return [path]
+
+
+def read_state_dict(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Read every tensor of the checkpoint at `path` onto `device`, cast to `dtype` one tensor at a time."""
+    state_dict = {}
+    for file in safetensors_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    state_dict[key] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+    return state_dict
+
+
+def read_config(path: str | Path) -> dict | None:
+    """The diffusers config.json inside (or beside) the checkpoint at `path`, if there is one."""
+    path = Path(path)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(config.read_text()) if config.exists() else None
+
+
+def save_state_dict(state_dict: dict[str, Tensor], path: str | Path) -> None:
+    """Write a state dict as one safetensors file."""
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+
+
+def check_keys(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected.keys() & state_dict.keys()
+        if state_dict[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{title} ({len(keys)}): " + ", ".join(keys)
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a model without allocating its parameters."""
+    with torch.device("meta"):
+        return factory()
+
+
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> nn.Module:
+    """Strictly load `state_dict` into `model` (typically on meta), taking its tensors as the parameters."""
+    check_keys(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,75 @@
+"""Z-Image checkpoint layouts: the official single file (ours) <-> diffusers' ZImageTransformer2DModel.
+
+The layouts differ only in a few names and in the fused QKV projection:
+
+    official (ours)                     diffusers
+    x_embedder.*                        all_x_embedder.2-1.*
+    final_layer.*                       all_final_layer.2-1.*
+    *.attention.qkv.weight              *.attention.to_q/to_k/to_v.weight (split in thirds, q k v)
+    *.attention.out.weight              *.attention.to_out.0.weight
+    *.attention.q_norm.weight           *.attention.norm_q.weight (k likewise)
+
+ComfyUI files carry a `model.diffusion_model.` prefix, and some official files an unused
+`norm_final.weight`; both are dropped on the way in.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from common.weights import build_on_meta, load_into, read_config, read_state_dict
+from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
+
+COMFY_PREFIX = "model.diffusion_model."
+PATCH_KEY = "2-1"  # diffusers' key for spatial patch 2, frame patch 1
+RENAMES = [  # (official, diffusers) substrings
+    ("x_embedder.", f"all_x_embedder.{PATCH_KEY}."),
+    ("final_layer.", f"all_final_layer.{PATCH_KEY}."),
+    (".attention.out.", ".attention.to_out.0."),
+    (".attention.q_norm.", ".attention.norm_q."),
+    (".attention.k_norm.", ".attention.norm_k."),
+]
+QKV = (".attention.to_q.weight", ".attention.to_k.weight", ".attention.to_v.weight")
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
+    for old, new in pairs:
+        if key.startswith(old) or (old.startswith(".") and old in key):
+            return key.replace(old, new, 1)
+    return key
+
+
+def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers (or ComfyUI-prefixed, or already official) keys -> the official layout."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(COMFY_PREFIX)
+        if key == "norm_final.weight":
+            continue
+        out[_rename(key, [(new, old) for old, new in RENAMES])] = value
+    for q_key in [k for k in out if k.endswith(QKV[0])]:
+        stem = q_key.removesuffix(QKV[0])
+        out[stem + ".attention.qkv.weight"] = torch.cat([out.pop(stem + suffix) for suffix in QKV])  # (3*dim, dim)
+    return out
+
+
+def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official layout -> diffusers' ZImageTransformer2DModel keys."""
+    out = {}
+    for key, value in from_diffusers(state_dict).items():
+        if key.endswith(".attention.qkv.weight"):
+            stem = key.removesuffix(".attention.qkv.weight")
+            out.update({stem + suffix: w.clone() for suffix, w in zip(QKV, value.chunk(3))})  # clone: no shared storage
+        else:
+            out[_rename(key, RENAMES)] = value
+    return out
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     cfg: ZImageConfig | None = None) -> ZImageTransformer:
+    """Load a Z-Image transformer from an official single file, a diffusers `transformer/` folder, or shards."""
+    config = read_config(path)
+    cfg = cfg or (ZImageConfig.from_diffusers(config) if config else PRESETS["z-image-turbo"])
+    state_dict = from_diffusers(read_state_dict(path, device, dtype))
+    return load_into(build_on_meta(lambda: ZImageTransformer(cfg)), state_dict, source=str(path))

@@ -1,0 +1,277 @@
+"""Z-Image S3-DiT: a single-stream diffusion transformer.
+
+Caption tokens (Qwen3 hidden states) and image tokens (2x2 latent patches) are first refined
+separately (`context_refiner` without modulation, `noise_refiner` with it), then concatenated into
+one sequence `[image; caption]` that passes through `layers`: pre/post ("sandwich") RMSNorms,
+QK-RMSNorm, 3-axis RoPE, SwiGLU, and tanh-gated adaLN modulation from the timestep.
+
+The parameter names are those of the official single-file checkpoint (fused `attention.qkv`,
+`attention.out`, `q_norm`/`k_norm`, `x_embedder`, `final_layer`), so it loads with no renaming.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from common.attention import attention
+from common.backend import use_backend
+from common.embeddings import timestep_embedding
+from common.norms import RMSNorm, gated_rms_residual, layer_norm_modulate, rms_norm_scale
+from common.rope import qk_norm_rope, rope_tables
+
+SEQ_MULTIPLE = 32  # every caption and every image is padded to a multiple of this many tokens
+ADALN_DIM = 256  # width of the timestep conditioning vector (capped at dim)
+
+
+@dataclass(frozen=True)
+class ZImageConfig:
+    """Transformer shape; field names as in diffusers' ZImageTransformer2DModel config.json."""
+
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1536, 512, 512)
+
+    def __post_init__(self):
+        if len(self.all_patch_size) != 1 or self.all_f_patch_size != (1,):
+            raise ValueError(f"only one spatial patch size and frame patch 1 are supported, got {self.all_patch_size}, {self.all_f_patch_size}")
+        if self.n_kv_heads != self.n_heads or not self.qk_norm:
+            raise ValueError("Z-Image uses full multi-head attention with QK-norm (n_kv_heads == n_heads, qk_norm)")
+        if self.dim % self.n_heads or sum(self.axes_dims) != self.dim // self.n_heads:
+            raise ValueError(f"axes_dims {self.axes_dims} must sum to the head dim {self.dim // max(self.n_heads, 1)}")
+
+    @property
+    def patch_size(self) -> int:
+        return self.all_patch_size[0]
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_DIM)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "ZImageConfig":
+        """Build from a diffusers transformer config.json dict (unknown bookkeeping keys are ignored)."""
+        if config.get("siglip_feat_dim") is not None:
+            raise ValueError("this is a Z-Image Omni config (siglip_feat_dim set); only text-to-image Z-Image is supported")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+        return cls(**kwargs)
+
+
+# Z-Image-Turbo (distilled, 8 steps, no CFG) and Z-Image base share the transformer shape.
+PRESETS = {"z-image-turbo": ZImageConfig(), "z-image": ZImageConfig()}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.n_heads, head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=1e-5)
+        self.k_norm = RMSNorm(head_dim, eps=1e-5)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.n_heads)  # (B, H, S, D) each
+        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
+        return self.out(attention(q, k, v, key_lens))  # (B, S, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Sandwich-norm transformer block; `modulated` blocks scale and gate both branches from `c`."""
+
+    def __init__(self, cfg: ZImageConfig, modulated: bool):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, int(cfg.dim / 3 * 8))
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulated = modulated
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None, c: Tensor | None = None) -> Tensor:
+        if self.modulated:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)  # (B, 1, dim) each
+            gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+            h = self.attention(rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)
+            x = gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
+            h = self.feed_forward(rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps))
+            return gated_rms_residual(x, h, self.ffn_norm2.weight, gate_mlp, self.eps)
+        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_lens))
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))
+        self.linear = nn.Linear(cfg.dim, cfg.patch_size**2 * cfg.in_channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        scale = self.adaLN_modulation(c)[:, None]  # (B, 1, dim)
+        return self.linear(layer_norm_modulate(x, None, scale, eps=1e-6))
+
+
+def round_up(n: int, multiple: int = SEQ_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ZImageTransformer(nn.Module):
+    """The Z-Image transformer: latents (B, C, H, W), timestep t (B,), caption features -> velocity-like output."""
+
+    def __init__(self, cfg: ZImageConfig, backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend  # None: $ZFLUX_BACKEND or sdpa (common.backend)
+        p = cfg.patch_size
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, 1024), nn.SiLU(), nn.Linear(1024, cfg.adaln_dim))
+        self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.noise_refiner = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W) latents, t (B,) with 0 = pure noise, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) bool."""
+        cap_lens = self._check_inputs(x, t, cap_feats, cap_mask)
+        with use_backend(self.backend):
+            return self._forward(x, t, cap_feats, cap_mask, cap_lens)
+
+    def _forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int]) -> Tensor:
+        B, _, H, W = x.shape
+        p, dtype = self.cfg.patch_size, self.dtype
+        c = self.t_embedder.mlp(timestep_embedding(t * self.cfg.t_scale).to(dtype))  # (B, A)
+
+        # Image tokens, padded with the learned pad token to a multiple of 32.
+        img = rearrange(x.to(dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)
+        n_img = img.shape[1]
+        img = self._pad(self.x_embedder(img), self.x_pad_token, [n_img] * B, round_up(n_img))  # (B, Ni, dim)
+
+        # Caption tokens: real ones first, each caption padded to a multiple of 32 with the pad token.
+        cap_pad_lens = [round_up(n) for n in cap_lens]
+        cap = cap_feats.to(dtype)
+        if cap_mask is not None:  # move each caption's real tokens to the front, keeping their order
+            order = torch.argsort((~cap_mask).to(torch.int8), dim=1, stable=True)  # (B, L)
+            cap = torch.gather(cap, 1, order[..., None].expand_as(cap))
+        cap = F.pad(cap, (0, 0, 0, max(0, max(cap_pad_lens) - cap.shape[1])))[:, : max(cap_pad_lens)]
+        cap = self._pad(self.cap_embedder(cap), self.cap_pad_token, cap_lens, max(cap_pad_lens))  # (B, Lc, dim)
+
+        cos, sin = self._rope(cap_pad_lens, img.shape[1], cap.shape[1], H // p, W // p, x.device)  # (B, Ni+Lc, D/2)
+        n = img.shape[1]
+        img_rope, cap_rope = (cos[:, :n], sin[:, :n]), (cos[:, n:], sin[:, n:])
+        cap_key_lens = self._key_lens(cap_pad_lens, cap.shape[1], x.device)
+        seq_key_lens = self._key_lens([n + m for m in cap_pad_lens], n + cap.shape[1], x.device)
+
+        for block in self.noise_refiner:
+            img = block(img, img_rope, None, c)
+        for block in self.context_refiner:
+            cap = block(cap, cap_rope, cap_key_lens)
+        seq = torch.cat([img, cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end
+        for block in self.layers:
+            seq = block(seq, (cos, sin), seq_key_lens, c)
+
+        out = self.final_layer(seq[:, :n_img], c)  # (B, N, p*p*C)
+        return rearrange(out, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=H // p, ph=p, pw=p).to(x.dtype)
+
+    @staticmethod
+    def _pad(tokens: Tensor, pad_token: Tensor, lens: list[int], total: int) -> Tensor:
+        """Extend (B, S, dim) to `total` tokens; positions >= lens[b] become `pad_token`."""
+        tokens = F.pad(tokens, (0, 0, 0, total - tokens.shape[1]))  # (B, total, dim)
+        is_pad = torch.arange(total, device=tokens.device) >= torch.tensor(lens, device=tokens.device)[:, None]  # (B, total)
+        return torch.where(is_pad[..., None], pad_token.to(tokens.dtype), tokens)
+
+    @staticmethod
+    def _key_lens(lens: list[int], total: int, device: torch.device) -> Tensor | None:
+        """Per-sample valid lengths for attention, or None when no sample is shorter than `total`."""
+        return None if all(n == total for n in lens) else torch.tensor(lens, device=device)
+
+    def _rope(self, cap_pad_lens: list[int], n_img: int, n_cap: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """RoPE tables for the unified sequence [image (n_img); caption (n_cap)] of every sample.
+
+        Caption token j sits at (1 + j, 0, 0), pads included; image token (r, c) at
+        (Lpad + 1, r, c) with Lpad the sample's padded caption length; image pads at (0, 0, 0).
+        """
+        B = len(cap_pad_lens)
+        lpad = torch.tensor(cap_pad_lens, device=device)  # (B,)
+        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        img_ids = torch.zeros(B, n_img, 3, dtype=torch.long, device=device)
+        img_ids[:, : h * w, 0] = lpad[:, None] + 1
+        img_ids[:, : h * w, 1] = rows.flatten()
+        img_ids[:, : h * w, 2] = cols.flatten()
+        cap_ids = torch.zeros(B, n_cap, 3, dtype=torch.long, device=device)
+        cap_ids[..., 0] = torch.arange(1, n_cap + 1, device=device)
+        return rope_tables(torch.cat([img_ids, cap_ids], dim=1), self.cfg.axes_dims, self.cfg.rope_theta, fp32_angles=True)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None) -> list[int]:
+        """Validate shapes at the boundary; return each caption's number of real tokens."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if cap_feats.ndim != 3 or cap_feats.shape[0] != B or cap_feats.shape[2] != cfg.cap_feat_dim:
+            raise ValueError(f"cap_feats must be ({B}, L, {cfg.cap_feat_dim}), got {tuple(cap_feats.shape)}")
+        if cap_mask is None:
+            cap_lens = [cap_feats.shape[1]] * B
+        else:
+            if cap_mask.dtype != torch.bool or cap_mask.shape != cap_feats.shape[:2]:
+                raise ValueError(f"cap_mask must be bool {tuple(cap_feats.shape[:2])}, got {cap_mask.dtype} {tuple(cap_mask.shape)}")
+            cap_lens = cap_mask.sum(dim=1).tolist()
+        if min(cap_lens) == 0:
+            raise ValueError("every caption needs at least one token")
+        limits = {"caption + image (axis 0)": (round_up(max(cap_lens)) + 1, cfg.axes_lens[0]),
+                  "latent height / patch (axis 1)": (H // p - 1, cfg.axes_lens[1]),
+                  "latent width / patch (axis 2)": (W // p - 1, cfg.axes_lens[2])}
+        for what, (pos, limit) in limits.items():
+            if pos >= limit:
+                raise ValueError(f"RoPE position {pos} for the {what} is out of range: axes_lens allows < {limit}")
+        return cap_lens
+
+
+def param_count(cfg: ZImageConfig) -> int:
+    """Number of parameters at `cfg`, counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ZImageTransformer(cfg).parameters())
+
