@@ -10,10 +10,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
     """Fill every parameter with N(0, std) (norm weights around 1) so that no path is trivially zero."""
-    g = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
+            noise = torch.randn(p.shape, generator=g, device=device) * std
             is_norm = p.ndim == 1 and any(s in name for s in ("norm", "scale"))
             p.copy_(noise + 1 if is_norm else noise)
     return module
+
+
+def bf16_vs_fp32(ref32: torch.nn.Module, run_ref, make_ours, run_ours) -> tuple[float, float]:
+    """Errors against the fp32 reference of (diffusers in bf16, ours in bf16), holding few copies at once.
+
+    `ref32` is the reference model in fp32 on its device; `make_ours(state_dict)` builds our model from
+    the bf16 reference's state dict; `run_ref(model)` / `run_ours(model)` return outputs.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        expected = run_ref(ref32).float()
+        ref16 = ref32.to(torch.bfloat16)  # in place: the fp32 copy is gone from here on
+        err_ref = rel_err(run_ref(ref16), expected)
+        ours = make_ours(ref16.state_dict())
+        del ref16
+        err_ours = rel_err(run_ours(ours), expected)
+    return err_ref, err_ours

@@ -1,0 +1,114 @@
+"""Z-Image checkpoints: the full-size layout, loading from files and folders, and named errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ZImageTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+from safetensors.torch import load_file, save_file
+
+from common.weights import CheckpointError
+from util import randomize_
+from zimg.convert import load_transformer, to_diffusers
+from zimg.model import PRESETS, ZImageConfig, ZImageTransformer, param_count
+
+TINY = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
+                    axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
+
+
+def shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_full_turbo_layout_matches_diffusers_single_file_converter():
+    """Our state dict at the real size, run through diffusers' own single-file converter, is diffusers' layout."""
+    with torch.device("meta"):
+        ours = ZImageTransformer(PRESETS["z-image-turbo"]).state_dict()
+        ref = ZImageTransformer2DModel(axes_lens=list(PRESETS["z-image-turbo"].axes_lens)).state_dict()
+    converted = convert_z_image_transformer_checkpoint_to_diffusers(dict(ours))
+    assert shapes(converted) == shapes(ref)
+    assert shapes(to_diffusers(ours)) == shapes(ref)
+    n = param_count(PRESETS["z-image-turbo"])
+    print(f"Z-Image-Turbo parameters: {n / 1e9:.3f} B")
+    assert n == sum(v.numel() for v in ref.values())
+    assert 6.1e9 < n < 6.2e9
+
+
+@pytest.fixture
+def tiny_sd():
+    return {k: v.clone() for k, v in randomize_(ZImageTransformer(TINY)).state_dict().items()}
+
+
+def test_loads_official_file_diffusers_folder_and_shards(tmp_path, tiny_sd):
+    config = {"_class_name": "ZImageTransformer2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items()}}
+    save_file(tiny_sd, tmp_path / "official.safetensors")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    d = to_diffusers(tiny_sd)
+    keys = sorted(d)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in halves.items():
+        save_file({k: d[k] for k in part}, folder / name)
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+    a = load_transformer(tmp_path / "official.safetensors", dtype=torch.float32, cfg=TINY)
+    b = load_transformer(folder, dtype=torch.float32)
+    assert b.cfg == TINY
+    for model in (a, b):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_sd.items())
+    assert load_transformer(tmp_path / "official.safetensors", cfg=TINY).dtype == torch.bfloat16
+
+
+def _load_error(tmp_path, sd) -> str:
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_transformer(tmp_path / "bad.safetensors", dtype=torch.float32, cfg=TINY)
+    return str(e.value)
+
+
+def test_missing_key_is_named(tmp_path, tiny_sd):
+    del tiny_sd["layers.1.attention.qkv.weight"]
+    assert "missing keys (1): layers.1.attention.qkv.weight" in _load_error(tmp_path, tiny_sd)
+
+
+def test_unexpected_key_is_named(tmp_path, tiny_sd):
+    tiny_sd["layers.9.bogus.weight"] = torch.zeros(3)
+    assert "unexpected keys (1): layers.9.bogus.weight" in _load_error(tmp_path, tiny_sd)
+
+
+def test_misshaped_key_is_named(tmp_path, tiny_sd):
+    tiny_sd["x_embedder.weight"] = torch.zeros(64, 65)
+    assert "x_embedder.weight: checkpoint (64, 65), model (64, 64)" in _load_error(tmp_path, tiny_sd)
+
+
+def test_truncated_file_is_named(tmp_path, tiny_sd):
+    path = tmp_path / "cut.safetensors"
+    save_file(tiny_sd, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="cannot read .*cut.safetensors"):
+        load_transformer(path, cfg=TINY)
+
+
+def test_missing_path_and_shard_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_transformer(tmp_path / "nope.safetensors", cfg=TINY)
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shards that are not there: .*m-1.safetensors"):
+        load_transformer(tmp_path / "m.safetensors.index.json", cfg=TINY)
+
+
+def test_convert_script_round_trip(tmp_path, tiny_sd):
+    save_file(tiny_sd, tmp_path / "a.safetensors")
+    script = Path(__file__).parents[1] / "scripts" / "convert_zimage.py"
+    run = lambda *args: subprocess.run([sys.executable, script, *map(str, args)], check=True, capture_output=True)
+    run(tmp_path / "a.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
+    run(tmp_path / "d.safetensors", tmp_path / "b.safetensors", "--to", "original")
+    d, b = load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert "all_x_embedder.2-1.weight" in d and "layers.0.attention.to_q.weight" in d
+    assert b.keys() == tiny_sd.keys() and all(torch.equal(b[k], tiny_sd[k]) for k in b)
