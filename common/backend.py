@@ -8,11 +8,12 @@ attribute), the `ZFLUX_BACKEND` environment variable, then `sdpa`.
 
 import os
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Iterator
 
 BACKENDS = ("sdpa", "triton", "reference")
-_scoped: ContextVar[str | None] = ContextVar("zflux_backend", default=None)
+# A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
+# them), but not ContextVar.get.
+_scoped: str | None = None
 
 
 def check_backend(name: str) -> str:
@@ -24,14 +25,16 @@ def check_backend(name: str) -> str:
 
 def current_backend() -> str:
     """The backend in force here: scope, then $ZFLUX_BACKEND, then 'sdpa'."""
-    return check_backend(_scoped.get() or os.environ.get("ZFLUX_BACKEND") or "sdpa")
+    return check_backend(_scoped or os.environ.get("ZFLUX_BACKEND") or "sdpa")
 
 
 @contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Run the enclosed code with backend `name` (None leaves the current choice)."""
-    token = _scoped.set(check_backend(name) if name else _scoped.get())
+    global _scoped
+    previous = _scoped
+    _scoped = check_backend(name) if name else previous
     try:
         yield
     finally:
-        _scoped.reset(token)
+        _scoped = previous
