@@ -1,9 +1,7 @@
 """RMSNorm, LayerNorm and the modulated forms the two model families use.
 
 Each function is the single definition of its math; with the `triton` backend on a CUDA tensor it
-runs the fused kernel from `kernels/` instead. Precision follows the reference models: the
-normalisation is computed in fp32 and rounded to the input dtype before any weight, scale or gate
-is applied.
+runs the fused kernel from `kernels/` instead. Statistics are always accumulated in fp32.
 """
 
 import torch
@@ -23,13 +21,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         from kernels.rmsnorm import rms_norm as fused
 
         return fused(x, weight, eps)
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def layer_norm(x: Tensor, eps: float) -> Tensor:
-    """LayerNorm without affine parameters over the last dim, in fp32."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    """LayerNorm without affine parameters over the last dim."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
 def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:

@@ -30,9 +30,11 @@ def rope_tables(ids: Tensor, axes_dims: tuple[int, ...], theta: float, fp32_angl
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of x (B, H, S, D) by tables (B, S, D/2); math in fp32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, S, D/2) each
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, D/2)
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, S, D/2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, S, D/2, 2)
+    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) as pairs * cos + swapped pairs * (-sin, sin):
+    # two fused elementwise passes in eager mode.
+    signed_sin = torch.stack([-sin, sin], dim=-1)[:, None]  # (B, 1, S, D/2, 2)
+    out = torch.addcmul(pairs * cos[:, None, ..., None], pairs.flip(-1), signed_sin)  # (B, H, S, D/2, 2)
     return out.flatten(-2).type_as(x)  # (B, H, S, D)
 
 
