@@ -1,0 +1,151 @@
+"""Prompt encoders: parity with diffusers' ZImagePipeline / FluxPipeline prompt encoding, loading errors.
+
+The tests build tiny random Qwen3, T5 and CLIP models and tiny tokenizers offline, save them as a
+diffusers snapshot would, and compare our encoders with the pipelines' own encode_prompt run on the
+same folders. Both sides call the same `transformers` modules on the same token ids, so the
+tolerance is exact equality.
+"""
+
+import pytest
+import torch
+from diffusers import FluxPipeline, ZImagePipeline
+from tokenizers import pre_tokenizers
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3Model, T5Config, T5EncoderModel, T5Tokenizer)
+
+from common.text import FluxPromptEncoder, Qwen3PromptEncoder
+from common.weights import CheckpointError
+
+# Qwen3's chat template, cut down to what a single user turn needs (the real one also handles tools,
+# reasoning history and system prompts); enable_thinking=False would add an empty think block.
+QWEN_TEMPLATE = (
+    r"{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    r"{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
+)
+BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())  # byte-level BPE: every string is encodable
+PROMPTS = ["a photo of a cat", "Ein Hund im Schnee, 一只猫 and a considerably longer prompt that fills more tokens"]
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    merges = [("a", "t"), ("Ġ", "c"), ("Ġc", "at")]
+    vocab = {c: i for i, c in enumerate(BYTES)} | {a + b: len(BYTES) + i for i, (a, b) in enumerate(merges)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab | {"<|endoftext|>": len(vocab)}, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,"]
+    pieces += [("▁" + w, -3.0) for w in "a the cat photo of dog hund".split()]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    merges = [("c", "a"), ("ca", "t</w>")]
+    vocab = {"<|startoftext|>": 0} | {c: 1 + i for i, c in enumerate(BYTES)} | {c + "</w>": 1 + len(BYTES) + i for i, c in enumerate(BYTES)}
+    vocab |= {a + b: len(vocab) + i for i, (a, b) in enumerate(merges)}
+    return CLIPTokenizer(vocab=vocab | {"<|endoftext|>": len(vocab)}, merges=merges, model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def zimage_snapshot(tmp_path_factory):
+    """A diffusers-style Z-Image folder: text_encoder/ (saved as Qwen3ForCausalLM, as shipped) and tokenizer/."""
+    root = tmp_path_factory.mktemp("zimage")
+    tokenizer = qwen_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    Qwen3ForCausalLM(config).save_pretrained(root / "text_encoder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def flux_snapshot(tmp_path_factory):
+    """A diffusers-style FLUX.1 folder: CLIP in text_encoder/ + tokenizer/, T5 in text_encoder_2/ + tokenizer_2/."""
+    root = tmp_path_factory.mktemp("flux")
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    clip_tok.save_pretrained(root / "tokenizer")
+    t5_tok.save_pretrained(root / "tokenizer_2")
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                        eos_token_id=clip_tok.eos_token_id, bos_token_id=0, pad_token_id=clip_tok.pad_token_id))
+    clip.save_pretrained(root / "text_encoder")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    t5.save_pretrained(root / "text_encoder_2")
+    return root
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_length", [128, 48])  # 128 pads both prompts, 48 truncates the long one
+@torch.no_grad()
+def test_qwen3_matches_zimage_pipeline(zimage_snapshot, dtype, max_length):
+    ours = Qwen3PromptEncoder.from_snapshot(zimage_snapshot, dtype=dtype)
+    features, mask = ours(PROMPTS, max_length=max_length)
+
+    text_encoder = Qwen3Model.from_pretrained(zimage_snapshot / "text_encoder", dtype=dtype)
+    pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=ours.tokenizer, transformer=None)
+    expected = pipe._encode_prompt(list(PROMPTS), device="cpu", max_sequence_length=max_length)  # one (L_i, D) per prompt
+
+    assert features.shape == (2, max_length, 32) and features.dtype == dtype and mask.dtype == torch.bool
+    assert [int(m.sum()) for m in mask] == [len(e) for e in expected]
+    for f, m, e in zip(features, mask, expected):
+        assert torch.equal(f[m], e)
+
+
+def test_qwen3_chat_template(zimage_snapshot):
+    ours = Qwen3PromptEncoder.from_snapshot(zimage_snapshot, dtype=torch.float32)
+    assert ours.template("a cat") == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_length", [32, 16])  # stand-ins for dev's 512 and schnell's 256
+@torch.no_grad()
+def test_flux_matches_flux_pipeline(flux_snapshot, dtype, max_length):
+    ours = FluxPromptEncoder.from_snapshot(flux_snapshot, dtype=dtype)
+    features, pooled = ours(PROMPTS, max_length=max_length)
+
+    pipe = FluxPipeline(scheduler=None, vae=None, transformer=None,
+                        text_encoder=CLIPTextModel.from_pretrained(flux_snapshot / "text_encoder", dtype=dtype),
+                        tokenizer=ours.clip_tokenizer,
+                        text_encoder_2=T5EncoderModel.from_pretrained(flux_snapshot / "text_encoder_2", dtype=dtype),
+                        tokenizer_2=ours.t5_tokenizer)
+    expected, expected_pooled, _ = pipe.encode_prompt(list(PROMPTS), prompt_2=None, device="cpu", max_sequence_length=max_length)
+
+    assert features.shape == (2, max_length, 32) and pooled.shape == (2, 32)
+    assert features.dtype == pooled.dtype == dtype
+    assert torch.equal(features, expected) and torch.equal(pooled, expected_pooled)
+
+
+@torch.no_grad()
+def test_explicit_paths_and_single_prompt(flux_snapshot, zimage_snapshot):
+    flux = FluxPromptEncoder.from_pretrained(t5=flux_snapshot / "text_encoder_2", t5_tokenizer=flux_snapshot / "tokenizer_2",
+                                             clip=flux_snapshot / "text_encoder", clip_tokenizer=flux_snapshot / "tokenizer",
+                                             dtype=torch.float32)
+    features, pooled = flux("a cat", max_length=16)
+    batch, batch_pooled = flux(["a cat", "a dog"], max_length=16)
+    assert torch.allclose(features[0], batch[0], atol=1e-6) and torch.allclose(pooled[0], batch_pooled[0], atol=1e-6)
+
+    qwen = Qwen3PromptEncoder.from_pretrained(zimage_snapshot / "text_encoder", zimage_snapshot / "tokenizer", dtype=torch.float32)
+    assert qwen.to("cpu") is qwen and qwen.device == torch.device("cpu")
+    assert flux.to("cpu") is flux and flux.device == torch.device("cpu")
+
+
+def test_loading_errors(zimage_snapshot, flux_snapshot, tmp_path):
+    with pytest.raises(CheckpointError, match="no .* folder"):
+        Qwen3PromptEncoder.from_snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match="'t5' model; expected 'qwen3'"):
+        Qwen3PromptEncoder.from_pretrained(flux_snapshot / "text_encoder_2", zimage_snapshot / "tokenizer")
+    with pytest.raises(CheckpointError, match="'qwen3' model; expected 't5'"):
+        FluxPromptEncoder.from_pretrained(zimage_snapshot / "text_encoder", flux_snapshot / "tokenizer_2",
+                                          flux_snapshot / "text_encoder", flux_snapshot / "tokenizer")
+    (tmp_path / "text_encoder").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Qwen3PromptEncoder.from_pretrained(tmp_path / "text_encoder", zimage_snapshot / "tokenizer")
+    with pytest.raises(ValueError, match="no prompts"):
+        Qwen3PromptEncoder.from_snapshot(zimage_snapshot, dtype=torch.float32)([])
