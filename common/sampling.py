@@ -5,7 +5,8 @@ Both families are rectified flows. A latent at noise level sigma is
     x_sigma = sigma * noise + (1 - sigma) * image,      sigma from 1 (pure noise) down to 0,
 
 and the sampler integrates dx/dsigma = velocity (noise - image) with plain Euler steps over a
-decreasing list of sigmas. What differs between checkpoints is only where the sigmas sit:
+decreasing list of sigmas. (FLUX.1 predicts that velocity; Z-Image predicts image - noise, which the
+pipeline negates.) What differs between checkpoints is only where the sigmas sit:
 
 - an even grid 1, 1 - 1/N, ..., 1/N (then 0), bent towards high noise by a *shift*: static for
   Z-Image (3.0 for Turbo, 6.0 for the base model), resolution-dependent for FLUX.1 dev (`mu` grows
@@ -13,7 +14,8 @@ decreasing list of sigmas. What differs between checkpoints is only where the si
 - how many steps the checkpoint was distilled for (Turbo 8, schnell 4) or tuned at (base 50, dev 28).
 
 Every number here reproduces diffusers' FlowMatchEulerDiscreteScheduler as ZImagePipeline and
-FluxPipeline configure it, including its float32 rounding, so that a pipeline built on these
+FluxPipeline configure it, including its float32 rounding (bit for bit for FLUX.1; Z-Image's even
+grid may sit one float32 step away, see sigma_schedule), so that a pipeline built on these
 functions matches diffusers to floating-point precision.
 """
 
@@ -89,8 +91,9 @@ class SamplingDefaults:
     cfg_truncation: float = 1.0  # Z-Image: CFG off once the model time 1 - sigma exceeds this
 
 
-# Turbo and schnell are distilled: few steps and no CFG. Older diffusers examples ran Turbo with
-# num_inference_steps=9 and a final sigma of 0, whose last step has length 0: the same 8 sigmas.
+# Turbo and schnell are distilled: few steps and no CFG. Older diffusers (sigma_min = 0) ran Turbo with
+# num_inference_steps=9: that grid reaches 0 one step early, so the ninth step has length 0 and the
+# eight real steps use the sigmas of sigma_schedule(8, shift=3.0).
 DEFAULTS = {
     "z-image-turbo": SamplingDefaults(steps=8, guidance=0.0, max_sequence_length=512),
     "z-image": SamplingDefaults(steps=50, guidance=4.0, max_sequence_length=512),
@@ -138,7 +141,8 @@ def sigma_schedule(steps: int, *, shift: float | None = None, mu: float | None =
 def flux_time(sigma: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The time FLUX.1's transformer receives for `sigma`: the timestep sigma * 1000 rounded to the latents' dtype, / 1000.
 
-    Both FluxPipeline and BFL's sampler round the time to the latents' dtype (bf16 in practice).
+    FluxPipeline rounds the timestep to the latents' dtype (bf16 in practice) before dividing; BFL's
+    sampler rounds sigma itself to that dtype instead.
     """
     return (sigma.float() * NUM_TRAIN_TIMESTEPS).to(dtype) / NUM_TRAIN_TIMESTEPS
 
@@ -173,7 +177,7 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, normalization: float
 
 
 def cfg_active(sigma: Tensor | float, truncation: float | None) -> bool:
-    """Whether Z-Image applies CFG at `sigma`: not once its model time 1 - sigma exceeds `truncation` (<= 1)."""
+    """Whether Z-Image applies CFG at `sigma`: not once its model time 1 - sigma exceeds `truncation` (None or > 1: always)."""
     if truncation is None or truncation > 1:
         return True
     return zimage_time(torch.as_tensor(sigma, dtype=torch.float32)).item() <= truncation
@@ -209,3 +213,10 @@ def noise_latent(latent: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor
     """The forward process sigma * noise + (1 - sigma) * latent, in the latent's dtype (diffusers' scale_noise)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latent.device).to(latent.dtype)  # 0-dim
     return sigma * noise + (1.0 - sigma) * latent
+
+
+def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int) -> tuple[Tensor, int]:
+    """The starting latent for img2img and the index of its sigma: the init image's (scaled) latent noised to sigmas[start]."""
+    start = img2img_start(sigmas, strength)
+    noise = initial_noise(tuple(latent.shape), seed, latent.device, latent.dtype)  # (B, C, H, W)
+    return noise_latent(latent, noise, sigmas[start]), start

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 
 from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, embedded_guidance, euler_step,
-                             flux_mu, flux_time, img2img_start, initial_noise, noise_latent, shift_sigmas, sigma_schedule,
+                             flux_mu, flux_time, img2img_latent, img2img_start, initial_noise, noise_latent, shift_sigmas, sigma_schedule,
                              time_shift, zimage_time)
 from util import rel_err
 
@@ -159,6 +159,21 @@ def test_img2img_matches_pipelines(pipeline, steps, strength, dtype):
     latent, noise = torch.randn(2, 16, 8, 12, generator=g).to(dtype), torch.randn(2, 16, 8, 12, generator=g).to(dtype)
     expected = sched.scale_noise(latent, timesteps[:1].repeat(2), noise)  # as prepare_latents calls it
     assert torch.equal(noise_latent(latent, noise, sched.sigmas[start]), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_img2img_latent_matches_flux_prepare_latents(dtype):
+    """Start index, seeded noise and noising together, against FluxImg2ImgPipeline.prepare_latents given a latent."""
+    sched = diffusers_schedule("flux-dev", 28, 128, 96)
+    pipe = SimpleNamespace(scheduler=sched, vae_scale_factor=8, latent_channels=16, _pack_latents=FluxImg2ImgPipeline._pack_latents,
+                           _prepare_latent_image_ids=FluxImg2ImgPipeline._prepare_latent_image_ids)
+    timesteps, _ = FluxImg2ImgPipeline.get_timesteps(pipe, 28, 0.6, "cpu")
+    latent = torch.randn(2, 16, 16, 12, generator=torch.Generator().manual_seed(0))
+    expected, _ = FluxImg2ImgPipeline.prepare_latents(pipe, latent, timesteps[:1].repeat(2), 2, 16, 128, 96, dtype, "cpu",
+                                                      torch.Generator("cpu").manual_seed(7))
+    got, start = img2img_latent(latent.to(dtype), sched.sigmas, 0.6, seed=7)
+    assert start == 28 - len(timesteps)
+    assert torch.equal(rearrange(got, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2), expected)
 
 
 def test_img2img_errors():
