@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from common.backend import current_backend
+from common.backend import current_backend, use_kernels
 
 
 def key_padding_mask(key_lens: Tensor, seq_len: int) -> Tensor:
@@ -27,12 +27,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
     """
-    backend = current_backend()
-    if backend == "triton" and q.is_cuda:
+    if use_kernels(q):
         from kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)
-    elif backend == "reference":
+    elif current_backend() == "reference":
         out = reference_attention(q, k, v, key_lens)
     else:
         mask = None if key_lens is None else key_padding_mask(key_lens, k.shape[2])

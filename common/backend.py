@@ -3,12 +3,16 @@
 `sdpa` is plain PyTorch (torch SDPA for attention), `triton` the kernels in `kernels/`, `reference`
 the explicit fp32 math the kernels are tested against. The choice comes from, in order: an active
 `use_backend(...)` scope (models open one around their forward with their own `backend`
-attribute), the `ZFLUX_BACKEND` environment variable, then `sdpa`.
+attribute), the `ZFLUX_BACKEND` environment variable, then `sdpa`. The Triton kernels run on CUDA
+tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests); anywhere
+else `triton` falls back to the PyTorch path.
 """
 
 import os
 from contextlib import contextmanager
 from typing import Iterator
+
+from torch import Tensor
 
 BACKENDS = ("sdpa", "triton", "reference")
 # A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
@@ -38,3 +42,8 @@ def use_backend(name: str | None) -> Iterator[None]:
         yield
     finally:
         _scoped = previous
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Whether an op on `x` runs the Triton kernel: backend `triton` and a device Triton can run it on."""
+    return current_backend() == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")

@@ -9,7 +9,7 @@ shape (..., S, D/2), so no complex tensors are needed anywhere.
 import torch
 from torch import Tensor
 
-from common.backend import current_backend
+from common.backend import use_kernels
 from common.norms import rms_norm
 
 
@@ -40,7 +40,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE: the step both models share."""
-    if q.is_cuda and current_backend() == "triton":
+    if use_kernels(q):
         from kernels.rmsnorm import qk_norm_rope as fused
 
         return fused(q, k, q_weight, k_weight, eps, cos, sin)

@@ -1,0 +1,144 @@
+"""Flash-attention forward: non-causal softmax(q k^T / sqrt(D)) v without materialising the scores.
+
+One program owns BLOCK_M queries of one (batch, head) and streams the keys and values through in
+blocks of BLOCK_N, keeping a running row maximum m, a running denominator l and an unnormalised
+fp32 accumulator (the online softmax of FlashAttention-2):
+
+    s = q k_j^T * log2(e) / sqrt(D)        scores in base 2, so exp2 replaces exp
+    m' = max(m, rowmax(s));  p = exp2(s - m');  a = exp2(m - m')
+    l = a l + rowsum(p);     acc = a acc + p v_j
+    out = acc / l
+
+Keys at index >= key_lens[b] (right padding, Z-Image's captions) are skipped: every key block
+wholly inside the valid length runs without a mask, and only the one block that straddles it
+compares indices. Tiles are read and written through tensor descriptors (TMA on Hopper), built per
+(batch, head) inside the kernel from the strides, so q, k, v may be any (B, H, S, D) views, such
+as slices of the fused qkv projection, with no copy; rows past S read as zeros and are not written.
+The output is written (B, S, H, D)-contiguous, so the caller's (B, S, H*D) is a free view.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from einops import rearrange
+from torch import Tensor
+
+from common.attention import reference_attention
+
+reference = reference_attention  # the PyTorch definition the kernel is tested against
+
+HEAD_DIMS = (64, 128)
+LOG2_E = 1.4426950408889634
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The interpreter (CPU tests) would time every config at interpreter speed: give it one small one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    return configs
+
+
+# Hopper: 128-query tiles over 8 warps (two warpgroups, 64 rows each), key blocks of 64 or 128,
+# 2-4 TMA stages in flight; a 64x64 tile for small head dims or short sequences.
+CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": n}, num_warps=8, num_stages=s) for n in (64, 128) for s in (2, 3, 4)]
+CONFIGS += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_desc, v_desc, start, kv_len, qk_scale,
+            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key/value block [start, start + BLOCK_N) into the running (acc, l, m)."""
+    k = k_desc.load([start, 0])  # (BLOCK_N, D)
+    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < kv_len, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (BLOCK_M,)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_new)
+    v = v_desc.load([start, 0])  # (BLOCK_N, D)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i * alpha + tl.sum(p, axis=1), m_new
+
+
+@triton.jit
+def _head(ptr, b, h, b_stride, h_stride, s_stride, S, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Descriptor of one (batch, head)'s (S, D) matrix, read and written in (ROWS, D) tiles."""
+    return tl.make_tensor_descriptor(ptr + b * b_stride + h * h_stride, shape=[S, HEAD_DIM], strides=[s_stride, 1],
+                                     block_shape=[ROWS, HEAD_DIM])
+
+
+@triton.autotune(CONFIGS, key=["HEAD_DIM", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, S, H, qk_scale,
+                            q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
+                            HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    q = _head(q_ptr, b, h, q_sb, q_sh, q_ss, S, HEAD_DIM, BLOCK_M).load([start_m, 0])  # (BLOCK_M, D)
+    k_desc = _head(k_ptr, b, h, k_sb, k_sh, k_ss, S, HEAD_DIM, BLOCK_N)
+    v_desc = _head(v_ptr, b, h, v_sb, v_sh, v_ss, S, HEAD_DIM, BLOCK_N)
+    kv_len = S
+    if HAS_KEY_LENS:
+        kv_len = tl.minimum(tl.load(key_lens_ptr + b).to(tl.int32), S)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_blocks_end = kv_len // BLOCK_N * BLOCK_N
+    for start in range(0, full_blocks_end, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_desc, v_desc, start, kv_len, qk_scale, False, BLOCK_N, DOT_PRECISION)
+    if full_blocks_end < kv_len:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_desc, v_desc, full_blocks_end, kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION)
+    out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
+    _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, BLOCK_M).store([start_m, 0], out)
+
+
+def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global scratch in which the kernel writes its tensor descriptors."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> None:
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, H, S, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} is not supported; the kernel handles {HEAD_DIMS}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of fp16, bf16, fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_lens is not None and (key_lens.shape != q.shape[:1] or key_lens.is_floating_point()):
+        raise ValueError(f"key_lens must be integer ({q.shape[0]},), got {key_lens.dtype} {tuple(key_lens.shape)}")
+
+
+@torch.library.custom_op("zflux::flash_attention", mutates_args=())
+def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    """The custom op behind `flash_attention`: (B, H, S, D) inputs -> (B, S, H, D) output."""
+    _check(q, k, v, key_lens)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, S, D = q.shape
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    o = rearrange(out, "b s h d -> b h s d")  # a view: the kernel addresses it by strides
+    triton.set_allocator(_workspace)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, S, H, D**-0.5 * LOG2_E,
+                                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                                  HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D,
+                                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return out
+
+
+@flash_attention_bshd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D))
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v on (B, H, S, D) inputs -> (B, H, S, D), a view of a (B, S, H, D) buffer.
+
+    Keys at index >= key_lens[b] are ignored. Head dims 64 and 128; fp16, bf16 (fp32 for tests).
+    """
+    return rearrange(flash_attention_bshd(q, k, v, key_lens), "b s h d -> b h s d")

@@ -1,0 +1,186 @@
+"""Fused normalisation + adaLN modulation: one kernel per form the two model families use.
+
+On rows x (B, S, C) with per-sample vectors shift, scale, gate of shape (B, 1, C):
+
+    layer_norm_modulate   (1 + scale) * LayerNorm(x) + shift          FLUX (shift optional: Z-Image's final layer)
+    rms_norm_scale        RMSNorm(x) * w * (1 + scale)                Z-Image's modulated pre-norm
+    gated_rms_residual    x + gate * RMSNorm(y) * w                   Z-Image's sandwich-norm residual
+
+Each is one read of every input and one write, where PyTorch takes three to five passes. Statistics
+are in fp32, and every intermediate the reference in `common.norms` stores in the input dtype is
+rounded to it here too, so outputs agree to the last bit except where fp32 summation order differs.
+One program handles BLOCK_M rows of BLOCK_N >= C channels, as in `kernels.rmsnorm`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from common import norms
+from common.backend import use_backend
+from kernels.rmsnorm import check_same_dtype, rms_normalize, round_to, row_blocks
+
+
+@triton.jit
+def _row_tile(n_rows, S, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sample index, token index and column index of this program's (BLOCK_M, BLOCK_N) tile, and its mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) over B*S
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]  # (BLOCK_M, BLOCK_N)
+    rows = rows.to(tl.int64)
+    return rows // S, rows % S, cols, mask
+
+
+@triton.jit
+def _load(ptr, b, s, cols, mask, b_stride, s_stride):
+    """fp32 tile of a (B, S, C) tensor with unit channel stride; s_stride 0 reads a per-sample (B, 1, C) vector."""
+    return tl.load(ptr + b[:, None] * b_stride + s[:, None] * s_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, S, C, x_sb, x_ss, shift_sb, scale_sb, eps,
+                                HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, s, cols, mask = _row_tile(n_rows, S, C, BLOCK_M, BLOCK_N)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    x = _load(x_ptr, b, s, cols, mask, x_sb, x_ss)
+    mean = tl.sum(x, axis=1) / C  # (BLOCK_M,)
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    y = round_to(centred * rstd[:, None], dtype)
+    y = round_to(y * round_to(1.0 + _load(scale_ptr, b, s, cols, mask, scale_sb, 0), dtype), dtype)
+    if HAS_SHIFT:
+        y = y + _load(shift_ptr, b, s, cols, mask, shift_sb, 0)
+    tl.store(out_ptr + (b * S + s)[:, None] * C + cols[None, :], y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rms_norm_scale_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, n_rows, S, C, x_sb, x_ss, scale_sb, eps,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, s, cols, mask = _row_tile(n_rows, S, C, BLOCK_M, BLOCK_N)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    y = rms_normalize(_load(x_ptr, b, s, cols, mask, x_sb, x_ss), w[None, :], C, eps, dtype)
+    y = y * round_to(1.0 + _load(scale_ptr, b, s, cols, mask, scale_sb, 0), dtype)
+    tl.store(out_ptr + (b * S + s)[:, None] * C + cols[None, :], y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _gated_rms_residual_kernel(x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr, n_rows, S, C, x_sb, x_ss, y_sb, y_ss, gate_sb, eps,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, s, cols, mask = _row_tile(n_rows, S, C, BLOCK_M, BLOCK_N)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    y = rms_normalize(_load(y_ptr, b, s, cols, mask, y_sb, y_ss), w[None, :], C, eps, dtype)
+    y = round_to(_load(gate_ptr, b, s, cols, mask, gate_sb, 0) * y, dtype)
+    out = _load(x_ptr, b, s, cols, mask, x_sb, x_ss) + y
+    tl.store(out_ptr + (b * S + s)[:, None] * C + cols[None, :], out.to(dtype), mask=mask)
+
+
+def _rows(x: Tensor, name: str = "x") -> Tensor:
+    """x as (B, S, C) with unit channel stride (any batch and token strides are fine)."""
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (B, S, C), got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _per_sample(v: Tensor, x: Tensor, name: str) -> tuple[Tensor, int]:
+    """A (B or 1, 1, C) modulation vector with unit channel stride, and its batch stride (0 if broadcast)."""
+    B, _, C = x.shape
+    if v.ndim != 3 or v.shape[0] not in (1, B) or v.shape[1:] != (1, C):
+        raise ValueError(f"{name} must be ({B}, 1, {C}), got shape {tuple(v.shape)}")
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    return v, (v.stride(0) if v.shape[0] == B else 0)
+
+
+def _weight(w: Tensor, x: Tensor) -> Tensor:
+    """The (C,) norm weight for x (B, S, C), contiguous."""
+    if w.shape != x.shape[-1:]:
+        raise ValueError(f"weight has shape {tuple(w.shape)}, expected ({x.shape[-1]},)")
+    return w.contiguous()
+
+
+def _launch_config(x: Tensor) -> tuple[tuple[int], dict]:
+    """Grid and block sizes for a row kernel over x (B, S, C)."""
+    B, S, C = x.shape
+    block_m, block_n, num_warps = row_blocks(C)
+    return (triton.cdiv(B * S, block_m),), dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+
+
+@torch.library.custom_op("zflux::layer_norm_modulate", mutates_args=())
+def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift on x (B, S, C), shift (or None) and scale (B, 1, C)."""
+    check_same_dtype(x, shift, scale)
+    x = _rows(x)
+    has_shift = shift is not None
+    scale, scale_sb = _per_sample(scale, x, "scale")
+    shift, shift_sb = _per_sample(shift, x, "shift") if has_shift else (scale, 0)  # a dummy pointer when absent
+    B, S, C = x.shape
+    out = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    grid, meta = _launch_config(x)
+    _layer_norm_modulate_kernel[grid](x, shift, scale, out, B * S, S, C, x.stride(0), x.stride(1), shift_sb, scale_sb,
+                                      eps, HAS_SHIFT=has_shift, **meta)
+    return out
+
+
+@torch.library.custom_op("zflux::rms_norm_scale", mutates_args=())
+def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """RMSNorm(x) * weight * (1 + scale) on x (B, S, C), weight (C,), scale (B, 1, C)."""
+    check_same_dtype(x, weight, scale)
+    x = _rows(x)
+    scale, scale_sb = _per_sample(scale, x, "scale")
+    B, S, C = x.shape
+    out = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    grid, meta = _launch_config(x)
+    _rms_norm_scale_kernel[grid](x, _weight(weight, x), scale, out, B * S, S, C, x.stride(0), x.stride(1), scale_sb,
+                                 eps, **meta)
+    return out
+
+
+@torch.library.custom_op("zflux::gated_rms_residual", mutates_args=())
+def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
+    """x + gate * RMSNorm(y) * weight on x, y (B, S, C), weight (C,), gate (B, 1, C)."""
+    check_same_dtype(x, y, weight, gate)
+    x, y = _rows(x), _rows(y, "y")
+    if y.shape != x.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    gate, gate_sb = _per_sample(gate, x, "gate")
+    B, S, C = x.shape
+    out = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    grid, meta = _launch_config(x)
+    _gated_rms_residual_kernel[grid](x, y, _weight(weight, x), gate, out, B * S, S, C, x.stride(0), x.stride(1),
+                                     y.stride(0), y.stride(1), gate_sb, eps, **meta)
+    return out
+
+
+@layer_norm_modulate.register_fake
+def _(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@rms_norm_scale.register_fake
+def _(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@gated_rms_residual.register_fake
+def _(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def reference_layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    """The PyTorch definition the kernel is tested against."""
+    with use_backend("reference"):
+        return norms.layer_norm_modulate(x, shift, scale, eps)
+
+
+def reference_rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """The PyTorch definition the kernel is tested against."""
+    with use_backend("reference"):
+        return norms.rms_norm_scale(x, weight, scale, eps)
+
+
+def reference_gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
+    """The PyTorch definition the kernel is tested against."""
+    with use_backend("reference"):
+        return norms.gated_rms_residual(x, y, weight, gate, eps)

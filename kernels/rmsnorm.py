@@ -1,0 +1,177 @@
+"""Fused RMSNorm, and the QK step of attention: RMSNorm over the head dim of q and k, then RoPE.
+
+RMSNorm of a row x (C channels), as `common.norms.rms_norm` defines it:
+
+    y = x / sqrt(mean(x^2) + eps) * w
+
+all in fp32, rounded once to the input dtype (as F.rms_norm does). One program
+normalises BLOCK_M rows of BLOCK_N >= C channels held in registers: one read, one write per element.
+
+`qk_norm_rope` does, for q and k of shape (B, H, S, D), what `common.rope.qk_norm_rope` does in
+four passes: RMSNorm over D, then the rotation of adjacent channel pairs (x0, x1) by the fp32
+tables (cos, sin) of shape (B, S, D/2):
+
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+
+One program handles BLOCK_S tokens of one (batch, head), reading q and k straight out of whatever
+view the caller has (usually a slice of the fused qkv projection, (B, S, 3, H, D) in memory) and
+writing them (B, H, S, D)-contiguous, the layout attention reads per head.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from common import norms, rope
+from common.backend import use_backend
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """Round fp32 values to `dtype` and back: where the PyTorch reference stores an intermediate."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rms_normalize(x, w, n_cols, eps, dtype: tl.constexpr):
+    """x * rsqrt(mean(x^2) + eps) * w per row of a (rows, BLOCK) fp32 tile, rounded to `dtype`.
+
+    Columns >= n_cols must hold 0 in x.
+    """
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # (rows,)
+    return round_to(x * rstd[:, None] * w, dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, x_row_stride, eps,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (BLOCK_M, BLOCK_N)
+    rows = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = rms_normalize(x, w[None, :], n_cols, eps, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], y, mask=mask)
+
+
+def row_blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for row-wise kernels: whole rows in registers, ~2K+ elements a program."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, 2048 // block_n)
+    num_warps = min(16, max(4, block_m * block_n // 1024))
+    return block_m, block_n, num_warps
+
+
+def check_same_dtype(*tensors: Tensor | None) -> None:
+    """The kernels compute in fp32 and store in one dtype; mixed inputs are a caller's mistake."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) != 1:
+        raise ValueError(f"fused norm inputs must share one dtype, got {sorted(map(str, dtypes))}")
+
+
+@torch.library.custom_op("zflux::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Fused RMSNorm over the last dim of x (..., C) with weight (C,)."""
+    check_same_dtype(x, weight)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},)")
+    rows = x.reshape(-1, x.shape[-1])  # (R, C): a view unless x is non-contiguous across rows
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (..., C)
+    block_m, block_n, num_warps = row_blocks(rows.shape[1])
+    grid = (triton.cdiv(rows.shape[0], block_m),)
+    _rms_norm_kernel[grid](rows, weight.contiguous(), out, rows.shape[0], rows.shape[1], rows.stride(0), eps,
+                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
+@rms_norm.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def reference_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The PyTorch definition the kernel is tested against."""
+    with use_backend("reference"):
+        return norms.rms_norm(x, weight, eps)
+
+
+@triton.jit
+def _norm_rope_tile(x_ptr, out_ptr, w, cos, sin, tokens, mask, s_stride, out_base, S,
+                    eps, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (BLOCK_S, D) tile of one head, RMSNorm it, rotate it, store it (B, H, S, D)-contiguous."""
+    dims = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + tokens[:, None] * s_stride + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    x = rms_normalize(x, w[None, :], D, eps, dtype)  # (BLOCK_S, BLOCK_D)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_D // 2, 2)))  # (BLOCK_S, BLOCK_D/2) each
+    out = tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin)  # (BLOCK_S, BLOCK_D/2, 2)
+    out = tl.reshape(out, (BLOCK_S, BLOCK_D)).to(dtype)
+    tl.store(out_ptr + out_base + tokens[:, None] * D + dims[None, :], out, mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, k_out, S, H,
+                         q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, eps,
+                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (tokens < S)[:, None] & (dims < D)[None, :]  # (BLOCK_S, BLOCK_D)
+    half = tl.arange(0, BLOCK_D // 2)
+    half_mask = (tokens < S)[:, None] & (half < D // 2)[None, :]  # (BLOCK_S, BLOCK_D/2)
+    cos = tl.load(cos_ptr + b * cos_sb + tokens[:, None] * cos_ss + half[None, :], mask=half_mask, other=0.0)
+    sin = tl.load(sin_ptr + b * sin_sb + tokens[:, None] * sin_ss + half[None, :], mask=half_mask, other=0.0)
+    qw = tl.load(qw_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+    kw = tl.load(kw_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+    out_base = bh.to(tl.int64) * S * D
+    _norm_rope_tile(q_ptr + b * q_sb + h * q_sh, q_out, qw, cos, sin, tokens, mask, q_ss, out_base, S, eps, D, BLOCK_S, BLOCK_D)
+    _norm_rope_tile(k_ptr + b * k_sb + h * k_sh, k_out, kw, cos, sin, tokens, mask, k_ss, out_base, S, eps, D, BLOCK_S, BLOCK_D)
+
+
+def _rope_table_strides(t: Tensor, B: int, S: int, half: int) -> tuple[Tensor, int, int]:
+    """A (B or 1, S, D/2) fp32 table with unit channel stride, and its batch and token strides (batch 0 if broadcast)."""
+    if t.dtype != torch.float32 or t.ndim != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (S, half):
+        raise ValueError(f"RoPE tables must be fp32 ({B}, {S}, {half}), got {t.dtype} {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] == B else 0), t.stride(1)
+
+
+@torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
+                 sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE by (B, S, D/2) tables; outputs contiguous."""
+    check_same_dtype(q, k, q_weight, k_weight)
+    if q.ndim != 4 or k.shape != q.shape or q.shape[-1] % 2:
+        raise ValueError(f"q and k must both be (B, H, S, D) with D even, got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, S, D = q.shape
+    if q_weight.shape != (D,) or k_weight.shape != (D,):
+        raise ValueError(f"q/k norm weights must be ({D},), got {tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    cos, cos_sb, cos_ss = _rope_table_strides(cos, B, S, D // 2)
+    sin, sin_sb, sin_ss = _rope_table_strides(sin, B, S, D // 2)
+    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    block_d = triton.next_power_of_2(D)
+    block_s = max(1, 4096 // block_d)  # two (BLOCK_S, D) tiles of ~4K elements in flight
+    grid = (triton.cdiv(S, block_s), B * H)
+    _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, S, H,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               cos_sb, cos_ss, sin_sb, sin_ss, eps, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8)
+    return q_out, k_out
+
+
+@qk_norm_rope.register_fake
+def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+def reference_qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
+                           sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The PyTorch definition the kernel is tested against."""
+    with use_backend("reference"):
+        return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)

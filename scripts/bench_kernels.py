@@ -1,0 +1,196 @@
+"""Time the Triton kernels against PyTorch eager, torch.compile and, for attention, every SDPA backend.
+
+    python scripts/bench_kernels.py                 # everything
+    python scripts/bench_kernels.py --only attention
+
+bf16, batch 1 unless noted, at the shapes the two models use at 1024x1024 (FLUX.1: 4608 tokens of
+3072 channels, 24 heads of 128; Z-Image: 4224 tokens of 3840, 30 heads of 128) and at 4x the tokens.
+
+Memory-bound ops (norms, modulation, QK-norm + RoPE) are captured in a CUDA graph, cycling over
+enough distinct input sets that they cannot sit in L2, and timed by replaying it (median of the
+replays); GB/s counts each input read once and each output written once, and `% copy` relates it to
+a 2 GiB device-to-device copy measured in the same run. Attention is timed with
+triton.testing.do_bench (L2 flushed, median); TFLOP/s counts 4 * B * H * S * S_kv * D. `vs best`
+is the best PyTorch path's time over ours: above 1 means the kernel is faster. Prints markdown.
+"""
+
+import argparse
+import statistics
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import norms, rope
+from common.backend import use_backend
+from kernels import attention as attn_kernels
+from kernels import modulate, rmsnorm
+
+DEVICE, DTYPE = "cuda", torch.bfloat16
+L2_BYTES = 50 * 2**20
+MODELS = {"FLUX.1": dict(S=4608, C=3072, H=24), "Z-Image": dict(S=4224, C=3840, H=30)}
+
+
+def graph_time_ms(fn: Callable, input_sets: list[tuple], loops: int = 10, replays: int = 15) -> float:
+    """Median milliseconds per call of fn over the input sets, replayed from one CUDA graph."""
+    for args in input_sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(loops):
+            for args in input_sets:
+                fn(*args)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / (loops * len(input_sets))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read plus bytes written, over 2 GiB buffers."""
+    src = torch.randn(2**30 // 2, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    ms = graph_time_ms(lambda: dst.copy_(src), [()], loops=5)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def pytorch_path(fn: Callable) -> Callable:
+    """fn as the models run it on the sdpa backend (the PyTorch code in common/)."""
+    def run(*args):
+        with use_backend("sdpa"):
+            return fn(*args)
+    return run
+
+
+def memory_ops(S: int, C: int, H: int, model: str) -> list[tuple[str, Callable, Callable, Callable[[], tuple], int]]:
+    """(name, PyTorch function, Triton function, input maker, bytes moved) for one model's shapes."""
+    n = S * C * 2
+
+    def x():
+        return torch.randn(1, S, C, device=DEVICE, dtype=DTYPE)
+
+    def vec():
+        return 0.1 * torch.randn(1, 1, C, device=DEVICE, dtype=DTYPE)
+
+    def weight():
+        return 1 + 0.1 * torch.randn(C, device=DEVICE, dtype=DTYPE)
+
+    def qk():
+        qkv = torch.randn(1, S, 3 * C, device=DEVICE, dtype=DTYPE)
+        q, k, _ = qkv.view(1, S, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (B, H, S, D) views, as in the models
+        angle = torch.rand(1, S, C // H // 2, device=DEVICE) * 100
+        w = 1 + 0.1 * torch.randn(C // H, device=DEVICE, dtype=DTYPE)
+        return q, k, w, w, 1e-6, angle.cos(), angle.sin()
+
+    ops = [("copy (same bytes)", lambda t: t.clone(), None, lambda: (x(),), 2 * n),
+           ("rms_norm", norms.rms_norm, rmsnorm.rms_norm, lambda: (x(), weight(), 1e-6), 2 * n),
+           ("qk_norm_rope", rope.qk_norm_rope, rmsnorm.qk_norm_rope, qk, 4 * n + 4 * S * (C // H))]
+    if model == "FLUX.1":
+        ops.append(("layer_norm_modulate", norms.layer_norm_modulate, modulate.layer_norm_modulate,
+                    lambda: (x(), vec(), vec(), 1e-6), 2 * n))
+    else:
+        ops.append(("rms_norm_scale", norms.rms_norm_scale, modulate.rms_norm_scale, lambda: (x(), weight(), vec(), 1e-5), 2 * n))
+        ops.append(("gated_rms_residual", norms.gated_rms_residual, modulate.gated_rms_residual,
+                    lambda: (x(), x(), weight(), vec(), 1e-5), 3 * n))
+    return ops
+
+
+def bench_memory(copy_gbs: float) -> None:
+    print(f"\n### Memory-bound kernels (copy bandwidth {copy_gbs:.0f} GB/s)\n")
+    print("| model | tokens | op | eager GB/s | compile GB/s | triton GB/s | triton % copy | vs best |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, shape in MODELS.items():
+        for scale in (1, 4):
+            S, C, H = shape["S"] * scale, shape["C"], shape["H"]
+            for name, torch_fn, triton_fn, make, nbytes in memory_ops(S, C, H, model):
+                sets = [make() for _ in range(max(2, -(-4 * L2_BYTES // nbytes)))]
+                eager = graph_time_ms(pytorch_path(torch_fn), sets)
+                if triton_fn is None:
+                    print(f"| {model} | {S} | {name} | {nbytes / eager / 1e6:.0f} | | | {nbytes / eager / 1e6 / copy_gbs:.0%} | |")
+                    continue
+                compiled = graph_time_ms(pytorch_path(torch.compile(torch_fn, fullgraph=True, dynamic=False)), sets)
+                ours = graph_time_ms(triton_fn, sets)
+                gbs = [nbytes / t / 1e6 for t in (eager, compiled, ours)]
+                print(f"| {model} | {S} | {name} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | {gbs[2] / copy_gbs:.0%} "
+                      f"| {min(eager, compiled) / ours:.2f}x |")
+                del sets
+                torch.cuda.empty_cache()
+
+
+def sdpa_with(backend: SDPBackend | None) -> Callable:
+    def run(q, k, v, key_lens):
+        mask = None if key_lens is None else (torch.arange(q.shape[2], device=DEVICE) < key_lens[:, None])[:, None, None, :]
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return run
+
+
+ATTENTION_PATHS = {"triton": attn_kernels.flash_attention, "cuDNN": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+                   "flash": sdpa_with(SDPBackend.FLASH_ATTENTION), "efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+                   "sdpa default": sdpa_with(None)}
+
+
+def attention_inputs(B: int, S: int, H: int, D: int = 128):
+    """q, k contiguous (as qk_norm_rope writes them), v a strided slice of the fused qkv projection."""
+    qkv = torch.randn(B, S, 3, H, D, device=DEVICE, dtype=DTYPE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, S, D) each
+    return q.contiguous(), k.contiguous(), v
+
+
+def bench_attention() -> None:
+    print("\n### Attention (bf16, head dim 128, non-causal), TFLOP/s\n")
+    print("| shape | " + " | ".join(ATTENTION_PATHS) + " | triton vs cuDNN | triton vs best |")
+    print("|---" * (len(ATTENTION_PATHS) + 3) + "|")
+    cases = []
+    for model, shape in MODELS.items():
+        for scale in (1, 4):
+            cases.append((f"{model} B1 H{shape['H']} S{shape['S'] * scale}", 1, shape["S"] * scale, shape["H"], None))
+    cases.append(("Z-Image CFG B2 H30 S4224, keys 4224/4128", 2, 4224, 30, [4224, 4128]))
+    for label, B, S, H, lens in cases:
+        q, k, v = attention_inputs(B, S, H)
+        key_lens = None if lens is None else torch.tensor(lens, device=DEVICE)
+        flops = 4 * H * S * 128 * sum(lens or [S] * B)
+        tflops = {}
+        for name, fn in ATTENTION_PATHS.items():
+            try:
+                ms = triton.testing.do_bench(lambda: fn(q, k, v, key_lens), warmup=25, rep=200, return_mode="median")
+                tflops[name] = flops / ms / 1e9
+            except RuntimeError:  # this SDPA backend does not take these inputs (e.g. a mask)
+                tflops[name] = None
+        best = max(t for name, t in tflops.items() if name != "triton" and t)
+        cells = " | ".join("n/a" if t is None else f"{t:.0f}" for t in tflops.values())
+        cudnn = f"{tflops['triton'] / tflops['cuDNN']:.2f}x" if tflops["cuDNN"] else "n/a"
+        print(f"| {label} | {cells} | {cudnn} | {tflops['triton'] / best:.2f}x |")
+        del q, k, v
+        torch.cuda.empty_cache()
+    tuner = attn_kernels._flash_attention_kernel
+    print(f"\nAutotuned attention config: {tuner.best_config}")
+    for config, ms in sorted(getattr(tuner, "configs_timings", {}).items(), key=lambda item: item[1]):
+        print(f"  {config}: {ms}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["memory", "attention"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.only != "attention":
+        bench_memory(copy_bandwidth())
+    if args.only != "memory":
+        bench_attention()
+
+
+if __name__ == "__main__":
+    main()
