@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, PreTrainedMod
 
 from common.weights import CheckpointError
 
+
 def _folder(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
