@@ -1,0 +1,293 @@
+"""FLUX.1: a rectified-flow MM-DiT transformer.
+
+Text tokens (T5 hidden states) and image tokens (packed 2x2 latent patches) first pass through
+`double_blocks`, which keep separate weights per stream but attend jointly over `[text; image]`;
+then the two streams are concatenated and pass through `single_blocks`, whose one input
+projection (`linear1`) yields q, k, v and the MLP input at once and whose attention and GELU-tanh
+MLP run in parallel. Every block is modulated (adaLN: shift, scale, gate) from one vector `vec` =
+embedding of the timestep (+ the guidance scale for guidance-distilled models) + the pooled CLIP
+vector. Attention uses QK-RMSNorm and a 3-axis RoPE over (index, row, column) positions.
+
+The parameter names are those of Black Forest Labs' single-file checkpoints (`img_in`,
+`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ...), so `flux1-dev.safetensors` loads
+with no renaming.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from common.attention import attention
+from common.backend import use_backend
+from common.embeddings import timestep_embedding
+from common.norms import layer_norm_modulate
+from common.rope import qk_norm_rope, rope_tables
+
+ROPE_THETA = 10000.0
+MLP_RATIO = 4.0
+EPS = 1e-6  # every LayerNorm and QK-RMSNorm in FLUX
+TIME_DIM = 256  # width of the sinusoidal timestep / guidance features
+TIME_FACTOR = 1000.0  # timesteps in [0, 1] and the raw guidance scale are embedded at 1000x
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Transformer shape; field names as in diffusers' FluxTransformer2DModel config.json."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None  # None: same as in_channels
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if self.patch_size != 1:
+            raise ValueError(f"FLUX patchifies outside the transformer (pack_latents): patch_size must be 1, got {self.patch_size}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to the head dim {self.attention_head_dim}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "FluxConfig":
+        """Build from a diffusers transformer config.json dict (unknown bookkeeping keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+        return cls(**kwargs)
+
+
+# The guidance-distilled models (dev and its tools) embed the guidance scale; schnell does not.
+# Fill takes 64 noise + 64 masked-image + 256 mask channels, Canny/Depth 64 noise + 64 control
+# channels; all predict 64. Kontext has dev's shape: its reference image only adds tokens.
+PRESETS = {
+    "flux-schnell": FluxConfig(),
+    "flux-dev": FluxConfig(guidance_embeds=True),
+    "flux-kontext": FluxConfig(guidance_embeds=True),
+    "flux-fill": FluxConfig(in_channels=384, out_channels=64, guidance_embeds=True),
+    "flux-canny": FluxConfig(in_channels=128, out_channels=64, guidance_embeds=True),
+    "flux-depth": FluxConfig(in_channels=128, out_channels=64, guidance_embeds=True),
+}
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear, for the timestep, guidance and pooled-text vectors."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.out_layer = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """Holds the QK-RMSNorm weight under BFL's name `scale`; the math is common.norms.rms_norm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of q and k over the head dim, then RoPE."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope)
+
+
+class Modulation(nn.Module):
+    """SiLU(vec) -> `n` vectors (B, 1, dim): shift, scale, gate (twice in double blocks)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(dim, n * dim)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, dim)
+
+
+class SelfAttention(nn.Module):
+    """One stream's share of the joint attention: fused qkv, QK-norm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, dim) -> q, k, v (B, H, S, D), q and k normalized and rotated."""
+        q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
+        q, k = self.norm(q, k, rope)
+        return q, k, v
+
+
+def mlp(dim: int) -> nn.Sequential:
+    """Linear -> GELU(tanh) -> Linear, keyed `.0` and `.2` as in the checkpoints."""
+    hidden = int(dim * MLP_RATIO)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text tokens, one attention over [text; image]."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
+        self.img_attn, self.txt_attn = SelfAttention(dim, num_heads), SelfAttention(dim, num_heads)
+        self.img_mlp, self.txt_mlp = mlp(dim), mlp(dim)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        L = txt.shape[1]
+        cos, sin = rope  # (B, L+S, D/2) each, text positions first
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, *img_mod[:2], EPS), (cos[:, L:], sin[:, L:]))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, *txt_mod[:2], EPS), (cos[:, :L], sin[:, :L]))
+        out = attention(torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2), torch.cat([txt_v, img_v], dim=2))  # (B, L+S, dim)
+        img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
+        txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
+        return img, txt
+
+    @staticmethod
+    def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[Tensor, ...], attn: SelfAttention, ffn: nn.Module) -> Tensor:
+        """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = x + gate1 * attn.proj(attn_out)
+        return x + gate2 * ffn(layer_norm_modulate(x, shift2, scale2, EPS))
+
+
+class SingleStreamBlock(nn.Module):
+    """Attention and MLP in parallel from one input projection, over the concatenated sequence."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * MLP_RATIO)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, 3)
+
+    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, hidden = self.linear1(layer_norm_modulate(x, shift, scale, EPS)).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
+        q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
+        q, k = self.norm(q, k, rope)
+        out = torch.cat([attention(q, k, v), F.gelu(hidden, approximate="tanh")], dim=-1)  # (B, S, dim + mlp_hidden)
+        return x + gate * self.linear2(out)
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift, scale; no gate) and the projection back to latent channels."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
+        return self.linear(layer_norm_modulate(x, shift, scale, EPS))
+
+
+class Flux(nn.Module):
+    """The FLUX.1 transformer: packed latents + text -> velocity, both (B, S, channels)."""
+
+    def __init__(self, cfg: FluxConfig, backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend  # None: $ZFLUX_BACKEND or sdpa (common.backend)
+        dim, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.time_in = MLPEmbedder(TIME_DIM, dim)
+        self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, dim)
+        if cfg.guidance_embeds:
+            self.guidance_in = MLPEmbedder(TIME_DIM, dim)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads) for _ in range(cfg.num_layers))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(dim, heads) for _ in range(cfg.num_single_layers))
+        self.final_layer = LastLayer(dim, cfg.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        """img (B, S, in_channels) packed latents, ids (B, S|L, 3), txt (B, L, 4096), timesteps (B,) in [0, 1]
+        with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only)."""
+        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        with use_backend(self.backend):
+            return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+
+    def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                 guidance: Tensor | None) -> Tensor:
+        dtype, out_dtype, L = self.dtype, img.dtype, txt.shape[1]
+        # The sinusoidal features are taken in fp32 from the caller's timesteps, whatever the model dtype.
+        vec = self.time_in(timestep_embedding(timesteps.float() * TIME_FACTOR, TIME_DIM).to(dtype))  # (B, dim)
+        if self.cfg.guidance_embeds:
+            vec = vec + self.guidance_in(timestep_embedding(guidance.float() * TIME_FACTOR, TIME_DIM).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+
+        img = self.img_in(img.to(dtype))  # (B, S, dim)
+        txt = self.txt_in(txt.to(dtype))  # (B, L, dim)
+        ids = torch.cat([txt_ids, img_ids], dim=1)  # (B, L+S, 3)
+        rope = rope_tables(ids, self.cfg.axes_dims_rope, ROPE_THETA)  # (B, L+S, D/2) each
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, rope)
+        x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
+        for block in self.single_blocks:
+            x = block(x, vec, rope)
+        return self.final_layer(x[:, L:], vec).to(out_dtype)  # (B, S, out_channels)
+
+    def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                      guidance: Tensor | None) -> None:
+        """Validate shapes and the guidance argument at the boundary."""
+        cfg, n_axes = self.cfg, len(self.cfg.axes_dims_rope)
+        if img.ndim != 3 or img.shape[2] != cfg.in_channels:
+            raise ValueError(f"img must be packed latents (B, S, {cfg.in_channels}), got {tuple(img.shape)}")
+        B, S = img.shape[:2]
+        if txt.ndim != 3 or txt.shape[0] != B or txt.shape[2] != cfg.joint_attention_dim:
+            raise ValueError(f"txt must be ({B}, L, {cfg.joint_attention_dim}), got {tuple(txt.shape)}")
+        L = txt.shape[1]
+        for name, ids, n in (("img_ids", img_ids, S), ("txt_ids", txt_ids, L)):
+            if ids.shape != (B, n, n_axes):
+                raise ValueError(f"{name} must have shape ({B}, {n}, {n_axes}), got {tuple(ids.shape)}")
+        if timesteps.shape != (B,):
+            raise ValueError(f"timesteps must have shape ({B},), got {tuple(timesteps.shape)}")
+        if y.shape != (B, cfg.pooled_projection_dim):
+            raise ValueError(f"y must have shape ({B}, {cfg.pooled_projection_dim}), got {tuple(y.shape)}")
+        if cfg.guidance_embeds and guidance is None:
+            raise ValueError("this model embeds the guidance scale (FLUX.1 dev and its tools): pass guidance (B,), e.g. 3.5")
+        if not cfg.guidance_embeds and guidance is not None:
+            raise ValueError("this model has no guidance embedding (FLUX.1 schnell): pass guidance=None")
+        if guidance is not None and guidance.shape != (B,):
+            raise ValueError(f"guidance must have shape ({B},), got {tuple(guidance.shape)}")
+
+
+def param_count(cfg: FluxConfig) -> int:
+    """Number of parameters at `cfg`, counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Flux(cfg).parameters())
