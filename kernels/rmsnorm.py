@@ -117,9 +117,9 @@ def _norm_rope_tile(x_ptr, out_ptr, w, cos, sin, tokens, mask, s_stride, out_bas
 def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, k_out, S, H,
                          q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, eps,
                          D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    tokens = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
     dims = tl.arange(0, BLOCK_D)
     mask = (tokens < S)[:, None] & (dims < D)[None, :]  # (BLOCK_S, BLOCK_D)
     half = tl.arange(0, BLOCK_D // 2)
@@ -158,7 +158,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
     q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
     block_d = triton.next_power_of_2(D)
     block_s = max(1, 4096 // block_d)  # two (BLOCK_S, D) tiles of ~4K elements in flight
-    grid = (triton.cdiv(S, block_s), B * H)
+    # Heads vary fastest across programs: programs running together read whole qkv rows between them.
+    grid = (B * H, triton.cdiv(S, block_s))
     _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, S, H,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                cos_sb, cos_ss, sin_sb, sin_ss, eps, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8)

@@ -42,7 +42,6 @@ def run(model, inputs, backend):
 
 def test_zimage_same_output_on_every_backend_fp32():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
     model, inputs = zimage_case(device, torch.float32)
     expected = run(model, inputs, "sdpa")
     for backend in BACKENDS:
