@@ -1,0 +1,329 @@
+"""The 16-channel KL autoencoder of FLUX.1 and Z-Image (BFL's AutoEncoder, diffusers' AutoencoderKL).
+
+Encoder: conv_in, then per resolution level `layers_per_block` ResNet blocks and, except at the
+last level, a stride-2 downsample; a mid block (ResNet, single-head self-attention over all pixels,
+ResNet); GroupNorm, SiLU, conv_out to 2 x latent_channels (mean, log-variance). The decoder mirrors
+it with one more ResNet block per level and nearest x2 upsampling. There is no quant_conv.
+
+Latents are raw, as in diffusers' AutoencoderKL: the pipelines apply `(z - shift_factor) *
+scaling_factor` after encoding and its inverse before decoding.
+
+The parameter names are those of BFL's `ae.safetensors`. diffusers' `vae/` layout differs in names,
+in the order of the decoder's levels, and in the attention projections (Linear, not 1x1 conv):
+
+    BFL (ours)                              diffusers
+    {en,de}coder.norm_out.*                 {en,de}coder.conv_norm_out.*
+    encoder.down.{i}.block.{j}.*            encoder.down_blocks.{i}.resnets.{j}.*
+    encoder.down.{i}.downsample.conv.*      encoder.down_blocks.{i}.downsamplers.0.conv.*
+    decoder.up.{i}.block.{j}.*              decoder.up_blocks.{n-1-i}.resnets.{j}.*
+    decoder.up.{i}.upsample.conv.*          decoder.up_blocks.{n-1-i}.upsamplers.0.conv.*
+    *.nin_shortcut.*                        *.conv_shortcut.*
+    *.mid.block_1.* / mid.block_2.*         *.mid_block.resnets.0.* / .1.*
+    *.mid.attn_1.{norm,q,k,v,proj_out}.*    *.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}.*
+    attention weights (C, C, 1, 1)          (C, C)
+"""
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from common.weights import CheckpointError, build_on_meta, load_into, read_config, read_state_dict
+
+EPS = 1e-6  # every GroupNorm
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Autoencoder shape and latent statistics; field names as in diffusers' AutoencoderKL config.json."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    def __post_init__(self):
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups {self.norm_num_groups}")
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel along each side (8 for the FLUX autoencoder)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "AutoencoderConfig":
+        """Build from a diffusers vae/config.json dict; variants this module does not implement are refused."""
+        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"config is for {config['_class_name']}, not AutoencoderKL")
+        unsupported = [  # the defaults are diffusers' own, for keys a config.json leaves out
+            f"act_fn={config.get('act_fn')!r}" if config.get("act_fn", "silu") != "silu" else "",
+            "use_quant_conv" if config.get("use_quant_conv", True) else "",
+            "use_post_quant_conv" if config.get("use_post_quant_conv", True) else "",
+            "mid_block_add_attention=False" if not config.get("mid_block_add_attention", True) else "",
+            "down_block_types" if set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"} else "",
+            "up_block_types" if set(config.get("up_block_types", ["UpDecoderBlock2D"])) != {"UpDecoderBlock2D"} else "",
+        ]
+        if any(unsupported):
+            raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(u for u in unsupported if u)}")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+# FLUX.1 (dev, schnell, tools) and Z-Image ship this same autoencoder.
+PRESETS = {"flux": AutoencoderConfig()}
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1x1 conv on x where the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # In place where the operand is a fresh temporary: at 1024x1024 each one is 256-512 MiB in bf16.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # (B, C_out, H, W)
+        return h.add_(self.nin_shortcut(x))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention across all H*W positions; the projections are stored as 1x1 convs."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
+        q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
+        out = _pointwise(F.scaled_dot_product_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
+        return x + rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, C, H, W)
+
+
+def _pointwise(tokens: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1x1 convolution applied as a Linear layer to channels-last tokens (as diffusers computes it)."""
+    return F.linear(tokens, rearrange(conv.weight, "o i 1 1 -> o i"), conv.bias)
+
+
+class MidBlock(nn.Module):
+    """ResNet, attention, ResNet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding only the right and bottom edges by one pixel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+def _resnets(in_channels: int, out_channels: int, n_blocks: int, groups: int) -> nn.ModuleList:
+    widths = [in_channels] + [out_channels] * n_blocks
+    return nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(widths, widths[1:]))
+
+
+class DownLevel(nn.Module):
+    """ResNet blocks at one resolution of the encoder, then (except at the last level) a downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, n_blocks: int, groups: int, downsample: bool):
+        super().__init__()
+        self.block = _resnets(in_channels, out_channels, n_blocks, groups)
+        self.downsample = Downsample(out_channels) if downsample else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.downsample(x)
+
+
+class UpLevel(nn.Module):
+    """ResNet blocks at one resolution of the decoder, then (except at full size) an upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, n_blocks: int, groups: int, upsample: bool):
+        super().__init__()
+        self.block = _resnets(in_channels, out_channels, n_blocks, groups)
+        self.upsample = Upsample(out_channels) if upsample else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.upsample(x)
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) image -> (B, 2 * latent_channels, H/8, W/8) mean and log-variance."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            DownLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < n - 1)
+            for i in range(n)
+        )
+        self.mid = MidBlock(ch[-1], groups)
+        self.norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)  # (B, ch[0], H, W)
+        for level in self.down:
+            x = level(x)  # (B, ch[i], H/2^i, W/2^i), halved once more except at the last level
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 2*C, H/8, W/8)
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, h, w) raw latent -> (B, 3, 8h, 8w) image."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.mid = MidBlock(ch[-1], groups)
+        # up[i] works at the resolution of the encoder's down[i]: up[0] is full size and runs last.
+        self.up = nn.ModuleList(
+            UpLevel(ch[min(i + 1, n - 1)], ch[i], cfg.layers_per_block + 1, groups, upsample=i > 0)
+            for i in range(n)
+        )
+        self.norm_out = nn.GroupNorm(groups, ch[0], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
+        for level in reversed(self.up):
+            x = level(x)  # (B, ch[i], ...), doubled in size except at the last level
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 3, 8h, 8w)
+
+
+class Autoencoder(nn.Module):
+    """The KL autoencoder used for inference: `encode` gives the latent mean, `decode` the image."""
+
+    def __init__(self, cfg: AutoencoderConfig = PRESETS["flux"]):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def encode(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> (B, C, H/8, W/8) raw latent mean (no scaling or shift)."""
+        _check_shape(image, self.cfg.in_channels, self.cfg.downscale, "image")
+        moments = self.encoder(image.to(self.dtype))  # (B, 2*C, H/8, W/8)
+        return moments[:, : self.cfg.latent_channels]  # the mean; the log-variance is not needed to sample deterministically
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        """(B, C, h, w) raw latent (already unscaled and unshifted) -> (B, 3, 8h, 8w) image, about [-1, 1]."""
+        _check_shape(latent, self.cfg.latent_channels, 1, "latent")
+        return self.decoder(latent.to(self.dtype))
+
+
+def _check_shape(x: Tensor, channels: int, multiple: int, name: str) -> None:
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be (B, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] % multiple or x.shape[3] % multiple:
+        raise ValueError(f"{name} height {x.shape[2]} and width {x.shape[3]} must be multiples of {multiple}")
+
+
+RENAMES = [  # (ours, diffusers) substrings, tried in this order; level indices are mapped separately
+    (".mid.block_1.", ".mid_block.resnets.0."),
+    (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."),
+    (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
+    (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."),
+    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
+    (".norm_out.", ".conv_norm_out."),
+    (".nin_shortcut.", ".conv_shortcut."),
+    (".block.", ".resnets."),
+    (".downsample.", ".downsamplers.0."),
+    (".upsample.", ".upsamplers.0."),
+]
+ATTN_WEIGHTS = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def _n_levels(keys, pattern: str) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := re.match(pattern, k))), default=-1)
+
+
+def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers AutoencoderKL keys (or keys already in BFL's layout) -> BFL's `ae.safetensors` layout."""
+    n = _n_levels(state_dict, r"decoder\.up_blocks\.(\d+)\.")
+    out = {}
+    for key, value in state_dict.items():
+        for ours, theirs in RENAMES:
+            key = key.replace(theirs, ours)
+        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{n - 1 - int(m.group(1))}.", key)
+        out[key] = rearrange(value, "o i -> o i 1 1") if ATTN_WEIGHTS.search(key) and value.ndim == 2 else value
+    return out
+
+
+def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """BFL's `ae.safetensors` layout -> diffusers AutoencoderKL keys."""
+    n = _n_levels(state_dict, r"decoder\.up\.(\d+)\.")
+    out = {}
+    for key, value in state_dict.items():
+        if ATTN_WEIGHTS.search(key):
+            value = rearrange(value, "o i 1 1 -> o i")
+        key = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1.", key)
+        key = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{n - 1 - int(m.group(1))}.", key)
+        for ours, theirs in RENAMES:
+            key = key.replace(ours, theirs)
+        out[key] = value
+    return out
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     cfg: AutoencoderConfig | None = None) -> Autoencoder:
+    """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
+    config = read_config(path)
+    try:
+        cfg = cfg or (AutoencoderConfig.from_diffusers(config) if config else PRESETS["flux"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    state_dict = from_diffusers(read_state_dict(path, device, dtype))
+    return load_into(build_on_meta(lambda: Autoencoder(cfg)), state_dict, source=str(path))
