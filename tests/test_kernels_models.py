@@ -1,10 +1,10 @@
 """Each model gives the same output on every backend (sdpa, triton, reference).
 
-Tiny random models with head dim 64 (the attention kernel takes 64 and 128) and a batch of unequal
-captions, so the padded-key path runs. On the CPU the Triton kernels run through the interpreter,
-in fp32: every backend within 1e-5 relative of sdpa (summation order only). On the GPU, in bf16:
-each backend's error against the fp32 sdpa output within 1.5x that of bf16 sdpa, plus 2e-3 (the
-backends round in different places, each by one bf16 step at most).
+Tiny random models with head dim 64 (the attention kernel takes 64 and 128); Z-Image with a batch
+of unequal captions, so the padded-key path runs. On the CPU the Triton kernels run through the
+interpreter, in fp32: every backend within 1e-5 relative of sdpa (summation order only). On the
+GPU, in bf16: each backend's error against the fp32 sdpa output within 1.5x that of bf16 sdpa,
+plus 2e-3 (the backends round in different places, each by one bf16 step at most).
 """
 
 import os
@@ -16,44 +16,62 @@ if not torch.cuda.is_available():  # must be set before kernels/ is imported: tr
     os.environ["TRITON_INTERPRET"] = "1"
 
 from common.backend import BACKENDS  # noqa: E402
+from flux.model import Flux, FluxConfig  # noqa: E402
+from flux.sampling import img_ids, pack_latents, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402
 from zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
 
-ZIMAGE = dict(dim=128, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
-              axes_dims=(16, 24, 24), axes_lens=(256, 64, 64))
+ZIMAGE = ZImageConfig(dim=128, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
+                      axes_dims=(16, 24, 24), axes_lens=(256, 64, 64))
+FLUX = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
 
 
-def zimage_case(device: str, dtype: torch.dtype):
-    """A random tiny Z-Image and inputs: two captions of 7 and 40 tokens, a 6x10 latent."""
-    model = randomize_(ZImageTransformer(ZImageConfig(**ZIMAGE)).to(device), seed=0).eval().to(dtype)
+def zimage_case(device: str):
+    """A random tiny Z-Image (fp32) and its inputs: two captions of 7 and 40 tokens, a 6x10 latent."""
+    model = randomize_(ZImageTransformer(ZIMAGE).to(device), seed=0).eval()
     g = torch.Generator(device).manual_seed(1)
     x = torch.randn(2, 16, 6, 10, generator=g, device=device)
     t = torch.rand(2, generator=g, device=device)
-    cap = torch.randn(2, 40, 32, generator=g, device=device).to(dtype)
+    cap = torch.randn(2, 40, 32, generator=g, device=device)
     mask = torch.arange(40, device=device)[None] < torch.tensor([7, 40], device=device)[:, None]  # (B, L)
-    return model, (x, t, cap, mask)
+    return model, dict(x=x, t=t, cap_feats=cap, cap_mask=mask)
 
 
-def run(model, inputs, backend):
+def flux_case(device: str):
+    """A random tiny FLUX.1-dev (fp32) and its inputs: 7 text tokens, an 8x12 latent (24 image tokens)."""
+    model = randomize_(Flux(FLUX).to(device), seed=0).eval()
+    g = torch.Generator(device).manual_seed(1)
+    inputs = dict(img=pack_latents(torch.randn(2, 4, 8, 12, generator=g, device=device)), img_ids=img_ids(2, 4, 6, device),
+                  txt=torch.randn(2, 7, 32, generator=g, device=device), txt_ids=txt_ids(2, 7, device),
+                  timesteps=torch.rand(2, generator=g, device=device), y=torch.randn(2, 24, generator=g, device=device),
+                  guidance=torch.tensor([3.5, 1.5], device=device))
+    return model, inputs
+
+
+def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The model's output (fp32) with its weights in `dtype`; both models cast their inputs themselves."""
     model.backend = backend
     with torch.no_grad():
-        return model(*inputs).float()
+        return model.to(dtype)(**inputs).float()
 
 
-def test_zimage_same_output_on_every_backend_fp32():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, inputs = zimage_case(device, torch.float32)
+CASES = {"zimage": zimage_case, "flux": flux_case}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_output_on_every_backend_fp32(case):
+    model, inputs = CASES[case]("cuda" if torch.cuda.is_available() else "cpu")
     expected = run(model, inputs, "sdpa")
     for backend in BACKENDS:
         assert rel_err(run(model, inputs, backend), expected) <= 1e-5, backend
 
 
 @pytest.mark.gpu
-def test_zimage_same_output_on_every_backend_bf16():
-    model, inputs = zimage_case("cuda", torch.float32)
+@pytest.mark.parametrize("case", CASES)
+def test_same_output_on_every_backend_bf16(case):
+    model, inputs = CASES[case]("cuda")
     expected = run(model, inputs, "sdpa")
-    model = model.to(torch.bfloat16)
-    inputs = (*inputs[:2], inputs[2].bfloat16(), inputs[3])
-    bar = 1.5 * rel_err(run(model, inputs, "sdpa"), expected) + 2e-3
+    bar = 1.5 * rel_err(run(model, inputs, "sdpa", torch.bfloat16), expected) + 2e-3
     for backend in BACKENDS:
-        assert rel_err(run(model, inputs, backend), expected) <= bar, backend
+        assert rel_err(run(model, inputs, backend, torch.bfloat16), expected) <= bar, backend
