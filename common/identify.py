@@ -1,0 +1,138 @@
+"""What a checkpoint holds, read off its tensor names and shapes alone.
+
+Only the safetensors header is read (names, dtypes, shapes), never a tensor, so naming a 24 GB file
+takes milliseconds. The pipelines use this to refuse weights of the wrong family before loading
+them, and `zflux info` to describe a file. What the keys tell apart:
+
+- Z-Image (`cap_embedder`, `x_pad_token`) from FLUX.1 (`double_blocks.N.img_mod`, or diffusers'
+  `single_transformer_blocks.N.proj_mlp`) from FLUX.2 (shared `single_stream_modulation`);
+- FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
+  `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
+- the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
+- the 16-channel autoencoder (`decoder.conv_in` input width) and the text encoders.
+
+Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from common.weights import CheckpointError, safetensors_files
+
+COMFY_PREFIX = "model.diffusion_model."
+FAMILY_NAMES = {
+    "z-image": "Z-Image", "flux.1": "FLUX.1", "flux.2": "FLUX.2", "autoencoder": "an autoencoder",
+    "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder", "unknown": "unrecognised",
+}
+DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's family, variant, layout, dtypes and size, as read off its header."""
+
+    family: str  # a key of FAMILY_NAMES
+    variant: str | None  # "flux-dev", "flux-schnell", "flux-fill", "z-image-omni", "flux-vae", ...; None when the keys cannot say
+    description: str  # one human sentence naming what it is
+    layout: str  # "official", "ComfyUI", "diffusers" or "transformers"
+    dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
+    params: int
+
+    def lines(self) -> list[str]:
+        """A short human-readable summary, one fact per line."""
+        dtypes = ", ".join(f"{name} ({count / 1e9:.3f} B)" for name, count in sorted(self.dtypes.items(), key=lambda kv: -kv[1]))
+        return [f"family:     {FAMILY_NAMES[self.family]}", f"what:       {self.description}",
+                f"layout:     {self.layout}", f"dtype:      {dtypes}", f"parameters: {self.params:,} ({self.params / 1e9:.2f} B)"]
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor's (dtype, shape) in the checkpoint at `path` (file, index or folder), without loading any."""
+    specs = {}
+    for file in safetensors_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    specs[key] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(f"cannot read the safetensors header of {file}: {e}") from e
+    return specs
+
+
+def identify(path: str | Path) -> CheckpointInfo:
+    """Name the checkpoint at `path` (a .safetensors file, a sharded index or a folder) from its header."""
+    specs = read_header(path)
+    comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
+    shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
+    family, variant, description, layout = _classify(shapes)
+    if comfy and layout == "official":
+        layout = "ComfyUI"
+    dtypes: dict[str, int] = {}
+    for dtype, shape in specs.values():
+        name = DTYPE_NAMES.get(dtype, dtype.lower())
+        dtypes[name] = dtypes.get(name, 0) + _numel(shape)
+    return CheckpointInfo(family, variant, description, layout, dtypes, sum(dtypes.values()))
+
+
+def check_family(path: str | Path, family: str, hint: str = "") -> CheckpointInfo:
+    """identify(path), raising CheckpointError when it is not of `family` (`hint` says what to do instead)."""
+    info = identify(path)
+    if info.family != family:
+        raise CheckpointError(f"{path} holds {info.description}, not {FAMILY_NAMES[family]}{hint}")
+    return info
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str, str]:
+    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed)."""
+    has = shapes.__contains__
+    if has("cap_embedder.1.weight"):
+        layout = "diffusers" if has("all_x_embedder.2-1.weight") else "official"
+        if any(k.startswith("siglip_") for k in shapes):
+            return "z-image", "z-image-omni", "Z-Image Omni (image-conditioned; not supported here)", layout
+        return "z-image", None, "a Z-Image transformer (Turbo or base: they share every shape)", layout
+    if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
+        return ("flux.1", *_flux_variant(shapes))
+    if has("single_stream_modulation.lin.weight") or has("single_stream_modulation.linear.weight"):
+        layout = "official" if has("single_stream_modulation.lin.weight") else "diffusers"
+        return "flux.2", None, "a FLUX.2 transformer (not supported here)", layout
+    if has("decoder.conv_in.weight"):
+        channels = shapes["decoder.conv_in.weight"][1]
+        layout = "diffusers" if any(k.startswith("decoder.up_blocks.") for k in shapes) else "official"
+        if channels == 16:
+            return "autoencoder", "flux-vae", "the 16-channel FLUX.1 / Z-Image autoencoder", layout
+        return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels)", layout
+    if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
+        return "t5", None, "a T5 text encoder", "transformers"
+    if any(k.startswith("text_model.encoder.layers.") for k in shapes):
+        return "clip", None, "a CLIP text encoder", "transformers"
+    if has("model.layers.0.self_attn.q_norm.weight") or has("layers.0.self_attn.q_norm.weight"):
+        return "qwen3", None, "a Qwen3 language model (text encoder)", "transformers"
+    return "unknown", None, "no model this tool knows (not Z-Image, FLUX.1, their autoencoder or text encoders)", "unknown"
+
+
+def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:
+    """(variant, description, layout) of a FLUX.1 transformer."""
+    official = shapes.__contains__("img_in.weight")
+    in_channels = shapes["img_in.weight" if official else "x_embedder.weight"][1]
+    guidance = "guidance_in.in_layer.weight" in shapes or "time_text_embed.guidance_embedder.linear_1.weight" in shapes
+    layout = "official" if official else "diffusers"
+    if in_channels not in FLUX_TOOLS:
+        return None, f"a FLUX.1 transformer with {in_channels} input channels (no known variant)", layout
+    tool = FLUX_TOOLS[in_channels]
+    if tool == "flux-fill":
+        return tool, "FLUX.1 Fill (inpainting: 64 noise + 64 masked-image + 256 mask input channels)", layout
+    if tool:
+        return tool, "FLUX.1 Canny or Depth (64 noise + 64 control input channels; the two share every shape)", layout
+    if guidance:
+        return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes)", layout
+    return "flux-schnell", "FLUX.1 schnell (timestep-distilled, no guidance input)", layout

@@ -1,0 +1,57 @@
+"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range.
+
+The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 255, rounded), so the
+same decoded tensor gives the same pixels here and there.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """An image (any mode) -> (1, 3, H, W) fp32 in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
+    return rearrange(pixels, "h w c -> 1 c h w") * 2 - 1  # (1, 3, H, W)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in about [-1, 1] (any dtype or device) -> B RGB images."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
+    return [Image.fromarray(p) for p in rearrange(pixels, "b c h w -> b h w c").cpu().numpy()]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, with a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no image file at {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read {path} as an image: {e}") from e
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` resized to width x height (Lanczos, as diffusers' image processor), unchanged if it already fits."""
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save `image` (format from the suffix, e.g. .png), creating the parent folder; return the path."""
+    path = Path(path)
+    if not path.suffix:
+        raise ValueError(f"{path} has no file extension (e.g. .png) to choose the image format")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        image.save(path)
+    except (KeyError, ValueError) as e:  # PIL: unknown extension
+        raise ValueError(f"cannot save an image as {path}: unknown format {path.suffix!r}") from e
+    return path

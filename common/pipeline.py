@@ -1,0 +1,110 @@
+"""What the Z-Image and FLUX.1 pipelines share: finding components on disk, checking a request, text-encoder
+offload, and the path between PIL images and the transformer's (scaled) latents.
+
+Both families decode with the same 16-channel autoencoder. The transformer works on scaled latents,
+`(z - shift_factor) * scaling_factor` of the autoencoder's raw latent z, so that they have roughly
+unit variance like the noise they start from.
+"""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from common.images import fit_image, load_image, to_pil, to_tensor
+from common.sampling import SchedulerConfig
+from common.vae import Autoencoder
+from common.weights import CheckpointError
+
+DEFAULT_SIZE = 1024  # pixels, both sides, when neither a size nor an init image is given
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_snapshot(path: str | Path, pipelines: tuple[str, ...], subfolders: tuple[str, ...]) -> Path:
+    """Check that `path` is a diffusers snapshot of one of `pipelines` with every subfolder; return it as a Path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder: pass a diffusers snapshot folder (model_index.json + subfolders), "
+                              "or load single files with from_single_files")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{path} has no model_index.json: it is not a diffusers snapshot folder")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name not in pipelines:
+        raise CheckpointError(f"{path} is a {class_name} snapshot, not {' or '.join(pipelines)}")
+    missing = [f"{name}/" for name in subfolders if not (path / name).is_dir()]
+    if missing:
+        raise CheckpointError(f"{path} lacks the subfolder(s) {', '.join(missing)} that a {pipelines[0]} snapshot holds")
+    return path
+
+
+def read_scheduler(folder: str | Path) -> SchedulerConfig:
+    """The sampler settings in a snapshot's `scheduler/scheduler_config.json`."""
+    config = Path(folder) / "scheduler_config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{folder} has no scheduler_config.json")
+    try:
+        return SchedulerConfig.from_diffusers(json.loads(config.read_text()))
+    except ValueError as e:
+        raise CheckpointError(f"{config}: {e}") from e
+
+
+def as_image(image: Image.Image | str | Path) -> Image.Image:
+    """A PIL image, opening it first when given a path."""
+    return image if isinstance(image, Image.Image) else load_image(image)
+
+
+def check_request(prompt: str, height: int | None, width: int | None, multiple: int,
+                  init_image: Image.Image | None = None) -> tuple[int, int]:
+    """Validate the prompt and size; return (height, width), taken from the init image (rounded down) when not given."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: describe the image to generate")
+    if init_image is not None:
+        height = height or init_image.height // multiple * multiple
+        width = width or init_image.width // multiple * multiple
+    height, width = height or DEFAULT_SIZE, width or DEFAULT_SIZE
+    for name, size in (("height", height), ("width", width)):
+        if size < multiple or size % multiple:
+            raise ValueError(f"{name} {size} is not a multiple of {multiple} (the autoencoder's 8x times the 2x2 patches)")
+    return height, width
+
+
+def check_latents(latents: Tensor, shape: tuple[int, ...], init_image: Image.Image | None) -> None:
+    """Reject given initial latents of the wrong shape, or given together with an init image."""
+    if init_image is not None:
+        raise ValueError("pass latents (initial noise) or init_image, not both")
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this size, got {tuple(latents.shape)}")
+
+
+@contextmanager
+def text_encoder_on(encoder, device: torch.device, offload: bool) -> Iterator[None]:
+    """Run the enclosed encoding with `encoder` on `device`; when offloaded it lives on the CPU otherwise."""
+    if offload:
+        encoder.to(device)
+    try:
+        yield
+    finally:
+        if offload:
+            encoder.to("cpu")
+
+
+def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
+    """An init image, resized to height x width -> its scaled latent (1, C, height/8, width/8) fp32."""
+    pixels = to_tensor(fit_image(image, width, height)).to(device)  # (1, 3, H, W)
+    raw = vae.encode(pixels).float()  # (1, C, H/8, W/8)
+    return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+
+
+def decode_latents(vae: Autoencoder, latents: Tensor) -> list[Image.Image]:
+    """Scaled latents (B, C, h, w) -> B images, decoded in the autoencoder's dtype."""
+    raw = latents.float() / vae.cfg.scaling_factor + vae.cfg.shift_factor  # (B, C, h, w)
+    return to_pil(vae.decode(raw))

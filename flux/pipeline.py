@@ -1,0 +1,150 @@
+"""FLUX.1 text-to-image (and image-to-image) without diffusers: prompt -> PIL image.
+
+    pipe = FluxPipeline.from_pretrained("FLUX.1-schnell")
+    pipe.generate("a red fox in snow", seed=0).save("fox.png")
+
+The steps, as diffusers' FluxPipeline takes them:
+1. T5 encodes the prompt to exactly `max_sequence_length` tokens (dev 512, schnell 256) and CLIP to
+   one pooled vector.
+2. Latents (1, 16, H/8, W/8) start as noise in the transformer's dtype at sigma 1 (or as the noised
+   init image) and are packed into 2x2-patch tokens (1, H/16 * W/16, 64).
+3. Per sigma, the transformer sees the tokens, the time sigma (1 = noise; rounded to the latents'
+   dtype) and, for dev, the guidance scale as an input, and predicts the velocity noise - image for
+   an Euler step. One model call per step: dev's guidance is distilled into the model. Optional true
+   CFG (true_cfg > 1, against a negative prompt) runs both rows as one batch of 2.
+4. The tokens are unpacked and the autoencoder decodes latents / scaling_factor + shift_factor.
+
+The schedule: schnell's even sigmas unshifted (4 steps); dev's shifted by mu, which grows with the
+number of image tokens (28 steps, guidance 3.5).
+"""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from common.identify import check_family
+from common.pipeline import (as_image, check_latents, check_request, decode_latents, default_device, encode_image, open_snapshot,
+                             read_scheduler, text_encoder_on)
+from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time, img2img_latent, initial_noise
+from common.text import FluxPromptEncoder
+from common.vae import Autoencoder, load_autoencoder
+from common.weights import CheckpointError
+from flux.convert import load_transformer
+from flux.model import Flux
+from flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
+
+VARIANTS = ("flux-dev", "flux-schnell")
+SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+class FluxPipeline:
+    """FLUX.1 dev or schnell: the transformer, the autoencoder and the T5 + CLIP prompt encoder."""
+
+    def __init__(self, transformer: Flux, vae: Autoencoder, text_encoder: FluxPromptEncoder,
+                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False):
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.variant = "flux-dev" if transformer.cfg.guidance_embeds else "flux-schnell"
+        if transformer.cfg.in_channels != 4 * vae.cfg.latent_channels:
+            raise ValueError(f"the transformer takes {transformer.cfg.in_channels} input channels; text-to-image needs "
+                             f"{4 * vae.cfg.latent_channels} (the Fill, Canny and Depth tools are not supported)")
+        self.scheduler = scheduler or SCHEDULERS[self.variant]
+        self.offload_text_encoder = offload_text_encoder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                        offload_text_encoder: bool = False, variant: str | None = None) -> "FluxPipeline":
+        """Load a diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ (CLIP),
+        text_encoder_2/ + tokenizer_2/ (T5), scheduler/); `variant`, if given, must match the weights."""
+        root = open_snapshot(path, SNAPSHOT_PIPELINES, SUBFOLDERS)
+        return cls.from_single_files(root / "transformer", root / "vae", t5=root / "text_encoder_2", t5_tokenizer=root / "tokenizer_2",
+                                     clip=root / "text_encoder", clip_tokenizer=root / "tokenizer", variant=variant, device=device,
+                                     dtype=dtype, offload_text_encoder=offload_text_encoder, scheduler=read_scheduler(root / "scheduler"))
+
+    @classmethod
+    def from_single_files(cls, transformer: str | Path, vae: str | Path, t5: str | Path, t5_tokenizer: str | Path,
+                          clip: str | Path, clip_tokenizer: str | Path, variant: str | None = None,
+                          device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                          offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None) -> "FluxPipeline":
+        """Load from a transformer file (BFL `flux1-dev.safetensors`, ComfyUI or diffusers layout), a VAE file
+        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU)."""
+        info = check_family(transformer, "flux.1", " (for Z-Image use zimg.pipeline.ZImagePipeline)")
+        if info.variant not in VARIANTS:
+            raise CheckpointError(f"{transformer} holds {info.description}; this pipeline runs FLUX.1 dev and schnell")
+        if variant is not None and variant != info.variant:
+            raise CheckpointError(f"{transformer} holds {info.description}, not {variant}")
+        check_family(vae, "autoencoder")
+        device = torch.device(device) if device is not None else default_device()
+        encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip, clip_tokenizer,
+                                                    "cpu" if offload_text_encoder else device, dtype)
+        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), encoder, scheduler,
+                   offload_text_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.img_in.weight.device
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, true_cfg: float = 1.0, seed: int = 0,
+                 latents: Tensor | None = None, init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
+                 output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
+        """Generate one image (output_type "pil") or its final latents (1, 16, H/8, W/8) ("latent").
+
+        Unset arguments take the variant's defaults (dev: 28 steps, guidance 3.5; schnell: 4 steps,
+        no guidance input). `true_cfg` > 1 adds real CFG against `negative_prompt` (default empty),
+        doubling the work per step. Size defaults to 1024x1024, or to the init image's size rounded
+        down to a multiple of 16. `latents` (unpacked) replaces the seeded initial noise;
+        `init_image` + `strength` runs image-to-image.
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        if guidance is not None and not self.transformer.cfg.guidance_embeds:
+            raise ValueError("FLUX.1 schnell has no guidance input: leave guidance unset")
+        defaults = DEFAULTS[self.variant]
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        init_image = None if init_image is None else as_image(init_image)
+        down = self.vae.cfg.downscale
+        height, width = check_request(prompt, height, width, 2 * down, init_image)
+        use_cfg = true_cfg > 1
+        if negative_prompt is not None and not use_cfg:
+            raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
+
+        prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
+        with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
+            features, pooled = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, 4096), (n, 768)
+
+        dtype = self.transformer.dtype
+        shape = (1, self.transformer.cfg.in_channels // 4, height // down, width // down)
+        sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
+        start = 0
+        if latents is not None:
+            check_latents(latents, shape, init_image)
+            latents = latents.to(self.device, dtype)
+        elif init_image is not None:
+            image_latents = encode_image(self.vae, init_image, height, width, self.device).to(dtype)  # (1, C, h, w)
+            latents, start = img2img_latent(image_latents, sigmas, strength, seed)
+        else:
+            latents = initial_noise(shape, seed, self.device, dtype)  # (1, C, h, w)
+
+        guidance_vec = embedded_guidance(guidance, len(prompts), self.device) if self.transformer.cfg.guidance_embeds else None
+        tokens = self._denoise(pack_latents(latents), shape, sigmas, start, features, pooled, guidance_vec, true_cfg, progress)
+        latents = unpack_latents(tokens, shape[2], shape[3])  # (1, C, h, w)
+        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+
+    def _denoise(self, tokens: Tensor, shape: tuple[int, ...], sigmas: Tensor, start: int, features: Tensor, pooled: Tensor,
+                 guidance: Tensor | None, true_cfg: float, progress: bool) -> Tensor:
+        """The Euler loop over packed tokens (1, S, 64) from sigmas[start] to 0; no host syncs inside."""
+        n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
+        times = flux_time(sigmas, tokens.dtype).to(self.device)  # (steps + 1,)
+        image_ids = img_ids(n, shape[2] // 2, shape[3] // 2, self.device)  # (n, S, 3)
+        text_ids = txt_ids(n, L, self.device)  # (n, L, 3)
+        for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
+            out = self.transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, times[i].expand(n), pooled, guidance)  # (n, S, 64)
+            velocity = cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
+            tokens = euler_step(tokens, velocity, sigmas[i], sigmas[i + 1])
+        return tokens

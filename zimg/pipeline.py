@@ -1,0 +1,169 @@
+"""Z-Image text-to-image (and image-to-image) without diffusers: prompt -> PIL image.
+
+    pipe = ZImagePipeline.from_pretrained("Z-Image-Turbo")
+    pipe.generate("a red fox in snow", seed=0).save("fox.png")
+
+The steps, as diffusers' ZImagePipeline takes them:
+1. Qwen3 encodes the prompt (and, with CFG, the negative prompt, in the same batch); only the real
+   tokens of each caption are kept.
+2. Latents (1, 16, H/8, W/8) start as fp32 noise at sigma 1 (or as the noised init image).
+3. Per sigma, the transformer sees the latents in its dtype and the time 1 - sigma (0 = noise) and
+   predicts image - noise. With CFG (guidance > 0) the conditional and unconditional rows run as one
+   batch of 2 and combine in fp32 (optionally renormalised, optionally switched off late in the
+   schedule by cfg_truncation). The negated prediction is the velocity of an fp32 Euler step.
+4. The autoencoder decodes latents / scaling_factor + shift_factor.
+
+Turbo is distilled for 8 steps without CFG; the base model runs ~50 steps with CFG (guidance ~4).
+"""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+
+from common.identify import check_family
+from common.pipeline import (as_image, check_latents, check_request, decode_latents, default_device, encode_image, open_snapshot,
+                             read_scheduler, text_encoder_on)
+from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, img2img_latent, initial_noise,
+                             zimage_time)
+from common.text import Qwen3PromptEncoder
+from common.vae import Autoencoder, load_autoencoder
+from common.weights import CheckpointError
+from zimg.convert import load_transformer
+from zimg.model import ZImageTransformer
+
+VARIANTS = ("z-image-turbo", "z-image")
+SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def variant_of(scheduler: SchedulerConfig) -> str | None:
+    """The variant whose shipped scheduler config this is (Turbo and base differ only there), else None."""
+    return next((v for v in VARIANTS if SCHEDULERS[v] == scheduler), None)
+
+
+def compact_captions(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Each caption's real tokens, front-aligned and cut to the longest; a mask only when their lengths differ.
+
+    Done once per prompt, so that the transformer gets no mask (and makes no host sync) on every step
+    when all captions have the same length, e.g. one prompt without CFG.
+    """
+    lens = mask.sum(dim=1).tolist()
+    real = pad_sequence([f[m] for f, m in zip(features, mask)], batch_first=True)  # (B, max(lens), D)
+    if len(set(lens)) == 1:
+        return real, None
+    return real, torch.arange(real.shape[1], device=real.device) < torch.tensor(lens, device=real.device)[:, None]  # (B, L)
+
+
+class ZImagePipeline:
+    """Z-Image-Turbo or Z-Image base: the transformer, the autoencoder and the Qwen3 prompt encoder."""
+
+    def __init__(self, transformer: ZImageTransformer, vae: Autoencoder, text_encoder: Qwen3PromptEncoder, variant: str,
+                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Z-Image variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.variant = variant
+        self.scheduler = scheduler or SCHEDULERS[variant]
+        self.offload_text_encoder = offload_text_encoder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                        offload_text_encoder: bool = False, variant: str | None = None) -> "ZImagePipeline":
+        """Load a diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+        The variant (which sets the default steps and guidance) comes from the scheduler config
+        unless given; a given one that contradicts the scheduler config is an error.
+        """
+        root = open_snapshot(path, SNAPSHOT_PIPELINES, SUBFOLDERS)
+        scheduler = read_scheduler(root / "scheduler")
+        shipped = variant_of(scheduler)
+        if variant is None and shipped is None:
+            raise CheckpointError(f"{root}: the scheduler (shift {scheduler.shift}) is neither Turbo's nor base's; pass variant=")
+        if variant is not None and shipped is not None and variant != shipped:
+            raise CheckpointError(f"{root} is {shipped} (its scheduler shifts sigmas by {scheduler.shift}), not {variant}")
+        return cls.from_single_files(root / "transformer", root / "vae", root / "text_encoder", root / "tokenizer",
+                                     variant=variant or shipped, device=device, dtype=dtype,
+                                     offload_text_encoder=offload_text_encoder, scheduler=scheduler)
+
+    @classmethod
+    def from_single_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path, tokenizer: str | Path,
+                          variant: str = "z-image-turbo", device: str | torch.device | None = None,
+                          dtype: torch.dtype = torch.bfloat16, offload_text_encoder: bool = False,
+                          scheduler: SchedulerConfig | None = None) -> "ZImagePipeline":
+        """Load from a transformer file (official, ComfyUI or diffusers layout), a VAE file (`ae.safetensors`) and
+        Qwen3 model and tokenizer folders. Weights go to `device` (default: the GPU) in `dtype`."""
+        info = check_family(transformer, "z-image", " (for FLUX.1 use flux.pipeline.FluxPipeline)")
+        if info.variant == "z-image-omni":
+            raise CheckpointError(f"{transformer} holds {info.description}")
+        check_family(vae, "autoencoder")
+        device = torch.device(device) if device is not None else default_device()
+        encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, "cpu" if offload_text_encoder else device, dtype)
+        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), encoder, variant,
+                   scheduler, offload_text_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.x_embedder.weight.device
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int = 0, latents: Tensor | None = None,
+                 init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
+                 cfg_normalization: float | None = None, cfg_truncation: float | None = None,
+                 output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
+        """Generate one image (output_type "pil") or its final latents (1, 16, H/8, W/8) fp32 ("latent").
+
+        Unset arguments take the variant's defaults (Turbo: 8 steps, guidance 0; base: 50 steps,
+        guidance 4). guidance > 0 turns on CFG against `negative_prompt` (default empty).
+        Size defaults to 1024x1024, or to the init image's size rounded down to a multiple of 16.
+        `latents` replaces the seeded initial noise; `init_image` + `strength` runs image-to-image.
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        defaults = DEFAULTS[self.variant]
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        cfg_normalization = defaults.cfg_normalization if cfg_normalization is None else cfg_normalization
+        cfg_truncation = defaults.cfg_truncation if cfg_truncation is None else cfg_truncation
+        init_image = None if init_image is None else as_image(init_image)
+        down = self.vae.cfg.downscale
+        height, width = check_request(prompt, height, width, 2 * down, init_image)
+        use_cfg = guidance > 0
+        if negative_prompt is not None and not use_cfg:
+            raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
+
+        prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
+        with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
+            features, mask = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, D), (n, L)
+        captions = {1: compact_captions(features[:1], mask[:1]), 2: compact_captions(features, mask)}  # by batch size
+
+        shape = (1, self.transformer.cfg.in_channels, height // down, width // down)
+        sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
+        start = 0
+        if latents is not None:
+            check_latents(latents, shape, init_image)
+            latents = latents.to(self.device, torch.float32)
+        elif init_image is not None:
+            latents, start = img2img_latent(encode_image(self.vae, init_image, height, width, self.device), sigmas, strength, seed)
+        else:
+            latents = initial_noise(shape, seed, self.device)  # (1, C, h, w) fp32
+        cfg_steps = [use_cfg and cfg_active(s, cfg_truncation) for s in sigmas[:-1]]
+
+        latents = self._denoise(latents, sigmas, start, captions, cfg_steps, guidance, cfg_normalization, progress)
+        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+
+    def _denoise(self, latents: Tensor, sigmas: Tensor, start: int, captions: dict, cfg_steps: list[bool], guidance: float,
+                 cfg_normalization: float | None, progress: bool) -> Tensor:
+        """The Euler loop from sigmas[start] to 0; everything it needs is on the device already (no host syncs)."""
+        times = zimage_time(sigmas).to(self.device)  # (steps + 1,) model time 1 - sigma
+        dtype = self.transformer.dtype
+        for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
+            n = 2 if cfg_steps[i] else 1  # conditional row, then the unconditional one
+            out = self.transformer(latents.to(dtype).expand(n, -1, -1, -1), times[i].expand(n), *captions[n])  # (n, C, h, w)
+            pred = cfg_combine(out[:1], out[1:], guidance, cfg_normalization) if n == 2 else out.float()  # (1, C, h, w)
+            latents = euler_step(latents, -pred, sigmas[i], sigmas[i + 1])  # the model predicts image - noise
+        return latents
