@@ -95,7 +95,7 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Holds the QK-RMSNorm weight under BFL's name `scale`; the math is common.norms.rms_norm."""
+    """Holds a QK-RMSNorm weight under BFL's name `scale`; QKNorm applies it through common.rope.qk_norm_rope."""
 
     def __init__(self, dim: int):
         super().__init__()
