@@ -94,9 +94,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        # In place where the operand is a fresh temporary: at 1024x1024 each one is 256-512 MiB in bf16.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # (B, C_out, H, W)
+        # At 1024x1024 every temporary is 256-512 MiB in bf16: SiLU and the residual add work in place
+        # on fresh tensors, and rebinding `h` step by step frees each one as soon as it is used.
+        h = F.silu(self.norm1(x), inplace=True)  # (B, C_in, H, W)
+        h = self.conv1(h)  # (B, C_out, H, W)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         return h.add_(self.nin_shortcut(x))
 
 
@@ -208,7 +211,8 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)  # (B, ch[i], H/2^i, W/2^i), halved once more except at the last level
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 2*C, H/8, W/8)
+        x = F.silu(self.norm_out(x), inplace=True)
+        return self.conv_out(x)  # (B, 2*C, H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -231,7 +235,8 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
         for level in reversed(self.up):
             x = level(x)  # (B, ch[i], ...), doubled in size except at the last level
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 3, 8h, 8w)
+        x = F.silu(self.norm_out(x), inplace=True)
+        return self.conv_out(x)  # (B, 3, 8h, 8w)
 
 
 class Autoencoder(nn.Module):

@@ -1,0 +1,215 @@
+"""The KL autoencoder: parity with diffusers' AutoencoderKL, BFL <-> diffusers layouts, loading, named errors.
+
+Tolerance: fp32 on the CPU, relative error <= 1e-5. Both sides run the same convolutions, GroupNorms
+and attention in the same precision; the only difference is how the 1x1 attention projections reach
+the GEMM, which leaves errors around 1e-7 to 1e-6.
+"""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+
+from common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
+from common.weights import CheckpointError
+from util import randomize_, rel_err
+
+TWO_LEVELS = AutoencoderConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+FOUR_LEVELS = AutoencoderConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)  # FLUX's shape, narrow
+
+# black-forest-labs/FLUX.1-dev vae/config.json (Z-Image ships the same autoencoder)
+FLUX_CONFIG = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True,
+    "in_channels": 3, "latent_channels": 16, "latents_mean": None, "latents_std": None, "layers_per_block": 2,
+    "mid_block_add_attention": True, "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024,
+    "scaling_factor": 0.3611, "shift_factor": 0.1159, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "use_post_quant_conv": False, "use_quant_conv": False,
+}
+
+
+def diffusers_config(cfg: AutoencoderConfig) -> dict:
+    """The diffusers AutoencoderKL arguments for `cfg`."""
+    n = len(cfg.block_out_channels)
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def diffusers_vae(cfg: AutoencoderConfig, seed: int = 0, std: float = 0.1) -> AutoencoderKL:
+    """A diffusers AutoencoderKL at `cfg` with random weights (on the current default device)."""
+    return randomize_(AutoencoderKL(**diffusers_config(cfg)), seed, std).eval()
+
+
+def ours_from(ref: AutoencoderKL, cfg: AutoencoderConfig) -> Autoencoder:
+    with torch.device("meta"):
+        ours = Autoencoder(cfg)
+    ours.load_state_dict(from_diffusers(ref.state_dict()), strict=True, assign=True)
+    return ours.eval()
+
+
+def shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cfg, B, H, W", [(TWO_LEVELS, 2, 24, 40), (FOUR_LEVELS, 2, 48, 32), (FOUR_LEVELS, 1, 64, 64)])
+def test_parity_with_diffusers(cfg, B, H, W):
+    ref = diffusers_vae(cfg)
+    ours = ours_from(ref, cfg)
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(B, 3, H, W, generator=g) * 2 - 1
+    latent = torch.randn(B, cfg.latent_channels, H // cfg.downscale, W // cfg.downscale, generator=g)
+    with torch.no_grad():
+        want_mean, want_image = ref.encode(image).latent_dist.mean, ref.decode(latent).sample
+    mean, decoded = ours.encode(image), ours.decode(latent)
+    assert mean.shape == want_mean.shape == (B, cfg.latent_channels, H // cfg.downscale, W // cfg.downscale)
+    assert decoded.shape == want_image.shape == (B, 3, H, W)
+    assert rel_err(mean, want_mean) < 1e-5
+    assert rel_err(decoded, want_image) < 1e-5
+
+
+def test_config_from_diffusers_and_presets():
+    assert AutoencoderConfig.from_diffusers(FLUX_CONFIG) == PRESETS["flux"]
+    for cfg in (TWO_LEVELS, FOUR_LEVELS):
+        with torch.device("meta"):
+            assert AutoencoderConfig.from_diffusers(dict(AutoencoderKL(**diffusers_config(cfg)).config)) == cfg
+    assert PRESETS["flux"].downscale == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_quant_conv": True}, "use_quant_conv"),
+    ({"use_post_quant_conv": None}, "use_post_quant_conv"),
+    ({"act_fn": "gelu"}, "act_fn='gelu'"),
+    ({"mid_block_add_attention": False}, "mid_block_add_attention=False"),
+    ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"] * 2}, "up_block_types"),
+    ({"_class_name": "AutoencoderKLFlux2"}, "config is for AutoencoderKLFlux2, not AutoencoderKL"),
+    ({"norm_num_groups": 24}, "must be multiples of norm_num_groups 24"),
+])
+def test_unsupported_configs_are_named(change, message):
+    config = {**FLUX_CONFIG, **change}
+    config = {k: v for k, v in config.items() if v is not None}  # None: the key is absent (diffusers' default applies)
+    with pytest.raises(ValueError, match=message):
+        AutoencoderConfig.from_diffusers(config)
+
+
+@pytest.fixture
+def tiny_sd():
+    return {k: v.clone() for k, v in randomize_(Autoencoder(FOUR_LEVELS)).state_dict().items()}
+
+
+def test_round_trip_is_exact(tiny_sd):
+    with torch.device("meta"):
+        expected = AutoencoderKL(**diffusers_config(FOUR_LEVELS)).state_dict()
+    theirs = to_diffusers(tiny_sd)
+    assert shapes(theirs) == shapes(expected)
+    back = from_diffusers(theirs)
+    assert back.keys() == tiny_sd.keys() and all(torch.equal(back[k], v) for k, v in tiny_sd.items())
+    again = to_diffusers(back)
+    assert again.keys() == theirs.keys() and all(torch.equal(again[k], v) for k, v in theirs.items())
+    assert all(torch.equal(from_diffusers(tiny_sd)[k], v) for k, v in tiny_sd.items())  # ours passes through unchanged
+    assert theirs["decoder.up_blocks.0.upsamplers.0.conv.weight"] is tiny_sd["decoder.up.3.upsample.conv.weight"]
+    assert theirs["encoder.mid_block.attentions.0.to_q.weight"].shape == (32, 32)
+
+
+def test_our_layout_through_diffusers_single_file_converter(tiny_sd):
+    """diffusers' own BFL/LDM -> diffusers converter turns our state dict into exactly what to_diffusers gives."""
+    converted = convert_ldm_vae_checkpoint(dict(tiny_sd), diffusers_config(FOUR_LEVELS))
+    ours = to_diffusers(tiny_sd)
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], v) for k, v in ours.items())
+    AutoencoderKL(**diffusers_config(FOUR_LEVELS)).load_state_dict(converted, strict=True)
+
+
+def test_full_size_layout_matches_diffusers():
+    cfg = AutoencoderConfig.from_diffusers(FLUX_CONFIG)
+    with torch.device("meta"):
+        ours = Autoencoder(cfg).state_dict()
+        ref = AutoencoderKL(**FLUX_CONFIG).state_dict()
+    assert shapes(convert_ldm_vae_checkpoint(dict(ours), FLUX_CONFIG)) == shapes(ref)
+    assert shapes(to_diffusers(ours)) == shapes(ref)
+    n = sum(v.numel() for v in ours.values())
+    print(f"FLUX autoencoder: {len(ours)} tensors, {n / 1e6:.2f} M parameters")
+    assert len(ours) == 244 and n == 83_819_683
+
+
+def test_loads_bfl_file_diffusers_folder_and_diffusers_file(tmp_path, tiny_sd):
+    save_file(tiny_sd, tmp_path / "ae.safetensors")
+    ref = AutoencoderKL(**diffusers_config(FOUR_LEVELS))
+    ref.load_state_dict(to_diffusers(tiny_sd))
+    ref.save_pretrained(tmp_path / "vae")  # diffusers' own folder: config.json + diffusion_pytorch_model.safetensors
+    (tmp_path / "single").mkdir()
+    save_file(to_diffusers(tiny_sd), tmp_path / "single" / "vae.safetensors")
+
+    a = load_autoencoder(tmp_path / "ae.safetensors", dtype=torch.float32, cfg=FOUR_LEVELS)
+    b = load_autoencoder(tmp_path / "vae", dtype=torch.float32)
+    c = load_autoencoder(tmp_path / "single" / "vae.safetensors", dtype=torch.float32, cfg=FOUR_LEVELS)
+    assert b.cfg == FOUR_LEVELS
+    for model in (a, b, c):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_sd.items())
+    assert load_autoencoder(tmp_path / "ae.safetensors", cfg=FOUR_LEVELS).dtype == torch.bfloat16
+
+
+def test_bfl_file_without_config_is_the_flux_preset(tmp_path):
+    """No config.json: the FLUX preset; a small file then fails with its mis-shaped keys named."""
+    save_file({k: v for k, v in Autoencoder(TWO_LEVELS).state_dict().items()}, tmp_path / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="does not fit Autoencoder"):
+        load_autoencoder(tmp_path / "ae.safetensors")
+
+
+def _load_error(tmp_path, sd) -> str:
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_autoencoder(tmp_path / "bad.safetensors", dtype=torch.float32, cfg=FOUR_LEVELS)
+    return str(e.value)
+
+
+def test_missing_key_is_named(tmp_path, tiny_sd):
+    del tiny_sd["decoder.up.1.block.0.nin_shortcut.weight"]
+    assert "missing keys (1): decoder.up.1.block.0.nin_shortcut.weight" in _load_error(tmp_path, tiny_sd)
+
+
+def test_unexpected_key_is_named(tmp_path, tiny_sd):
+    tiny_sd["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)  # an SD-style VAE's extra layer
+    assert "unexpected keys (1): quant_conv.weight" in _load_error(tmp_path, tiny_sd)
+
+
+def test_misshaped_key_is_named(tmp_path, tiny_sd):
+    tiny_sd["encoder.conv_out.weight"] = torch.zeros(8, 32, 3, 3)  # a 4-channel latent
+    assert "encoder.conv_out.weight: checkpoint (8, 32, 3, 3), model (32, 32, 3, 3)" in _load_error(tmp_path, tiny_sd)
+
+
+def test_truncated_file_and_foreign_config_are_named(tmp_path, tiny_sd):
+    save_file(tiny_sd, tmp_path / "cut.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "cut.safetensors").read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="cannot read .*cut.safetensors"):
+        load_autoencoder(tmp_path / "cut.safetensors", cfg=FOUR_LEVELS)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_autoencoder(tmp_path / "nope.safetensors")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "num_layers": 19}))
+    save_file(tiny_sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="config is for FluxTransformer2DModel, not AutoencoderKL"):
+        load_autoencoder(folder)
+
+
+@pytest.mark.parametrize("method, shape, message", [
+    ("encode", (1, 4, 16, 16), r"image must be \(B, 3, H, W\), got \(1, 4, 16, 16\)"),
+    ("encode", (3, 16, 16), r"image must be \(B, 3, H, W\), got \(3, 16, 16\)"),
+    ("encode", (1, 3, 16, 20), "image height 16 and width 20 must be multiples of 8"),
+    ("decode", (1, 4, 2, 2), r"latent must be \(B, 16, H, W\), got \(1, 4, 2, 2\)"),
+])
+def test_bad_inputs_are_named(method, shape, message):
+    model = Autoencoder(FOUR_LEVELS).eval()
+    with pytest.raises(ValueError, match=message):
+        getattr(model, method)(torch.zeros(shape))
+
+
+def test_inference_only_and_dtype_follows_the_model():
+    """encode/decode build no autograd graph and take inputs in any float dtype."""
+    model = Autoencoder(FOUR_LEVELS).eval()
+    out = model.decode(torch.randn(1, 16, 2, 2, dtype=torch.float64))
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert not model.encode(torch.zeros(1, 3, 16, 16)).requires_grad
