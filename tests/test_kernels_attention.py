@@ -7,21 +7,18 @@ softmax probabilities to the input dtype before the P.V product (as every flash 
 the GPU the kernel must also be within 1.5x SDPA's own error in the same dtype.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # must be set before kernels/ is imported: triton.jit reads it
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_env import DEVICE, DTYPES, require_triton
+
+require_triton()  # before kernels/ is imported
 
 from common.attention import key_padding_mask  # noqa: E402
 from kernels.attention import flash_attention, flash_attention_bshd, reference  # noqa: E402
 from util import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 

@@ -7,13 +7,12 @@ GPU, in bf16: each backend's error against the fp32 sdpa output within 1.5x that
 plus 2e-3 (the backends round in different places, each by one bf16 step at most).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before kernels/ is imported: triton.jit reads it
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_env import DEVICE, require_triton
+
+require_triton()  # before kernels/ is imported
 
 from common.backend import BACKENDS  # noqa: E402
 from flux.model import Flux, FluxConfig  # noqa: E402
@@ -61,7 +60,7 @@ CASES = {"zimage": zimage_case, "flux": flux_case}
 
 @pytest.mark.parametrize("case", CASES)
 def test_same_output_on_every_backend_fp32(case):
-    model, inputs = CASES[case]("cuda" if torch.cuda.is_available() else "cpu")
+    model, inputs = CASES[case](DEVICE)
     expected = run(model, inputs, "sdpa")
     for backend in BACKENDS:
         assert rel_err(run(model, inputs, backend), expected) <= 1e-5, backend

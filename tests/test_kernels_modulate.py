@@ -7,19 +7,16 @@ rsqrt); fp16 5e-4 and bf16 4e-3, one rounding of the output dtype, for PyTorch's
 and CPU kernels differ in whether they round before applying the weight.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before kernels/ is imported: triton.jit reads it
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_env import DEVICE, DTYPES, require_triton
+
+require_triton()  # before kernels/ is imported
 
 from kernels import modulate  # noqa: E402
 from util import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 SHAPES = [(2, 37, 200), (1, 64, 256), (3, 5, 1000)]
 

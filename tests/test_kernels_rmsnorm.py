@@ -8,19 +8,16 @@ devices in whether the normalised value is rounded before the weight is applied 
 and the CPU reference agree bit for bit in fp16).
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must be set before kernels/ is imported: triton.jit reads it
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_env import DEVICE, DTYPES, require_triton
+
+require_triton()  # before kernels/ is imported
 
 from kernels.rmsnorm import qk_norm_rope, reference_qk_norm_rope, reference_rms_norm, rms_norm  # noqa: E402
 from util import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
 
