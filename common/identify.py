@@ -43,7 +43,8 @@ class CheckpointInfo:
 
     def lines(self) -> list[str]:
         """A short human-readable summary, one fact per line."""
-        dtypes = ", ".join(f"{name} ({count / 1e9:.3f} B)" for name, count in sorted(self.dtypes.items(), key=lambda kv: -kv[1]))
+        shares = sorted(self.dtypes.items(), key=lambda kv: -kv[1])
+        dtypes = ", ".join(name if len(shares) == 1 else f"{name} ({count / self.params:.1%})" for name, count in shares) or "none"
         return [f"family:     {FAMILY_NAMES[self.family]}", f"what:       {self.description}",
                 f"layout:     {self.layout}", f"dtype:      {dtypes}", f"parameters: {self.params:,} ({self.params / 1e9:.2f} B)"]
 
@@ -113,7 +114,7 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str,
         return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels)", layout
     if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5", None, "a T5 text encoder", "transformers"
-    if any(k.startswith("text_model.encoder.layers.") for k in shapes):
+    if any(k.endswith("embeddings.position_embedding.weight") for k in shapes):  # with or without the text_model. prefix
         return "clip", None, "a CLIP text encoder", "transformers"
     if has("model.layers.0.self_attn.q_norm.weight") or has("layers.0.self_attn.q_norm.weight"):
         return "qwen3", None, "a Qwen3 language model (text encoder)", "transformers"

@@ -9,6 +9,7 @@ model_index.json + one subfolder per component.
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
@@ -31,6 +32,16 @@ SCHEDULERS = {  # the shipped scheduler_config.json values
     "flux-dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                      base_image_seq_len=256, max_image_seq_len=4096),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for the importing test module: tiny matmuls gain nothing from threads, and on a
+    loaded 2-core box (CI) the thread hand-off made them ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_vae(seed: int) -> AutoencoderKL:

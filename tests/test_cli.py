@@ -1,0 +1,235 @@
+"""The `zflux` command: generate (snapshot folders and single files), info (checkpoint identification from
+headers), convert (layout round trips), and the named errors. Runs `main([...])` in-process on tiny
+random snapshots (tiny_pipelines.py), on the CPU in fp32."""
+
+import shutil
+import subprocess
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from PIL import Image
+
+from common.cli import main
+from common.identify import identify, read_header
+from common.vae import from_diffusers as vae_from_diffusers
+from common.weights import read_state_dict, save_state_dict
+from flux.convert import from_diffusers as flux_from_diffusers
+from flux.model import Flux, FluxConfig
+from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
+from zimg.convert import COMFY_PREFIX
+from zimg.convert import from_diffusers as zimage_from_diffusers
+
+CPU = ["--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("snapshots")
+    return {"z-image-turbo": zimage_snapshot(root / "turbo"), "flux-dev": flux_snapshot(root / "dev", "flux-dev"),
+            "flux-schnell": flux_snapshot(root / "schnell", "flux-schnell")}
+
+
+@pytest.fixture(scope="module")
+def bfl_folder(snapshots, tmp_path_factory):
+    """What BFL's FLUX.1-dev repository holds: flux1-dev.safetensors and ae.safetensors beside the text-encoder folders."""
+    root, snapshot = tmp_path_factory.mktemp("FLUX.1-dev"), snapshots["flux-dev"]
+    save_state_dict(flux_from_diffusers(read_state_dict(snapshot / "transformer")), root / "flux1-dev.safetensors")
+    save_state_dict(vae_from_diffusers(read_state_dict(snapshot / "vae")), root / "ae.safetensors")
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        (root / name).symlink_to(snapshot / name)
+    # tiny files need their configs (real single files load at the full-size presets)
+    configs = root / "configs"
+    for name, file in (("transformer", "flux1-dev.safetensors"), ("vae", "ae.safetensors")):
+        (configs / name).mkdir(parents=True)
+        shutil.copy(snapshot / name / "config.json", configs / name)
+        (configs / name / file).symlink_to(root / file)
+    return root
+
+
+def run(*argv: str) -> None:
+    main([str(a) for a in argv])
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run zflux expecting a clean error exit; return its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv)
+    assert exit_info.value.code not in (0, None)
+    return str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_generate_from_snapshot(snapshots, tmp_path, capsys):
+    out = tmp_path / "images" / "cat.png"
+    run("generate", "--model", "z-image-turbo", "--weights", snapshots["z-image-turbo"], "--prompt", "a photo of a cat",
+        "--height", 48, "--width", 64, "--steps", 2, "--seed", 3, "--out", out, *CPU)
+    report = capsys.readouterr()
+    assert f"{out}: 64x48, z-image-turbo, seed 3; generated in" in report.out
+    assert "z-image-turbo: 100%" in report.err and "2/2" in report.err  # the tqdm bar over steps
+    with Image.open(out) as image:
+        assert image.size == (64, 48) and image.mode == "RGB"
+
+
+def test_generate_image_to_image(snapshots, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (70, 40), (200, 30, 30)).save(init)
+    run("generate", "--model", "flux-schnell", "--weights", snapshots["flux-schnell"], "--prompt", "a red square",
+        "--init-image", init, "--strength", 0.5, "--steps", 4, "--out", tmp_path / "out.png", *CPU)
+    assert "64x32, flux-schnell" in capsys.readouterr().out
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (64, 32)
+
+
+def test_generate_from_single_file(bfl_folder, tmp_path, capsys):
+    """A transformer file finds ae.safetensors and the text encoders beside it, or takes them from flags."""
+    configs = bfl_folder / "configs"
+    run("generate", "--model", "flux-dev", "--weights", configs / "transformer" / "flux1-dev.safetensors",
+        "--vae", configs / "vae" / "ae.safetensors", "--text-encoders", bfl_folder, "--prompt", "a cat",
+        "--height", 32, "--width", 32, "--steps", 2, "--guidance", 4.0, "--out", tmp_path / "a.png", *CPU)
+    assert "32x32, flux-dev" in capsys.readouterr().out
+
+    message = fails(capsys, "generate", "--model", "flux-dev", "--weights", configs / "transformer" / "flux1-dev.safetensors",
+                    "--prompt", "a cat", "--out", tmp_path / "b.png", *CPU)
+    assert "no autoencoder at" in message and "pass --vae" in message
+    message = fails(capsys, "generate", "--model", "flux-dev", "--weights", configs / "transformer" / "flux1-dev.safetensors",
+                    "--vae", bfl_folder / "ae.safetensors", "--prompt", "a cat", "--out", tmp_path / "b.png", *CPU)
+    assert "lacks the text-encoder subfolder(s) text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/" in message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "1000"], "height 1000 is not a multiple of 16"),
+    (["--width", "100"], "width 100 is not a multiple of 16"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--out", "image"], "has no file extension"),
+    (["--init-image", "missing.png"], "no image file at missing.png"),
+])
+def test_request_errors_come_before_loading(snapshots, tmp_path, capsys, args, message):
+    defaults = {"--prompt": "a cat", "--out": str(tmp_path / "x.png")}
+    for flag, value in zip(args[::2], args[1::2]):
+        defaults[flag] = value
+    argv = ["generate", "--model", "z-image-turbo", "--weights", tmp_path / "no-weights-needed", *CPU]
+    assert message in fails(capsys, *argv, *[x for kv in defaults.items() for x in kv])
+
+
+def test_weights_errors(snapshots, bfl_folder, tmp_path, capsys):
+    gen = lambda model, weights, *more: fails(capsys, "generate", "--model", model, "--weights", weights, "--prompt", "a cat",
+                                              "--out", tmp_path / "x.png", *more, *CPU)
+    assert "is a ZImagePipeline snapshot, not FluxPipeline" in gen("flux-dev", snapshots["z-image-turbo"])
+    assert "is a FluxPipeline snapshot, not ZImagePipeline" in gen("z-image-turbo", snapshots["flux-dev"])
+    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes), not Z-Image" in gen(
+        "z-image-turbo", bfl_folder / "flux1-dev.safetensors")
+    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes), not flux-schnell" in gen(
+        "flux-schnell", snapshots["flux-dev"])
+    assert "holds the 16-channel FLUX.1 / Z-Image autoencoder, not FLUX.1" in gen("flux-dev", bfl_folder / "ae.safetensors")
+    assert "no weights at" in gen("flux-dev", tmp_path / "missing.safetensors")
+    assert "--vae and --text-encoders go with a transformer file" in gen("flux-dev", snapshots["flux-dev"], "--vae", "ae.safetensors")
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(snapshots["z-image-turbo"] / "model_index.json", partial)
+    for name in ("transformer", "vae", "text_encoder", "scheduler"):
+        (partial / name).symlink_to(snapshots["z-image-turbo"] / name)
+    assert "lacks the subfolder(s) tokenizer/" in gen("z-image-turbo", partial)
+    assert "has no model_index.json" in gen("z-image-turbo", snapshots["z-image-turbo"] / "vae")
+
+
+def test_info_snapshot(snapshots, capsys):
+    run("info", snapshots["z-image-turbo"])
+    out = capsys.readouterr().out
+    assert "a diffusers ZImagePipeline snapshot" in out
+    assert "scheduler/: static shift 3.0: z-image-turbo's schedule" in out
+    assert "a Z-Image transformer (Turbo or base: they share every shape)" in out and "Qwen3" in out
+    params = sum(t.numel() for t in read_state_dict(snapshots["z-image-turbo"] / "transformer").values())
+    assert f"parameters: {params:,}" in out
+
+    run("info", snapshots["flux-dev"])
+    out = capsys.readouterr().out
+    for what in ("FLUX.1 dev", "FLUX.1 dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
+        assert what in out
+
+
+def test_info_file(bfl_folder, tmp_path, capsys):
+    state_dict = read_state_dict(bfl_folder / "flux1-dev.safetensors")
+    save_state_dict({k: v.to(torch.bfloat16) if k.startswith("single") else v for k, v in state_dict.items()}, tmp_path / "mixed.safetensors")
+    run("info", tmp_path / "mixed.safetensors")
+    out = capsys.readouterr().out
+    bf16 = sum(v.numel() for k, v in state_dict.items() if k.startswith("single")) / sum(v.numel() for v in state_dict.values())
+    assert "layout:     official" in out and f"bf16 ({bf16:.1%})" in out and "fp32 (" in out
+
+
+def tiny_flux(tmp_path, name: str, **cfg) -> str:
+    """Save a tiny random FLUX.1 transformer (BFL layout) with the given config changes; return its path."""
+    config = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                        pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), **cfg)
+    path = tmp_path / f"{name}.safetensors"
+    save_state_dict(Flux(config).state_dict(), path)
+    return path
+
+
+def test_identify_variants_and_layouts(snapshots, bfl_folder, tmp_path):
+    """Family, variant and layout from names and shapes alone."""
+    cases = {
+        tiny_flux(tmp_path, "schnell"): ("flux.1", "flux-schnell", "official"),
+        tiny_flux(tmp_path, "dev", guidance_embeds=True): ("flux.1", "flux-dev", "official"),
+        tiny_flux(tmp_path, "fill", in_channels=384, out_channels=64, guidance_embeds=True): ("flux.1", "flux-fill", "official"),
+        tiny_flux(tmp_path, "canny", in_channels=128, out_channels=64, guidance_embeds=True): ("flux.1", "flux-canny-or-depth", "official"),
+        snapshots["flux-schnell"] / "transformer": ("flux.1", "flux-schnell", "diffusers"),
+        bfl_folder / "ae.safetensors": ("autoencoder", "flux-vae", "official"),
+        snapshots["flux-dev"] / "vae": ("autoencoder", "flux-vae", "diffusers"),
+        snapshots["z-image-turbo"] / "transformer": ("z-image", None, "diffusers"),
+        snapshots["flux-dev"] / "text_encoder_2": ("t5", None, "transformers"),
+        snapshots["flux-dev"] / "text_encoder": ("clip", None, "transformers"),
+        snapshots["z-image-turbo"] / "text_encoder": ("qwen3", None, "transformers"),
+    }
+    official = zimage_from_diffusers(read_state_dict(snapshots["z-image-turbo"] / "transformer"))
+    save_state_dict(official, tmp_path / "z_image.safetensors")
+    save_state_dict({COMFY_PREFIX + k: v for k, v in official.items()}, tmp_path / "z_image_comfy.safetensors")
+    save_state_dict({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    cases |= {tmp_path / "z_image.safetensors": ("z-image", None, "official"),
+              tmp_path / "z_image_comfy.safetensors": ("z-image", None, "ComfyUI"),
+              tmp_path / "other.safetensors": ("unknown", None, "unknown")}
+    for path, expected in cases.items():
+        info = identify(path)
+        assert (info.family, info.variant, info.layout) == expected, path
+    assert identify(tmp_path / "z_image.safetensors").params == sum(v.numel() for v in official.values())
+
+
+def test_identify_reads_no_tensor(tmp_path, monkeypatch):
+    """Only the header: reading a tensor would fail here."""
+    path = tiny_flux(tmp_path, "dev", guidance_embeds=True)
+    from safetensors import safe_open
+    handle = safe_open(str(path), framework="pt")
+    monkeypatch.setattr(type(handle), "get_tensor", lambda *a: pytest.fail("identify read a tensor"))
+    assert read_header(path)["img_in.weight"] == ("F32", (32, 64))
+    assert identify(path).variant == "flux-dev"
+
+
+@pytest.mark.parametrize("source", ["z-image-turbo/transformer", "flux-dev/transformer", "flux-dev/vae"])
+def test_convert_round_trip(snapshots, tmp_path, capsys, source):
+    """diffusers -> original -> diffusers gives back every tensor exactly."""
+    variant, folder = source.split("/")
+    src = snapshots[variant] / folder
+    run("convert", src, tmp_path / "original.safetensors")
+    assert "original layout (read as diffusers)" in capsys.readouterr().out
+    assert identify(tmp_path / "original.safetensors").layout == "official"
+    run("convert", tmp_path / "original.safetensors", tmp_path / "back.safetensors", "--to", "diffusers")
+    expected, got = read_state_dict(src), read_state_dict(tmp_path / "back.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_convert_errors(snapshots, tmp_path, capsys):
+    assert "must be a .safetensors file" in fails(capsys, "convert", snapshots["flux-dev"] / "transformer", tmp_path / "out.bin")
+    assert "zflux convert handles Z-Image, FLUX.1 and their autoencoder" in fails(
+        capsys, "convert", snapshots["flux-dev"] / "text_encoder_2", tmp_path / "t5.safetensors")
+    assert "no checkpoint at" in fails(capsys, "convert", tmp_path / "missing", tmp_path / "out.safetensors")
+
+
+def test_console_script(snapshots):
+    """`zflux` is installed as common.cli:main and runs as a program."""
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "zflux"]
+    assert script.value == "common.cli:main"
+    if shutil.which("zflux"):
+        done = subprocess.run(["zflux", "info", str(snapshots["flux-dev"] / "transformer")], capture_output=True, text=True)
+        assert done.returncode == 0 and "FLUX.1 dev" in done.stdout
+        done = subprocess.run(["zflux", "generate", "--model", "flux-dev"], capture_output=True, text=True)
+        assert done.returncode == 2 and "required" in done.stderr
