@@ -64,16 +64,16 @@ class AutoencoderConfig:
         """Build from a diffusers vae/config.json dict; variants this module does not implement are refused."""
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"config is for {config['_class_name']}, not AutoencoderKL")
-        unsupported = [  # the defaults are diffusers' own, for keys a config.json leaves out
-            f"act_fn={config.get('act_fn')!r}" if config.get("act_fn", "silu") != "silu" else "",
-            "use_quant_conv" if config.get("use_quant_conv", True) else "",
-            "use_post_quant_conv" if config.get("use_post_quant_conv", True) else "",
-            "mid_block_add_attention=False" if not config.get("mid_block_add_attention", True) else "",
-            "down_block_types" if set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"} else "",
-            "up_block_types" if set(config.get("up_block_types", ["UpDecoderBlock2D"])) != {"UpDecoderBlock2D"} else "",
-        ]
-        if any(unsupported):
-            raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(u for u in unsupported if u)}")
+        unsupported = {  # option -> whether the config asks for it; absent keys take diffusers' defaults
+            f"act_fn={config.get('act_fn')!r}": config.get("act_fn", "silu") != "silu",
+            "use_quant_conv": config.get("use_quant_conv", True),
+            "use_post_quant_conv": config.get("use_post_quant_conv", True),
+            "mid_block_add_attention=False": not config.get("mid_block_add_attention", True),
+            "down_block_types": set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"},
+            "up_block_types": set(config.get("up_block_types", ["UpDecoderBlock2D"])) != {"UpDecoderBlock2D"},
+        }
+        if any(unsupported.values()):
+            raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(k for k, on in unsupported.items() if on)}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
@@ -98,8 +98,8 @@ class ResnetBlock(nn.Module):
         # on fresh tensors, and rebinding `h` step by step frees each one as soon as it is used.
         h = F.silu(self.norm1(x), inplace=True)  # (B, C_in, H, W)
         h = self.conv1(h)  # (B, C_out, H, W)
-        h = F.silu(self.norm2(h), inplace=True)
-        h = self.conv2(h)
+        h = F.silu(self.norm2(h), inplace=True)  # (B, C_out, H, W)
+        h = self.conv2(h)  # (B, C_out, H, W)
         return h.add_(self.nin_shortcut(x))
 
 
@@ -114,6 +114,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         tokens = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
         q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
+        # SDPA picks a fused kernel where one fits: 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32.
         out = _pointwise(F.scaled_dot_product_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
         return x + rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, C, H, W)
 
@@ -211,7 +212,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)  # (B, ch[i], H/2^i, W/2^i), halved once more except at the last level
         x = self.mid(x)
-        x = F.silu(self.norm_out(x), inplace=True)
+        x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[-1], H/8, W/8)
         return self.conv_out(x)  # (B, 2*C, H/8, W/8)
 
 
@@ -235,7 +236,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
         for level in reversed(self.up):
             x = level(x)  # (B, ch[i], ...), doubled in size except at the last level
-        x = F.silu(self.norm_out(x), inplace=True)
+        x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[0], 8h, 8w)
         return self.conv_out(x)  # (B, 3, 8h, 8w)
 
 
@@ -253,11 +254,16 @@ class Autoencoder(nn.Module):
         return self.decoder.conv_in.weight.dtype
 
     @torch.no_grad()
-    def encode(self, image: Tensor) -> Tensor:
-        """(B, 3, H, W) image in [-1, 1] -> (B, C, H/8, W/8) raw latent mean (no scaling or shift)."""
+    def encode(self, image: Tensor, noise: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> (B, C, H/8, W/8) raw latent: the mean, or `mean + std * noise`."""
         _check_shape(image, self.cfg.in_channels, self.cfg.downscale, "image")
-        moments = self.encoder(image.to(self.dtype))  # (B, 2*C, H/8, W/8)
-        return moments[:, : self.cfg.latent_channels]  # the mean; the log-variance is not needed to sample deterministically
+        mean, logvar = self.encoder(image.to(self.dtype)).chunk(2, dim=1)  # each (B, C, H/8, W/8)
+        if noise is None:
+            return mean
+        if noise.shape != mean.shape:
+            raise ValueError(f"noise must have the latent's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+        # A posterior sample, which diffusers' FLUX and Z-Image img2img pipelines take (latent_dist.sample).
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean)  # (B, C, H/8, W/8)
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:

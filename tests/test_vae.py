@@ -213,3 +213,16 @@ def test_inference_only_and_dtype_follows_the_model():
     out = model.decode(torch.randn(1, 16, 2, 2, dtype=torch.float64))
     assert out.dtype == torch.float32 and not out.requires_grad
     assert not model.encode(torch.zeros(1, 3, 16, 16)).requires_grad
+
+
+def test_posterior_sample_matches_diffusers():
+    """With noise, encode gives diffusers' latent_dist.sample(generator) for the same draws (its img2img path)."""
+    ref = diffusers_vae(TWO_LEVELS)
+    ours = ours_from(ref, TWO_LEVELS)
+    image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = ref.encode(image).latent_dist.sample(torch.Generator().manual_seed(7))
+    noise = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(7))
+    assert rel_err(ours.encode(image, noise), want) < 1e-5
+    with pytest.raises(ValueError, match=r"noise must have the latent's shape \(2, 4, 8, 12\), got \(2, 4, 8, 8\)"):
+        ours.encode(image, noise[..., :8])
