@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # The Triton kernels run on the CPU through Triton's interpreter; triton.jit reads this at import,
+    # and diffusers imports triton during collection, so it must be set before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
