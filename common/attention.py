@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from common.backend import current_backend, use_kernels
+from common.backend import current_backend, use_flash_kernel
 
 
 def key_padding_mask(key_lens: Tensor, seq_len: int) -> Tensor:
@@ -27,7 +27,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
     """
-    if use_kernels(q):
+    if use_flash_kernel(q):
         from kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

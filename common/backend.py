@@ -1,20 +1,27 @@
 """Run-time choice of the compute backend for attention and the fused norm ops.
 
-`sdpa` is plain PyTorch (torch SDPA for attention), `triton` the kernels in `kernels/`, `reference`
-the explicit fp32 math the kernels are tested against. The choice comes from, in order: an active
-`use_backend(...)` scope (models open one around their forward with their own `backend`
-attribute), the `ZFLUX_BACKEND` environment variable, then `sdpa`. The Triton kernels run on CUDA
-tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests); anywhere
-else `triton` falls back to the PyTorch path.
+- `auto` (the default): the fastest measured mix on a CUDA GPU, the Triton norm/RoPE/modulation
+  kernels with torch SDPA (cuDNN) attention; plain PyTorch elsewhere.
+- `sdpa`: plain PyTorch throughout (torch SDPA for attention).
+- `triton`: every op in `kernels/`, the flash-attention kernel included.
+- `reference`: the explicit fp32 math the kernels are tested against.
+
+The choice comes from, in order: an active `use_backend(...)` scope (models open one around their
+forward with their own `backend` attribute), the `ZFLUX_BACKEND` environment variable, then `auto`.
+The Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1, the CPU tests, with `triton` named explicitly); anywhere else the PyTorch path
+runs.
 """
 
 import os
 from contextlib import contextmanager
+from importlib.util import find_spec
 from typing import Iterator
 
 from torch import Tensor
 
-BACKENDS = ("sdpa", "triton", "reference")
+BACKENDS = ("auto", "sdpa", "triton", "reference")
+HAS_TRITON = find_spec("triton") is not None
 # A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
 # them), but not ContextVar.get.
 _scoped: str | None = None
@@ -28,8 +35,8 @@ def check_backend(name: str) -> str:
 
 
 def current_backend() -> str:
-    """The backend in force here: scope, then $ZFLUX_BACKEND, then 'sdpa'."""
-    return check_backend(_scoped or os.environ.get("ZFLUX_BACKEND") or "sdpa")
+    """The backend in force here: scope, then $ZFLUX_BACKEND, then 'auto'."""
+    return check_backend(_scoped or os.environ.get("ZFLUX_BACKEND") or "auto")
 
 
 @contextmanager
@@ -45,5 +52,13 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def use_kernels(x: Tensor) -> bool:
-    """Whether an op on `x` runs the Triton kernel: backend `triton` and a device Triton can run it on."""
-    return current_backend() == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether a norm/RoPE/modulation op on `x` runs its Triton kernel under the current backend."""
+    backend = current_backend()
+    if backend == "auto":
+        return x.is_cuda and HAS_TRITON
+    return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def use_flash_kernel(x: Tensor) -> bool:
+    """Whether attention on `x` runs the Triton flash-attention kernel (only when `triton` is chosen)."""
+    return current_backend() == "triton" and use_kernels(x)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
-    gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or sdpa)")
+    gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     gen.set_defaults(run=generate)
 
     info = commands.add_parser("info", help="say what a checkpoint file, folder or snapshot holds (reads headers only)")

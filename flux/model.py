@@ -217,7 +217,7 @@ class Flux(nn.Module):
     def __init__(self, cfg: FluxConfig, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend  # None: $ZFLUX_BACKEND or sdpa (common.backend)
+        self.backend = backend  # None: $ZFLUX_BACKEND or auto (common.backend)
         dim, heads = cfg.hidden_size, cfg.num_attention_heads
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)

@@ -44,12 +44,23 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[fl
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def random_init_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
-    """Random weights (norm scales around 1) without a CPU round trip."""
+def random_model(factory: Callable[[], torch.nn.Module], std: float = 0.02) -> torch.nn.Module:
+    """Build on meta, allocate straight into bf16 on the GPU, fill with random weights (norm scales ~1)."""
+    with torch.device("meta"):
+        model = factory().to(DTYPE)
+    model.to_empty(device=DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if p.ndim == 1 and "norm" in name else 0.0, std)
     return model.eval().requires_grad_(False)
+
+
+def ours_from(factory: Callable[[], torch.nn.Module], state_dict: dict) -> torch.nn.Module:
+    """Our model on meta, taking the converted reference weights as its parameters."""
+    with torch.device("meta"):
+        model = factory()
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
 
 
 def compile_blocks(blocks: torch.nn.ModuleList) -> None:
@@ -65,10 +76,8 @@ def zimage_case(args: argparse.Namespace) -> Case:
     from zimg.model import PRESETS, ZImageTransformer
 
     cfg = PRESETS["z-image-turbo"]
-    with torch.device(DEVICE):
-        ref = random_init_(ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens)).to(DTYPE))
-        ours = ZImageTransformer(cfg, backend=args.backend).to(DTYPE)
-    ours.load_state_dict(from_diffusers(ref.state_dict()))
+    ref = random_model(lambda: ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens)))
+    ours = ours_from(lambda: ZImageTransformer(cfg, backend=args.backend), from_diffusers(ref.state_dict()))
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.noise_refiner, ours.context_refiner, ours.layers):
@@ -80,13 +89,53 @@ def zimage_case(args: argparse.Namespace) -> Case:
                 lambda: ref([x[0, :, None]], t, [cap[0]], return_dict=False)[0][0], lambda: ours(x, t, cap))
 
 
-CASES = {"zimage": zimage_case}
+def flux_case(args: argparse.Namespace) -> Case:
+    from diffusers import FluxTransformer2DModel
+
+    from flux.convert import from_diffusers
+    from flux.model import PRESETS, Flux
+    from flux.sampling import img_ids, txt_ids
+
+    cfg = PRESETS["flux-dev"]
+    ref = random_model(lambda: FluxTransformer2DModel(guidance_embeds=True))
+    ours = ours_from(lambda: Flux(cfg, backend=args.backend), from_diffusers(ref.state_dict()))
+    if args.compile:
+        ref.compile_repeated_blocks(fullgraph=True)
+        for blocks in (ours.double_blocks, ours.single_blocks):
+            compile_blocks(blocks)
+    img = torch.randn(1, 4096, 64, device=DEVICE, dtype=DTYPE)
+    txt = torch.randn(1, 512, 4096, device=DEVICE, dtype=DTYPE)
+    y = torch.randn(1, 768, device=DEVICE, dtype=DTYPE)
+    t, guidance = torch.tensor([0.5], device=DEVICE), torch.tensor([3.5], device=DEVICE)
+    i_ids, t_ids = img_ids(1, 64, 64, DEVICE), txt_ids(1, 512, DEVICE)
+    return Case("FLUX.1-dev transformer (4096 img + 512 text tokens)",
+                lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
+                lambda: ours(img, i_ids, txt, t_ids, t, y, guidance))
+
+
+def vae_case(args: argparse.Namespace) -> Case:
+    from diffusers import AutoencoderKL
+
+    from common.vae import PRESETS, Autoencoder, from_diffusers
+
+    cfg = PRESETS["flux"]
+    n = len(cfg.block_out_channels)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    ref = random_model(lambda: AutoencoderKL(**kwargs, down_block_types=["DownEncoderBlock2D"] * n,
+                                             up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv=False,
+                                             use_post_quant_conv=False))
+    ours = ours_from(lambda: Autoencoder(cfg), from_diffusers(ref.state_dict()))
+    z = torch.randn(1, cfg.latent_channels, 128, 128, device=DEVICE, dtype=DTYPE)
+    return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
+
+
+CASES = {"zimage": zimage_case, "flux": flux_case, "vae": vae_case}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--backend", choices=("sdpa", "triton"), default="sdpa", help="zflux backend")
+    parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

@@ -153,7 +153,7 @@ class ZImageTransformer(nn.Module):
     def __init__(self, cfg: ZImageConfig, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend  # None: $ZFLUX_BACKEND or sdpa (common.backend)
+        self.backend = backend  # None: $ZFLUX_BACKEND or auto (common.backend)
         p = cfg.patch_size
         self.t_embedder = nn.Module()
         self.t_embedder.mlp = nn.Sequential(nn.Linear(256, 1024), nn.SiLU(), nn.Linear(1024, cfg.adaln_dim))
