@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="default: z-image-turbo 8, z-image 50, flux-schnell 4, flux-dev 28")
     gen.add_argument("--guidance", type=float, help="Z-Image: CFG scale (turbo 0, base 4); flux-dev: embedded guidance (3.5)")
     gen.add_argument("--true-cfg", type=float, default=1.0, help="FLUX.1: real CFG scale against the negative prompt (> 1 turns it on)")
-    gen.add_argument("--cfg-normalization", type=float, help="Z-Image: cap the guided prediction's norm at this multiple of the conditional one's")
+    gen.add_argument("--cfg-normalization", type=float,
+                     help="Z-Image: cap the guided prediction's norm at this multiple of the conditional one's")
     gen.add_argument("--cfg-truncation", type=float, help="Z-Image: no CFG once the model time 1 - sigma exceeds this")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--init-image", help="image file to start from (image-to-image)")

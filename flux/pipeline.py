@@ -28,7 +28,8 @@ from tqdm import tqdm
 from common.identify import check_family
 from common.pipeline import (as_image, check_latents, check_request, decode_latents, default_device, encode_image, open_snapshot,
                              read_scheduler, text_encoder_on)
-from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time, img2img_latent, initial_noise
+from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time, img2img_latent,
+                             initial_noise)
 from common.text import FluxPromptEncoder
 from common.vae import Autoencoder, load_autoencoder
 from common.weights import CheckpointError
@@ -138,13 +139,14 @@ class FluxPipeline:
 
     def _denoise(self, tokens: Tensor, shape: tuple[int, ...], sigmas: Tensor, start: int, features: Tensor, pooled: Tensor,
                  guidance: Tensor | None, true_cfg: float, progress: bool) -> Tensor:
-        """The Euler loop over packed tokens (1, S, 64) from sigmas[start] to 0; no host syncs inside."""
+        """The Euler loop over packed tokens (1, S, 64) from sigmas[start] to 0; it adds no host sync."""
         n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
         times = flux_time(sigmas, tokens.dtype).to(self.device)  # (steps + 1,)
         image_ids = img_ids(n, shape[2] // 2, shape[3] // 2, self.device)  # (n, S, 3)
         text_ids = txt_ids(n, L, self.device)  # (n, L, 3)
         for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
-            out = self.transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, times[i].expand(n), pooled, guidance)  # (n, S, 64)
+            t = times[i].expand(n)  # (n,)
+            out = self.transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, t, pooled, guidance)  # (n, S, 64)
             velocity = cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
             tokens = euler_step(tokens, velocity, sigmas[i], sigmas[i + 1])
         return tokens

@@ -150,7 +150,8 @@ def test_info_snapshot(snapshots, capsys):
 
 def test_info_file(bfl_folder, tmp_path, capsys):
     state_dict = read_state_dict(bfl_folder / "flux1-dev.safetensors")
-    save_state_dict({k: v.to(torch.bfloat16) if k.startswith("single") else v for k, v in state_dict.items()}, tmp_path / "mixed.safetensors")
+    mixed = {k: v.to(torch.bfloat16) if k.startswith("single") else v for k, v in state_dict.items()}
+    save_state_dict(mixed, tmp_path / "mixed.safetensors")
     run("info", tmp_path / "mixed.safetensors")
     out = capsys.readouterr().out
     bf16 = sum(v.numel() for k, v in state_dict.items() if k.startswith("single")) / sum(v.numel() for v in state_dict.values())

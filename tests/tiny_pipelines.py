@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, ZImagePipeline,
+                       ZImageTransformer2DModel)
 from transformers import CLIPTextConfig, CLIPTextModel, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from test_text import clip_tokenizer, qwen_tokenizer, t5_tokenizer

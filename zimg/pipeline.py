@@ -139,7 +139,9 @@ class ZImagePipeline:
         prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
         with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
             features, mask = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, D), (n, L)
-        captions = {1: compact_captions(features[:1], mask[:1]), 2: compact_captions(features, mask)}  # by batch size
+        captions = {1: compact_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
+        if use_cfg:
+            captions[2] = compact_captions(features, mask)
 
         shape = (1, self.transformer.cfg.in_channels, height // down, width // down)
         sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
@@ -158,7 +160,7 @@ class ZImagePipeline:
 
     def _denoise(self, latents: Tensor, sigmas: Tensor, start: int, captions: dict, cfg_steps: list[bool], guidance: float,
                  cfg_normalization: float | None, progress: bool) -> Tensor:
-        """The Euler loop from sigmas[start] to 0; everything it needs is on the device already (no host syncs)."""
+        """The Euler loop from sigmas[start] to 0; schedule, times and CFG choices are settled before it, so it adds no host sync."""
         times = zimage_time(sigmas).to(self.device)  # (steps + 1,) model time 1 - sigma
         dtype = self.transformer.dtype
         for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
