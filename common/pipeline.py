@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from common.images import fit_image, load_image, to_pil, to_tensor
-from common.sampling import SchedulerConfig
+from common.sampling import SchedulerConfig, img2img_latent, initial_noise
 from common.vae import Autoencoder
 from common.weights import CheckpointError
 
@@ -102,6 +102,24 @@ def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, 
     pixels = to_tensor(fit_image(image, width, height)).to(device)  # (1, 3, H, W)
     raw = vae.encode(pixels).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+
+
+def start_latents(vae: Autoencoder, shape: tuple[int, ...], sigmas: Tensor, seed: int, device: torch.device,
+                  dtype: torch.dtype, latents: Tensor | None, init_image: Image.Image | None,
+                  strength: float) -> tuple[Tensor, int]:
+    """The latents (1, C, h, w) the Euler loop starts from, and its first step index.
+
+    Given `latents` start at step 0; an init image is encoded and noised to the step `strength`
+    leaves; otherwise seeded noise starts at step 0.
+    """
+    if latents is not None:
+        check_latents(latents, shape, init_image)
+        return latents.to(device, dtype), 0
+    if init_image is not None:
+        down = vae.cfg.downscale
+        image_latents = encode_image(vae, init_image, shape[2] * down, shape[3] * down, device).to(dtype)  # (1, C, h, w)
+        return img2img_latent(image_latents, sigmas, strength, seed)
+    return initial_noise(shape, seed, device, dtype), 0
 
 
 def decode_latents(vae: Autoencoder, latents: Tensor) -> list[Image.Image]:

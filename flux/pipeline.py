@@ -26,10 +26,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from common.identify import check_family
-from common.pipeline import (as_image, check_latents, check_request, decode_latents, default_device, encode_image, open_snapshot,
-                             read_scheduler, text_encoder_on)
-from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time, img2img_latent,
-                             initial_noise)
+from common.pipeline import (as_image, check_request, decode_latents, default_device, open_snapshot, read_scheduler,
+                             start_latents, text_encoder_on)
+from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
 from common.text import FluxPromptEncoder
 from common.vae import Autoencoder, load_autoencoder
 from common.weights import CheckpointError
@@ -122,15 +121,7 @@ class FluxPipeline:
         dtype = self.transformer.dtype
         shape = (1, self.transformer.cfg.in_channels // 4, height // down, width // down)
         sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
-        start = 0
-        if latents is not None:
-            check_latents(latents, shape, init_image)
-            latents = latents.to(self.device, dtype)
-        elif init_image is not None:
-            image_latents = encode_image(self.vae, init_image, height, width, self.device).to(dtype)  # (1, C, h, w)
-            latents, start = img2img_latent(image_latents, sigmas, strength, seed)
-        else:
-            latents = initial_noise(shape, seed, self.device, dtype)  # (1, C, h, w)
+        latents, start = start_latents(self.vae, shape, sigmas, seed, self.device, dtype, latents, init_image, strength)
 
         guidance_vec = embedded_guidance(guidance, len(prompts), self.device) if self.transformer.cfg.guidance_embeds else None
         tokens = self._denoise(pack_latents(latents), shape, sigmas, start, features, pooled, guidance_vec, true_cfg, progress)

@@ -4,25 +4,13 @@
     python scripts/convert_zimage.py z_image_turbo.safetensors diffusion_pytorch_model.safetensors --to diffusers
 
 IN is a .safetensors file, a sharded index, or a folder (a diffusers `transformer/` folder);
-OUT is one .safetensors file. Tensors keep their dtype.
+OUT is one .safetensors file. Tensors keep their dtype. The same as `zflux convert`, which
+also detects the family from the keys.
 """
 
-import argparse
+import sys
 
-from common.weights import read_state_dict, save_state_dict
-from zimg.convert import from_diffusers, to_diffusers
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="checkpoint file, index or folder (either layout)")
-    parser.add_argument("dst", help="output .safetensors file")
-    parser.add_argument("--to", choices=("original", "diffusers"), default="original", help="layout to write")
-    args = parser.parse_args()
-    state_dict = read_state_dict(args.src)
-    save_state_dict(to_diffusers(state_dict) if args.to == "diffusers" else from_diffusers(state_dict), args.dst)
-    print(f"wrote {len(state_dict)} tensors in the {args.to} layout to {args.dst}")
-
+from common.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["convert", *sys.argv[1:]])

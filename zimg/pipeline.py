@@ -25,10 +25,9 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from common.identify import check_family
-from common.pipeline import (as_image, check_latents, check_request, decode_latents, default_device, encode_image, open_snapshot,
-                             read_scheduler, text_encoder_on)
-from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, img2img_latent, initial_noise,
-                             zimage_time)
+from common.pipeline import (as_image, check_request, decode_latents, default_device, open_snapshot, read_scheduler,
+                             start_latents, text_encoder_on)
+from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
 from common.text import Qwen3PromptEncoder
 from common.vae import Autoencoder, load_autoencoder
 from common.weights import CheckpointError
@@ -145,14 +144,7 @@ class ZImagePipeline:
 
         shape = (1, self.transformer.cfg.in_channels, height // down, width // down)
         sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
-        start = 0
-        if latents is not None:
-            check_latents(latents, shape, init_image)
-            latents = latents.to(self.device, torch.float32)
-        elif init_image is not None:
-            latents, start = img2img_latent(encode_image(self.vae, init_image, height, width, self.device), sigmas, strength, seed)
-        else:
-            latents = initial_noise(shape, seed, self.device)  # (1, C, h, w) fp32
+        latents, start = start_latents(self.vae, shape, sigmas, seed, self.device, torch.float32, latents, init_image, strength)
         cfg_steps = [use_cfg and cfg_active(s, cfg_truncation) for s in sigmas[:-1]]
 
         latents = self._denoise(latents, sigmas, start, captions, cfg_steps, guidance, cfg_normalization, progress)
