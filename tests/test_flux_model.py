@@ -216,21 +216,6 @@ def _load_error(tmp_path, sd, cfg=SMALL) -> str:
     return str(e.value)
 
 
-def test_missing_key_is_named(tmp_path, small_sd):
-    del small_sd["single_blocks.1.linear2.bias"]
-    assert "missing keys (1): single_blocks.1.linear2.bias" in _load_error(tmp_path, small_sd)
-
-
-def test_unexpected_key_is_named(tmp_path, small_sd):
-    small_sd["single_blocks.7.bogus.weight"] = torch.zeros(3)
-    assert "unexpected keys (1): single_blocks.7.bogus.weight" in _load_error(tmp_path, small_sd)
-
-
-def test_misshaped_key_is_named(tmp_path, small_sd):
-    small_sd["img_in.weight"] = torch.zeros(128, 64)
-    assert "img_in.weight: checkpoint (128, 64), model (128, 16)" in _load_error(tmp_path, small_sd)
-
-
 def test_dev_checkpoint_with_schnell_config_is_named(tmp_path, small_sd):
     schnell = FluxConfig(**{**SMALL.__dict__, "guidance_embeds": False})
     assert "unexpected keys (4): guidance_in.in_layer.bias" in _load_error(tmp_path, small_sd, schnell)
@@ -246,16 +231,6 @@ def test_config_cannot_be_read_off_foreign_file(tmp_path):
     save_file({"something.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="cannot infer the FLUX config: the checkpoint has no img_in.weight"):
         load_transformer(tmp_path / "other.safetensors")
-
-
-def test_truncated_and_missing_files_are_named(tmp_path, small_sd):
-    path = tmp_path / "cut.safetensors"
-    save_file(small_sd, path)
-    path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match="cannot read .*cut.safetensors"):
-        load_transformer(path, cfg=SMALL)
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
-        load_transformer(tmp_path / "nope.safetensors", cfg=SMALL)
 
 
 def test_convert_script_round_trip(tmp_path, small_sd):

@@ -158,35 +158,7 @@ def test_bfl_file_without_config_is_the_flux_preset(tmp_path):
         load_autoencoder(tmp_path / "ae.safetensors")
 
 
-def _load_error(tmp_path, sd) -> str:
-    save_file(sd, tmp_path / "bad.safetensors")
-    with pytest.raises(CheckpointError) as e:
-        load_autoencoder(tmp_path / "bad.safetensors", dtype=torch.float32, cfg=FOUR_LEVELS)
-    return str(e.value)
-
-
-def test_missing_key_is_named(tmp_path, tiny_sd):
-    del tiny_sd["decoder.up.1.block.0.nin_shortcut.weight"]
-    assert "missing keys (1): decoder.up.1.block.0.nin_shortcut.weight" in _load_error(tmp_path, tiny_sd)
-
-
-def test_unexpected_key_is_named(tmp_path, tiny_sd):
-    tiny_sd["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)  # an SD-style VAE's extra layer
-    assert "unexpected keys (1): quant_conv.weight" in _load_error(tmp_path, tiny_sd)
-
-
-def test_misshaped_key_is_named(tmp_path, tiny_sd):
-    tiny_sd["encoder.conv_out.weight"] = torch.zeros(8, 32, 3, 3)  # a 4-channel latent
-    assert "encoder.conv_out.weight: checkpoint (8, 32, 3, 3), model (32, 32, 3, 3)" in _load_error(tmp_path, tiny_sd)
-
-
-def test_truncated_file_and_foreign_config_are_named(tmp_path, tiny_sd):
-    save_file(tiny_sd, tmp_path / "cut.safetensors")
-    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "cut.safetensors").read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match="cannot read .*cut.safetensors"):
-        load_autoencoder(tmp_path / "cut.safetensors", cfg=FOUR_LEVELS)
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
-        load_autoencoder(tmp_path / "nope.safetensors")
+def test_foreign_config_is_named(tmp_path, tiny_sd):
     folder = tmp_path / "transformer"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "num_layers": 19}))
