@@ -27,7 +27,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
     """
-    if use_flash_kernel(q):
+    if use_flash_kernel(q, masked=key_lens is not None):
         from kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

@@ -1,7 +1,8 @@
 """Run-time choice of the compute backend for attention and the fused norm ops.
 
 - `auto` (the default): the fastest measured mix on a CUDA GPU, the Triton norm/RoPE/modulation
-  kernels with torch SDPA (cuDNN) attention; plain PyTorch elsewhere.
+  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded;
+  plain PyTorch elsewhere.
 - `sdpa`: plain PyTorch throughout (torch SDPA for attention).
 - `triton`: every op in `kernels/`, the flash-attention kernel included.
 - `reference`: the explicit fp32 math the kernels are tested against.
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from typing import Iterator
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
@@ -59,6 +61,18 @@ def use_kernels(x: Tensor) -> bool:
     return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def use_flash_kernel(x: Tensor) -> bool:
-    """Whether attention on `x` runs the Triton flash-attention kernel (only when `triton` is chosen)."""
-    return current_backend() == "triton" and use_kernels(x)
+def use_flash_kernel(q: Tensor, masked: bool) -> bool:
+    """Whether attention on `q` runs the Triton flash-attention kernel.
+
+    Always under `triton`. Under `auto` only for key-padded bf16/fp16 batches (Z-Image's CFG rows with
+    captions of different lengths), where it beats SDPA, whose fast kernels take no mask (H100: 484
+    vs 413 TFLOP/s, bench/RESULTS.md); unmasked attention stays on cuDNN, which is faster there.
+    """
+    backend = current_backend()
+    if backend == "auto":
+        if not (masked and q.is_cuda and HAS_TRITON and q.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        from kernels.attention import HEAD_DIMS
+
+        return q.shape[-1] in HEAD_DIMS
+    return backend == "triton" and use_kernels(q)

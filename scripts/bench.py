@@ -69,7 +69,7 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> None:
         block.compile(fullgraph=True)
 
 
-def zimage_case(args: argparse.Namespace) -> Case:
+def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) -> Case:
     from diffusers import ZImageTransformer2DModel
 
     from zimg.convert import from_diffusers
@@ -82,11 +82,16 @@ def zimage_case(args: argparse.Namespace) -> Case:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.noise_refiner, ours.context_refiner, ours.layers):
             compile_blocks(blocks)
-    x = torch.randn(1, 16, 128, 128, device=DEVICE, dtype=DTYPE)
-    cap = torch.randn(1, 128, cfg.cap_feat_dim, device=DEVICE, dtype=DTYPE)
-    t = torch.tensor([0.5], device=DEVICE)
-    return Case("Z-Image transformer (4096 img + 128 caption tokens)",
-                lambda: ref([x[0, :, None]], t, [cap[0]], return_dict=False)[0][0], lambda: ours(x, t, cap))
+    B, L = len(cap_lens), max(cap_lens)
+    x = torch.randn(B, 16, 128, 128, device=DEVICE, dtype=DTYPE)
+    cap = torch.randn(B, L, cfg.cap_feat_dim, device=DEVICE, dtype=DTYPE)
+    mask = torch.arange(L, device=DEVICE) < torch.tensor(cap_lens, device=DEVICE)[:, None]  # (B, L)
+    t = torch.full((B,), 0.5, device=DEVICE)
+    ref_caps = [c[:n] for c, n in zip(cap, cap_lens)]
+    what = "Z-Image transformer (4096 img + 128 caption tokens)" if B == 1 else \
+        f"Z-Image CFG batch {B} (captions {' and '.join(map(str, cap_lens))} tokens)"
+    return Case(what, lambda: ref(list(x[:, :, None]), t, ref_caps, return_dict=False)[0][0],
+                lambda: ours(x, t, cap, None if B == 1 else mask))
 
 
 def flux_case(args: argparse.Namespace) -> Case:
@@ -129,7 +134,7 @@ def vae_case(args: argparse.Namespace) -> Case:
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
 
-CASES = {"zimage": zimage_case, "flux": flux_case, "vae": vae_case}
+CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "flux": flux_case, "vae": vae_case}
 
 
 def main() -> None:
