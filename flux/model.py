@@ -173,8 +173,8 @@ class DoubleStreamBlock(nn.Module):
     def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[Tensor, ...], attn: SelfAttention, ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = x + gate1 * attn.proj(attn_out)
-        return x + gate2 * ffn(layer_norm_modulate(x, shift2, scale2, EPS))
+        x = torch.addcmul(x, gate1, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
+        return torch.addcmul(x, gate2, ffn(layer_norm_modulate(x, shift2, scale2, EPS)))
 
 
 class SingleStreamBlock(nn.Module):
@@ -195,7 +195,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
         out = torch.cat([attention(q, k, v), F.gelu(hidden, approximate="tanh")], dim=-1)  # (B, S, dim + mlp_hidden)
-        return x + gate * self.linear2(out)
+        return torch.addcmul(x, gate, self.linear2(out))
 
 
 class LastLayer(nn.Module):
