@@ -1,8 +1,9 @@
 """Flash-attention forward: non-causal softmax(q k^T / sqrt(D)) v without materialising the scores.
 
-One program owns BLOCK_M queries of one (batch, head) and streams the keys and values through in
-blocks of BLOCK_N, keeping a running row maximum m, a running denominator l and an unnormalised
-fp32 accumulator (the online softmax of FlashAttention-2):
+One program owns BLOCK_M queries of one (batch, head), as two sub-tiles of BLOCK_M / 2 rows, and
+streams the keys and values through in blocks of BLOCK_N, keeping for every query row a running
+maximum m, a running denominator l and an unnormalised fp32 accumulator (the online softmax of
+FlashAttention-2):
 
     s = q k_j^T * log2(e) / sqrt(D)        scores in base 2, so exp2 replaces exp
     m' = max(m, rowmax(s));  p = exp2(s - m');  a = exp2(m - m')
@@ -33,37 +34,51 @@ HEAD_DIMS = (64, 128)
 LOG2_E = 1.4426950408889634
 
 
-# Measured on the H100 (scripts/bench_kernels.py prints every config's time): one warpgroup on
-# 64 queries, with two or three programs per SM overlapping one's softmax with another's matrix
-# products, beats 128-query tiles over two warpgroups.
-CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (3, 4)]
-CONFIGS += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3)]
+# Measured on the H100, config by config (bench/RESULTS.md, 2026-11-22 attention variants):
+# two query sub-tiles per program beat one, and 128-row sub-tiles over two warpgroups (8 warps)
+# beat 64-row ones over one; 64-key blocks beat 128 (fewer live registers per score tile).
+CONFIGS = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 64}, num_warps=8, num_stages=s) for s in (3, 4)]
+CONFIGS += [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (2, 3)]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """One small config where timing the rest is pointless: the interpreter (CPU tests), fp32 (tests only)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
     if named_args["q_ptr"].dtype == torch.float32:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
     return configs
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_desc, v_desc, start, kv_len, qk_scale,
-            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold key/value block [start, start + BLOCK_N) into the running (acc, l, m)."""
-    k = k_desc.load([start, 0])  # (BLOCK_N, D)
-    s = tl.dot(q, k.T, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+def _fold(acc, l_i, m_i, s, v, start, kv_len, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+          DOT_PRECISION: tl.constexpr):
+    """Fold the scores s = q k_j^T of one key block and its values v_j into the running (acc, l, m)."""
     if MASKED:
         s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < kv_len, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (BLOCK_M,)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (ROWS,)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
-    v = v_desc.load([start, 0])  # (BLOCK_N, D)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i * alpha + tl.sum(p, axis=1), m_new
+
+
+@triton.jit
+def _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, start, kv_len, qk_scale,
+            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key/value block [start, start + BLOCK_N) into both query sub-tiles' running state.
+
+    Both score products are issued before either softmax: the tensor cores compute the second
+    while the warps exponentiate the first (Triton 3.6 does not warp-specialize on Hopper, so this
+    is how one program keeps the tensor cores busy during its softmax).
+    """
+    k = k_desc.load([start, 0])  # (BLOCK_N, D)
+    s0 = tl.dot(q0, k.T, input_precision=DOT_PRECISION)  # (ROWS, BLOCK_N)
+    s1 = tl.dot(q1, k.T, input_precision=DOT_PRECISION)
+    v = v_desc.load([start, 0])  # (BLOCK_N, D)
+    acc0, l0, m0 = _fold(acc0, l0, m0, s0, v, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION)
+    acc1, l1, m1 = _fold(acc1, l1, m1, s1, v, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION)
+    return acc0, l0, m0, acc1, l1, m1
 
 
 @triton.jit
@@ -79,26 +94,33 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, S, H, qk_s
                             q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
                             HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_M // 2  # two query sub-tiles of ROWS each
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = tl.program_id(0) * BLOCK_M
-    q = _head(q_ptr, b, h, q_sb, q_sh, q_ss, S, HEAD_DIM, BLOCK_M).load([start_m, 0])  # (BLOCK_M, D)
+    q_desc = _head(q_ptr, b, h, q_sb, q_sh, q_ss, S, HEAD_DIM, ROWS)
+    q0 = q_desc.load([start_m, 0])  # (ROWS, D)
+    q1 = q_desc.load([start_m + ROWS, 0])
     k_desc = _head(k_ptr, b, h, k_sb, k_sh, k_ss, S, HEAD_DIM, BLOCK_N)
     v_desc = _head(v_ptr, b, h, v_sb, v_sh, v_ss, S, HEAD_DIM, BLOCK_N)
     kv_len = S
     if HAS_KEY_LENS:
         kv_len = tl.minimum(tl.load(key_lens_ptr + b).to(tl.int32), S)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc0 = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    l0 = tl.zeros([ROWS], dtype=tl.float32)
+    m0 = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    acc1, l1, m1 = acc0, l0, m0
     full_blocks_end = kv_len // BLOCK_N * BLOCK_N
     for start in range(0, full_blocks_end, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_desc, v_desc, start, kv_len, qk_scale, False, BLOCK_N, DOT_PRECISION)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, start, kv_len,
+                                             qk_scale, False, BLOCK_N, DOT_PRECISION)
     if full_blocks_end < kv_len:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_desc, v_desc, full_blocks_end, kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION)
-    out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
-    _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, BLOCK_M).store([start_m, 0], out)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, full_blocks_end,
+                                             kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION)
+    o_desc = _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, ROWS)
+    o_desc.store([start_m, 0], (acc0 / l0[:, None]).to(o_ptr.dtype.element_ty))
+    o_desc.store([start_m + ROWS, 0], (acc1 / l1[:, None]).to(o_ptr.dtype.element_ty))
 
 
 def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
