@@ -171,35 +171,44 @@ class ZImageTransformer(nn.Module):
         return self.x_embedder.weight.dtype
 
     def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W) latents, t (B,) with 0 = pure noise, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) bool."""
-        cap_lens = self._check_inputs(x, t, cap_feats, cap_mask)
-        with use_backend(self.backend):
-            return self._forward(x, t, cap_feats, cap_mask, cap_lens)
+        """x (B, C, H, W) latents, t (B,) with 0 = pure noise, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) bool.
 
-    def _forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int]) -> Tensor:
-        B, _, H, W = x.shape
+        With a mask, its caption lengths are read on the host once (they set the padded shapes): one
+        host sync per call. Without one, the forward makes none.
+        """
+        cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask)
+        with use_backend(self.backend):
+            return self._forward(x, t, cap_feats, cap_mask, cap_lens, lens)
+
+    def _forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int],
+                 lens: Tensor) -> Tensor:
+        H, W = x.shape[2:]
         p, dtype = self.cfg.patch_size, self.dtype
         c = self.t_embedder.mlp(timestep_embedding(t * self.cfg.t_scale).to(dtype))  # (B, A)
 
         # Image tokens, padded with the learned pad token to a multiple of 32.
         img = rearrange(x.to(dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)
         n_img = img.shape[1]
-        img = self._pad(self.x_embedder(img), self.x_pad_token, [n_img] * B, round_up(n_img))  # (B, Ni, dim)
+        img = self._pad(self.x_embedder(img), self.x_pad_token, n_img, round_up(n_img))  # (B, Ni, dim)
 
         # Caption tokens: real ones first, each caption padded to a multiple of 32 with the pad token.
-        cap_pad_lens = [round_up(n) for n in cap_lens]
+        # Their lengths set shapes on the host (cap_lens) and masks and positions on the device (lens).
+        pad_lens = round_up(lens)  # (B,)
+        cap_pad_lens = [round_up(m) for m in cap_lens]
+        n_cap = max(cap_pad_lens)
         cap = cap_feats.to(dtype)
         if cap_mask is not None:  # move each caption's real tokens to the front, keeping their order
             order = torch.argsort((~cap_mask).to(torch.int8), dim=1, stable=True)  # (B, L)
             cap = torch.gather(cap, 1, order[..., None].expand_as(cap))
-        cap = F.pad(cap, (0, 0, 0, max(0, max(cap_pad_lens) - cap.shape[1])))[:, : max(cap_pad_lens)]
-        cap = self._pad(self.cap_embedder(cap), self.cap_pad_token, cap_lens, max(cap_pad_lens))  # (B, Lc, dim)
+        cap = F.pad(cap, (0, 0, 0, max(0, n_cap - cap.shape[1])))[:, :n_cap]  # (B, Lc, cap_feat_dim)
+        cap = self._pad(self.cap_embedder(cap), self.cap_pad_token, lens[:, None], n_cap)  # (B, Lc, dim)
 
-        cos, sin = self._rope(cap_pad_lens, img.shape[1], cap.shape[1], H // p, W // p, x.device)  # (B, Ni+Lc, D/2)
+        cos, sin = self._rope(pad_lens, img.shape[1], n_cap, H // p, W // p)  # (B, Ni+Lc, D/2)
         n = img.shape[1]
         img_rope, cap_rope = (cos[:, :n], sin[:, :n]), (cos[:, n:], sin[:, n:])
-        cap_key_lens = self._key_lens(cap_pad_lens, cap.shape[1], x.device)
-        seq_key_lens = self._key_lens([n + m for m in cap_pad_lens], n + cap.shape[1], x.device)
+        padded = min(cap_pad_lens) < n_cap  # some caption is shorter than the longest: attention masks its pad keys
+        cap_key_lens = pad_lens if padded else None  # (B,)
+        seq_key_lens = n + pad_lens if padded else None  # (B,)
 
         for block in self.noise_refiner:
             img = block(img, img_rope, None, c)
@@ -213,25 +222,19 @@ class ZImageTransformer(nn.Module):
         return rearrange(out, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=H // p, ph=p, pw=p).to(x.dtype)
 
     @staticmethod
-    def _pad(tokens: Tensor, pad_token: Tensor, lens: list[int], total: int) -> Tensor:
-        """Extend (B, S, dim) to `total` tokens; positions >= lens[b] become `pad_token`."""
+    def _pad(tokens: Tensor, pad_token: Tensor, lens: Tensor | int, total: int) -> Tensor:
+        """Extend (B, S, dim) to `total` tokens; positions >= lens (B, 1), or one int for all, become `pad_token`."""
         tokens = F.pad(tokens, (0, 0, 0, total - tokens.shape[1]))  # (B, total, dim)
-        is_pad = torch.arange(total, device=tokens.device) >= torch.tensor(lens, device=tokens.device)[:, None]  # (B, total)
+        is_pad = torch.arange(total, device=tokens.device) >= lens  # (B, total) or (total,)
         return torch.where(is_pad[..., None], pad_token.to(tokens.dtype), tokens)
 
-    @staticmethod
-    def _key_lens(lens: list[int], total: int, device: torch.device) -> Tensor | None:
-        """Per-sample valid lengths for attention, or None when no sample is shorter than `total`."""
-        return None if all(n == total for n in lens) else torch.tensor(lens, device=device)
-
-    def _rope(self, cap_pad_lens: list[int], n_img: int, n_cap: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rope(self, lpad: Tensor, n_img: int, n_cap: int, h: int, w: int) -> tuple[Tensor, Tensor]:
         """RoPE tables for the unified sequence [image (n_img); caption (n_cap)] of every sample.
 
         Caption token j sits at (1 + j, 0, 0), pads included; image token (r, c) at
-        (Lpad + 1, r, c) with Lpad the sample's padded caption length; image pads at (0, 0, 0).
+        (Lpad + 1, r, c) with Lpad (lpad, (B,)) the sample's padded caption length; image pads at (0, 0, 0).
         """
-        B = len(cap_pad_lens)
-        lpad = torch.tensor(cap_pad_lens, device=device)  # (B,)
+        B, device = lpad.shape[0], lpad.device
         rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         img_ids = torch.zeros(B, n_img, 3, dtype=torch.long, device=device)
         img_ids[:, : h * w, 0] = lpad[:, None] + 1
@@ -241,8 +244,12 @@ class ZImageTransformer(nn.Module):
         cap_ids[..., 0] = torch.arange(1, n_cap + 1, device=device)
         return rope_tables(torch.cat([img_ids, cap_ids], dim=1), self.cfg.axes_dims, self.cfg.rope_theta, fp32_angles=True)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None) -> list[int]:
-        """Validate shapes at the boundary; return each caption's number of real tokens."""
+    def _check_inputs(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None) -> tuple[list[int], Tensor]:
+        """Validate shapes at the boundary; return each caption's number of real tokens, on the host and as (B,) on x's device.
+
+        The device copy is computed there (from cap_mask, or filled in), never copied from the host,
+        which would wait for the device's queue like a read does.
+        """
         cfg, p = self.cfg, self.cfg.patch_size
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be latents (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -254,11 +261,13 @@ class ZImageTransformer(nn.Module):
         if cap_feats.ndim != 3 or cap_feats.shape[0] != B or cap_feats.shape[2] != cfg.cap_feat_dim:
             raise ValueError(f"cap_feats must be ({B}, L, {cfg.cap_feat_dim}), got {tuple(cap_feats.shape)}")
         if cap_mask is None:
+            lens = torch.full((B,), cap_feats.shape[1], device=x.device)  # (B,)
             cap_lens = [cap_feats.shape[1]] * B
         else:
             if cap_mask.dtype != torch.bool or cap_mask.shape != cap_feats.shape[:2]:
                 raise ValueError(f"cap_mask must be bool {tuple(cap_feats.shape[:2])}, got {cap_mask.dtype} {tuple(cap_mask.shape)}")
-            cap_lens = cap_mask.sum(dim=1).tolist()
+            lens = cap_mask.sum(dim=1)  # (B,)
+            cap_lens = lens.tolist()  # the forward's one host sync: the lengths set the padded shapes
         if min(cap_lens) == 0:
             raise ValueError("every caption needs at least one token")
         limits = {"caption + image (axis 0)": (round_up(max(cap_lens)) + 1, cfg.axes_lens[0]),
@@ -267,7 +276,7 @@ class ZImageTransformer(nn.Module):
         for what, (pos, limit) in limits.items():
             if pos >= limit:
                 raise ValueError(f"RoPE position {pos} for the {what} is out of range: axes_lens allows < {limit}")
-        return cap_lens
+        return cap_lens, lens
 
 
 def param_count(cfg: ZImageConfig) -> int:

@@ -152,7 +152,11 @@ class ZImagePipeline:
 
     def _denoise(self, latents: Tensor, sigmas: Tensor, start: int, captions: dict, cfg_steps: list[bool], guidance: float,
                  cfg_normalization: float | None, progress: bool) -> Tensor:
-        """The Euler loop from sigmas[start] to 0; schedule, times and CFG choices are settled before it, so it adds no host sync."""
+        """The Euler loop from sigmas[start] to 0.
+
+        Schedule, times and CFG choices are settled before it, so the loop itself adds no host sync; the
+        transformer makes one per step only when given a caption mask (CFG rows of unequal length).
+        """
         times = zimage_time(sigmas).to(self.device)  # (steps + 1,) model time 1 - sigma
         dtype = self.transformer.dtype
         for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
