@@ -28,7 +28,7 @@ from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F
 from util import rel_err
 from zimg.convert import COMFY_PREFIX
 from zimg.convert import from_diffusers as zimage_from_diffusers
-from zimg.pipeline import ZImagePipeline
+from zimg.pipeline import ZImagePipeline, trim_captions
 
 TOL = 1e-4  # see the module docstring
 H = W = 64  # pixels: an (8, 8) latent, 16 image tokens
@@ -180,6 +180,17 @@ def test_cfg_rows_share_one_call(snapshots):
     flux.generate(PROMPT, height=H, width=W, steps=3, output_type="latent", progress=False)
     flux.generate(PROMPT, height=H, width=W, steps=2, true_cfg=3.0, output_type="latent", progress=False)
     assert batches == [1, 1, 1, 2, 2]  # dev's guidance is an input: one row per step unless true CFG
+
+
+def test_trim_captions():
+    """Positions no caption uses go; the mask goes too once every caption fills the rest (no per-step host sync)."""
+    features = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    trimmed, mask = trim_captions(features, right)
+    assert torch.equal(trimmed, features[:, :3]) and torch.equal(mask, right[:, :3])
+    left = torch.tensor([[0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    trimmed, mask = trim_captions(features[:1], left)
+    assert torch.equal(trimmed, features[:1, 3:]) and mask is None
 
 
 @pytest.mark.parametrize("pipeline, variant", [(ZImagePipeline, "z-image-turbo"), (FluxPipeline, "flux-schnell")])

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from common.identify import check_family
@@ -44,17 +43,16 @@ def variant_of(scheduler: SchedulerConfig) -> str | None:
     return next((v for v in VARIANTS if SCHEDULERS[v] == scheduler), None)
 
 
-def compact_captions(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Each caption's real tokens, front-aligned and cut to the longest; a mask only when their lengths differ.
+def trim_captions(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Drop the token positions that no caption uses, and the mask once every position left is real.
 
-    Done once per prompt, so that the transformer gets no mask (and makes no host sync) on every step
-    when all captions have the same length, e.g. one prompt without CFG.
+    The transformer itself moves each caption's real tokens to the front. This runs once per prompt so
+    that when all captions have the same length (one prompt without CFG, say) the transformer gets no
+    mask, and so makes no host sync on every step.
     """
-    lens = mask.sum(dim=1).tolist()
-    real = pad_sequence([f[m] for f, m in zip(features, mask)], batch_first=True)  # (B, max(lens), D)
-    if len(set(lens)) == 1:
-        return real, None
-    return real, torch.arange(real.shape[1], device=real.device) < torch.tensor(lens, device=real.device)[:, None]  # (B, L)
+    used = mask.any(dim=0).nonzero()[:, 0]  # (L',) positions holding a real token of some caption
+    features, mask = features[:, used], mask[:, used]  # (B, L', D), (B, L')
+    return features, None if mask.all() else mask
 
 
 class ZImagePipeline:
@@ -138,9 +136,9 @@ class ZImagePipeline:
         prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
         with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
             features, mask = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, D), (n, L)
-        captions = {1: compact_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
+        captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
         if use_cfg:
-            captions[2] = compact_captions(features, mask)
+            captions[2] = trim_captions(features, mask)
 
         shape = (1, self.transformer.cfg.in_channels, height // down, width // down)
         sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
