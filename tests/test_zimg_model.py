@@ -65,6 +65,17 @@ def test_mask_need_not_be_a_prefix():
     assert torch.equal(ours(x, t, torch.roll(cap, -4, dims=1), right), ours(x, t, cap[:, 4:], None))
 
 
+@torch.no_grad()
+def test_time_is_scaled_in_fp32():
+    """A bf16 t embeds as its exact value times 1000 (diffusers would round 0.400390625 * 1000 to 400 in bf16)."""
+    _, ours = make_pair(TINY)
+    g = torch.Generator().manual_seed(3)
+    x, cap = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    t = torch.tensor([0.4], dtype=torch.bfloat16)
+    assert torch.equal(ours(x, t, cap), ours(x, t.float(), cap))
+    assert not torch.equal(ours(x, t, cap), ours(x, (t * 1000).float() / 1000, cap))
+
+
 def test_round_trip_is_exact():
     ref, ours = make_pair(TINY)
     sd = ours.state_dict()

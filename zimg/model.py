@@ -184,7 +184,9 @@ class ZImageTransformer(nn.Module):
                  lens: Tensor) -> Tensor:
         H, W = x.shape[2:]
         p, dtype = self.cfg.patch_size, self.dtype
-        c = self.t_embedder.mlp(timestep_embedding(t * self.cfg.t_scale).to(dtype))  # (B, A)
+        # t * t_scale in fp32 whatever t's dtype (as flux/model.py): the same as diffusers for the fp32 t that
+        # both pipelines pass; for a bf16 t diffusers would also round the product to bf16 (400.39 -> 400).
+        c = self.t_embedder.mlp(timestep_embedding(t.float() * self.cfg.t_scale).to(dtype))  # (B, A)
 
         # Image tokens, padded with the learned pad token to a multiple of 32.
         img = rearrange(x.to(dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)
