@@ -1,5 +1,6 @@
-"""What the Z-Image and FLUX.1 pipelines share: finding components on disk, checking a request, text-encoder
-offload, and the path between PIL images and the transformer's (scaled) latents.
+"""What the Z-Image and FLUX.1 pipelines share: finding components on disk, the start of every generate() call
+(checking the request, encoding the prompts with text-encoder offload, the schedule and the starting latents),
+and the path between PIL images and the transformer's (scaled) latents.
 
 Both families decode with the same 16-channel autoencoder. The transformer works on scaled latents,
 `(z - shift_factor) * scaling_factor` of the autoencoder's raw latent z, so that they have roughly
@@ -9,14 +10,14 @@ unit variance like the noise they start from.
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from common.images import fit_image, load_image, to_pil, to_tensor
-from common.sampling import SchedulerConfig, img2img_latent, initial_noise
+from common.sampling import SamplingDefaults, SchedulerConfig, img2img_latent, initial_noise
 from common.vae import Autoencoder
 from common.weights import CheckpointError
 
@@ -120,6 +121,43 @@ def start_latents(vae: Autoencoder, shape: tuple[int, ...], sigmas: Tensor, seed
         image_latents = encode_image(vae, init_image, shape[2] * down, shape[3] * down, device).to(dtype)  # (1, C, h, w)
         return img2img_latent(image_latents, sigmas, strength, seed)
     return initial_noise(shape, seed, device, dtype), 0
+
+
+class Start(NamedTuple):
+    """What the Euler loop of a generate() call starts from."""
+
+    text: tuple[Tensor, Tensor]  # the prompt encoder's outputs for [prompt], or [prompt, negative prompt] with CFG
+    sigmas: Tensor  # (steps + 1,)
+    latents: Tensor  # (1, C, h, w): the given latents, seeded noise, or the noised init image
+    step: int  # index in sigmas of the first step
+
+
+def begin(pipe, settings: SamplingDefaults, prompt: str, negative_prompt: str | None, use_cfg: bool, height: int | None,
+          width: int | None, seed: int, latents: Tensor | None, init_image: Image.Image | str | Path | None, strength: float,
+          output_type: str, dtype: torch.dtype) -> Start:
+    """The part of generate() both pipelines share: check the request, then set up the loop (latents in `dtype`).
+
+    `pipe` is a ZImagePipeline or FluxPipeline: its vae, scheduler, text_encoder (offloaded to the CPU
+    between prompts if offload_text_encoder) and device are used. The size defaults to the init
+    image's, rounded down to a multiple of 16, else to DEFAULT_SIZE.
+    """
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    init_image = None if init_image is None else as_image(init_image)
+    down = pipe.vae.cfg.downscale
+    height, width = check_request(prompt, height, width, 2 * down, init_image)
+    shape = (1, pipe.vae.cfg.latent_channels, height // down, width // down)
+    sigmas = pipe.scheduler.schedule(settings.steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
+    latents, step = start_latents(pipe.vae, shape, sigmas, seed, pipe.device, dtype, latents, init_image, strength)
+    prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
+    with text_encoder_on(pipe.text_encoder, pipe.device, pipe.offload_text_encoder):
+        text = pipe.text_encoder(prompts, settings.max_sequence_length)
+    return Start(text, sigmas, latents, step)
+
+
+def finish(vae: Autoencoder, latents: Tensor, output_type: str) -> Image.Image | Tensor:
+    """What generate() returns: the final latents (output_type "latent") or the decoded image ("pil")."""
+    return latents if output_type == "latent" else decode_latents(vae, latents)[0]
 
 
 def decode_latents(vae: Autoencoder, latents: Tensor) -> list[Image.Image]:

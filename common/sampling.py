@@ -20,7 +20,7 @@ functions matches diffusers to floating-point precision.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -89,6 +89,10 @@ class SamplingDefaults:
     max_sequence_length: int  # text tokens
     cfg_normalization: float | None = None  # Z-Image CFG renormalisation (None = off)
     cfg_truncation: float = 1.0  # Z-Image: CFG off once the model time 1 - sigma exceeds this
+
+    def given(self, **settings) -> "SamplingDefaults":
+        """These defaults with every setting in `settings` that is not None in its place."""
+        return replace(self, **{k: v for k, v in settings.items() if v is not None})
 
 
 # Turbo and schnell are distilled: few steps and no CFG. Older diffusers (sigma_min = 0) ran Turbo with

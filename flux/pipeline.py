@@ -26,8 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from common.identify import check_family
-from common.pipeline import (as_image, check_request, decode_latents, default_device, open_snapshot, read_scheduler,
-                             start_latents, text_encoder_on)
+from common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
 from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
 from common.text import FluxPromptEncoder
 from common.vae import Autoencoder, load_autoencoder
@@ -100,40 +99,26 @@ class FluxPipeline:
         down to a multiple of 16. `latents` (unpacked) replaces the seeded initial noise;
         `init_image` + `strength` runs image-to-image.
         """
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         if guidance is not None and not self.transformer.cfg.guidance_embeds:
             raise ValueError("FLUX.1 schnell has no guidance input: leave guidance unset")
-        defaults = DEFAULTS[self.variant]
-        steps = defaults.steps if steps is None else steps
-        guidance = defaults.guidance if guidance is None else guidance
-        init_image = None if init_image is None else as_image(init_image)
-        down = self.vae.cfg.downscale
-        height, width = check_request(prompt, height, width, 2 * down, init_image)
+        settings = DEFAULTS[self.variant].given(steps=steps, guidance=guidance)
         use_cfg = true_cfg > 1
         if negative_prompt is not None and not use_cfg:
             raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
+        (features, pooled), sigmas, latents, start = begin(self, settings, prompt, negative_prompt, use_cfg, height, width, seed,
+                                                           latents, init_image, strength, output_type, self.transformer.dtype)
 
-        prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
-        with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
-            features, pooled = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, 4096), (n, 768)
+        n, h, w = features.shape[0], latents.shape[2], latents.shape[3]  # n = 2 with true CFG
+        guidance_vec = embedded_guidance(settings.guidance, n, self.device) if self.transformer.cfg.guidance_embeds else None
+        tokens = self._denoise(pack_latents(latents), (h, w), sigmas, start, features, pooled, guidance_vec, true_cfg, progress)
+        return finish(self.vae, unpack_latents(tokens, h, w), output_type)  # (1, C, h, w) latents or the image
 
-        dtype = self.transformer.dtype
-        shape = (1, self.transformer.cfg.in_channels // 4, height // down, width // down)
-        sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
-        latents, start = start_latents(self.vae, shape, sigmas, seed, self.device, dtype, latents, init_image, strength)
-
-        guidance_vec = embedded_guidance(guidance, len(prompts), self.device) if self.transformer.cfg.guidance_embeds else None
-        tokens = self._denoise(pack_latents(latents), shape, sigmas, start, features, pooled, guidance_vec, true_cfg, progress)
-        latents = unpack_latents(tokens, shape[2], shape[3])  # (1, C, h, w)
-        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
-
-    def _denoise(self, tokens: Tensor, shape: tuple[int, ...], sigmas: Tensor, start: int, features: Tensor, pooled: Tensor,
+    def _denoise(self, tokens: Tensor, size: tuple[int, int], sigmas: Tensor, start: int, features: Tensor, pooled: Tensor,
                  guidance: Tensor | None, true_cfg: float, progress: bool) -> Tensor:
-        """The Euler loop over packed tokens (1, S, 64) from sigmas[start] to 0; it adds no host sync."""
+        """The Euler loop over packed tokens (1, S, 64) of an h x w latent (`size`) from sigmas[start] to 0; it adds no host sync."""
         n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
         times = flux_time(sigmas, tokens.dtype).to(self.device)  # (steps + 1,)
-        image_ids = img_ids(n, shape[2] // 2, shape[3] // 2, self.device)  # (n, S, 3)
+        image_ids = img_ids(n, size[0] // 2, size[1] // 2, self.device)  # (n, S, 3)
         text_ids = txt_ids(n, L, self.device)  # (n, L, 3)
         for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
             t = times[i].expand(n)  # (n,)

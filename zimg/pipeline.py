@@ -24,8 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from common.identify import check_family
-from common.pipeline import (as_image, check_request, decode_latents, default_device, open_snapshot, read_scheduler,
-                             start_latents, text_encoder_on)
+from common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
 from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
 from common.text import Qwen3PromptEncoder
 from common.vae import Autoencoder, load_autoencoder
@@ -119,34 +118,20 @@ class ZImagePipeline:
         Size defaults to 1024x1024, or to the init image's size rounded down to a multiple of 16.
         `latents` replaces the seeded initial noise; `init_image` + `strength` runs image-to-image.
         """
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        defaults = DEFAULTS[self.variant]
-        steps = defaults.steps if steps is None else steps
-        guidance = defaults.guidance if guidance is None else guidance
-        cfg_normalization = defaults.cfg_normalization if cfg_normalization is None else cfg_normalization
-        cfg_truncation = defaults.cfg_truncation if cfg_truncation is None else cfg_truncation
-        init_image = None if init_image is None else as_image(init_image)
-        down = self.vae.cfg.downscale
-        height, width = check_request(prompt, height, width, 2 * down, init_image)
-        use_cfg = guidance > 0
+        settings = DEFAULTS[self.variant].given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
+                                                cfg_truncation=cfg_truncation)
+        use_cfg = settings.guidance > 0
         if negative_prompt is not None and not use_cfg:
             raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
-
-        prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
-        with text_encoder_on(self.text_encoder, self.device, self.offload_text_encoder):
-            features, mask = self.text_encoder(prompts, defaults.max_sequence_length)  # (n, L, D), (n, L)
+        (features, mask), sigmas, latents, start = begin(self, settings, prompt, negative_prompt, use_cfg, height, width, seed,
+                                                         latents, init_image, strength, output_type, torch.float32)
         captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
         if use_cfg:
             captions[2] = trim_captions(features, mask)
+        cfg_steps = [use_cfg and cfg_active(s, settings.cfg_truncation) for s in sigmas[:-1]]
 
-        shape = (1, self.transformer.cfg.in_channels, height // down, width // down)
-        sigmas = self.scheduler.schedule(steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
-        latents, start = start_latents(self.vae, shape, sigmas, seed, self.device, torch.float32, latents, init_image, strength)
-        cfg_steps = [use_cfg and cfg_active(s, cfg_truncation) for s in sigmas[:-1]]
-
-        latents = self._denoise(latents, sigmas, start, captions, cfg_steps, guidance, cfg_normalization, progress)
-        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+        latents = self._denoise(latents, sigmas, start, captions, cfg_steps, settings.guidance, settings.cfg_normalization, progress)
+        return finish(self.vae, latents, output_type)
 
     def _denoise(self, latents: Tensor, sigmas: Tensor, start: int, captions: dict, cfg_steps: list[bool], guidance: float,
                  cfg_normalization: float | None, progress: bool) -> Tensor:
