@@ -98,10 +98,18 @@ def text_encoder_on(encoder, device: torch.device, offload: bool) -> Iterator[No
             encoder.to("cpu")
 
 
-def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
-    """An init image, resized to height x width -> its scaled latent (1, C, height/8, width/8) fp32."""
+def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device,
+                 generator: torch.Generator) -> Tensor:
+    """An init image, resized to height x width -> a sample of its scaled latent (1, C, height/8, width/8) fp32.
+
+    The latent is drawn from the autoencoder's posterior, mean + std * noise, with the noise drawn in
+    the autoencoder's dtype from the CPU `generator`, as diffusers' img2img pipelines do
+    (retrieve_latents(vae.encode(image), generator), sample_mode "sample").
+    """
+    down = vae.cfg.downscale
     pixels = to_tensor(fit_image(image, width, height)).to(device)  # (1, 3, H, W)
-    raw = vae.encode(pixels).float()  # (1, C, H/8, W/8)
+    noise = initial_noise((1, vae.cfg.latent_channels, height // down, width // down), generator, device, vae.dtype)
+    raw = vae.encode(pixels, noise).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
@@ -110,16 +118,19 @@ def start_latents(vae: Autoencoder, shape: tuple[int, ...], sigmas: Tensor, seed
                   strength: float) -> tuple[Tensor, int]:
     """The latents (1, C, h, w) the Euler loop starts from, and its first step index.
 
-    Given `latents` start at step 0; an init image is encoded and noised to the step `strength`
-    leaves; otherwise seeded noise starts at step 0.
+    Given `latents` start at step 0; otherwise seeded noise starts at step 0, or, with an init image,
+    a sample of the image's latent noised to the step `strength` leaves. Image to image draws twice
+    from one CPU generator seeded `seed`: the posterior sample's noise, then the noise it is mixed
+    with; diffusers' Z-Image and FLUX.1 img2img pipelines draw the same two in the same order.
     """
     if latents is not None:
         check_latents(latents, shape, init_image)
         return latents.to(device, dtype), 0
     if init_image is not None:
         down = vae.cfg.downscale
-        image_latents = encode_image(vae, init_image, shape[2] * down, shape[3] * down, device).to(dtype)  # (1, C, h, w)
-        return img2img_latent(image_latents, sigmas, strength, seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        image_latents = encode_image(vae, init_image, shape[2] * down, shape[3] * down, device, generator).to(dtype)  # (1, C, h, w)
+        return img2img_latent(image_latents, sigmas, strength, generator)
     return initial_noise(shape, seed, device, dtype), 0
 
 

@@ -192,13 +192,14 @@ def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cp
     return torch.full((batch,), scale, dtype=torch.float32, device=device)  # (B,)
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
+def initial_noise(shape: tuple[int, ...], seed: int | torch.Generator, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise drawn on the CPU from `seed`, then moved: the same seed gives the same noise on any device.
 
     Equals diffusers' randn_tensor with generator=torch.Generator("cpu").manual_seed(seed) and this dtype.
+    Given a CPU generator instead of a seed, draws the next numbers of its stream (for several draws per seed).
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
@@ -219,8 +220,11 @@ def noise_latent(latent: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor
     return sigma * noise + (1.0 - sigma) * latent
 
 
-def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int) -> tuple[Tensor, int]:
-    """The starting latent for img2img and the index of its sigma: the init image's (scaled) latent noised to sigmas[start]."""
+def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | torch.Generator) -> tuple[Tensor, int]:
+    """The starting latent for img2img and the index of its sigma: the init image's (scaled) latent noised to sigmas[start].
+
+    The noise is drawn as initial_noise draws it, from `seed` or from the generator the posterior sample came from.
+    """
     start = img2img_start(sigmas, strength)
     noise = initial_noise(tuple(latent.shape), seed, latent.device, latent.dtype)  # (B, C, H, W)
     return noise_latent(latent, noise, sigmas[start]), start

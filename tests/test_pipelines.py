@@ -14,7 +14,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxImg2ImgPipeline as DiffusersFluxImg2Img
 from diffusers import FluxPipeline as DiffusersFlux
+from diffusers import ZImageImg2ImgPipeline as DiffusersZImageImg2Img
 from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 
@@ -206,6 +208,25 @@ def test_image_to_image(snapshots, pipeline, variant):
     assert txt2img.shape == img2img.shape and not torch.allclose(txt2img, img2img)
     with pytest.raises(ValueError, match="leaves no denoising step"):
         pipe.generate(PROMPT, init_image=init, strength=0.0, steps=4, progress=False)
+
+
+@pytest.mark.parametrize("variant, steps, strength", [("z-image-turbo", 4, 0.5), ("z-image-turbo", 3, 1.0), ("flux-schnell", 4, 0.75)])
+def test_image_to_image_matches_diffusers(snapshots, variant, steps, strength):
+    """The seed draws the posterior sample of the init image's latent, then the noise, as diffusers' img2img pipelines do."""
+    zimage = variant.startswith("z")
+    ours_cls, base_cls, ref_cls = ((ZImagePipeline, DiffusersZImage, DiffusersZImageImg2Img) if zimage
+                                   else (FluxPipeline, DiffusersFlux, DiffusersFluxImg2Img))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    got = ours_cls.from_pretrained(snapshots[variant], **FP32).generate(PROMPT, init_image=init, strength=strength, steps=steps, seed=3,
+                                                                        output_type="latent", progress=False)
+    ref = ref_cls(**base_cls.from_pretrained(snapshots[variant]).components)
+    ref.set_progress_bar_config(disable=True)
+    kwargs = dict(guidance_scale=0.0) if zimage else dict(max_sequence_length=256)
+    expected = ref(PROMPT, image=init, strength=strength, height=H, width=W, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(3), **kwargs).images
+    expected = expected if zimage else DiffusersFlux._unpack_latents(expected, H, W, ref.vae_scale_factor)
+    assert got.shape == expected.shape == (1, 16, H // 8, W // 8)
+    assert rel_err(got, expected) <= TOL
 
 
 def test_offloaded_text_encoder_returns_to_cpu(snapshots):
