@@ -19,9 +19,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from common.weights import CheckpointError, safetensors_files
+from common.weights import COMFY_PREFIX, CheckpointError, safetensors_files
 
-COMFY_PREFIX = "model.diffusion_model."
 FAMILY_NAMES = {
     "z-image": "Z-Image", "flux.1": "FLUX.1", "flux.2": "FLUX.2", "autoencoder": "an autoencoder",
     "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder", "unknown": "unrecognised",

@@ -15,6 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's prefix on every transformer key of an official-layout file
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or whose keys or shapes do not fit the model."""

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.weights import CheckpointError, build_on_meta, load_into, read_config, read_state_dict
+from common.weights import COMFY_PREFIX, CheckpointError, build_on_meta, load_into, read_config, read_state_dict
 from flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
 
-COMFY_PREFIX = "model.diffusion_model."
 FINAL_MOD = "final_layer.adaLN_modulation.1"
 
 # Module renames, ours -> diffusers, in three scopes; a tuple is a fused module split into those parts.

@@ -13,11 +13,10 @@ from PIL import Image
 from common.cli import main
 from common.identify import identify, read_header
 from common.vae import from_diffusers as vae_from_diffusers
-from common.weights import read_state_dict, save_state_dict
+from common.weights import COMFY_PREFIX, read_state_dict, save_state_dict
 from flux.convert import from_diffusers as flux_from_diffusers
 from flux.model import Flux, FluxConfig
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
-from zimg.convert import COMFY_PREFIX
 from zimg.convert import from_diffusers as zimage_from_diffusers
 
 CPU = ["--device", "cpu", "--dtype", "fp32"]

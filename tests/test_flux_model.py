@@ -16,7 +16,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from common.weights import CheckpointError
+from common.weights import COMFY_PREFIX, CheckpointError
 from flux.convert import config_from_state_dict, from_diffusers, load_transformer, to_diffusers
 from flux.model import PRESETS, Flux, FluxConfig, param_count
 from flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
@@ -115,7 +115,7 @@ def test_round_trip_is_exact():
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     d, expected = to_diffusers(sd), ref.state_dict()
     assert d.keys() == expected.keys() and all(torch.equal(d[k], expected[k]) for k in d)
-    comfy = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    comfy = {COMFY_PREFIX + k: v for k, v in sd.items()}
     assert from_diffusers(comfy).keys() == sd.keys()
     assert to_diffusers(comfy).keys() == expected.keys()
 
@@ -184,7 +184,7 @@ def equal_state(model: Flux, sd: dict) -> bool:
 
 def test_loads_bfl_comfy_and_diffusers_folder(tmp_path, small_sd):
     save_file(small_sd, tmp_path / "bfl.safetensors")
-    save_file({"model.diffusion_model." + k: v for k, v in small_sd.items()}, tmp_path / "comfy.safetensors")
+    save_file({COMFY_PREFIX + k: v for k, v in small_sd.items()}, tmp_path / "comfy.safetensors")
     folder = tmp_path / "transformer"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **diffusers_kwargs(SMALL)}))

@@ -23,12 +23,11 @@ from PIL import Image
 from common.pipeline import DEFAULT_SIZE
 from common.sampling import cfg_active, sigma_schedule
 from common.vae import from_diffusers as vae_from_diffusers
-from common.weights import CheckpointError, read_state_dict, save_state_dict
+from common.weights import COMFY_PREFIX, CheckpointError, read_state_dict, save_state_dict
 from flux.convert import from_diffusers as flux_from_diffusers
 from flux.pipeline import FluxPipeline
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
-from zimg.convert import COMFY_PREFIX
 from zimg.convert import from_diffusers as zimage_from_diffusers
 from zimg.pipeline import ZImagePipeline, trim_captions
 

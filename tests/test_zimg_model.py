@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
+from common.weights import COMFY_PREFIX
 from util import randomize_, rel_err
 from zimg.convert import from_diffusers, to_diffusers
 from zimg.model import ZImageConfig, ZImageTransformer
@@ -88,7 +89,7 @@ def test_round_trip_is_exact():
 def test_comfy_prefix_and_unused_norm_final():
     _, ours = make_pair(TINY)
     sd = ours.state_dict()
-    comfy = {"model.diffusion_model." + k: v for k, v in sd.items()} | {"model.diffusion_model.norm_final.weight": torch.ones(64)}
+    comfy = {COMFY_PREFIX + k: v for k, v in sd.items()} | {COMFY_PREFIX + "norm_final.weight": torch.ones(64)}
     assert from_diffusers(comfy).keys() == sd.keys()
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.weights import build_on_meta, load_into, read_config, read_state_dict
+from common.weights import COMFY_PREFIX, build_on_meta, load_into, read_config, read_state_dict
 from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
-COMFY_PREFIX = "model.diffusion_model."
 PATCH_KEY = "2-1"  # diffusers' key for spatial patch 2, frame patch 1
 RENAMES = [  # (official, diffusers) substrings
     ("x_embedder.", f"all_x_embedder.{PATCH_KEY}."),
