@@ -103,6 +103,11 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
+def param_count(factory: Callable[[], nn.Module]) -> int:
+    """Number of parameters of the model `factory` builds, counted on the meta device (nothing allocated)."""
+    return sum(p.numel() for p in build_on_meta(factory).parameters())
+
+
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> nn.Module:
     """Strictly load `state_dict` into `model` (typically on meta), taking its tensors as the parameters."""
     check_keys(model, state_dict, source)

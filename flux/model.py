@@ -285,9 +285,3 @@ class Flux(nn.Module):
             raise ValueError("this model has no guidance embedding (FLUX.1 schnell): pass guidance=None")
         if guidance is not None and guidance.shape != (B,):
             raise ValueError(f"guidance must have shape ({B},), got {tuple(guidance.shape)}")
-
-
-def param_count(cfg: FluxConfig) -> int:
-    """Number of parameters at `cfg`, counted on the meta device."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in Flux(cfg).parameters())

@@ -279,10 +279,3 @@ class ZImageTransformer(nn.Module):
             if pos >= limit:
                 raise ValueError(f"RoPE position {pos} for the {what} is out of range: axes_lens allows < {limit}")
         return cap_lens, lens
-
-
-def param_count(cfg: ZImageConfig) -> int:
-    """Number of parameters at `cfg`, counted on the meta device."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in ZImageTransformer(cfg).parameters())
-
