@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from common.weights import build_on_meta, load_into
+
 DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
@@ -46,21 +48,11 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[fl
 
 def random_model(factory: Callable[[], torch.nn.Module], std: float = 0.02) -> torch.nn.Module:
     """Build on meta, allocate straight into bf16 on the GPU, fill with random weights (norm scales ~1)."""
-    with torch.device("meta"):
-        model = factory().to(DTYPE)
-    model.to_empty(device=DEVICE)
+    model = build_on_meta(factory).to(DTYPE).to_empty(device=DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if p.ndim == 1 and "norm" in name else 0.0, std)
     return model.eval().requires_grad_(False)
-
-
-def ours_from(factory: Callable[[], torch.nn.Module], state_dict: dict) -> torch.nn.Module:
-    """Our model on meta, taking the converted reference weights as its parameters."""
-    with torch.device("meta"):
-        model = factory()
-    model.load_state_dict(state_dict, assign=True)
-    return model.eval()
 
 
 def compile_blocks(blocks: torch.nn.ModuleList) -> None:
@@ -77,7 +69,7 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) ->
 
     cfg = PRESETS["z-image-turbo"]
     ref = random_model(lambda: ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens)))
-    ours = ours_from(lambda: ZImageTransformer(cfg, backend=args.backend), from_diffusers(ref.state_dict()))
+    ours = load_into(build_on_meta(lambda: ZImageTransformer(cfg, backend=args.backend)), from_diffusers(ref.state_dict()))
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.noise_refiner, ours.context_refiner, ours.layers):
@@ -103,7 +95,7 @@ def flux_case(args: argparse.Namespace) -> Case:
 
     cfg = PRESETS["flux-dev"]
     ref = random_model(lambda: FluxTransformer2DModel(guidance_embeds=True))
-    ours = ours_from(lambda: Flux(cfg, backend=args.backend), from_diffusers(ref.state_dict()))
+    ours = load_into(build_on_meta(lambda: Flux(cfg, backend=args.backend)), from_diffusers(ref.state_dict()))
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.double_blocks, ours.single_blocks):
@@ -129,7 +121,7 @@ def vae_case(args: argparse.Namespace) -> Case:
     ref = random_model(lambda: AutoencoderKL(**kwargs, down_block_types=["DownEncoderBlock2D"] * n,
                                              up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv=False,
                                              use_post_quant_conv=False))
-    ours = ours_from(lambda: Autoencoder(cfg), from_diffusers(ref.state_dict()))
+    ours = load_into(build_on_meta(lambda: Autoencoder(cfg)), from_diffusers(ref.state_dict()))
     z = torch.randn(1, cfg.latent_channels, 128, 128, device=DEVICE, dtype=DTYPE)
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
