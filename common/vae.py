@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.weights import CheckpointError, build_on_meta, load_into, read_config, read_state_dict
+from common.weights import build_on_meta, load_into, read_config, read_state_dict
 
 EPS = 1e-6  # every GroupNorm
 
@@ -331,10 +331,6 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: AutoencoderConfig | None = None) -> Autoencoder:
     """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
-    config = read_config(path)
-    try:
-        cfg = cfg or (AutoencoderConfig.from_diffusers(config) if config else PRESETS["flux"])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    cfg = cfg or read_config(path, AutoencoderConfig.from_diffusers) or PRESETS["flux"]
     state_dict = from_diffusers(read_state_dict(path, device, dtype))
     return load_into(build_on_meta(lambda: Autoencoder(cfg)), state_dict, source=str(path))

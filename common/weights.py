@@ -8,13 +8,14 @@ straight into the device and dtype they will be used in.
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+T = TypeVar("T")
 COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's prefix on every transformer key of an official-layout file
 
 
@@ -66,11 +67,19 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu", dtype:
     return state_dict
 
 
-def read_config(path: str | Path) -> dict | None:
-    """The diffusers config.json inside (or beside) the checkpoint at `path`, if there is one."""
+def read_config(path: str | Path, parse: Callable[[dict], T]) -> T | None:
+    """The diffusers config.json inside (or beside) the checkpoint at `path`, read by `parse`; None if there is none.
+
+    A file that is not JSON, or a config that `parse` refuses with a ValueError, is a CheckpointError naming the file.
+    """
     path = Path(path)
     config = (path if path.is_dir() else path.parent) / "config.json"
-    return json.loads(config.read_text()) if config.exists() else None
+    if not config.exists():
+        return None
+    try:
+        return parse(json.loads(config.read_text()))
+    except ValueError as e:  # json.JSONDecodeError is one
+        raise CheckpointError(f"{config}: {e}") from e
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: str | Path) -> None:

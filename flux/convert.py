@@ -167,7 +167,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     Without `cfg`, the config comes from the folder's config.json, else from the checkpoint's keys
     (dev vs schnell from the guidance embedder, tools from the input channels).
     """
+    cfg = cfg or read_config(path, FluxConfig.from_diffusers)  # checked before the (large) read of the weights
     state_dict = from_diffusers(read_state_dict(path, device, dtype))
-    config = read_config(path)
-    cfg = cfg or (FluxConfig.from_diffusers(config) if config else config_from_state_dict(state_dict))
+    cfg = cfg or config_from_state_dict(state_dict)
     return load_into(build_on_meta(lambda: Flux(cfg)), state_dict, source=str(path))

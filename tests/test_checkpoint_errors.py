@@ -1,8 +1,11 @@
 """A bad checkpoint of any family gives a CheckpointError that names the problem.
 
 Each family's loader gets a file that lacks a key, has an extra one, has one of the wrong shape, or
-is cut short; the error must name the key (with both shapes) or the file.
+is cut short, or a config.json it refuses; the error must name the key (with both shapes) or the file.
 """
+
+import json
+import re
 
 import pytest
 import torch
@@ -29,6 +32,13 @@ FAMILIES = {  # name: (model factory, loader, a key to drop, a key to mis-shape)
              "single_blocks.1.linear2.bias", "img_in.weight"),
     "vae": (lambda: Autoencoder(VAE), lambda p: load_autoencoder(p, dtype=torch.float32, cfg=VAE),
             "decoder.up.1.block.0.nin_shortcut.weight", "encoder.conv_out.weight"),
+}
+
+
+BAD_CONFIGS = {  # name: (loader without a cfg, a config.json it refuses, the reason it gives)
+    "zimage": (load_zimage, {"siglip_feat_dim": 1152}, "Z-Image Omni config"),
+    "flux": (load_flux, {"patch_size": 2}, "patch_size must be 1"),
+    "vae": (load_autoencoder, {"_class_name": "FluxTransformer2DModel"}, "config is for FluxTransformer2DModel"),
 }
 
 
@@ -61,6 +71,19 @@ def test_misshaped_key_is_named(family, tmp_path):
     wrong = (shape[0] + 1, *shape[1:])
     message = load_error(family, tmp_path, lambda sd: sd.update({key: torch.zeros(wrong)}))
     assert f"{key}: checkpoint {wrong}, model {shape}" in message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_config_is_named_before_weights_are_read(family, tmp_path):
+    """A refused or unreadable config.json is a CheckpointError naming it, raised before the (here absent) weights are read."""
+    load, config, reason = BAD_CONFIGS[family]
+    named = re.escape(str(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"{named}: .*{reason}"):
+        load(tmp_path, dtype=torch.float32)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=f"{named}: Expecting"):
+        load(tmp_path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -68,7 +68,6 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: ZImageConfig | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer from an official single file, a diffusers `transformer/` folder, or shards."""
-    config = read_config(path)
-    cfg = cfg or (ZImageConfig.from_diffusers(config) if config else PRESETS["z-image-turbo"])
+    cfg = cfg or read_config(path, ZImageConfig.from_diffusers) or PRESETS["z-image-turbo"]
     state_dict = from_diffusers(read_state_dict(path, device, dtype))
     return load_into(build_on_meta(lambda: ZImageTransformer(cfg)), state_dict, source=str(path))
