@@ -5,7 +5,6 @@ precision; what differs is summation order (fused QKV / linear1 matmuls, where t
 applied, RoPE on pairs vs. on interleaved copies), which leaves errors around 1e-7.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from common.weights import COMFY_PREFIX, CheckpointError, param_count
 from flux.convert import config_from_state_dict, from_diffusers, load_transformer, to_diffusers
 from flux.model import PRESETS, Flux, FluxConfig
 from flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
-from util import randomize_, rel_err
+from util import randomize_, rel_err, shapes, write_sharded_folder
 
 DEV = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
@@ -148,10 +147,6 @@ def test_our_layout_through_diffusers_single_file_converter():
     assert rel_err(ours.eval()(**inputs), run_diffusers(ref.eval(), inputs)) <= 1e-5
 
 
-def shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
 @pytest.mark.parametrize("name", ["flux-dev", "flux-schnell", "flux-fill", "flux-canny"])
 def test_full_size_layout_matches_diffusers(name):
     """At the real size (meta device): diffusers' converter and ours give diffusers' keys and shapes."""
@@ -185,16 +180,8 @@ def equal_state(model: Flux, sd: dict) -> bool:
 def test_loads_bfl_comfy_and_diffusers_folder(tmp_path, small_sd):
     save_file(small_sd, tmp_path / "bfl.safetensors")
     save_file({COMFY_PREFIX + k: v for k, v in small_sd.items()}, tmp_path / "comfy.safetensors")
-    folder = tmp_path / "transformer"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **diffusers_kwargs(SMALL)}))
-    d = to_diffusers(small_sd)
-    keys = sorted(d)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
-    for name, part in halves.items():
-        save_file({k: d[k] for k in part}, folder / name)
-    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    config = {"_class_name": "FluxTransformer2DModel", **diffusers_kwargs(SMALL)}
+    folder = write_sharded_folder(tmp_path / "transformer", to_diffusers(small_sd), config)
 
     for path in (tmp_path / "bfl.safetensors", tmp_path / "comfy.safetensors", folder):
         model = load_transformer(path, dtype=torch.float32)

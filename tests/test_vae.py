@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
 from common.weights import CheckpointError
-from util import randomize_, rel_err
+from util import randomize_, rel_err, shapes
 
 TWO_LEVELS = AutoencoderConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 FOUR_LEVELS = AutoencoderConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)  # FLUX's shape, narrow
@@ -49,10 +49,6 @@ def ours_from(ref: AutoencoderKL, cfg: AutoencoderConfig) -> Autoencoder:
         ours = Autoencoder(cfg)
     ours.load_state_dict(from_diffusers(ref.state_dict()), strict=True, assign=True)
     return ours.eval()
-
-
-def shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("cfg, B, H, W", [(TWO_LEVELS, 2, 24, 40), (FOUR_LEVELS, 2, 48, 32), (FOUR_LEVELS, 1, 64, 64)])

@@ -12,16 +12,12 @@ from diffusers.loaders.single_file_utils import convert_z_image_transformer_chec
 from safetensors.torch import load_file, save_file
 
 from common.weights import CheckpointError, param_count
-from util import randomize_
+from util import randomize_, shapes, write_sharded_folder
 from zimg.convert import load_transformer, to_diffusers
 from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 TINY = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                     axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
-
-
-def shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def test_full_turbo_layout_matches_diffusers_single_file_converter():
@@ -46,16 +42,7 @@ def tiny_sd():
 def test_loads_official_file_diffusers_folder_and_shards(tmp_path, tiny_sd):
     config = {"_class_name": "ZImageTransformer2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items()}}
     save_file(tiny_sd, tmp_path / "official.safetensors")
-    folder = tmp_path / "transformer"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    d = to_diffusers(tiny_sd)
-    keys = sorted(d)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
-    for name, part in halves.items():
-        save_file({k: d[k] for k in part}, folder / name)
-    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    folder = write_sharded_folder(tmp_path / "transformer", to_diffusers(tiny_sd), config)
 
     a = load_transformer(tmp_path / "official.safetensors", dtype=torch.float32, cfg=TINY)
     b = load_transformer(folder, dtype=torch.float32)

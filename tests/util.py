@@ -1,11 +1,33 @@
 """Helpers shared by the tests."""
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in fp64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def shapes(state_dict: dict) -> dict:
+    """Each tensor's shape, by key."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def write_sharded_folder(folder: Path, state_dict: dict, config: dict) -> Path:
+    """A diffusers model folder: config.json and `state_dict` split over two shards named in an index file."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    keys = sorted(state_dict)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in halves.items():
+        save_file({k: state_dict[k] for k in part}, folder / name)
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
