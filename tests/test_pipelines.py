@@ -55,29 +55,17 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return DiffusersFlux._pack_latents(latents, B, C, h, w)
 
 
-ZIMAGE_CASES = [  # (variant, our generate kwargs, diffusers __call__ kwargs)
+def unpack(tokens: torch.Tensor) -> torch.Tensor:
+    """diffusers' FluxPipeline output for an H x W image -> (1, 16, H/8, W/8) latents."""
+    return DiffusersFlux._unpack_latents(tokens, H, W, 8)
+
+
+CASES = [  # (variant, our generate kwargs, diffusers __call__ kwargs)
     ("z-image-turbo", dict(steps=3), dict(num_inference_steps=3, guidance_scale=0.0)),
     ("z-image", dict(steps=4, guidance=4.0, negative_prompt="blurry"),
      dict(num_inference_steps=4, guidance_scale=4.0, negative_prompt="blurry")),
     ("z-image", dict(steps=4, guidance=3.0, cfg_normalization=0.8, cfg_truncation=0.1),  # renormalised, CFG off late
      dict(num_inference_steps=4, guidance_scale=3.0, cfg_normalization=0.8, cfg_truncation=0.1)),
-]
-
-
-@pytest.mark.parametrize("variant, ours_kwargs, ref_kwargs", ZIMAGE_CASES)
-def test_zimage_matches_diffusers(snapshots, variant, ours_kwargs, ref_kwargs):
-    ours = ZImagePipeline.from_pretrained(snapshots[variant], **FP32)
-    assert ours.variant == variant
-    got = ours.generate(PROMPT, height=H, width=W, latents=noise(), output_type="latent", progress=False, **ours_kwargs)
-
-    ref = DiffusersZImage.from_pretrained(snapshots[variant])
-    ref.set_progress_bar_config(disable=True)
-    expected = ref(PROMPT, height=H, width=W, latents=noise(), output_type="latent", **ref_kwargs).images
-    assert got.shape == expected.shape == (1, 16, H // 8, W // 8)
-    assert rel_err(got, expected) <= TOL
-
-
-FLUX_CASES = [  # (variant, our generate kwargs, diffusers __call__ kwargs)
     ("flux-schnell", dict(steps=2), dict(num_inference_steps=2, max_sequence_length=256)),
     ("flux-dev", dict(steps=3), dict(num_inference_steps=3, guidance_scale=3.5, max_sequence_length=512)),
     ("flux-dev", dict(steps=3, guidance=5.0, true_cfg=2.0, negative_prompt="blurry"),
@@ -85,16 +73,18 @@ FLUX_CASES = [  # (variant, our generate kwargs, diffusers __call__ kwargs)
 ]
 
 
-@pytest.mark.parametrize("variant, ours_kwargs, ref_kwargs", FLUX_CASES)
-def test_flux_matches_diffusers(snapshots, variant, ours_kwargs, ref_kwargs):
-    ours = FluxPipeline.from_pretrained(snapshots[variant], **FP32)
+@pytest.mark.parametrize("variant, ours_kwargs, ref_kwargs", CASES)
+def test_matches_diffusers(snapshots, variant, ours_kwargs, ref_kwargs):
+    zimage = variant.startswith("z")
+    ours_cls, ref_cls = (ZImagePipeline, DiffusersZImage) if zimage else (FluxPipeline, DiffusersFlux)
+    ours = ours_cls.from_pretrained(snapshots[variant], **FP32)
     assert ours.variant == variant
     got = ours.generate(PROMPT, height=H, width=W, latents=noise(), output_type="latent", progress=False, **ours_kwargs)
 
-    ref = DiffusersFlux.from_pretrained(snapshots[variant])
+    ref = ref_cls.from_pretrained(snapshots[variant])
     ref.set_progress_bar_config(disable=True)
-    expected = ref(PROMPT, height=H, width=W, latents=pack(noise()), output_type="latent", **ref_kwargs).images
-    expected = DiffusersFlux._unpack_latents(expected, H, W, ref.vae_scale_factor)
+    expected = ref(PROMPT, height=H, width=W, latents=noise() if zimage else pack(noise()), output_type="latent", **ref_kwargs).images
+    expected = expected if zimage else unpack(expected)
     assert got.shape == expected.shape == (1, 16, H // 8, W // 8)
     assert rel_err(got, expected) <= TOL
 
@@ -223,7 +213,7 @@ def test_image_to_image_matches_diffusers(snapshots, variant, steps, strength):
     kwargs = dict(guidance_scale=0.0) if zimage else dict(max_sequence_length=256)
     expected = ref(PROMPT, image=init, strength=strength, height=H, width=W, num_inference_steps=steps, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(3), **kwargs).images
-    expected = expected if zimage else DiffusersFlux._unpack_latents(expected, H, W, ref.vae_scale_factor)
+    expected = expected if zimage else unpack(expected)
     assert got.shape == expected.shape == (1, 16, H // 8, W // 8)
     assert rel_err(got, expected) <= TOL
 
@@ -321,7 +311,7 @@ def test_bf16_on_gpu(snapshots, variant):
         ref.set_progress_bar_config(disable=True)
         out = ref(PROMPT, height=H, width=W, num_inference_steps=4, guidance_scale=guidance, output_type="latent",
                   latents=(start if zimage else pack(start)).cuda()).images
-        return (out if zimage else DiffusersFlux._unpack_latents(out, H, W, ref.vae_scale_factor)).float()
+        return (out if zimage else unpack(out)).float()
 
     expected = reference(torch.float32)
     err_ref = rel_err(reference(torch.bfloat16), expected)
