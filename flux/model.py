@@ -160,14 +160,24 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         L = txt.shape[1]
-        cos, sin = rope  # (B, L+S, D/2) each, text positions first
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(layer_norm_modulate(img, *img_mod[:2], EPS), (cos[:, L:], sin[:, L:]))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(layer_norm_modulate(txt, *txt_mod[:2], EPS), (cos[:, :L], sin[:, :L]))
-        out = attention(torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2), torch.cat([txt_v, img_v], dim=2))  # (B, L+S, dim)
+        out = attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope))  # (B, L+S, dim)
         img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
         txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
+
+    def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple[Tensor, ...], txt_mod: tuple[Tensor, ...],
+                   rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, L+S, D) over [text; image].
+
+        A function of its own so that each stream's projections die on return: only the joined
+        tensors live through attention and none through the MLPs.
+        """
+        L = txt.shape[1]
+        cos, sin = rope  # (B, L+S, D/2) each, text positions first
+        txt_qkv = self.txt_attn.qkv_heads(layer_norm_modulate(txt, *txt_mod[:2], EPS), (cos[:, :L], sin[:, :L]))
+        img_qkv = self.img_attn.qkv_heads(layer_norm_modulate(img, *img_mod[:2], EPS), (cos[:, L:], sin[:, L:]))
+        return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
 
     @staticmethod
     def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[Tensor, ...], attn: SelfAttention, ffn: nn.Module) -> Tensor:
@@ -191,11 +201,16 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, hidden = self.linear1(layer_norm_modulate(x, shift, scale, EPS)).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
+        attn, mlp = self._attention_and_mlp(layer_norm_modulate(x, shift, scale, EPS), rope)
+        return torch.addcmul(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
+
+    def _attention_and_mlp(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Both branches from the one input projection, returned apart so that the projection
+        (B, S, 3 * dim + mlp_hidden) is freed before they are joined."""
+        qkv, hidden = self.linear1(x).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        out = torch.cat([attention(q, k, v), F.gelu(hidden, approximate="tanh")], dim=-1)  # (B, S, dim + mlp_hidden)
-        return torch.addcmul(x, gate, self.linear2(out))
+        return attention(q, k, v), F.gelu(hidden, approximate="tanh")  # (B, S, dim), (B, S, mlp_hidden)
 
 
 class LastLayer(nn.Module):
