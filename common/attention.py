@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from common.backend import current_backend, use_flash_kernel
+from zflux.common.backend import current_backend, use_flash_kernel
 
 
 def key_padding_mask(key_lens: Tensor, seq_len: int) -> Tensor:
@@ -28,7 +28,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
     """
     if use_flash_kernel(q, masked=key_lens is not None):
-        from kernels.attention import flash_attention
+        from zflux.kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)
     elif current_backend() == "reference":

@@ -72,7 +72,7 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
     if backend == "auto":
         if not (masked and q.is_cuda and HAS_TRITON and q.dtype in (torch.float16, torch.bfloat16)):
             return False
-        from kernels.attention import HEAD_DIMS
+        from zflux.kernels.attention import HEAD_DIMS
 
         return q.shape[-1] in HEAD_DIMS
     return backend == "triton" and use_kernels(q)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from common.weights import COMFY_PREFIX, CheckpointError, safetensors_files
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, safetensors_files
 
 FAMILY_NAMES = {
     "z-image": "Z-Image", "flux.1": "FLUX.1", "flux.2": "FLUX.2", "autoencoder": "an autoencoder",

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.backend import use_kernels
+from zflux.common.backend import use_kernels
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight over the last dim."""
     if use_kernels(x):
-        from kernels.rmsnorm import rms_norm as fused
+        from zflux.kernels.rmsnorm import rms_norm as fused
 
         return fused(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
@@ -28,7 +28,7 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
 def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
     """(1 + scale) * LayerNorm(x) + shift (adaLN); x (B, S, C), shift/scale (B, 1, C)."""
     if use_kernels(x):
-        from kernels.modulate import layer_norm_modulate as fused
+        from zflux.kernels.modulate import layer_norm_modulate as fused
 
         return fused(x, shift, scale, eps)
     out = layer_norm(x, eps) * (1 + scale)
@@ -38,7 +38,7 @@ def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: flo
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
     """RMSNorm(x) * (1 + scale): Z-Image's modulated pre-norm; scale (B, 1, C)."""
     if use_kernels(x):
-        from kernels.modulate import rms_norm_scale as fused
+        from zflux.kernels.modulate import rms_norm_scale as fused
 
         return fused(x, weight, scale, eps)
     return rms_norm(x, weight, eps) * (1 + scale)
@@ -47,7 +47,7 @@ def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tens
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
     """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C), already tanh'd."""
     if use_kernels(x):
-        from kernels.modulate import gated_rms_residual as fused
+        from zflux.kernels.modulate import gated_rms_residual as fused
 
         return fused(x, y, weight, gate, eps)
     return x + gate * rms_norm(y, weight, eps)

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from common.images import fit_image, load_image, to_pil, to_tensor
-from common.sampling import SamplingDefaults, SchedulerConfig, img2img_latent, initial_noise
-from common.vae import Autoencoder
-from common.weights import CheckpointError
+from zflux.common.images import fit_image, load_image, to_pil, to_tensor
+from zflux.common.sampling import SamplingDefaults, SchedulerConfig, img2img_latent, initial_noise
+from zflux.common.vae import Autoencoder
+from zflux.common.weights import CheckpointError
 
 DEFAULT_SIZE = 1024  # pixels, both sides, when neither a size nor an init image is given
 

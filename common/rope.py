@@ -9,8 +9,8 @@ shape (..., S, D/2), so no complex tensors are needed anywhere.
 import torch
 from torch import Tensor
 
-from common.backend import use_kernels
-from common.norms import rms_norm
+from zflux.common.backend import use_kernels
+from zflux.common.norms import rms_norm
 
 
 def rope_tables(ids: Tensor, axes_dims: tuple[int, ...], theta: float, fp32_angles: bool = False) -> tuple[Tensor, Tensor]:
@@ -41,7 +41,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE: the step both models share."""
     if use_kernels(q):
-        from kernels.rmsnorm import qk_norm_rope as fused
+        from zflux.kernels.rmsnorm import qk_norm_rope as fused
 
         return fused(q, k, q_weight, k_weight, eps, cos, sin)
     return apply_rope(rms_norm(q, q_weight, eps), cos, sin), apply_rope(rms_norm(k, k_weight, eps), cos, sin)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Model, T5EncoderModel
 
-from common.weights import CheckpointError
+from zflux.common.weights import CheckpointError
 
 
 def _folder(path: str | Path, what: str) -> Path:

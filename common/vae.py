@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.weights import build_on_meta, load_into, read_config, read_state_dict
+from zflux.common.weights import build_on_meta, load_into, read_config, read_state_dict
 
 EPS = 1e-6  # every GroupNorm
 

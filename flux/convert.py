@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.weights import COMFY_PREFIX, CheckpointError, build_on_meta, load_into, read_config, read_state_dict
-from flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, build_on_meta, load_into, read_config, read_state_dict
+from zflux.flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"
 

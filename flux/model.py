@@ -20,11 +20,11 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.attention import attention
-from common.backend import use_backend
-from common.embeddings import timestep_embedding
-from common.norms import layer_norm_modulate
-from common.rope import qk_norm_rope, rope_tables
+from zflux.common.attention import attention
+from zflux.common.backend import use_backend
+from zflux.common.embeddings import timestep_embedding
+from zflux.common.norms import layer_norm_modulate
+from zflux.common.rope import qk_norm_rope, rope_tables
 
 ROPE_THETA = 10000.0
 MLP_RATIO = 4.0

@@ -25,15 +25,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from common.identify import check_family
-from common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
-from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
-from common.text import FluxPromptEncoder
-from common.vae import Autoencoder, load_autoencoder
-from common.weights import CheckpointError
-from flux.convert import load_transformer
-from flux.model import Flux
-from flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
+from zflux.common.identify import check_family
+from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
+from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
+from zflux.common.text import FluxPromptEncoder
+from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.weights import CheckpointError
+from zflux.flux.convert import load_transformer
+from zflux.flux.model import Flux
+from zflux.flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
 
 VARIANTS = ("flux-dev", "flux-schnell")
 SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
@@ -70,7 +70,7 @@ class FluxPipeline:
                           offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None) -> "FluxPipeline":
         """Load from a transformer file (BFL `flux1-dev.safetensors`, ComfyUI or diffusers layout), a VAE file
         (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU)."""
-        info = check_family(transformer, "flux.1", " (for Z-Image use zimg.pipeline.ZImagePipeline)")
+        info = check_family(transformer, "flux.1", " (for Z-Image use zflux.zimg.pipeline.ZImagePipeline)")
         if info.variant not in VARIANTS:
             raise CheckpointError(f"{transformer} holds {info.description}; this pipeline runs FLUX.1 dev and schnell")
         if variant is not None and variant != info.variant:

@@ -26,7 +26,7 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
-from common.attention import reference_attention
+from zflux.common.attention import reference_attention
 
 reference = reference_attention  # the PyTorch definition the kernel is tested against
 

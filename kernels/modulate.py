@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from common import norms
-from common.backend import use_backend
-from kernels.rmsnorm import check_same_dtype, rms_normalize, round_to, row_blocks
+from zflux.common import norms
+from zflux.common.backend import use_backend
+from zflux.kernels.rmsnorm import check_same_dtype, rms_normalize, round_to, row_blocks
 
 
 @triton.jit

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from common import norms, rope
-from common.backend import use_backend
+from zflux.common import norms, rope
+from zflux.common.backend import use_backend
 
 
 @triton.jit

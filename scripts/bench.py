@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from common.weights import build_on_meta, load_into
+from zflux.common.weights import build_on_meta, load_into
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 
@@ -64,8 +64,8 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> None:
 def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) -> Case:
     from diffusers import ZImageTransformer2DModel
 
-    from zimg.convert import from_diffusers
-    from zimg.model import PRESETS, ZImageTransformer
+    from zflux.zimg.convert import from_diffusers
+    from zflux.zimg.model import PRESETS, ZImageTransformer
 
     cfg = PRESETS["z-image-turbo"]
     ref = random_model(lambda: ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens)))
@@ -89,9 +89,9 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) ->
 def flux_case(args: argparse.Namespace) -> Case:
     from diffusers import FluxTransformer2DModel
 
-    from flux.convert import from_diffusers
-    from flux.model import PRESETS, Flux
-    from flux.sampling import img_ids, txt_ids
+    from zflux.flux.convert import from_diffusers
+    from zflux.flux.model import PRESETS, Flux
+    from zflux.flux.sampling import img_ids, txt_ids
 
     cfg = PRESETS["flux-dev"]
     ref = random_model(lambda: FluxTransformer2DModel(guidance_embeds=True))
@@ -113,7 +113,7 @@ def flux_case(args: argparse.Namespace) -> Case:
 def vae_case(args: argparse.Namespace) -> Case:
     from diffusers import AutoencoderKL
 
-    from common.vae import PRESETS, Autoencoder, from_diffusers
+    from zflux.common.vae import PRESETS, Autoencoder, from_diffusers
 
     cfg = PRESETS["flux"]
     n = len(cfg.block_out_channels)

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import norms, rope
-from common.backend import use_backend
-from kernels import attention as attn_kernels
-from kernels import modulate, rmsnorm
+from zflux.common import norms, rope
+from zflux.common.backend import use_backend
+from zflux.kernels import attention as attn_kernels
+from zflux.kernels import modulate, rmsnorm
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 L2_BYTES = 50 * 2**20

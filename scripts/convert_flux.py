@@ -10,7 +10,7 @@ also detects the family from the keys.
 
 import sys
 
-from common.cli import main
+from zflux.cli import main
 
 if __name__ == "__main__":
     main(["convert", *sys.argv[1:]])

@@ -1,7 +1,16 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the repository root on sys.path, where the bare folder names (kernels/, flux/,
+# common/) would shadow the installed packages of those names: Hugging Face's `kernels` above all, which
+# transformers imports. zflux itself is installed as `zflux.*`, so the root is not needed: drop it
+# before anything imports those names.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.vae import AutoencoderConfig, Autoencoder, load_autoencoder
-from common.weights import CheckpointError
-from flux.convert import load_transformer as load_flux
-from flux.model import Flux, FluxConfig
+from zflux.common.vae import AutoencoderConfig, Autoencoder, load_autoencoder
+from zflux.common.weights import CheckpointError
+from zflux.flux.convert import load_transformer as load_flux
+from zflux.flux.model import Flux, FluxConfig
 from util import randomize_
-from zimg.convert import load_transformer as load_zimage
-from zimg.model import ZImageConfig, ZImageTransformer
+from zflux.zimg.convert import load_transformer as load_zimage
+from zflux.zimg.model import ZImageConfig, ZImageTransformer
 
 ZIMAGE = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                       axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from common.cli import main
-from common.identify import identify, read_header
-from common.vae import from_diffusers as vae_from_diffusers
-from common.weights import COMFY_PREFIX, read_state_dict, save_state_dict
-from flux.convert import from_diffusers as flux_from_diffusers
-from flux.model import Flux, FluxConfig
+from zflux.cli import main
+from zflux.common.identify import identify, read_header
+from zflux.common.vae import from_diffusers as vae_from_diffusers
+from zflux.common.weights import COMFY_PREFIX, read_state_dict, save_state_dict
+from zflux.flux.convert import from_diffusers as flux_from_diffusers
+from zflux.flux.model import Flux, FluxConfig
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
-from zimg.convert import from_diffusers as zimage_from_diffusers
+from zflux.zimg.convert import from_diffusers as zimage_from_diffusers
 
 CPU = ["--device", "cpu", "--dtype", "fp32"]
 
@@ -225,9 +225,9 @@ def test_convert_errors(snapshots, tmp_path, capsys):
 
 
 def test_console_script(snapshots):
-    """`zflux` is installed as common.cli:main and runs as a program."""
+    """`zflux` is installed as zflux.cli:main and runs as a program."""
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "zflux"]
-    assert script.value == "common.cli:main"
+    assert script.value == "zflux.cli:main"
     if shutil.which("zflux"):
         done = subprocess.run(["zflux", "info", str(snapshots["flux-dev"] / "transformer")], capture_output=True, text=True)
         assert done.returncode == 0 and "FLUX.1 dev" in done.stdout

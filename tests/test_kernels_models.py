@@ -14,11 +14,11 @@ from kernel_env import DEVICE, require_triton
 
 require_triton()  # before kernels/ is imported
 
-from common.backend import BACKENDS  # noqa: E402
-from flux.model import Flux, FluxConfig  # noqa: E402
-from flux.sampling import img_ids, pack_latents, txt_ids  # noqa: E402
+from zflux.common.backend import BACKENDS  # noqa: E402
+from zflux.flux.model import Flux, FluxConfig  # noqa: E402
+from zflux.flux.sampling import img_ids, pack_latents, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402
-from zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
+from zflux.zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
 
 ZIMAGE = ZImageConfig(dim=128, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                       axes_dims=(16, 24, 24), axes_lens=(256, 64, 64))

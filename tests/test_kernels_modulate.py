@@ -14,7 +14,7 @@ from kernel_env import DEVICE, DTYPES, require_triton
 
 require_triton()  # before kernels/ is imported
 
-from kernels import modulate  # noqa: E402
+from zflux.kernels import modulate  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}

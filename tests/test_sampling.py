@@ -23,7 +23,7 @@ from diffusers.pipelines.z_image import pipeline_z_image
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 
-from common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, embedded_guidance, euler_step,
+from zflux.common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, embedded_guidance, euler_step,
                              flux_mu, flux_time, img2img_latent, img2img_start, initial_noise, noise_latent, shift_sigmas, sigma_schedule,
                              time_shift, zimage_time)
 from util import rel_err

@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
-from common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
-from common.weights import CheckpointError
+from zflux.common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
+from zflux.common.weights import CheckpointError
 from util import randomize_, rel_err, shapes
 
 TWO_LEVELS = AutoencoderConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from common.vae import PRESETS, AutoencoderConfig
+from zflux.common.vae import PRESETS, AutoencoderConfig
 from test_vae import FOUR_LEVELS, diffusers_vae, ours_from
 from util import rel_err
 

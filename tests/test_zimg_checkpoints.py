@@ -11,10 +11,10 @@ from diffusers import ZImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from common.weights import CheckpointError, param_count
+from zflux.common.weights import CheckpointError, param_count
 from util import randomize_, shapes, write_sharded_folder
-from zimg.convert import load_transformer, to_diffusers
-from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
+from zflux.zimg.convert import load_transformer, to_diffusers
+from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 TINY = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                     axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))

@@ -10,8 +10,8 @@ import torch
 from diffusers import ZImageTransformer2DModel
 
 from util import bf16_vs_fp32, randomize_
-from zimg.convert import from_diffusers
-from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
+from zflux.zimg.convert import from_diffusers
+from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 TINY = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                     axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
-from common.weights import COMFY_PREFIX
+from zflux.common.weights import COMFY_PREFIX
 from util import randomize_, rel_err
-from zimg.convert import from_diffusers, to_diffusers
-from zimg.model import ZImageConfig, ZImageTransformer
+from zflux.zimg.convert import from_diffusers, to_diffusers
+from zflux.zimg.model import ZImageConfig, ZImageTransformer
 
 TINY = dict(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
             axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))

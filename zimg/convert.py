@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.weights import COMFY_PREFIX, build_on_meta, load_into, read_config, read_state_dict
-from zimg.model import PRESETS, ZImageConfig, ZImageTransformer
+from zflux.common.weights import COMFY_PREFIX, build_on_meta, load_into, read_config, read_state_dict
+from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 PATCH_KEY = "2-1"  # diffusers' key for spatial patch 2, frame patch 1
 RENAMES = [  # (official, diffusers) substrings

@@ -16,11 +16,11 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from common.attention import attention
-from common.backend import use_backend
-from common.embeddings import timestep_embedding
-from common.norms import RMSNorm, gated_rms_residual, layer_norm_modulate, rms_norm_scale
-from common.rope import qk_norm_rope, rope_tables
+from zflux.common.attention import attention
+from zflux.common.backend import use_backend
+from zflux.common.embeddings import timestep_embedding
+from zflux.common.norms import RMSNorm, gated_rms_residual, layer_norm_modulate, rms_norm_scale
+from zflux.common.rope import qk_norm_rope, rope_tables
 
 SEQ_MULTIPLE = 32  # every caption and every image is padded to a multiple of this many tokens
 ADALN_DIM = 256  # width of the timestep conditioning vector (capped at dim)

@@ -23,14 +23,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from common.identify import check_family
-from common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
-from common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
-from common.text import Qwen3PromptEncoder
-from common.vae import Autoencoder, load_autoencoder
-from common.weights import CheckpointError
-from zimg.convert import load_transformer
-from zimg.model import ZImageTransformer
+from zflux.common.identify import check_family
+from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
+from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
+from zflux.common.text import Qwen3PromptEncoder
+from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.weights import CheckpointError
+from zflux.zimg.convert import load_transformer
+from zflux.zimg.model import ZImageTransformer
 
 VARIANTS = ("z-image-turbo", "z-image")
 SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
@@ -92,7 +92,7 @@ class ZImagePipeline:
                           scheduler: SchedulerConfig | None = None) -> "ZImagePipeline":
         """Load from a transformer file (official, ComfyUI or diffusers layout), a VAE file (`ae.safetensors`) and
         Qwen3 model and tokenizer folders. Weights go to `device` (default: the GPU) in `dtype`."""
-        info = check_family(transformer, "z-image", " (for FLUX.1 use flux.pipeline.FluxPipeline)")
+        info = check_family(transformer, "z-image", " (for FLUX.1 use zflux.flux.pipeline.FluxPipeline)")
         if info.variant == "z-image-omni":
             raise CheckpointError(f"{transformer} holds {info.description}")
         check_family(vae, "autoencoder")

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from common import vae as vae_layouts
-from common.backend import BACKENDS
-from common.identify import identify
-from common.images import load_image, save_image
-from common.pipeline import check_request, read_scheduler
-from common.weights import CheckpointError, read_state_dict, save_state_dict
-from flux import convert as flux_layouts
-from flux.pipeline import FluxPipeline
-from zimg import convert as zimage_layouts
-from zimg.pipeline import ZImagePipeline, variant_of
+from zflux.common import vae as vae_layouts
+from zflux.common.backend import BACKENDS
+from zflux.common.identify import identify
+from zflux.common.images import load_image, save_image
+from zflux.common.pipeline import check_request, read_scheduler
+from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
+from zflux.flux import convert as flux_layouts
+from zflux.flux.pipeline import FluxPipeline
+from zflux.zimg import convert as zimage_layouts
+from zflux.zimg.pipeline import ZImagePipeline, variant_of
 
 MODELS = ("z-image-turbo", "z-image", "flux-schnell", "flux-dev")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -183,3 +183,7 @@ def convert(args: argparse.Namespace) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(converted, dst)
     print(f"{dst}: {len(converted)} tensors of {info.description}, {args.to} layout (read as {info.layout})")
+
+
+if __name__ == "__main__":  # python -m zflux.cli (torchrun launches it this way)
+    main()
