@@ -9,7 +9,6 @@ shape (..., S, D/2), so no complex tensors are needed anywhere.
 import torch
 from torch import Tensor
 
-from zflux.common.backend import use_kernels
 from zflux.common.norms import rms_norm
 
 
@@ -40,8 +39,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE: the step both models share."""
-    if use_kernels(q):
-        from zflux.kernels.rmsnorm import qk_norm_rope as fused
-
-        return fused(q, k, q_weight, k_weight, eps, cos, sin)
     return apply_rope(rms_norm(q, q_weight, eps), cos, sin), apply_rope(rms_norm(k, k_weight, eps), cos, sin)

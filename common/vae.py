@@ -24,7 +24,7 @@ in the order of the decoder's levels, and in the attention projections (Linear, 
 """
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +32,10 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.weights import build_on_meta, load_into, read_config, read_state_dict
+from zflux.common.weights import config_from_dict, load_model
 
 EPS = 1e-6  # every GroupNorm
+LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here (BFL's and diffusers' DiagonalGaussian)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,7 @@ class AutoencoderConfig:
         }
         if any(unsupported.values()):
             raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(k for k, on in unsupported.items() if on)}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+        return config_from_dict(cls, config)
 
 
 # FLUX.1 (dev, schnell, tools) and Z-Image ship this same autoencoder.
@@ -263,13 +263,17 @@ class Autoencoder(nn.Module):
         if noise.shape != mean.shape:
             raise ValueError(f"noise must have the latent's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
         # A posterior sample, which diffusers' FLUX and Z-Image img2img pipelines take (latent_dist.sample).
-        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean)  # (B, C, H/8, W/8)
+        return mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * noise.to(mean)  # (B, C, H/8, W/8)
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
         """(B, C, h, w) raw latent (already unscaled and unshifted) -> (B, 3, 8h, 8w) image, about [-1, 1]."""
         _check_shape(latent, self.cfg.latent_channels, 1, "latent")
         return self.decoder(latent.to(self.dtype))
+
+    def forward(self, image: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The reconstruction decode(encode(image, noise)) of a (B, 3, H, W) image."""
+        return self.decode(self.encode(image, noise))
 
 
 def _check_shape(x: Tensor, channels: int, multiple: int, name: str) -> None:
@@ -331,6 +335,5 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: AutoencoderConfig | None = None) -> Autoencoder:
     """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
-    cfg = cfg or read_config(path, AutoencoderConfig.from_diffusers) or PRESETS["flux"]
-    state_dict = from_diffusers(read_state_dict(path, device, dtype))
-    return load_into(build_on_meta(lambda: Autoencoder(cfg)), state_dict, source=str(path))
+    return load_model(path, Autoencoder, from_diffusers, parse_config=AutoencoderConfig.from_diffusers,
+                      infer_config=lambda _: PRESETS["flux"], cfg=cfg, device=device, dtype=dtype)

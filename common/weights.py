@@ -7,6 +7,7 @@ straight into the device and dtype they will be used in.
 """
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's prefix on every transformer key of an official-layout file
 
 
@@ -65,6 +67,13 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu", dtype:
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise CheckpointError(f"cannot read {file}: {e}") from e
     return state_dict
+
+
+def config_from_dict(cls: type[T], config: dict) -> T:
+    """A config dataclass from a diffusers config.json dict: its own fields only (JSON lists as tuples), the
+    bookkeeping keys (`_class_name`, `_diffusers_version`, ...) and options it does not model ignored."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
 
 def read_config(path: str | Path, parse: Callable[[dict], T]) -> T | None:
@@ -122,3 +131,18 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
     check_keys(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def load_model(path: str | Path, build: Callable[[T], M], convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], *,
+               parse_config: Callable[[dict], T], infer_config: Callable[[dict[str, Tensor]], T], cfg: T | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> M:
+    """Load the model `build(cfg)` from the checkpoint at `path` (file, index or folder), in any layout `convert` accepts.
+
+    The config is `cfg`, else the config.json beside the weights (read by `parse_config`, before the
+    weights, so that a bad one fails fast), else `infer_config` of the converted state dict. The
+    model is built on the meta device and takes the checkpoint's tensors, read once onto `device` in `dtype`.
+    """
+    cfg = cfg or read_config(path, parse_config)
+    state_dict = convert(read_state_dict(path, device, dtype))
+    cfg = cfg or infer_config(state_dict)
+    return load_into(build_on_meta(lambda: build(cfg)), state_dict, source=str(path))

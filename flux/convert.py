@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, build_on_meta, load_into, read_config, read_state_dict
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, load_model
 from zflux.flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"
@@ -167,7 +167,5 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     Without `cfg`, the config comes from the folder's config.json, else from the checkpoint's keys
     (dev vs schnell from the guidance embedder, tools from the input channels).
     """
-    cfg = cfg or read_config(path, FluxConfig.from_diffusers)  # checked before the (large) read of the weights
-    state_dict = from_diffusers(read_state_dict(path, device, dtype))
-    cfg = cfg or config_from_state_dict(state_dict)
-    return load_into(build_on_meta(lambda: Flux(cfg)), state_dict, source=str(path))
+    return load_model(path, Flux, from_diffusers, parse_config=FluxConfig.from_diffusers, infer_config=config_from_state_dict,
+                      cfg=cfg, device=device, dtype=dtype)

@@ -13,18 +13,18 @@ The parameter names are those of Black Forest Labs' single-file checkpoints (`im
 with no renaming.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.attention import attention
-from zflux.common.backend import use_backend
+from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
-from zflux.common.norms import layer_norm_modulate
-from zflux.common.rope import qk_norm_rope, rope_tables
+from zflux.common.rope import rope_tables
+from zflux.common.weights import config_from_dict
 
 ROPE_THETA = 10000.0
 MLP_RATIO = 4.0
@@ -64,14 +64,14 @@ class FluxConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "FluxConfig":
         """Build from a diffusers transformer config.json dict (unknown bookkeeping keys are ignored)."""
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-        return cls(**kwargs)
+        return config_from_dict(cls, config)
 
 
 # The guidance-distilled models (dev and its tools) embed the guidance scale; schnell does not.
 # Fill takes 64 noise + 64 masked-image + 256 mask channels, Canny/Depth 64 noise + 64 control
 # channels; all predict 64. Kontext has dev's shape: its reference image only adds tokens.
+# The tools' presets load and name their checkpoints (`zflux info`, `load_transformer`, the tests)
+# ahead of their pipelines, which the FLUX.1 tools work adds; the variant tables offer only what runs.
 PRESETS = {
     "flux-schnell": FluxConfig(),
     "flux-dev": FluxConfig(guidance_embeds=True),
@@ -95,11 +95,15 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Holds a QK-RMSNorm weight under BFL's name `scale`; QKNorm applies it through common.rope.qk_norm_rope."""
+    """RMSNorm with its weight under BFL's name `scale`. QKNorm reads the weight directly, to norm and
+    rotate q and k in one fused op; calling the module norms alone."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.scale, EPS)
 
 
 class QKNorm(nn.Module):
@@ -111,23 +115,33 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(head_dim)
 
     def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope)
+        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope)
+
+
+class ModulationOut(NamedTuple):
+    """adaLN parameters for one branch, each (B, 1, dim): (1 + scale) * norm(x) + shift in, x + gate * out after."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
 
 
 class Modulation(nn.Module):
-    """SiLU(vec) -> `n` vectors (B, 1, dim): shift, scale, gate (twice in double blocks)."""
+    """SiLU(vec) -> one ModulationOut (single blocks), or two (double blocks: attention, then MLP)."""
 
-    def __init__(self, dim: int, n: int):
+    def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.n = n
-        self.lin = nn.Linear(dim, n * dim)
+        self.n = 6 if double else 3
+        self.lin = nn.Linear(dim, self.n * dim)
 
-    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, dim)
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ...]:
+        chunks = self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, dim)
+        return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, self.n, 3))
 
 
 class SelfAttention(nn.Module):
-    """One stream's share of the joint attention: fused qkv, QK-norm, output projection."""
+    """One stream's share of the joint attention: fused qkv and QK-norm here; the block joins the streams for
+    attention and applies each stream's output projection `proj`."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -136,7 +150,7 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, S, dim) -> q, k, v (B, H, S, D), q and k normalized and rotated."""
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
@@ -154,19 +168,19 @@ class DoubleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
+        self.img_mod, self.txt_mod = Modulation(dim, double=True), Modulation(dim, double=True)
         self.img_attn, self.txt_attn = SelfAttention(dim, num_heads), SelfAttention(dim, num_heads)
         self.img_mlp, self.txt_mlp = mlp(dim), mlp(dim)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         L = txt.shape[1]
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        out = attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope))  # (B, L+S, dim)
+        out = ops.attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope))  # (B, L+S, dim)
         img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
         txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
-    def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple[Tensor, ...], txt_mod: tuple[Tensor, ...],
+    def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple[ModulationOut, ...], txt_mod: tuple[ModulationOut, ...],
                    rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, H, L+S, D) over [text; image].
 
@@ -175,16 +189,18 @@ class DoubleStreamBlock(nn.Module):
         """
         L = txt.shape[1]
         cos, sin = rope  # (B, L+S, D/2) each, text positions first
-        txt_qkv = self.txt_attn.qkv_heads(layer_norm_modulate(txt, *txt_mod[:2], EPS), (cos[:, :L], sin[:, :L]))
-        img_qkv = self.img_attn.qkv_heads(layer_norm_modulate(img, *img_mod[:2], EPS), (cos[:, L:], sin[:, L:]))
+        txt_attn_mod, img_attn_mod = txt_mod[0], img_mod[0]
+        txt_qkv = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS), (cos[:, :L], sin[:, :L]))
+        img_qkv = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS), (cos[:, L:], sin[:, L:]))
         return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
 
     @staticmethod
-    def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[Tensor, ...], attn: SelfAttention, ffn: nn.Module) -> Tensor:
+    def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
+                   ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
-        _, _, gate1, shift2, scale2, gate2 = mod
-        x = torch.addcmul(x, gate1, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, gate2, ffn(layer_norm_modulate(x, shift2, scale2, EPS)))
+        attn_mod, mlp_mod = mod
+        x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
+        return torch.addcmul(x, mlp_mod.gate, ffn(ops.layer_norm_modulate(x, mlp_mod.shift, mlp_mod.scale, EPS)))
 
 
 class SingleStreamBlock(nn.Module):
@@ -197,12 +213,12 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
-        self.modulation = Modulation(dim, 3)
+        self.modulation = Modulation(dim, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        shift, scale, gate = self.modulation(vec)
-        attn, mlp = self._attention_and_mlp(layer_norm_modulate(x, shift, scale, EPS), rope)
-        return torch.addcmul(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
+        (mod,) = self.modulation(vec)
+        attn, mlp = self._attention_and_mlp(ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS), rope)
+        return torch.addcmul(x, mod.gate, self.linear2(torch.cat([attn, mlp], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
 
     def _attention_and_mlp(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Both branches from the one input projection, returned apart so that the projection
@@ -210,7 +226,7 @@ class SingleStreamBlock(nn.Module):
         qkv, hidden = self.linear1(x).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        return attention(q, k, v), F.gelu(hidden, approximate="tanh")  # (B, S, dim), (B, S, mlp_hidden)
+        return ops.attention(q, k, v), F.gelu(hidden, approximate="tanh")  # (B, S, dim), (B, S, mlp_hidden)
 
 
 class LastLayer(nn.Module):
@@ -223,7 +239,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
-        return self.linear(layer_norm_modulate(x, shift, scale, EPS))
+        return self.linear(ops.layer_norm_modulate(x, shift, scale, EPS))
 
 
 class Flux(nn.Module):
@@ -232,7 +248,7 @@ class Flux(nn.Module):
     def __init__(self, cfg: FluxConfig, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend  # None: $ZFLUX_BACKEND or auto (common.backend)
+        self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
         dim, heads = cfg.hidden_size, cfg.num_attention_heads
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)
@@ -253,7 +269,7 @@ class Flux(nn.Module):
         """img (B, S, in_channels) packed latents, ids (B, S|L, 3), txt (B, L, 4096), timesteps (B,) in [0, 1]
         with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only)."""
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        with use_backend(self.backend):
+        with ops.use_backend(self.backend):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

@@ -26,10 +26,6 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
-from zflux.common.attention import reference_attention
-
-reference = reference_attention  # the PyTorch definition the kernel is tested against
-
 HEAD_DIMS = (64, 128)
 LOG2_E = 1.4426950408889634
 

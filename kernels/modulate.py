@@ -7,9 +7,9 @@ On rows x (B, S, C) with per-sample vectors shift, scale, gate of shape (B, 1, C
     gated_rms_residual    x + gate * RMSNorm(y) * w                   Z-Image's sandwich-norm residual
 
 Each is one read of every input and one write, where PyTorch takes three to five passes. Statistics
-are in fp32, and every intermediate the reference in `common.norms` stores in the input dtype is
+are in fp32, and every intermediate the reference in `zflux.common.norms` stores in the input dtype is
 rounded to it here too, so outputs agree to the last bit except where fp32 summation order differs.
-One program handles BLOCK_M rows of BLOCK_N >= C channels, as in `kernels.rmsnorm`.
+One program handles BLOCK_M rows of BLOCK_N >= C channels, as in `zflux.kernels.rmsnorm`.
 """
 
 import torch
@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zflux.common import norms
-from zflux.common.backend import use_backend
 from zflux.kernels.rmsnorm import check_same_dtype, rms_normalize, round_to, row_blocks
 
 
@@ -168,19 +166,4 @@ def _(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def reference_layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
-    """The PyTorch definition the kernel is tested against."""
-    with use_backend("reference"):
-        return norms.layer_norm_modulate(x, shift, scale, eps)
 
-
-def reference_rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """The PyTorch definition the kernel is tested against."""
-    with use_backend("reference"):
-        return norms.rms_norm_scale(x, weight, scale, eps)
-
-
-def reference_gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """The PyTorch definition the kernel is tested against."""
-    with use_backend("reference"):
-        return norms.gated_rms_residual(x, y, weight, gate, eps)

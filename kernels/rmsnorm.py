@@ -1,13 +1,13 @@
 """Fused RMSNorm, and the QK step of attention: RMSNorm over the head dim of q and k, then RoPE.
 
-RMSNorm of a row x (C channels), as `common.norms.rms_norm` defines it:
+RMSNorm of a row x (C channels), as `zflux.common.norms.rms_norm` defines it:
 
     y = x / sqrt(mean(x^2) + eps) * w
 
 all in fp32, rounded once to the input dtype (as F.rms_norm does). One program
 normalises BLOCK_M rows of BLOCK_N >= C channels held in registers: one read, one write per element.
 
-`qk_norm_rope` does, for q and k of shape (B, H, S, D), what `common.rope.qk_norm_rope` does in
+`qk_norm_rope` does, for q and k of shape (B, H, S, D), what `zflux.common.rope.qk_norm_rope` does in
 four passes: RMSNorm over D, then the rotation of adjacent channel pairs (x0, x1) by the fp32
 tables (cos, sin) of shape (B, S, D/2):
 
@@ -22,9 +22,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from zflux.common import norms, rope
-from zflux.common.backend import use_backend
 
 
 @triton.jit
@@ -92,11 +89,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-
-def reference_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The PyTorch definition the kernel is tested against."""
-    with use_backend("reference"):
-        return norms.rms_norm(x, weight, eps)
 
 
 @triton.jit
@@ -170,9 +162,3 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
 def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
 
-
-def reference_qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
-                           sin: Tensor) -> tuple[Tensor, Tensor]:
-    """The PyTorch definition the kernel is tested against."""
-    with use_backend("reference"):
-        return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)

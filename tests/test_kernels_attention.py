@@ -16,7 +16,8 @@ from kernel_env import DEVICE, DTYPES, require_triton
 require_triton()  # before kernels/ is imported
 
 from zflux.common.attention import key_padding_mask  # noqa: E402
-from zflux.kernels.attention import flash_attention, flash_attention_bshd, reference  # noqa: E402
+from zflux.common.attention import reference_attention as reference  # noqa: E402
+from zflux.kernels.attention import flash_attention, flash_attention_bshd  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}

@@ -14,7 +14,7 @@ from kernel_env import DEVICE, require_triton
 
 require_triton()  # before kernels/ is imported
 
-from zflux.common.backend import BACKENDS  # noqa: E402
+from zflux.common.ops import BACKENDS  # noqa: E402
 from zflux.flux.model import Flux, FluxConfig  # noqa: E402
 from zflux.flux.sampling import img_ids, pack_latents, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402

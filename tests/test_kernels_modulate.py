@@ -14,6 +14,7 @@ from kernel_env import DEVICE, DTYPES, require_triton
 
 require_triton()  # before kernels/ is imported
 
+from zflux.common import norms  # noqa: E402
 from zflux.kernels import modulate  # noqa: E402
 from util import rel_err  # noqa: E402
 
@@ -35,7 +36,7 @@ def inputs(B, S, C, dtype):
 
 def check(name, args, dtype):
     got = getattr(modulate, name)(*args)
-    expected = getattr(modulate, f"reference_{name}")(*args)
+    expected = getattr(norms, name)(*args)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert rel_err(got, expected) <= TOL[dtype]
 

@@ -15,7 +15,9 @@ from kernel_env import DEVICE, DTYPES, require_triton
 
 require_triton()  # before kernels/ is imported
 
-from zflux.kernels.rmsnorm import qk_norm_rope, reference_qk_norm_rope, reference_rms_norm, rms_norm  # noqa: E402
+from zflux.common.norms import rms_norm as reference_rms_norm  # noqa: E402
+from zflux.common.rope import qk_norm_rope as reference_qk_norm_rope  # noqa: E402
+from zflux.kernels.rmsnorm import qk_norm_rope, rms_norm  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}

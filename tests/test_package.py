@@ -2,6 +2,7 @@
 
 import importlib
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,6 +14,7 @@ import torch
 import zflux
 
 ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("zflux", "zimg", "flux", "common", "kernels")
 
 
 def zflux_modules() -> list[str]:
@@ -43,12 +45,29 @@ def test_hugging_face_kernels_beside_zflux():
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source tree")
 def test_wheel_holds_only_zflux(tmp_path):
     """A built wheel installs no top-level package but `zflux` (and the folders under it)."""
+    source = tmp_path / "src"  # a copy: setuptools writes build/ into the tree it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", *FOLDERS):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                           str(ROOT)], capture_output=True, text=True)
+                           str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("zflux-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"zflux"}
-    for folder in ("zimg", "flux", "common", "kernels"):
+    for folder in FOLDERS[1:]:
         assert f"zflux/{folder}/__init__.py" in names
+
+
+def test_every_module_has_a_forward():
+    """No nn.Module subclass in zflux is a bare parameter holder: each defines what calling it does."""
+    bare = []
+    for name in zflux_modules():
+        module = importlib.import_module(name)
+        for cls_name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == name \
+                    and obj.forward is torch.nn.Module.forward:
+                bare.append(f"{name}.{cls_name}")
+    assert not bare, f"nn.Module subclasses without a forward: {bare}"

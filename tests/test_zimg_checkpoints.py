@@ -1,15 +1,12 @@
 """Z-Image checkpoints: the full-size layout, loading from files and folders (bad files: test_checkpoint_errors.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from zflux.common.weights import CheckpointError, param_count
 from util import randomize_, shapes, write_sharded_folder
@@ -56,14 +53,3 @@ def test_missing_shard_is_named(tmp_path):
     (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="shards that are not there: .*m-1.safetensors"):
         load_transformer(tmp_path / "m.safetensors.index.json", cfg=TINY)
-
-
-def test_convert_script_round_trip(tmp_path, tiny_sd):
-    save_file(tiny_sd, tmp_path / "a.safetensors")
-    script = Path(__file__).parents[1] / "scripts" / "convert_zimage.py"
-    run = lambda *args: subprocess.run([sys.executable, script, *map(str, args)], check=True, capture_output=True)
-    run(tmp_path / "a.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
-    run(tmp_path / "d.safetensors", tmp_path / "b.safetensors", "--to", "original")
-    d, b = load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "b.safetensors")
-    assert "all_x_embedder.2-1.weight" in d and "layers.0.attention.to_q.weight" in d
-    assert b.keys() == tiny_sd.keys() and all(torch.equal(b[k], tiny_sd[k]) for k in b)

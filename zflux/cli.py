@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from zflux.common import vae as vae_layouts
-from zflux.common.backend import BACKENDS
+from zflux.common.ops import BACKENDS
 from zflux.common.identify import identify
 from zflux.common.images import load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler

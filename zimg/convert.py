@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, build_on_meta, load_into, read_config, read_state_dict
+from zflux.common.weights import COMFY_PREFIX, load_model
 from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 PATCH_KEY = "2-1"  # diffusers' key for spatial patch 2, frame patch 1
@@ -68,6 +68,6 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: ZImageConfig | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer from an official single file, a diffusers `transformer/` folder, or shards."""
-    cfg = cfg or read_config(path, ZImageConfig.from_diffusers) or PRESETS["z-image-turbo"]
-    state_dict = from_diffusers(read_state_dict(path, device, dtype))
-    return load_into(build_on_meta(lambda: ZImageTransformer(cfg)), state_dict, source=str(path))
+    # Turbo and base share every shape: a file without config.json is the full-size model.
+    return load_model(path, ZImageTransformer, from_diffusers, parse_config=ZImageConfig.from_diffusers,
+                      infer_config=lambda _: PRESETS["z-image-turbo"], cfg=cfg, device=device, dtype=dtype)

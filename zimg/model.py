@@ -9,21 +9,25 @@ The parameter names are those of the official single-file checkpoint (fused `att
 `attention.out`, `q_norm`/`k_norm`, `x_embedder`, `final_layer`), so it loads with no renaming.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.attention import attention
-from zflux.common.backend import use_backend
+from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
-from zflux.common.norms import RMSNorm, gated_rms_residual, layer_norm_modulate, rms_norm_scale
-from zflux.common.rope import qk_norm_rope, rope_tables
+from zflux.common.ops import RMSNorm
+from zflux.common.rope import rope_tables
+from zflux.common.weights import config_from_dict
 
 SEQ_MULTIPLE = 32  # every caption and every image is padded to a multiple of this many tokens
 ADALN_DIM = 256  # width of the timestep conditioning vector (capped at dim)
+TIME_FREQ_DIM = 256  # sinusoidal features of the timestep (the official TimestepEmbedder's frequency_embedding_size)
+TIME_HIDDEN = 1024  # the timestep MLP's hidden width (the official mid_size)
+QK_NORM_EPS = 1e-5  # the official Attention's q_norm / k_norm, independent of cfg.norm_eps
+FINAL_NORM_EPS = 1e-6  # the final layer's LayerNorm (official FinalLayer)
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,7 @@ class ZImageConfig:
         """Build from a diffusers transformer config.json dict (unknown bookkeeping keys are ignored)."""
         if config.get("siglip_feat_dim") is not None:
             raise ValueError("this is a Z-Image Omni config (siglip_feat_dim set); only text-to-image Z-Image is supported")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-        return cls(**kwargs)
+        return config_from_dict(cls, config)
 
 
 # Z-Image-Turbo (distilled, 8 steps, no CFG) and Z-Image base share the transformer shape.
@@ -81,14 +83,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps=1e-5)
-        self.k_norm = RMSNorm(head_dim, eps=1e-5)
+        self.q_norm = RMSNorm(head_dim, eps=QK_NORM_EPS)
+        self.k_norm = RMSNorm(head_dim, eps=QK_NORM_EPS)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.n_heads)  # (B, H, S, D) each
-        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
-        return self.out(attention(q, k, v, key_lens))  # (B, S, dim)
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
+        return self.out(ops.attention(q, k, v, key_lens))  # (B, S, dim)
 
 
 class FeedForward(nn.Module):
@@ -111,7 +113,7 @@ class Block(nn.Module):
         super().__init__()
         self.eps = cfg.norm_eps
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg.dim, int(cfg.dim / 3 * 8))
+        self.feed_forward = FeedForward(cfg.dim, int(cfg.dim / 3 * 8))  # SwiGLU's 8/3 width, rounded as the official code
         self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -124,12 +126,26 @@ class Block(nn.Module):
         if self.modulated:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)  # (B, 1, dim) each
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-            h = self.attention(rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)
-            x = gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
-            h = self.feed_forward(rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps))
-            return gated_rms_residual(x, h, self.ffn_norm2.weight, gate_mlp, self.eps)
+            h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)
+            x = ops.gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
+            h = self.feed_forward(ops.rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps))
+            return ops.gated_rms_residual(x, h, self.ffn_norm2.weight, gate_mlp, self.eps)
         x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_lens))
         return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> the conditioning vector (B, adaln_dim): sinusoidal features of t * t_scale through an MLP."""
+
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.t_scale = cfg.t_scale
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, TIME_HIDDEN), nn.SiLU(), nn.Linear(TIME_HIDDEN, cfg.adaln_dim))
+
+    def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        # t * t_scale in fp32 whatever t's dtype (as flux/model.py): the same as diffusers for the fp32 t that
+        # both pipelines pass; for a bf16 t diffusers would also round the product to bf16 (400.39 -> 400).
+        return self.mlp(timestep_embedding(t.float() * self.t_scale, TIME_FREQ_DIM).to(dtype))
 
 
 class FinalLayer(nn.Module):
@@ -140,7 +156,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         scale = self.adaLN_modulation(c)[:, None]  # (B, 1, dim)
-        return self.linear(layer_norm_modulate(x, None, scale, eps=1e-6))
+        return self.linear(ops.layer_norm_modulate(x, None, scale, eps=FINAL_NORM_EPS))
 
 
 def round_up(n: int, multiple: int = SEQ_MULTIPLE) -> int:
@@ -153,10 +169,9 @@ class ZImageTransformer(nn.Module):
     def __init__(self, cfg: ZImageConfig, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend  # None: $ZFLUX_BACKEND or auto (common.backend)
+        self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
         p = cfg.patch_size
-        self.t_embedder = nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, 1024), nn.SiLU(), nn.Linear(1024, cfg.adaln_dim))
+        self.t_embedder = TimestepEmbedder(cfg)
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
         self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
@@ -177,16 +192,14 @@ class ZImageTransformer(nn.Module):
         host sync per call. Without one, the forward makes none.
         """
         cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask)
-        with use_backend(self.backend):
+        with ops.use_backend(self.backend):
             return self._forward(x, t, cap_feats, cap_mask, cap_lens, lens)
 
     def _forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int],
                  lens: Tensor) -> Tensor:
         H, W = x.shape[2:]
         p, dtype = self.cfg.patch_size, self.dtype
-        # t * t_scale in fp32 whatever t's dtype (as flux/model.py): the same as diffusers for the fp32 t that
-        # both pipelines pass; for a bf16 t diffusers would also round the product to bf16 (400.39 -> 400).
-        c = self.t_embedder.mlp(timestep_embedding(t.float() * self.cfg.t_scale).to(dtype))  # (B, A)
+        c = self.t_embedder(t, dtype)  # (B, A)
 
         # Image tokens, padded with the learned pad token to a multiple of 32.
         img = rearrange(x.to(dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)

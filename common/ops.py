@@ -1,0 +1,165 @@
+"""The one place that chooses, at run time, between plain PyTorch math and a Triton kernel.
+
+Models call the ops here (norms, QK-norm + RoPE, modulation, attention); the math itself is defined
+once in `norms.py`, `rope.py` and `attention.py`, which know nothing of kernels, and each kernel in
+`zflux.kernels` is tested against that math. This module is the only one that imports
+`zflux.kernels`, and only inside the functions that need a kernel, so nothing else knows Triton exists.
+
+Backends:
+- `auto` (the default): the fastest measured mix on a CUDA GPU, the Triton norm/RoPE/modulation
+  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded;
+  plain PyTorch elsewhere.
+- `sdpa`: plain PyTorch throughout (torch SDPA for attention).
+- `triton`: every op in `zflux.kernels`, the flash-attention kernel included.
+- `reference`: the explicit fp32 math the kernels are tested against.
+
+The choice comes from, in order: an active `use_backend(...)` scope (models open one around their
+forward with their own `backend` attribute), the `ZFLUX_BACKEND` environment variable, then `auto`.
+The Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1, the CPU tests, with `triton` named explicitly); anywhere else the PyTorch path
+runs.
+"""
+
+import os
+from contextlib import contextmanager
+from importlib.util import find_spec
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from zflux.common import attention as attention_math
+from zflux.common import norms, rope
+
+BACKENDS = ("auto", "sdpa", "triton", "reference")
+HAS_TRITON = find_spec("triton") is not None
+# A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
+# them), but not ContextVar.get.
+_scoped: str | None = None
+
+
+def check_backend(name: str) -> str:
+    """Return `name` if it is a known backend, else raise naming the choices."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend in force here: scope, then $ZFLUX_BACKEND, then 'auto'."""
+    return check_backend(_scoped or os.environ.get("ZFLUX_BACKEND") or "auto")
+
+
+@contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the enclosed code with backend `name` (None leaves the current choice)."""
+    global _scoped
+    previous = _scoped
+    _scoped = check_backend(name) if name else previous
+    try:
+        yield
+    finally:
+        _scoped = previous
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Whether a norm/RoPE/modulation op on `x` runs its Triton kernel under the current backend."""
+    backend = current_backend()
+    if backend == "auto":
+        return x.is_cuda and HAS_TRITON
+    return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def use_flash_kernel(q: Tensor, masked: bool) -> bool:
+    """Whether attention on `q` runs the Triton flash-attention kernel.
+
+    Always under `triton`. Under `auto` only for key-padded bf16/fp16 batches (Z-Image's CFG rows with
+    captions of different lengths), where it beats SDPA, whose fast kernels take no mask (H100: 484
+    vs 413 TFLOP/s, bench/RESULTS.md); unmasked attention stays on cuDNN, which is faster there.
+    """
+    backend = current_backend()
+    if backend == "auto":
+        if not (masked and q.is_cuda and HAS_TRITON and q.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        from zflux.kernels.attention import HEAD_DIMS
+
+        return q.shape[-1] in HEAD_DIMS
+    return backend == "triton" and use_kernels(q)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """norms.rms_norm, or its fused kernel."""
+    if use_kernels(x):
+        from zflux.kernels.rmsnorm import rms_norm as fused
+
+        return fused(x, weight, eps)
+    return norms.rms_norm(x, weight, eps)
+
+
+def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    """norms.layer_norm_modulate ((1 + scale) * LayerNorm(x) + shift), or its fused kernel."""
+    if use_kernels(x):
+        from zflux.kernels.modulate import layer_norm_modulate as fused
+
+        return fused(x, shift, scale, eps)
+    return norms.layer_norm_modulate(x, shift, scale, eps)
+
+
+def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel."""
+    if use_kernels(x):
+        from zflux.kernels.modulate import rms_norm_scale as fused
+
+        return fused(x, weight, scale, eps)
+    return norms.rms_norm_scale(x, weight, scale, eps)
+
+
+def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
+    """norms.gated_rms_residual (x + gate * RMSNorm(y)), or its fused kernel."""
+    if use_kernels(x):
+        from zflux.kernels.modulate import gated_rms_residual as fused
+
+        return fused(x, y, weight, gate, eps)
+    return norms.gated_rms_residual(x, y, weight, gate, eps)
+
+
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
+                 sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rope.qk_norm_rope (RMSNorm over the head dim of q and k, then RoPE), or its fused kernel."""
+    if use_kernels(q):
+        from zflux.kernels.rmsnorm import qk_norm_rope as fused
+
+        return fused(q, k, q_weight, k_weight, eps, cos, sin)
+    return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
+    """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D).
+
+    `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
+    when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
+    """
+    if use_flash_kernel(q, masked=key_lens is not None):
+        from zflux.kernels.attention import flash_attention
+
+        out = flash_attention(q, k, v, key_lens)
+    elif current_backend() == "reference":
+        out = attention_math.reference_attention(q, k, v, key_lens)
+    else:
+        mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D)
+    return rearrange(out, "b h s d -> b s (h d)")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-channel `weight`, through `rms_norm` above."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
