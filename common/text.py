@@ -86,15 +86,25 @@ class Qwen3PromptEncoder:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True, enable_thinking=True)
 
+    def tokens(self, prompts: str | list[str], max_length: int = 512, padding: str = "max_length") -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) and mask (B, L) bool (True = real token) of the templated prompts, on the model's device.
+
+        L is `max_length` with padding "max_length" (the pipelines), the longest prompt's with "longest" (training).
+        """
+        tokens = self.tokenizer([self.template(p) for p in _as_list(prompts)], padding=padding, max_length=max_length,
+                                truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()
+
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """Features (B, max_length, hidden) in the model's dtype and mask (B, max_length) bool, True = real token."""
-        tokens = self.tokenizer([self.template(p) for p in _as_list(prompts)], padding="max_length",
-                                max_length=max_length, truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.device)  # (B, L)
-        mask = tokens.attention_mask.to(self.device).bool()  # (B, L)
-        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        return hidden[-2], mask  # (B, L, hidden), (B, L)
+        ids, mask = self.tokens(prompts, max_length)
+        return qwen3_features(self.model, ids, mask), mask
+
+
+def qwen3_features(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
+    """Z-Image's caption features: the hidden states of Qwen3's second-to-last layer (B, L, hidden), with gradients if enabled."""
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
 
 
 class FluxPromptEncoder:

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.weights import config_from_dict, load_model
+from zflux.common.weights import config_from_dict, config_to_dict, load_model, save_model_folder
 
 EPS = 1e-6  # every GroupNorm
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here (BFL's and diffusers' DiagonalGaussian)
@@ -76,6 +76,13 @@ class AutoencoderConfig:
         if any(unsupported.values()):
             raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(k for k, on in unsupported.items() if on)}")
         return config_from_dict(cls, config)
+
+    def to_diffusers(self) -> dict:
+        """This config as a diffusers AutoencoderKL config.json dict."""
+        levels = len(self.block_out_channels)
+        return config_to_dict(self, "AutoencoderKL") | {
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "act_fn": "silu", "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
 
 
 # FLUX.1 (dev, schnell, tools) and Z-Image ship this same autoencoder.
@@ -337,3 +344,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype
     """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
     return load_model(path, Autoencoder, from_diffusers, parse_config=AutoencoderConfig.from_diffusers,
                       infer_config=lambda _: PRESETS["flux"], cfg=cfg, device=device, dtype=dtype)
+
+
+def save_autoencoder(vae: Autoencoder, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `vae` as a diffusers `vae/` folder (AutoencoderKL config.json + weights in `dtype`)."""
+    return save_model_folder(folder, to_diffusers(vae.state_dict()), vae.cfg.to_diffusers(), dtype)

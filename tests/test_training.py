@@ -1,0 +1,130 @@
+"""The training loop and objectives (common/training.py): resuming, EMA, the rectified-flow loss, the autoencoder run."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch import nn
+
+from zflux.common.training import (EMA, FlowRule, TrainSettings, autoencoder_loss, flow_loss, image_grid, loss_curve, train,
+                                   train_autoencoder, training_sigmas)
+from zflux.common.vae import Autoencoder, AutoencoderConfig, load_autoencoder
+from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
+
+TINY = dict(batch_size=4, lr=1e-2, minutes=5.0, warmup=2)
+
+
+def regression(step: int):
+    """Endless batches (x, y) of a fixed linear map, from batch `step` on."""
+    while True:
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(4, 3, generator=g)
+        yield x, x @ torch.tensor([[1.0], [-2.0], [0.5]])
+        step += 1
+
+
+def mse(model: nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+    x, y = batch
+    return (model(x) + 0.01 * torch.randn(y.shape, generator=generator) - y).square().mean()
+
+
+def linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(3, 1)
+
+
+def test_resumed_run_equals_one_run(tmp_path):
+    """Two chunks of 3 steps from the checkpoint give the weights, EMA and loss log of one run of 6 steps."""
+    one = train(linear(), mse, regression, TrainSettings(max_steps=6, **TINY), tmp_path / "one")
+    train(linear(), mse, regression, TrainSettings(max_steps=3, **TINY), tmp_path / "two")
+    two = train(linear(), mse, regression, TrainSettings(max_steps=6, **TINY), tmp_path / "two")
+    assert torch.equal(one.weight, two.weight) and torch.equal(one.bias, two.bias)
+    assert (tmp_path / "two" / "loss.png").is_file()
+    from safetensors.torch import load_file
+
+    logs = [load_file(tmp_path / name / "state.safetensors")["losses"] for name in ("one", "two")]
+    assert len(logs[0]) == 6 and torch.equal(*logs)
+
+
+def test_training_reduces_the_loss(tmp_path):
+    model = linear()
+    train(model, mse, regression, TrainSettings(max_steps=150, **TINY | dict(lr=0.05)), tmp_path)
+    assert torch.allclose(model.weight, torch.tensor([[1.0, -2.0, 0.5]]), atol=0.1)
+
+
+def test_budget_stops_the_chunk(tmp_path):
+    train(linear(), mse, regression, TrainSettings(max_steps=10**6, **TINY | dict(minutes=0.0)), tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "state.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "0"
+
+
+def test_ema_warms_up():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.999)
+    nn.init.ones_(model.weight)
+    ema.update(model, step=0)  # decay min(0.999, 1/10): the average moves 90% of the way
+    assert ema.weights["weight"].item() == pytest.approx(0.9)
+    assert ema.copy(model).weight.item() == pytest.approx(0.9) and model.weight.item() == 1
+
+
+@pytest.mark.parametrize("family, time_of, target_of", [
+    ("z-image", lambda sigma: 1 - sigma, lambda noise, x0: x0 - noise),  # t = 1 - sigma, predicts image - noise
+    ("flux.1", lambda sigma: sigma, lambda noise, x0: noise - x0),  # t = sigma, predicts noise - image
+])
+def test_flow_loss_conventions(family, time_of, target_of):
+    """A predictor that knows x0 and reads sigma back from the time as the family's documented convention says has
+    zero loss under that family's rule, and a large one under the other sign."""
+    latents = torch.randn(6, 16, 4, 4)
+    rule = FlowRule(time=time_of, sign=-1.0 if family == "z-image" else 1.0, shift=3.0)
+
+    def oracle(noisy, time):
+        sigma = time_of(time).view(-1, 1, 1, 1)  # both conventions are their own inverse
+        noise = (noisy - (1 - sigma) * latents) / sigma
+        return target_of(noise, latents)
+
+    assert flow_loss(oracle, latents, rule, torch.Generator().manual_seed(0)).item() < 1e-8
+    flipped = FlowRule(time=rule.time, sign=-rule.sign, shift=rule.shift)
+    assert flow_loss(oracle, latents, flipped, torch.Generator().manual_seed(0)).item() > 1
+
+
+def test_training_sigmas_are_shifted_logit_normal():
+    sigmas = training_sigmas(20000, shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert 0 < sigmas.min() and sigmas.max() < 1
+    assert sigmas.median().item() == pytest.approx(0.75, abs=0.01)  # the unshifted median 0.5 shifted by 3: 1.5 / 2
+
+
+def test_autoencoder_loss_is_reconstruction_plus_kl():
+    vae = Autoencoder(AutoencoderConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    plain = autoencoder_loss(vae, images, 0.0, torch.Generator().manual_seed(0))
+    weighted = autoencoder_loss(vae, images, 1.0, torch.Generator().manual_seed(0))
+    mean, logvar = vae.encoder(images).chunk(2, dim=1)
+    kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+    assert weighted.item() == pytest.approx(plain.item() + kl.item(), rel=1e-5)
+    plain.backward()
+    assert vae.encoder.conv_in.weight.grad is not None
+
+
+def test_autoencoder_run_writes_a_diffusers_vae(tmp_path):
+    folder = train_autoencoder(tmp_path, TrainSettings(max_steps=2, **TINY), size=32, device=torch.device("cpu"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["latent_channels"] == 16
+    assert 0 < config["scaling_factor"] and config["shift_factor"] != 0.1159  # measured, not FLUX's
+    ours, theirs = load_autoencoder(folder, dtype=torch.float32), AutoencoderKL.from_pretrained(folder)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(ours(image), theirs(image, sample_posterior=False).sample, atol=1e-5)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"loss.png", "samples-000002.png"}
+
+
+def test_pictures():
+    curve = loss_curve([1.0 / (i + 1) for i in range(300)], "test")
+    assert curve.size == (640, 360) and len(curve.getcolors()) > 2
+    tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    grid = image_grid(tiles, ["one", "two long label that wraps", "three"], columns=2)
+    assert grid.width == 64 and grid.height > 64 and grid.getpixel((40, 5)) == (0, 0, 255)
