@@ -13,7 +13,9 @@ resumes from. It stops at a wall-clock budget, so that each chunk of a long run 
 """
 
 import copy
+import json
 import math
+import shutil
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -27,14 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zflux.common.data import SceneDataset, batches, to_signed
 from zflux.common.images import to_pil
-from zflux.common.sampling import shift_sigmas
+from zflux.common.sampling import SchedulerConfig, shift_sigmas
 from zflux.common.shapes import HELD_OUT, Scene, caption
 from zflux.common.vae import LOGVAR_RANGE, Autoencoder, AutoencoderConfig, save_autoencoder
+from zflux.common.weights import config_to_dict, save_model_folder
 
 STATE_FILE = "state.safetensors"
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers whose classes the saved snapshots name (and were tested with)
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # The shipped autoencoder: FLUX.1's architecture (16 channels, 8x down) at 1/16 to 1/8 of its widths: 1.3 M parameters.
 AUTOENCODER = AutoencoderConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16)
 KL_WEIGHT = 1e-4  # per-element KL against per-element L1: enough to keep the posterior from collapsing to a point
@@ -196,7 +202,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, object, torch.Generato
 
     `data(step)` gives the batches from that step on; `loss_fn(model, batch, generator)` the loss of
     one. `sample(ema_model)` draws a picture, saved as samples-<step>.png every `sample_every`
-    steps and at the end. The loss curve is loss.png.
+    steps. The loss curve is loss.png.
     """
     start = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,17 +236,15 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, object, torch.Generato
                 saved = time.monotonic()
     save_state(folder / STATE_FILE, model, ema, optimizer, step, log.flush())
     loss_curve(log.values, name).save(folder / "loss.png")
-    averaged = ema.copy(model)
-    if sample:
-        sample(averaged).save(folder / f"samples-{step:06d}.png")
-    return averaged
+    return ema.copy(model)
 
 
 def train_autoencoder(folder: Path, settings: TrainSettings, size: int, device: torch.device, workers: int = 0) -> Path:
     """Train the small autoencoder (AUTOENCODER) on scene pictures in `folder`, resuming there.
 
     Its latent statistics (shift_factor, scaling_factor) are measured on 256 pictures at the end, and
-    the EMA weights written as a diffusers `vae/` folder, folder/model, which is returned.
+    the EMA weights written as a diffusers `vae/` folder, folder/model, which is returned, with eight
+    pictures over their reconstructions in folder/reconstructions.png.
     """
     torch.manual_seed(settings.seed)
     vae = Autoencoder(AUTOENCODER).to(device)
@@ -255,11 +259,39 @@ def train_autoencoder(folder: Path, settings: TrainSettings, size: int, device: 
 
     averaged = train(vae, loss, lambda step: batches(dataset, settings.batch_size, step, workers), settings, folder, sample,
                      name="autoencoder")
+    sample(averaged).save(folder / "reconstructions.png")
     pictures = next(batches(SceneDataset(size, seed=settings.seed + 1), 256))[0]  # (256, 3, S, S), unseen samples
     averaged.cfg = replace(AUTOENCODER, scaling_factor=1.0, shift_factor=0.0)
     raw = picture_latents(averaged, pictures)  # (256, C, h, w), unscaled
     averaged.cfg = replace(AUTOENCODER, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item())
     return save_autoencoder(averaged, folder / "model")
+
+
+def save_snapshot(folder: Path, pipeline: str, transformer: tuple[str, dict[str, Tensor], object], vae: Path,
+                  scheduler: SchedulerConfig, text: dict[str, PreTrainedModel | PreTrainedTokenizerBase]) -> Path:
+    """Write a diffusers snapshot folder of class `pipeline`, replacing any there, weights in bf16.
+
+    `transformer` is (diffusers class name, state dict in diffusers' layout, config dataclass); `vae` a
+    trained vae/ folder, copied; `text` the text encoders and tokenizers by subfolder name.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    class_name, state_dict, config = transformer
+    save_model_folder(folder / "transformer", state_dict, config_to_dict(config, class_name))
+    shutil.copytree(vae, folder / "vae")
+    index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, "transformer": ["diffusers", class_name],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    for name, part in text.items():
+        if isinstance(part, nn.Module):
+            copy.deepcopy(part).to(torch.bfloat16).save_pretrained(folder / name)
+            index[name] = ["transformers", type(part).__name__]
+        else:
+            part.save_pretrained(folder / name)
+            index[name] = ["transformers", "PreTrainedTokenizerFast"]  # the name transformers 4 and 5 both know
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config_to_dict(scheduler, SCHEDULER_CLASS), indent=2))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def prompt_grid(pipe, size: int, seed: int = 0) -> Image.Image:

@@ -16,9 +16,6 @@ Z-Image's conventions: the transformer is given t = 1 - sigma (0 = noise) and pr
 sigmas are shifted by Turbo's 3.0 in training as in sampling, which takes 8 steps without CFG.
 """
 
-import copy
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,9 +26,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
 from zflux.common.sampling import SCHEDULERS, zimage_time
 from zflux.common.text import Qwen3PromptEncoder, qwen3_features
-from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, train
+from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
 from zflux.common.vae import load_autoencoder
-from zflux.common.weights import config_to_dict, save_model_folder
 from zflux.zimg.convert import to_diffusers
 from zflux.zimg.model import ZImageConfig, ZImageTransformer
 from zflux.zimg.pipeline import ZImagePipeline
@@ -51,10 +47,6 @@ CHAT_TEMPLATE = (
     r"{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
 )
 RULE = FlowRule(time=zimage_time, sign=-1.0, shift=SCHEDULERS[VARIANT].shift)
-MODEL_INDEX = {"_class_name": "ZImagePipeline", "_diffusers_version": "0.42.1",
-               "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
-               "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
-               "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -78,17 +70,18 @@ class Denoiser(nn.Module):
         return self.transformer(latents, time, qwen3_features(self.text_encoder, ids, mask), mask)
 
 
-def build_denoiser(vocab_size: int, pad_token_id: int, seed: int) -> Denoiser:
+def build_denoiser(tokenizer: PreTrainedTokenizerFast, seed: int, cfg: ZImageConfig = TRANSFORMER,
+                   text_encoder: dict = TEXT_ENCODER) -> Denoiser:
     """A fresh Denoiser: PyTorch's default initialisation, except that every modulation and the output projection
     start at zero, so that each block starts as the identity and the first prediction is 0 (as DiT does)."""
     torch.manual_seed(seed)
-    transformer = ZImageTransformer(TRANSFORMER, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
+    transformer = ZImageTransformer(cfg, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
     for module in [*(b.adaLN_modulation[0] for b in [*transformer.noise_refiner, *transformer.layers]),
                    transformer.final_layer.adaLN_modulation[1], transformer.final_layer.linear]:
         nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
-    text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab_size, pad_token_id=pad_token_id, **TEXT_ENCODER))
-    return Denoiser(transformer, text_encoder)
+    qwen3 = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text_encoder))
+    return Denoiser(transformer, qwen3)
 
 
 def pipeline(model: Denoiser, vae, tokenizer: PreTrainedTokenizerFast) -> ZImagePipeline:
@@ -96,28 +89,12 @@ def pipeline(model: Denoiser, vae, tokenizer: PreTrainedTokenizerFast) -> ZImage
     return ZImagePipeline(model.transformer, vae, Qwen3PromptEncoder(model.text_encoder, tokenizer), VARIANT)
 
 
-def save_snapshot(model: Denoiser, tokenizer: PreTrainedTokenizerFast, vae_folder: Path, folder: Path) -> Path:
-    """Write the trained model as a diffusers ZImagePipeline snapshot folder, weights in bf16."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    save_model_folder(folder / "transformer", to_diffusers(model.transformer.state_dict()),
-                      config_to_dict(TRANSFORMER, "ZImageTransformer2DModel"))
-    shutil.copytree(vae_folder, folder / "vae")
-    copy.deepcopy(model.text_encoder).to(torch.bfloat16).save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    scheduler = config_to_dict(SCHEDULERS[VARIANT], "FlowMatchEulerDiscreteScheduler")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-    return folder
-
-
 def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device,
                  workers: int = 0) -> Path:
     """Train (or resume training) the small Z-Image in `folder` on `size`-pixel scenes; write its snapshot to
     folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot."""
     tokenizer = build_tokenizer()
-    model = build_denoiser(len(tokenizer), tokenizer.pad_token_id, settings.seed).to(device)
+    model = build_denoiser(tokenizer, settings.seed).to(device)
     vae = load_autoencoder(vae_folder, device, torch.float32)
     encoder = Qwen3PromptEncoder(model.text_encoder, tokenizer)
     dataset = SceneDataset(size, seed=settings.seed)
@@ -132,6 +109,8 @@ def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: 
 
     averaged = train(model, loss, lambda step: batches(dataset, settings.batch_size, step, workers), settings, folder, sample,
                      name=VARIANT)
-    snapshot = save_snapshot(averaged, tokenizer, vae_folder, folder / "model")
+    snapshot = save_snapshot(folder / "model", "ZImagePipeline", vae=vae_folder, scheduler=SCHEDULERS[VARIANT],
+                             transformer=("ZImageTransformer2DModel", to_diffusers(averaged.transformer.state_dict()), TRANSFORMER),
+                             text={"text_encoder": averaged.text_encoder, "tokenizer": tokenizer})
     prompt_grid(ZImagePipeline.from_pretrained(snapshot, device=device, dtype=torch.float32), size).save(folder / "grid.png")
     return snapshot
