@@ -28,7 +28,7 @@ from tqdm import tqdm
 from zflux.common.identify import check_family
 from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
 from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
-from zflux.common.text import FluxPromptEncoder
+from zflux.flux.text import FluxPromptEncoder
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import load_transformer

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from zflux.common.identify import check_family
 from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
 from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
-from zflux.common.text import Qwen3PromptEncoder
+from zflux.zimg.text import Qwen3PromptEncoder
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.convert import load_transformer
