@@ -21,11 +21,13 @@ number of image tokens (28 steps, guidance 3.5).
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from zflux.common.identify import check_family
+from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
 from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
 from zflux.flux.text import FluxPromptEncoder
@@ -33,11 +35,22 @@ from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import load_transformer
 from zflux.flux.model import Flux
-from zflux.flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
 
 VARIANTS = ("flux-dev", "flux-schnell")
 SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+def img_ids(batch: int, h: int, w: int, device: torch.device | str | None = None) -> Tensor:
+    """(B, h*w, 3) RoPE positions (0, row, col) of an h x w grid of packed tokens (h, w = latent H/2, W/2)."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # (h, w) each
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)  # (h, w, 3)
+    return rearrange(ids, "h w n -> 1 (h w) n").repeat(batch, 1, 1)  # (B, h*w, 3)
+
+
+def txt_ids(batch: int, length: int, device: torch.device | str | None = None) -> Tensor:
+    """(B, L, 3) RoPE positions of L text tokens: all (0, 0, 0), so only their order within attention tells them apart."""
+    return torch.zeros(batch, length, 3, dtype=torch.long, device=device)
 
 
 class FluxPipeline:
