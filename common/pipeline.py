@@ -9,6 +9,7 @@ unit variance like the noise they start from.
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -22,6 +23,15 @@ from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
 
 DEFAULT_SIZE = 1024  # pixels, both sides, when neither a size nor an init image is given
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named checkpoint variant, whole in one entry of its family's VARIANTS table."""
+
+    model: object  # the family's transformer config: an entry of its model.py PRESETS
+    scheduler: SchedulerConfig  # the scheduler_config.json the checkpoint ships with
+    defaults: SamplingDefaults  # what it is meant to run with
 
 
 def default_device() -> torch.device:

@@ -28,15 +28,23 @@ from tqdm import tqdm
 
 from zflux.common.identify import check_family
 from zflux.common.latents import pack_latents, unpack_latents
-from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
-from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_combine, embedded_guidance, euler_step, flux_time
-from zflux.flux.text import FluxPromptEncoder
+from zflux.common.pipeline import Variant, begin, default_device, finish, open_snapshot, read_scheduler
+from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, euler_step
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import load_transformer
-from zflux.flux.model import Flux
+from zflux.flux.model import PRESETS, Flux
+from zflux.flux.text import FluxPromptEncoder
 
-VARIANTS = ("flux-dev", "flux-schnell")
+# The variants this pipeline runs (the tools in PRESETS need pipelines of their own). schnell is distilled
+# for 4 unshifted steps and has no guidance input; dev embeds its guidance scale as a model input and
+# shifts its sigmas by the scheduler's mu, which grows with the number of image tokens.
+VARIANTS = {
+    "flux-schnell": Variant(model=PRESETS["flux-schnell"], scheduler=SchedulerConfig(shift=1.0),
+                            defaults=SamplingDefaults(steps=4, guidance=0.0, max_sequence_length=256)),
+    "flux-dev": Variant(model=PRESETS["flux-dev"], scheduler=SchedulerConfig(shift=3.0, use_dynamic_shifting=True),  # shift unused
+                        defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
+}
 SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
@@ -53,6 +61,20 @@ def txt_ids(batch: int, length: int, device: torch.device | str | None = None) -
     return torch.zeros(batch, length, 3, dtype=torch.long, device=device)
 
 
+def flux_time(sigma: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The time FLUX.1's transformer receives for `sigma`: the timestep sigma * 1000 rounded to the latents' dtype, / 1000.
+
+    FluxPipeline rounds the timestep to the latents' dtype (bf16 in practice) before dividing; BFL's
+    sampler rounds sigma itself to that dtype instead.
+    """
+    return (sigma.float() * NUM_TRAIN_TIMESTEPS).to(dtype) / NUM_TRAIN_TIMESTEPS
+
+
+def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """FLUX.1 dev's guidance input (B,) fp32: distilled from CFG, the scale is a model input, one call per step."""
+    return torch.full((batch,), scale, dtype=torch.float32, device=device)  # (B,)
+
+
 class FluxPipeline:
     """FLUX.1 dev or schnell: the transformer, the autoencoder and the T5 + CLIP prompt encoder."""
 
@@ -63,7 +85,7 @@ class FluxPipeline:
         if transformer.cfg.in_channels != 4 * vae.cfg.latent_channels:
             raise ValueError(f"the transformer takes {transformer.cfg.in_channels} input channels; text-to-image needs "
                              f"{4 * vae.cfg.latent_channels} (the Fill, Canny and Depth tools are not supported)")
-        self.scheduler = scheduler or SCHEDULERS[self.variant]
+        self.scheduler = scheduler or VARIANTS[self.variant].scheduler
         self.offload_text_encoder = offload_text_encoder
 
     @classmethod
@@ -114,7 +136,7 @@ class FluxPipeline:
         """
         if guidance is not None and not self.transformer.cfg.guidance_embeds:
             raise ValueError("FLUX.1 schnell has no guidance input: leave guidance unset")
-        settings = DEFAULTS[self.variant].given(steps=steps, guidance=guidance)
+        settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance)
         use_cfg = true_cfg > 1
         if negative_prompt is not None and not use_cfg:
             raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")

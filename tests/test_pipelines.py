@@ -21,7 +21,7 @@ from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 
 from zflux.common.pipeline import DEFAULT_SIZE
-from zflux.common.sampling import cfg_active, sigma_schedule
+from zflux.common.sampling import sigma_schedule
 from zflux.common.vae import from_diffusers as vae_from_diffusers
 from zflux.common.weights import COMFY_PREFIX, CheckpointError, read_state_dict, save_state_dict
 from zflux.flux.convert import from_diffusers as flux_from_diffusers
@@ -29,7 +29,7 @@ from zflux.flux.pipeline import FluxPipeline
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
 from zflux.zimg.convert import from_diffusers as zimage_from_diffusers
-from zflux.zimg.pipeline import ZImagePipeline, trim_captions
+from zflux.zimg.pipeline import ZImagePipeline, cfg_active, trim_captions
 
 TOL = 1e-4  # see the module docstring
 H = W = 64  # pixels: an (8, 8) latent, 16 image tokens

@@ -16,6 +16,7 @@ The steps, as diffusers' ZImagePipeline takes them:
 Turbo is distilled for 8 steps without CFG; the base model runs ~50 steps with CFG (guidance ~4).
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,22 +25,51 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zflux.common.identify import check_family
-from zflux.common.pipeline import begin, default_device, finish, open_snapshot, read_scheduler
-from zflux.common.sampling import DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, euler_step, zimage_time
-from zflux.zimg.text import Qwen3PromptEncoder
+from zflux.common.pipeline import Variant, begin, default_device, finish, open_snapshot, read_scheduler
+from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, euler_step
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.convert import load_transformer
-from zflux.zimg.model import ZImageTransformer
+from zflux.zimg.model import PRESETS, ZImageTransformer
+from zflux.zimg.text import Qwen3PromptEncoder
 
-VARIANTS = ("z-image-turbo", "z-image")
+
+@dataclass(frozen=True)
+class ZImageDefaults(SamplingDefaults):
+    """Z-Image's defaults: `guidance` is the CFG scale (0 = off), with CFG's renormalisation and truncation."""
+
+    cfg_normalization: float | None = None  # CFG renormalisation (None = off)
+    cfg_truncation: float = 1.0  # CFG off once the model time 1 - sigma exceeds this
+
+
+# Turbo is distilled: 8 steps and no CFG. Older diffusers (sigma_min = 0) ran Turbo with num_inference_steps=9:
+# that grid reaches 0 one step early, so the ninth step has length 0 and the eight real steps use the
+# sigmas of sigma_schedule(8, shift=3.0). The two share every shape: only the shipped scheduler tells them apart.
+VARIANTS = {
+    "z-image-turbo": Variant(model=PRESETS["z-image-turbo"], scheduler=SchedulerConfig(shift=3.0),
+                             defaults=ZImageDefaults(steps=8, guidance=0.0, max_sequence_length=512)),
+    "z-image": Variant(model=PRESETS["z-image"], scheduler=SchedulerConfig(shift=6.0),
+                       defaults=ZImageDefaults(steps=50, guidance=4.0, max_sequence_length=512)),
+}
 SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def variant_of(scheduler: SchedulerConfig) -> str | None:
     """The variant whose shipped scheduler config this is (Turbo and base differ only there), else None."""
-    return next((v for v in VARIANTS if SCHEDULERS[v] == scheduler), None)
+    return next((name for name, v in VARIANTS.items() if v.scheduler == scheduler), None)
+
+
+def zimage_time(sigma: Tensor) -> Tensor:
+    """The time Z-Image's transformer receives for `sigma`: 1 - sigma (0 = pure noise), rounded as ZImagePipeline does."""
+    return (NUM_TRAIN_TIMESTEPS - sigma.float() * NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
+
+
+def cfg_active(sigma: Tensor | float, truncation: float | None) -> bool:
+    """Whether Z-Image applies CFG at `sigma`: not once its model time 1 - sigma exceeds `truncation` (None or > 1: always)."""
+    if truncation is None or truncation > 1:
+        return True
+    return zimage_time(torch.as_tensor(sigma, dtype=torch.float32)).item() <= truncation
 
 
 def trim_captions(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -63,7 +93,7 @@ class ZImagePipeline:
             raise ValueError(f"unknown Z-Image variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.variant = variant
-        self.scheduler = scheduler or SCHEDULERS[variant]
+        self.scheduler = scheduler or VARIANTS[variant].scheduler
         self.offload_text_encoder = offload_text_encoder
 
     @classmethod
@@ -118,8 +148,8 @@ class ZImagePipeline:
         Size defaults to 1024x1024, or to the init image's size rounded down to a multiple of 16.
         `latents` replaces the seeded initial noise; `init_image` + `strength` runs image-to-image.
         """
-        settings = DEFAULTS[self.variant].given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
-                                                cfg_truncation=cfg_truncation)
+        settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
+                                                         cfg_truncation=cfg_truncation)
         use_cfg = settings.guidance > 0
         if negative_prompt is not None and not use_cfg:
             raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
