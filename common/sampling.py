@@ -177,5 +177,5 @@ def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | 
     The noise is drawn as initial_noise draws it, from `seed` or from the generator the posterior sample came from.
     """
     start = img2img_start(sigmas, strength)
-    noise = initial_noise(tuple(latent.shape), seed, latent.device, latent.dtype)  # (B, C, H, W)
+    noise = initial_noise(tuple(latent.shape), seed, device=latent.device, dtype=latent.dtype)  # (B, C, H, W)
     return noise_latent(latent, noise, sigmas[start]), start

@@ -4,18 +4,19 @@
     pipe.generate("a red fox in snow", seed=0).save("fox.png")
 
 The steps, as diffusers' FluxPipeline takes them:
-1. T5 encodes the prompt to exactly `max_sequence_length` tokens (dev 512, schnell 256) and CLIP to
-   one pooled vector.
-2. Latents (1, 16, H/8, W/8) start as noise in the transformer's dtype at sigma 1 (or as the noised
+1. Latents (1, 16, H/8, W/8) start as noise in the transformer's dtype at sigma 1 (or as the noised
    init image) and are packed into 2x2-patch tokens (1, H/16 * W/16, 64).
+2. T5 encodes the prompt to exactly `max_sequence_length` tokens (dev 512, schnell 256) and CLIP to
+   one pooled vector.
 3. Per sigma, the transformer sees the tokens, the time sigma (1 = noise; rounded to the latents'
    dtype) and, for dev, the guidance scale as an input, and predicts the velocity noise - image for
    an Euler step. One model call per step: dev's guidance is distilled into the model. Optional true
-   CFG (true_cfg > 1, against a negative prompt) runs both rows as one batch of 2.
+   CFG (true_cfg > 1, against a negative prompt) runs both rows as one batch of 2 (predictor() below;
+   common.pipeline.denoise runs the loop).
 4. The tokens are unpacked and the autoencoder decodes latents / scaling_factor + shift_factor.
 
-The schedule: schnell's even sigmas unshifted (4 steps); dev's shifted by mu, which grows with the
-number of image tokens (28 steps, guidance 3.5).
+The schedule: schnell's even sigmas unshifted (4 steps); dev's shifted by the scheduler's mu, which
+grows with the number of image tokens (28 steps, guidance 3.5).
 """
 
 from pathlib import Path
@@ -24,12 +25,12 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from zflux.common.identify import check_family
 from zflux.common.latents import pack_latents, unpack_latents
-from zflux.common.pipeline import Variant, begin, default_device, finish, open_snapshot, read_scheduler
-from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, euler_step
+from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
+                                   image_seq_len, open_snapshot, prepare_img2img, read_scheduler, start_noise)
+from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import load_transformer
@@ -73,6 +74,28 @@ def flux_time(sigma: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cpu") -> Tensor:
     """FLUX.1 dev's guidance input (B,) fp32: distilled from CFG, the scale is a model input, one call per step."""
     return torch.full((batch,), scale, dtype=torch.float32, device=device)  # (B,)
+
+
+def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tuple[int, int], sigmas: Tensor, guidance: float,
+              true_cfg: float, device: torch.device) -> Predict:
+    """predict(tokens, i) for denoise over the packed tokens (1, S, 64) of an h x w latent (`size`): one transformer call per step.
+
+    `features` and `pooled` hold the prompt's text, or with true CFG the prompt's and the negative
+    prompt's (one batch of 2). dev reads `guidance` as a model input; schnell has none. Times and
+    positions are settled here, so that the loop adds no host sync.
+    """
+    n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
+    times = flux_time(sigmas, transformer.dtype).to(device)  # (steps + 1,) in the latents' dtype's rounding
+    image_ids = img_ids(n, size[0] // 2, size[1] // 2, device=device)  # (n, S, 3)
+    text_ids = txt_ids(n, L, device)  # (n, L, 3)
+    guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
+
+    def predict(tokens: Tensor, i: int) -> Tensor:
+        t = times[i].expand(n)  # (n,)
+        out = transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, t, pooled, guidance_vec)  # (n, S, 64)
+        return cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
+
+    return predict
 
 
 class FluxPipeline:
@@ -140,24 +163,19 @@ class FluxPipeline:
         use_cfg = true_cfg > 1
         if negative_prompt is not None and not use_cfg:
             raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
-        (features, pooled), sigmas, latents, start = begin(self, settings, prompt, negative_prompt, use_cfg, height, width, seed,
-                                                           latents, init_image, strength, output_type, self.transformer.dtype)
-
-        n, h, w = features.shape[0], latents.shape[2], latents.shape[3]  # n = 2 with true CFG
-        guidance_vec = embedded_guidance(settings.guidance, n, self.device) if self.transformer.cfg.guidance_embeds else None
-        tokens = self._denoise(pack_latents(latents), (h, w), sigmas, start, features, pooled, guidance_vec, true_cfg, progress)
-        return finish(self.vae, unpack_latents(tokens, h, w), output_type)  # (1, C, h, w) latents or the image
-
-    def _denoise(self, tokens: Tensor, size: tuple[int, int], sigmas: Tensor, start: int, features: Tensor, pooled: Tensor,
-                 guidance: Tensor | None, true_cfg: float, progress: bool) -> Tensor:
-        """The Euler loop over packed tokens (1, S, 64) of an h x w latent (`size`) from sigmas[start] to 0; it adds no host sync."""
-        n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
-        times = flux_time(sigmas, tokens.dtype).to(self.device)  # (steps + 1,)
-        image_ids = img_ids(n, size[0] // 2, size[1] // 2, self.device)  # (n, S, 3)
-        text_ids = txt_ids(n, L, self.device)  # (n, L, 3)
-        for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
-            t = times[i].expand(n)  # (n,)
-            out = self.transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, t, pooled, guidance)  # (n, S, 64)
-            velocity = cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
-            tokens = euler_step(tokens, velocity, sigmas[i], sigmas[i + 1])
-        return tokens
+        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
+                                                  latents=latents, output_type=output_type)
+        sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
+        if init_image is None:
+            latents, start = start_noise(self.vae, dtype=self.transformer.dtype, height=height, width=width, seed=seed, latents=latents,
+                                         device=self.device), 0
+        else:
+            latents, start = prepare_img2img(self.vae, init_image, sigmas, dtype=self.transformer.dtype, height=height, width=width,
+                                             strength=strength, seed=seed, device=self.device)
+        features, pooled = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
+                                          device=self.device, offload=self.offload_text_encoder)
+        predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
+                            guidance=settings.guidance, true_cfg=true_cfg, device=self.device)
+        tokens = denoise(predict, pack_latents(latents), sigmas, start, progress=progress, desc=self.variant)  # (1, S, 64)
+        latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)
+        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]

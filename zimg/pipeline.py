@@ -4,13 +4,16 @@
     pipe.generate("a red fox in snow", seed=0).save("fox.png")
 
 The steps, as diffusers' ZImagePipeline takes them:
-1. Qwen3 encodes the prompt (and, with CFG, the negative prompt, in the same batch); only the real
+1. Latents (1, 16, H/8, W/8) start as fp32 noise at sigma 1 (or as the noised init image); the
+   sigmas are an even grid shifted statically (Turbo 3.0, base 6.0). diffusers builds that grid in
+   float32, ours is rounded once from float64: a sigma may sit one float32 step away.
+2. Qwen3 encodes the prompt (and, with CFG, the negative prompt, in the same batch); only the real
    tokens of each caption are kept.
-2. Latents (1, 16, H/8, W/8) start as fp32 noise at sigma 1 (or as the noised init image).
 3. Per sigma, the transformer sees the latents in its dtype and the time 1 - sigma (0 = noise) and
    predicts image - noise. With CFG (guidance > 0) the conditional and unconditional rows run as one
    batch of 2 and combine in fp32 (optionally renormalised, optionally switched off late in the
-   schedule by cfg_truncation). The negated prediction is the velocity of an fp32 Euler step.
+   schedule by cfg_truncation). The negated prediction is the velocity of an fp32 Euler step
+   (predictor() below; common.pipeline.denoise runs the loop).
 4. The autoencoder decodes latents / scaling_factor + shift_factor.
 
 Turbo is distilled for 8 steps without CFG; the base model runs ~50 steps with CFG (guidance ~4).
@@ -22,11 +25,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from zflux.common.identify import check_family
-from zflux.common.pipeline import Variant, begin, default_device, finish, open_snapshot, read_scheduler
-from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, euler_step
+from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
+                                   image_seq_len, open_snapshot, prepare_img2img, read_scheduler, start_noise)
+from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.vae import Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.convert import load_transformer
@@ -82,6 +85,31 @@ def trim_captions(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None
     used = mask.any(dim=0).nonzero()[:, 0]  # (L',) positions holding a real token of some caption
     features, mask = features[:, used], mask[:, used]  # (B, L', D), (B, L')
     return features, None if mask.all() else mask
+
+
+def predictor(transformer: ZImageTransformer, *, features: Tensor, mask: Tensor, sigmas: Tensor, settings: ZImageDefaults,
+              device: torch.device) -> Predict:
+    """predict(latents, i) for denoise: one transformer call per step, both CFG rows in one batch while CFG is on.
+
+    `features` and `mask` hold the prompt's caption, or with CFG the prompt's and the negative
+    prompt's. Captions, times and CFG choices are settled here, so that the loop adds no host sync;
+    the transformer makes one per step only when given a caption mask (CFG rows of unequal length).
+    """
+    use_cfg = settings.guidance > 0
+    captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
+    if use_cfg:
+        captions[2] = trim_captions(features, mask)
+    cfg_steps = [use_cfg and cfg_active(s, settings.cfg_truncation) for s in sigmas[:-1]]
+    times = zimage_time(sigmas).to(device)  # (steps + 1,) model time 1 - sigma
+    dtype = transformer.dtype
+
+    def predict(latents: Tensor, i: int) -> Tensor:
+        n = 2 if cfg_steps[i] else 1  # conditional row, then the unconditional one
+        out = transformer(latents.to(dtype).expand(n, -1, -1, -1), times[i].expand(n), *captions[n])  # (n, C, h, w)
+        pred = cfg_combine(out[:1], out[1:], settings.guidance, settings.cfg_normalization) if n == 2 else out.float()  # (1, C, h, w)
+        return -pred  # the model predicts image - noise
+
+    return predict
 
 
 class ZImagePipeline:
@@ -153,28 +181,17 @@ class ZImagePipeline:
         use_cfg = settings.guidance > 0
         if negative_prompt is not None and not use_cfg:
             raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
-        (features, mask), sigmas, latents, start = begin(self, settings, prompt, negative_prompt, use_cfg, height, width, seed,
-                                                         latents, init_image, strength, output_type, torch.float32)
-        captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
-        if use_cfg:
-            captions[2] = trim_captions(features, mask)
-        cfg_steps = [use_cfg and cfg_active(s, settings.cfg_truncation) for s in sigmas[:-1]]
-
-        latents = self._denoise(latents, sigmas, start, captions, cfg_steps, settings.guidance, settings.cfg_normalization, progress)
-        return finish(self.vae, latents, output_type)
-
-    def _denoise(self, latents: Tensor, sigmas: Tensor, start: int, captions: dict, cfg_steps: list[bool], guidance: float,
-                 cfg_normalization: float | None, progress: bool) -> Tensor:
-        """The Euler loop from sigmas[start] to 0.
-
-        Schedule, times and CFG choices are settled before it, so the loop itself adds no host sync; the
-        transformer makes one per step only when given a caption mask (CFG rows of unequal length).
-        """
-        times = zimage_time(sigmas).to(self.device)  # (steps + 1,) model time 1 - sigma
-        dtype = self.transformer.dtype
-        for i in tqdm(range(start, len(sigmas) - 1), desc=self.variant, unit="step", disable=not progress):
-            n = 2 if cfg_steps[i] else 1  # conditional row, then the unconditional one
-            out = self.transformer(latents.to(dtype).expand(n, -1, -1, -1), times[i].expand(n), *captions[n])  # (n, C, h, w)
-            pred = cfg_combine(out[:1], out[1:], guidance, cfg_normalization) if n == 2 else out.float()  # (1, C, h, w)
-            latents = euler_step(latents, -pred, sigmas[i], sigmas[i + 1])  # the model predicts image - noise
-        return latents
+        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
+                                                  latents=latents, output_type=output_type)
+        sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
+        if init_image is None:
+            latents, start = start_noise(self.vae, dtype=torch.float32, height=height, width=width, seed=seed, latents=latents,
+                                         device=self.device), 0
+        else:
+            latents, start = prepare_img2img(self.vae, init_image, sigmas, dtype=torch.float32, height=height, width=width,
+                                             strength=strength, seed=seed, device=self.device)
+        features, mask = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
+                                        device=self.device, offload=self.offload_text_encoder)
+        predict = predictor(self.transformer, features=features, mask=mask, sigmas=sigmas, settings=settings, device=self.device)
+        latents = denoise(predict, latents, sigmas, start, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
+        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
