@@ -92,7 +92,8 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t = times[i].expand(n)  # (n,)
-        out = transformer(tokens.expand(n, -1, -1), image_ids, features, text_ids, t, pooled, guidance_vec)  # (n, S, 64)
+        out = transformer(tokens.expand(n, -1, -1), img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
+                          guidance=guidance_vec)  # (n, S, 64)
         return cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
 
     return predict
@@ -135,10 +136,10 @@ class FluxPipeline:
             raise CheckpointError(f"{transformer} holds {info.description}, not {variant}")
         check_family(vae, "autoencoder")
         device = torch.device(device) if device is not None else default_device()
-        encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip, clip_tokenizer,
-                                                    "cpu" if offload_text_encoder else device, dtype)
-        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), encoder, scheduler,
-                   offload_text_encoder)
+        encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip=clip, clip_tokenizer=clip_tokenizer,
+                                                    device="cpu" if offload_text_encoder else device, dtype=dtype)
+        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder,
+                   scheduler=scheduler, offload_text_encoder=offload_text_encoder)
 
     @property
     def device(self) -> torch.device:

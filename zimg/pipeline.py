@@ -58,11 +58,6 @@ SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def variant_of(scheduler: SchedulerConfig) -> str | None:
-    """The variant whose shipped scheduler config this is (Turbo and base differ only there), else None."""
-    return next((name for name, v in VARIANTS.items() if v.scheduler == scheduler), None)
-
-
 def zimage_time(sigma: Tensor) -> Tensor:
     """The time Z-Image's transformer receives for `sigma`: 1 - sigma (0 = pure noise), rounded as ZImagePipeline does."""
     return (NUM_TRAIN_TIMESTEPS - sigma.float() * NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
@@ -101,12 +96,14 @@ def predictor(transformer: ZImageTransformer, *, features: Tensor, mask: Tensor,
         captions[2] = trim_captions(features, mask)
     cfg_steps = [use_cfg and cfg_active(s, settings.cfg_truncation) for s in sigmas[:-1]]
     times = zimage_time(sigmas).to(device)  # (steps + 1,) model time 1 - sigma
-    dtype = transformer.dtype
+    dtype, guidance, normalization = transformer.dtype, settings.guidance, settings.cfg_normalization
 
     def predict(latents: Tensor, i: int) -> Tensor:
         n = 2 if cfg_steps[i] else 1  # conditional row, then the unconditional one
-        out = transformer(latents.to(dtype).expand(n, -1, -1, -1), times[i].expand(n), *captions[n])  # (n, C, h, w)
-        pred = cfg_combine(out[:1], out[1:], settings.guidance, settings.cfg_normalization) if n == 2 else out.float()  # (1, C, h, w)
+        cap_feats, cap_mask = captions[n]
+        x = latents.to(dtype).expand(n, -1, -1, -1)  # (n, C, h, w)
+        out = transformer(x, times[i].expand(n), cap_feats=cap_feats, cap_mask=cap_mask)  # (n, C, h, w)
+        pred = cfg_combine(out[:1], out[1:], scale=guidance, normalization=normalization) if n == 2 else out.float()  # (1, C, h, w)
         return -pred  # the model predicts image - noise
 
     return predict
@@ -134,13 +131,13 @@ class ZImagePipeline:
         """
         root = open_snapshot(path, SNAPSHOT_PIPELINES, SUBFOLDERS)
         scheduler = read_scheduler(root / "scheduler")
-        shipped = variant_of(scheduler)
+        shipped = next((name for name, v in VARIANTS.items() if v.scheduler == scheduler), None)  # Turbo and base differ only there
         if variant is None and shipped is None:
             raise CheckpointError(f"{root}: the scheduler (shift {scheduler.shift}) is neither Turbo's nor base's; pass variant=")
         if variant is not None and shipped is not None and variant != shipped:
             raise CheckpointError(f"{root} is {shipped} (its scheduler shifts sigmas by {scheduler.shift}), not {variant}")
-        return cls.from_single_files(root / "transformer", root / "vae", root / "text_encoder", root / "tokenizer",
-                                     variant=variant or shipped, device=device, dtype=dtype,
+        return cls.from_single_files(root / "transformer", root / "vae", text_encoder=root / "text_encoder",
+                                     tokenizer=root / "tokenizer", variant=variant or shipped, device=device, dtype=dtype,
                                      offload_text_encoder=offload_text_encoder, scheduler=scheduler)
 
     @classmethod
@@ -155,9 +152,10 @@ class ZImagePipeline:
             raise CheckpointError(f"{transformer} holds {info.description}")
         check_family(vae, "autoencoder")
         device = torch.device(device) if device is not None else default_device()
-        encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, "cpu" if offload_text_encoder else device, dtype)
-        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), encoder, variant,
-                   scheduler, offload_text_encoder)
+        encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
+                                                     dtype=dtype)
+        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder, variant=variant,
+                   scheduler=scheduler, offload_text_encoder=offload_text_encoder)
 
     @property
     def device(self) -> torch.device:
