@@ -43,7 +43,7 @@ from zflux.flux.text import FluxPromptEncoder
 VARIANTS = {
     "flux-schnell": Variant(model=PRESETS["flux-schnell"], scheduler=SchedulerConfig(shift=1.0),
                             defaults=SamplingDefaults(steps=4, guidance=0.0, max_sequence_length=256)),
-    "flux-dev": Variant(model=PRESETS["flux-dev"], scheduler=SchedulerConfig(shift=3.0, use_dynamic_shifting=True),  # shift unused
+    "flux-dev": Variant(model=PRESETS["flux-dev"], scheduler=SchedulerConfig(shift=3.0, use_dynamic_shifting=True),  # mu decides
                         defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
 }
 SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
@@ -85,7 +85,7 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
     positions are settled here, so that the loop adds no host sync.
     """
     n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
-    times = flux_time(sigmas, transformer.dtype).to(device)  # (steps + 1,) in the latents' dtype's rounding
+    times = flux_time(sigmas, transformer.dtype).to(device)  # (steps + 1,) rounded like the latents (transformer's dtype)
     image_ids = img_ids(n, size[0] // 2, size[1] // 2, device=device)  # (n, S, 3)
     text_ids = txt_ids(n, L, device)  # (n, L, 3)
     guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
@@ -158,21 +158,21 @@ class FluxPipeline:
         down to a multiple of 16. `latents` (unpacked) replaces the seeded initial noise;
         `init_image` + `strength` runs image-to-image.
         """
+        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
+                                                  latents=latents, output_type=output_type)
         if guidance is not None and not self.transformer.cfg.guidance_embeds:
             raise ValueError("FLUX.1 schnell has no guidance input: leave guidance unset")
         settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance)
         use_cfg = true_cfg > 1
         if negative_prompt is not None and not use_cfg:
             raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
-        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
-                                                  latents=latents, output_type=output_type)
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
         if init_image is None:
-            latents, start = start_noise(self.vae, dtype=self.transformer.dtype, height=height, width=width, seed=seed, latents=latents,
-                                         device=self.device), 0
+            latents, start = start_noise(self.vae, height=height, width=width, seed=seed, latents=latents, device=self.device,
+                                         dtype=self.transformer.dtype), 0
         else:
-            latents, start = prepare_img2img(self.vae, init_image, sigmas, dtype=self.transformer.dtype, height=height, width=width,
-                                             strength=strength, seed=seed, device=self.device)
+            latents, start = prepare_img2img(self.vae, init_image, sigmas, height=height, width=width, strength=strength, seed=seed,
+                                             device=self.device, dtype=self.transformer.dtype)
         features, pooled = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                                           device=self.device, offload=self.offload_text_encoder)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,

@@ -154,8 +154,8 @@ class ZImagePipeline:
         device = torch.device(device) if device is not None else default_device()
         encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
                                                      dtype=dtype)
-        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder, variant=variant,
-                   scheduler=scheduler, offload_text_encoder=offload_text_encoder)
+        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder,
+                   variant=variant, scheduler=scheduler, offload_text_encoder=offload_text_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -174,20 +174,20 @@ class ZImagePipeline:
         Size defaults to 1024x1024, or to the init image's size rounded down to a multiple of 16.
         `latents` replaces the seeded initial noise; `init_image` + `strength` runs image-to-image.
         """
+        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
+                                                  latents=latents, output_type=output_type)
         settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
                                                          cfg_truncation=cfg_truncation)
         use_cfg = settings.guidance > 0
         if negative_prompt is not None and not use_cfg:
             raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
-        height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
-                                                  latents=latents, output_type=output_type)
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
         if init_image is None:
-            latents, start = start_noise(self.vae, dtype=torch.float32, height=height, width=width, seed=seed, latents=latents,
-                                         device=self.device), 0
+            latents, start = start_noise(self.vae, height=height, width=width, seed=seed, latents=latents, device=self.device,
+                                         dtype=torch.float32), 0
         else:
-            latents, start = prepare_img2img(self.vae, init_image, sigmas, dtype=torch.float32, height=height, width=width,
-                                             strength=strength, seed=seed, device=self.device)
+            latents, start = prepare_img2img(self.vae, init_image, sigmas, height=height, width=width, strength=strength, seed=seed,
+                                             device=self.device, dtype=torch.float32)
         features, mask = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                                         device=self.device, offload=self.offload_text_encoder)
         predict = predictor(self.transformer, features=features, mask=mask, sigmas=sigmas, settings=settings, device=self.device)
