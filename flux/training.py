@@ -28,14 +28,13 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
-from zflux.common.sampling import DEFAULTS, SCHEDULERS, flux_mu, flux_time
-from zflux.common.text import FluxPromptEncoder, flux_features
+from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
 from zflux.common.vae import load_autoencoder
 from zflux.flux.convert import to_diffusers
 from zflux.flux.model import Flux, FluxConfig
-from zflux.flux.pipeline import FluxPipeline
-from zflux.flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
+from zflux.flux.pipeline import VARIANTS, FluxPipeline, flux_time, img_ids, txt_ids
+from zflux.flux.text import FluxPromptEncoder, flux_features
 
 VARIANT = "flux-dev"
 TEXT_DIM = 128
@@ -56,7 +55,7 @@ def build_tokenizers() -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast
         single="<|startoftext|> $A <|endoftext|>",
         special_tokens=[(name, clip.token_to_id(name)) for name in ("<|startoftext|>", "<|endoftext|>")])
     return (PreTrainedTokenizerFast(tokenizer_object=t5, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                    model_max_length=DEFAULTS[VARIANT].max_sequence_length),
+                                    model_max_length=VARIANTS[VARIANT].defaults.max_sequence_length),
             PreTrainedTokenizerFast(tokenizer_object=clip, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                     pad_token="<|endoftext|>", model_max_length=CLIP["max_position_embeddings"]))
 
@@ -104,10 +103,7 @@ def pipeline(model: Denoiser, vae, t5_tokenizer: PreTrainedTokenizerFast, clip_t
 
 def flow_rule(size: int) -> FlowRule:
     """FLUX.1's rule at `size` pixels: the shift is the one dev's scheduler picks for that many image tokens."""
-    tokens = (size // 16) ** 2
-    scheduler = SCHEDULERS[VARIANT]
-    mu = flux_mu(tokens, scheduler.base_image_seq_len, scheduler.max_image_seq_len, scheduler.base_shift, scheduler.max_shift)
-    return FlowRule(time=flux_time, sign=1.0, shift=math.exp(mu))
+    return FlowRule(time=flux_time, sign=1.0, shift=math.exp(VARIANTS[VARIANT].scheduler.mu((size // 16) ** 2)))
 
 
 def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device,
@@ -123,7 +119,7 @@ def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: in
     def loss(model: Denoiser, batch: tuple[Tensor, list[str]], generator: torch.Generator) -> Tensor:
         pictures, captions = batch
         # T5 attends to its padding: the ids are padded to the pipeline's max_sequence_length, as at inference.
-        t5_ids, clip_ids = encoder.tokens(captions, DEFAULTS[VARIANT].max_sequence_length)
+        t5_ids, clip_ids = encoder.tokens(captions, VARIANTS[VARIANT].defaults.max_sequence_length)
         low, high = GUIDANCE_RANGE
         guidance = low + (high - low) * torch.rand(len(captions), generator=generator, device=device)  # (B,)
         return flow_loss(lambda x, t: model(x, t, t5_ids, clip_ids, guidance), picture_latents(vae, pictures), rule, generator)
@@ -134,7 +130,7 @@ def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: in
     averaged = train(model, loss, lambda step: batches(dataset, settings.batch_size, step, workers), settings, folder, sample,
                      name=VARIANT)
     text = {"text_encoder": averaged.clip, "tokenizer": clip_tokenizer, "text_encoder_2": averaged.t5, "tokenizer_2": t5_tokenizer}
-    snapshot = save_snapshot(folder / "model", "FluxPipeline", vae=vae_folder, scheduler=SCHEDULERS[VARIANT],
+    snapshot = save_snapshot(folder / "model", "FluxPipeline", vae=vae_folder, scheduler=VARIANTS[VARIANT].scheduler,
                              transformer=("FluxTransformer2DModel", to_diffusers(averaged.transformer.state_dict()), TRANSFORMER),
                              text=text)
     prompt_grid(FluxPipeline.from_pretrained(snapshot, device=device, dtype=torch.float32), size).save(folder / "grid.png")

@@ -9,11 +9,11 @@ import torch
 from diffusers import FluxPipeline as DiffusersFlux
 
 import zflux.common.training as training
-from zflux.common.text import FluxPromptEncoder
 from zflux.common.training import TrainSettings, flow_loss, train, train_autoencoder
 from zflux.common.vae import Autoencoder, AutoencoderConfig
 from zflux.flux.model import FluxConfig
 from zflux.flux.pipeline import FluxPipeline
+from zflux.flux.text import FluxPromptEncoder
 from zflux.flux.training import build_denoiser, build_tokenizers, flow_rule, pipeline, train_flux
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 from util import rel_err

@@ -11,6 +11,8 @@ from torch import nn
 from zflux.common.training import (EMA, FlowRule, TrainSettings, autoencoder_loss, flow_loss, image_grid, loss_curve, train,
                                    train_autoencoder, training_sigmas)
 from zflux.common.vae import Autoencoder, AutoencoderConfig, load_autoencoder
+from zflux.flux.training import flow_rule as flux_rule
+from zflux.zimg.training import RULE as zimage_rule
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(batch_size=4, lr=1e-2, minutes=5.0, warmup=2)
@@ -72,15 +74,14 @@ def test_ema_warms_up():
     assert ema.copy(model).weight.item() == pytest.approx(0.9) and model.weight.item() == 1
 
 
-@pytest.mark.parametrize("family, time_of, target_of", [
-    ("z-image", lambda sigma: 1 - sigma, lambda noise, x0: x0 - noise),  # t = 1 - sigma, predicts image - noise
-    ("flux.1", lambda sigma: sigma, lambda noise, x0: noise - x0),  # t = sigma, predicts noise - image
+@pytest.mark.parametrize("rule, time_of, target_of", [
+    (zimage_rule, lambda sigma: 1 - sigma, lambda noise, x0: x0 - noise),  # Z-Image: t = 1 - sigma, predicts image - noise
+    (flux_rule(128), lambda sigma: sigma, lambda noise, x0: noise - x0),  # FLUX.1: t = sigma, predicts noise - image
 ])
-def test_flow_loss_conventions(family, time_of, target_of):
-    """A predictor that knows x0 and reads sigma back from the time as the family's documented convention says has
-    zero loss under that family's rule, and a large one under the other sign."""
+def test_flow_loss_conventions(rule, time_of, target_of):
+    """A predictor that knows x0 and reads sigma back from the time as the family's convention says has zero loss
+    under the family's rule, and a large one with the sign flipped."""
     latents = torch.randn(6, 16, 4, 4)
-    rule = FlowRule(time=time_of, sign=-1.0 if family == "z-image" else 1.0, shift=3.0)
 
     def oracle(noisy, time):
         sigma = time_of(time).view(-1, 1, 1, 1)  # both conventions are their own inverse

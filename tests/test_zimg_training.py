@@ -8,11 +8,11 @@ import torch
 from diffusers import ZImagePipeline as DiffusersZImage
 
 import zflux.common.training as training
-from zflux.common.text import Qwen3PromptEncoder
 from zflux.common.training import TrainSettings, flow_loss, train, train_autoencoder
 from zflux.common.vae import Autoencoder, AutoencoderConfig
 from zflux.zimg.model import ZImageConfig
 from zflux.zimg.pipeline import ZImagePipeline
+from zflux.zimg.text import Qwen3PromptEncoder
 from zflux.zimg.training import RULE, build_denoiser, build_tokenizer, pipeline, train_zimage
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 from util import rel_err

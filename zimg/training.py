@@ -24,13 +24,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
-from zflux.common.sampling import SCHEDULERS, zimage_time
-from zflux.common.text import Qwen3PromptEncoder, qwen3_features
 from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
 from zflux.common.vae import load_autoencoder
 from zflux.zimg.convert import to_diffusers
 from zflux.zimg.model import ZImageConfig, ZImageTransformer
-from zflux.zimg.pipeline import ZImagePipeline
+from zflux.zimg.pipeline import VARIANTS, ZImagePipeline, zimage_time
+from zflux.zimg.text import Qwen3PromptEncoder, qwen3_features
 
 VARIANT = "z-image-turbo"
 TEXT_DIM = 128
@@ -46,7 +45,7 @@ CHAT_TEMPLATE = (
     r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
     r"{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
 )
-RULE = FlowRule(time=zimage_time, sign=-1.0, shift=SCHEDULERS[VARIANT].shift)
+RULE = FlowRule(time=zimage_time, sign=-1.0, shift=VARIANTS[VARIANT].scheduler.shift)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -109,7 +108,7 @@ def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: 
 
     averaged = train(model, loss, lambda step: batches(dataset, settings.batch_size, step, workers), settings, folder, sample,
                      name=VARIANT)
-    snapshot = save_snapshot(folder / "model", "ZImagePipeline", vae=vae_folder, scheduler=SCHEDULERS[VARIANT],
+    snapshot = save_snapshot(folder / "model", "ZImagePipeline", vae=vae_folder, scheduler=VARIANTS[VARIANT].scheduler,
                              transformer=("ZImageTransformer2DModel", to_diffusers(averaged.transformer.state_dict()), TRANSFORMER),
                              text={"text_encoder": averaged.text_encoder, "tokenizer": tokenizer})
     prompt_grid(ZImagePipeline.from_pretrained(snapshot, device=device, dtype=torch.float32), size).save(folder / "grid.png")
