@@ -120,6 +120,10 @@ class TrainSettings:
     seed: int = 0
 
 
+# The autoencoder's run (`zflux train autoencoder`): small convolutions learn fast at a high rate.
+AUTOENCODER_SETTINGS = TrainSettings(batch_size=32, lr=1e-3, minutes=8.0)
+
+
 class EMA:
     """An exponential moving average of a model's trainable weights, decay warmed up as (1 + n) / (10 + n)."""
 

@@ -44,6 +44,7 @@ T5 = dict(d_model=TEXT_DIM, d_kv=32, d_ff=256, num_layers=2, num_heads=4, feed_f
 CLIP = dict(hidden_size=TEXT_DIM, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
             projection_dim=TEXT_DIM)
 GUIDANCE_RANGE = (1.0, 5.0)
+SETTINGS = TrainSettings(batch_size=128, lr=1e-3, minutes=8.0)  # `zflux train flux-dev`, flags aside
 
 
 def build_tokenizers() -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:

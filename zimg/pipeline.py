@@ -55,6 +55,9 @@ VARIANTS = {
                        defaults=ZImageDefaults(steps=50, guidance=4.0, max_sequence_length=512)),
 }
 SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+# zflux's own small Turbo-shaped model, trained on drawn scenes (zimg/training.py), shipped as a snapshot folder.
+EMBEDDED_MODEL = Path(__file__).parent / "embedded"
+EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

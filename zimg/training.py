@@ -45,6 +45,7 @@ CHAT_TEMPLATE = (
     r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
     r"{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
 )
+SETTINGS = TrainSettings(batch_size=128, lr=1e-3, minutes=8.0)  # `zflux train z-image-turbo`, flags aside
 RULE = FlowRule(time=zimage_time, sign=-1.0, shift=VARIANTS[VARIANT].scheduler.shift)
 
 

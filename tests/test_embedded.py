@@ -1,0 +1,164 @@
+"""The small models zflux ships (zimg/embedded/, flux/embedded/): they load like any snapshot, diffusers' pipelines
+draw the same pictures from them, `zflux generate` runs them by default, and they draw what captions they never saw
+in training ask for.
+
+Until the trained folders are committed these tests skip, saying so; a folder that is there is always tested.
+
+Prompt following is read off the pixels: every pixel is named by its nearest palette colour
+(common/shapes.py COLOURS); the background's colour must fill all four corners, and the commonest
+colour among the other pixels (the shape's, far larger than any anti-aliased edge) must be the
+shape's colour, centred.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline as DiffusersFlux
+from diffusers import ZImagePipeline as DiffusersZImage
+from PIL import Image
+
+from zflux.common.shapes import COLOURS, HELD_OUT, LANGUAGES, Scene, caption
+from zflux.flux import pipeline as flux
+from zflux.zimg import pipeline as zimage
+from util import rel_err
+
+FP32 = dict(device="cpu", dtype=torch.float32)
+PROMPT = "a red circle on a blue background"
+CORNER = 0.1  # corner patches, fraction of the side
+MIN_SHAPE = 0.03  # the shape's colour covers at least this share of the picture
+HELD_OUT_SCENES = [Scene(*triple) for triple in sorted(HELD_OUT)]
+
+
+def shipped(folder: Path):
+    return pytest.mark.skipif(not (folder / "model_index.json").is_file(),
+                              reason=f"{folder} is absent: train the small model and commit it (README: zflux's small models)")
+
+
+zimage_shipped, flux_shipped = shipped(zimage.EMBEDDED_MODEL), shipped(flux.EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """The 2-core machine the small models are meant for."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def colour_names(image: Image.Image) -> np.ndarray:
+    """(H, W) index into COLOURS of each pixel's nearest palette colour."""
+    palette = np.array(list(COLOURS.values()), dtype=float)  # (K, 3)
+    pixels = np.asarray(image, dtype=float)  # (H, W, 3)
+    return np.square(pixels[:, :, None] - palette).sum(-1).argmin(-1)  # (H, W)
+
+
+def misreading(image: Image.Image, scene: Scene) -> str | None:
+    """None when the picture shows `scene`'s colours where they belong (centred shape), else what it shows instead."""
+    names, side = colour_names(image), image.width
+    colours = list(COLOURS)
+    c = max(1, int(CORNER * side))
+    corners = [names[:c, :c], names[:c, -c:], names[-c:, :c], names[-c:, -c:]]
+    corner_colours = [colours[np.bincount(p.ravel(), minlength=len(colours)).argmax()] for p in corners]
+    if any(colour != scene.background for colour in corner_colours):
+        return f"corners {corner_colours}"
+    rest = names[names != colours.index(scene.background)]
+    if rest.size < MIN_SHAPE * names.size:
+        return "no shape"
+    shape_colour = colours[np.bincount(rest, minlength=len(colours)).argmax()]
+    rows, cols = np.nonzero(names == colours.index(shape_colour))
+    centre = np.array([rows.mean(), cols.mean()]) / side
+    if shape_colour != scene.colour or np.abs(centre - 0.5).max() > 0.2:
+        return f"a {shape_colour} shape centred at {centre.round(2).tolist()}"
+    return None
+
+
+def follows(generate, scenes: list[Scene], language: str) -> tuple[float, list[str]]:
+    """The share of `scenes` drawn right from their captions in `language`, and what went wrong with the others."""
+    wrong = []
+    for scene in scenes:
+        prompt = caption(scene, language)
+        problem = misreading(generate(prompt), scene)
+        if problem:
+            wrong.append(f"{prompt!r}: {problem}")
+    return 1 - len(wrong) / len(scenes), wrong
+
+
+def test_the_pixel_check_reads_the_training_pictures():
+    """The check itself: it accepts drawn scenes, and refuses them under another caption."""
+    from zflux.common.shapes import draw
+
+    for scene in HELD_OUT_SCENES:
+        picture = draw(scene, zimage.EMBEDDED_SIZE)
+        assert misreading(picture, scene) is None
+        swapped = Scene(scene.background, scene.shape, scene.colour)
+        assert misreading(picture, swapped) is not None
+
+
+@zimage_shipped
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_zimage_follows_unseen_prompts(language):
+    """Every held-out (colour, shape, background) combination (24, never in training), at the default 8 steps: >= 90% right."""
+    pipe = zimage.ZImagePipeline.from_pretrained(zimage.EMBEDDED_MODEL, **FP32)
+    size = zimage.EMBEDDED_SIZE
+    share, wrong = follows(lambda p: pipe.generate(p, height=size, width=size, progress=False), HELD_OUT_SCENES, language)
+    assert share >= 0.9, "\n".join(wrong)
+
+
+@flux_shipped
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_flux_follows_unseen_prompts(language):
+    """Every other held-out combination (12), at 8 steps instead of dev's 28 to keep the test short: >= 90% right."""
+    pipe = flux.FluxPipeline.from_pretrained(flux.EMBEDDED_MODEL, **FP32)
+    size = flux.EMBEDDED_SIZE
+    share, wrong = follows(lambda p: pipe.generate(p, height=size, width=size, steps=8, progress=False), HELD_OUT_SCENES[::2],
+                           language)
+    assert share >= 0.9, "\n".join(wrong)
+
+
+@zimage_shipped
+def test_zimage_matches_diffusers():
+    """diffusers' ZImagePipeline loads the shipped folder and draws the same latents for the same seed (fp32, <= 1e-4)."""
+    size = zimage.EMBEDDED_SIZE
+    got = zimage.ZImagePipeline.from_pretrained(zimage.EMBEDDED_MODEL, **FP32).generate(
+        PROMPT, height=size, width=size, seed=5, output_type="latent", progress=False)
+    ref = DiffusersZImage.from_pretrained(zimage.EMBEDDED_MODEL, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, height=size, width=size, num_inference_steps=8, guidance_scale=0.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(5)).images
+    assert rel_err(got, expected) <= 1e-4
+
+
+@flux_shipped
+def test_flux_matches_diffusers():
+    """diffusers' FluxPipeline loads the shipped folder and draws the same latents for the same seed (fp32, 4 steps, <= 1e-4)."""
+    size = flux.EMBEDDED_SIZE
+    got = flux.FluxPipeline.from_pretrained(flux.EMBEDDED_MODEL, **FP32).generate(
+        PROMPT, height=size, width=size, steps=4, seed=5, output_type="latent", progress=False)
+    ref = DiffusersFlux.from_pretrained(flux.EMBEDDED_MODEL, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, height=size, width=size, num_inference_steps=4, guidance_scale=3.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(5)).images
+    assert rel_err(got, DiffusersFlux._unpack_latents(expected, size, size, 8)) <= 1e-4
+
+
+@zimage_shipped
+def test_generate_runs_the_small_model_by_default(tmp_path):
+    """`zflux generate --prompt ... --out ...` alone: the shipped Z-Image on the CPU, the whole command (Python's start,
+    imports, loading, 8 steps, decoding) in under 30 s on two cores; it says which model it ran."""
+    out = tmp_path / "circle.png"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "zflux.cli", "generate", "--prompt", PROMPT, "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})
+    took = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "zflux's small z-image-turbo-shaped model" in done.stdout and str(zimage.EMBEDDED_MODEL) in done.stdout
+    assert took < 30, f"took {took:.1f} s"
+    with Image.open(out) as image:
+        assert image.size == (128, 128) and misreading(image, Scene("red", "circle", "blue")) is None
