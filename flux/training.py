@@ -31,7 +31,8 @@ from zflux.common.data import SceneDataset, batches, byte_level_bpe
 from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
 from zflux.common.vae import load_autoencoder
-from zflux.flux.convert import to_diffusers
+from zflux.common.weights import read_state_dict
+from zflux.flux.convert import from_diffusers, to_diffusers
 from zflux.flux.model import Flux, FluxConfig
 from zflux.flux.pipeline import VARIANTS, FluxPipeline, flux_time, img_ids, txt_ids
 from zflux.flux.text import FluxPromptEncoder, flux_features
@@ -107,12 +108,26 @@ def flow_rule(size: int) -> FlowRule:
     return FlowRule(time=flux_time, sign=1.0, shift=math.exp(VARIANTS[VARIANT].scheduler.mu((size // 16) ** 2)))
 
 
-def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device,
-               workers: int = 0) -> Path:
+def load_snapshot_weights(model: Denoiser, snapshot: Path) -> None:
+    """Copy a saved snapshot's transformer and text encoders into `model`: a warm start from a shipped model."""
+    model.transformer.load_state_dict(from_diffusers(read_state_dict(snapshot / "transformer")))
+    model.t5.load_state_dict(T5EncoderModel.from_pretrained(snapshot / "text_encoder_2").state_dict())
+    model.clip.load_state_dict(CLIPTextModel.from_pretrained(snapshot / "text_encoder").state_dict())
+
+
+def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device, workers: int = 0,
+               init: Path | None = None) -> Path:
     """Train (or resume training) the small FLUX.1 in `folder` on `size`-pixel scenes; write its snapshot to
-    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot."""
+    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot.
+
+    `init`, a snapshot of this model, gives the starting weights instead of a fresh initialisation (a checkpoint
+    in `folder` still wins).
+    """
     t5_tokenizer, clip_tokenizer = build_tokenizers()
-    model = build_denoiser(t5_tokenizer, clip_tokenizer, settings.seed).to(device)
+    model = build_denoiser(t5_tokenizer, clip_tokenizer, settings.seed)
+    if init is not None:
+        load_snapshot_weights(model, init)
+    model.to(device)
     vae = load_autoencoder(vae_folder, device, torch.float32)
     encoder = FluxPromptEncoder(model.t5, t5_tokenizer, model.clip, clip_tokenizer)
     dataset, rule = SceneDataset(size, seed=settings.seed), flow_rule(size)

@@ -11,9 +11,9 @@ shape's colour, centred.
 """
 
 import os
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from PIL import Image
 from zflux.common.shapes import COLOURS, HELD_OUT, LANGUAGES, Scene, caption
 from zflux.flux import pipeline as flux
 from zflux.zimg import pipeline as zimage
+from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 from util import rel_err
 
 FP32 = dict(device="cpu", dtype=torch.float32)
@@ -41,15 +42,6 @@ def shipped(folder: Path):
 
 
 zimage_shipped, flux_shipped = shipped(zimage.EMBEDDED_MODEL), shipped(flux.EMBEDDED_MODEL)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """The 2-core machine the small models are meant for."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 
 
 def colour_names(image: Image.Image) -> np.ndarray:
@@ -150,15 +142,17 @@ def test_flux_matches_diffusers():
 
 @zimage_shipped
 def test_generate_runs_the_small_model_by_default(tmp_path):
-    """`zflux generate --prompt ... --out ...` alone: the shipped Z-Image on the CPU, the whole command (Python's start,
-    imports, loading, 8 steps, decoding) in under 30 s on two cores; it says which model it ran."""
+    """`zflux generate --prompt ... --out ...` alone runs the shipped Z-Image on the CPU and says so. The whole command
+    (Python's start, imports, loading, 8 steps, decoding) takes under 30 s of CPU time, so under 30 s on any idle
+    machine; its wall time here depends on what else shares the machine."""
     out = tmp_path / "circle.png"
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-m", "zflux.cli", "generate", "--prompt", PROMPT, "--out", str(out), "--device", "cpu"],
                           capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})
-    took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "zflux's small z-image-turbo-shaped model" in done.stdout and str(zimage.EMBEDDED_MODEL) in done.stdout
-    assert took < 30, f"took {took:.1f} s"
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert cpu < 30, f"took {cpu:.1f} s of CPU time"
     with Image.open(out) as image:
         assert image.size == (128, 128) and misreading(image, Scene("red", "circle", "blue")) is None

@@ -10,6 +10,7 @@ from diffusers import ZImagePipeline as DiffusersZImage
 import zflux.common.training as training
 from zflux.common.training import TrainSettings, flow_loss, train, train_autoencoder
 from zflux.common.vae import Autoencoder, AutoencoderConfig
+from zflux.common.weights import read_state_dict
 from zflux.zimg.model import ZImageConfig
 from zflux.zimg.pipeline import ZImagePipeline
 from zflux.zimg.text import Qwen3PromptEncoder
@@ -69,3 +70,14 @@ def test_run_writes_a_snapshot_diffusers_loads(trained):
                    generator=torch.Generator().manual_seed(3)).images
     assert rel_err(got, expected) <= 1e-4
 
+
+def test_warm_start_from_a_snapshot(trained, tmp_path):
+    """--init: a run in a fresh folder starts from a snapshot's weights (here with no step: it writes them back unchanged)."""
+    _, snapshot = trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "SHOWCASE", training.SHOWCASE[:1])
+        again = train_zimage(tmp_path, snapshot.parent.parent / "vae" / "model", TrainSettings(batch_size=2, lr=1e-3, minutes=5, max_steps=0),
+                     size=32, device=torch.device("cpu"), init=snapshot)
+    for part in ('transformer', 'text_encoder'):
+        before, after = read_state_dict(snapshot / part), read_state_dict(again / part)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

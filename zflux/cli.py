@@ -101,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "pictures, grid.png and model/ (the diffusers folder); default out/train")
     train.add_argument("--minutes", type=float, help="stop this chunk after so many minutes of training, then save (default 8)")
     train.add_argument("--max-steps", type=int, help="the step at which the run ends for good")
-    train.add_argument("--batch-size", type=int, help="default: autoencoder 32, transformers 128")
+    train.add_argument("--batch-size", type=int, help="default: autoencoder 64, transformers 128")
     train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     train.add_argument("--size", type=int, default=128, help="picture size in pixels (default 128, the shipped models')")
     train.add_argument("--vae", help="a transformer's trained autoencoder, a vae/ folder (default <out>/autoencoder/model)")
+    train.add_argument("--init", help="a transformer's starting weights: a snapshot of the same model (e.g. the shipped one, to "
+                                      "train it further on a fresh machine); a checkpoint in the run folder wins")
     train.add_argument("--device", help="default: cuda when available, else cpu")
     train.add_argument("--workers", type=int, help="processes drawing pictures (default: 0 on the CPU, up to 8 with a GPU)")
     train.add_argument("--seed", type=int, default=0)
@@ -242,12 +244,14 @@ def train_model(args: argparse.Namespace) -> None:
     folder = Path(args.out) / args.what
     options = dict(size=args.size, device=device, workers=workers)
     if args.what == "autoencoder":
+        if args.init or args.vae:
+            raise ValueError("--init and --vae go with a transformer's run (the autoencoder is trained from scratch)")
         model = run(folder, settings, **options)
     else:
         vae = Path(args.vae) if args.vae else Path(args.out) / "autoencoder" / "model"
         if not (vae / "config.json").is_file():
             raise CheckpointError(f"no trained autoencoder at {vae}: run `zflux train autoencoder` first, or pass --vae")
-        model = run(folder, vae, settings, **options)
+        model = run(folder, vae, settings, init=Path(args.init) if args.init else None, **options)
     print(f"{model}: {args.what} (diffusers folder); {folder}: checkpoint, loss.png, sample pictures"
           + ("" if args.what == "autoencoder" else ", grid.png"))
 

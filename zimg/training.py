@@ -26,7 +26,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
 from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
 from zflux.common.vae import load_autoencoder
-from zflux.zimg.convert import to_diffusers
+from zflux.common.weights import read_state_dict
+from zflux.zimg.convert import from_diffusers, to_diffusers
 from zflux.zimg.model import ZImageConfig, ZImageTransformer
 from zflux.zimg.pipeline import VARIANTS, ZImagePipeline, zimage_time
 from zflux.zimg.text import Qwen3PromptEncoder, qwen3_features
@@ -89,12 +90,25 @@ def pipeline(model: Denoiser, vae, tokenizer: PreTrainedTokenizerFast) -> ZImage
     return ZImagePipeline(model.transformer, vae, Qwen3PromptEncoder(model.text_encoder, tokenizer), VARIANT)
 
 
-def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device,
-                 workers: int = 0) -> Path:
+def load_snapshot_weights(model: Denoiser, snapshot: Path) -> None:
+    """Copy a saved snapshot's transformer and text encoder into `model`: a warm start from a shipped model."""
+    model.transformer.load_state_dict(from_diffusers(read_state_dict(snapshot / "transformer")))
+    model.text_encoder.load_state_dict(Qwen3Model.from_pretrained(snapshot / "text_encoder").state_dict())
+
+
+def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device, workers: int = 0,
+                 init: Path | None = None) -> Path:
     """Train (or resume training) the small Z-Image in `folder` on `size`-pixel scenes; write its snapshot to
-    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot."""
+    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot.
+
+    `init`, a snapshot of this model, gives the starting weights instead of a fresh initialisation (a checkpoint
+    in `folder` still wins).
+    """
     tokenizer = build_tokenizer()
-    model = build_denoiser(tokenizer, settings.seed).to(device)
+    model = build_denoiser(tokenizer, settings.seed)
+    if init is not None:
+        load_snapshot_weights(model, init)
+    model.to(device)
     vae = load_autoencoder(vae_folder, device, torch.float32)
     encoder = Qwen3PromptEncoder(model.text_encoder, tokenizer)
     dataset = SceneDataset(size, seed=settings.seed)
