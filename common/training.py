@@ -112,7 +112,7 @@ class TrainSettings:
     batch_size: int
     lr: float
     minutes: float  # this chunk's wall-clock budget for the loop; the final save and samples come after
-    max_steps: int = 1_000_000  # the run ends for good here
+    max_steps: int | None = None  # the run ends for good here (None: only budgets end chunks)
     warmup: int = 200  # steps of linear learning-rate warm-up
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
@@ -221,7 +221,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, object, torch.Generato
     log, saved, batches = LossLog(losses), time.monotonic(), data(step)
     model.train()
     with tqdm(total=settings.max_steps, initial=step, desc=name, unit="step") as bar:
-        while step < settings.max_steps and time.monotonic() - start < settings.minutes * 60:
+        while (settings.max_steps is None or step < settings.max_steps) and time.monotonic() - start < settings.minutes * 60:
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup)
             generator = torch.Generator(device).manual_seed(settings.seed * 1_000_003 + step)

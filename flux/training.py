@@ -81,9 +81,10 @@ class Denoiser(nn.Module):
 
 
 def build_denoiser(t5_tokenizer: PreTrainedTokenizerFast, clip_tokenizer: PreTrainedTokenizerFast, seed: int,
-                   cfg: FluxConfig = TRANSFORMER, t5: dict = T5, clip: dict = CLIP) -> Denoiser:
-    """A fresh Denoiser: PyTorch's and transformers' default initialisation, except that every modulation and the
-    output projection start at zero, so that each block starts as the identity and the first prediction is 0."""
+                   cfg: FluxConfig = TRANSFORMER, t5: dict = T5, clip: dict = CLIP, init: Path | None = None) -> Denoiser:
+    """A Denoiser holding the weights of the snapshot `init` (a warm start), or fresh ones: PyTorch's and
+    transformers' default initialisation, except that every modulation and the output projection start at zero,
+    so that each block starts as the identity and the first prediction is 0."""
     torch.manual_seed(seed)
     transformer = Flux(cfg, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
     mods = [m for block in transformer.double_blocks for m in (block.img_mod.lin, block.txt_mod.lin)]
@@ -95,6 +96,10 @@ def build_denoiser(t5_tokenizer: PreTrainedTokenizerFast, clip_tokenizer: PreTra
                                        eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id, **t5))
     clip_model = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tokenizer), bos_token_id=clip_tokenizer.bos_token_id,
                                               eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id, **clip))
+    if init is not None:
+        transformer.load_state_dict(from_diffusers(read_state_dict(init / "transformer")))
+        t5_model.load_state_dict(T5EncoderModel.from_pretrained(init / "text_encoder_2").state_dict())
+        clip_model.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
     return Denoiser(transformer, t5_model, clip_model)
 
 
@@ -108,26 +113,12 @@ def flow_rule(size: int) -> FlowRule:
     return FlowRule(time=flux_time, sign=1.0, shift=math.exp(VARIANTS[VARIANT].scheduler.mu((size // 16) ** 2)))
 
 
-def load_snapshot_weights(model: Denoiser, snapshot: Path) -> None:
-    """Copy a saved snapshot's transformer and text encoders into `model`: a warm start from a shipped model."""
-    model.transformer.load_state_dict(from_diffusers(read_state_dict(snapshot / "transformer")))
-    model.t5.load_state_dict(T5EncoderModel.from_pretrained(snapshot / "text_encoder_2").state_dict())
-    model.clip.load_state_dict(CLIPTextModel.from_pretrained(snapshot / "text_encoder").state_dict())
-
-
 def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device, workers: int = 0,
                init: Path | None = None) -> Path:
-    """Train (or resume training) the small FLUX.1 in `folder` on `size`-pixel scenes; write its snapshot to
-    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot.
-
-    `init`, a snapshot of this model, gives the starting weights instead of a fresh initialisation (a checkpoint
-    in `folder` still wins).
-    """
+    """Train the small FLUX.1 in `folder` (resuming its checkpoint there, else starting from the snapshot `init` or
+    from scratch) on `size`-pixel scenes; save its snapshot as folder/model, draw folder/grid.png from it, return it."""
     t5_tokenizer, clip_tokenizer = build_tokenizers()
-    model = build_denoiser(t5_tokenizer, clip_tokenizer, settings.seed)
-    if init is not None:
-        load_snapshot_weights(model, init)
-    model.to(device)
+    model = build_denoiser(t5_tokenizer, clip_tokenizer, settings.seed, init=init).to(device)
     vae = load_autoencoder(vae_folder, device, torch.float32)
     encoder = FluxPromptEncoder(model.t5, t5_tokenizer, model.clip, clip_tokenizer)
     dataset, rule = SceneDataset(size, seed=settings.seed), flow_rule(size)

@@ -1,21 +1,30 @@
-"""The training loop and objectives (common/training.py): resuming, EMA, the rectified-flow loss, the autoencoder run."""
+"""The training loop and objectives (common/training.py): resuming, EMA, the rectified-flow loss with each family's
+rule, the autoencoder run, and each family's whole run (the snapshot it writes, warm starts)."""
 
 import json
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from diffusers import FluxPipeline as DiffusersFlux
+from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 from torch import nn
 
 from zflux.common.training import (EMA, FlowRule, TrainSettings, autoencoder_loss, flow_loss, image_grid, loss_curve, train,
                                    train_autoencoder, training_sigmas)
 from zflux.common.vae import Autoencoder, AutoencoderConfig, load_autoencoder
+from zflux.flux.pipeline import FluxPipeline
 from zflux.flux.training import flow_rule as flux_rule
+from zflux.flux.training import train_flux
+from zflux.zimg.pipeline import ZImagePipeline
 from zflux.zimg.training import RULE as zimage_rule
+from zflux.zimg.training import train_zimage
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
+from util import rel_err, same_weights, toy_run
 
 TINY = dict(batch_size=4, lr=1e-2, minutes=5.0, warmup=2)
+PROMPT = "a red circle on a blue background"
 
 
 def regression(step: int):
@@ -57,7 +66,7 @@ def test_training_reduces_the_loss(tmp_path):
 
 
 def test_budget_stops_the_chunk(tmp_path):
-    train(linear(), mse, regression, TrainSettings(max_steps=10**6, **TINY | dict(minutes=0.0)), tmp_path)
+    train(linear(), mse, regression, TrainSettings(**TINY | dict(minutes=0.0)), tmp_path)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "state.safetensors"), framework="pt") as f:
@@ -129,3 +138,39 @@ def test_pictures():
     tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
     grid = image_grid(tiles, ["one", "two long label that wraps", "three"], columns=2)
     assert grid.width == 64 and grid.height > 64 and grid.getpixel((40, 5)) == (0, 0, 255)
+
+
+RUNS = {  # family -> (its run, run name, ours, diffusers' pipeline, what a warm start restores, our / diffusers' sampling options)
+    "z-image": (train_zimage, "z-image-turbo", ZImagePipeline, DiffusersZImage, ("transformer", "text_encoder"), {},
+                dict(num_inference_steps=8, guidance_scale=0.0)),
+    "flux.1": (train_flux, "flux-dev", FluxPipeline, DiffusersFlux, ("transformer", "text_encoder", "text_encoder_2"),
+               dict(steps=4), dict(num_inference_steps=4, guidance_scale=3.5)),
+}
+
+
+@pytest.fixture(scope="module", params=RUNS)
+def run(request, tmp_path_factory):
+    """A family's whole recipe, two steps at 32 pixels (tests/util.py toy_run): (its RUNS entry, the snapshot it wrote)."""
+    entry = RUNS[request.param]
+    return entry, toy_run(tmp_path_factory.mktemp("runs"), entry[0], entry[1])
+
+
+def test_run_writes_a_snapshot_diffusers_loads(run):
+    """A run leaves its checkpoint, loss curve and grid, and a snapshot that diffusers' pipeline and ours load and
+    sample alike (fp32, CPU: relative error <= 1e-4, as tests/test_pipelines.py)."""
+    (_, name, ours_cls, ref_cls, _, ours_kwargs, ref_kwargs), snapshot = run
+    assert {p.name for p in snapshot.parent.iterdir()} == {"state.safetensors", "loss.png", "grid.png", "model"}
+    ours = ours_cls.from_pretrained(snapshot, device="cpu", dtype=torch.float32)
+    assert ours.variant == name
+    got = ours.generate(PROMPT, height=32, width=32, seed=3, output_type="latent", progress=False, **ours_kwargs)
+    ref = ref_cls.from_pretrained(snapshot, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(3), **ref_kwargs).images
+    assert rel_err(got, expected if ref_cls is DiffusersZImage else DiffusersFlux._unpack_latents(expected, 32, 32, 8)) <= 1e-4
+
+
+def test_warm_start_from_a_snapshot(run):
+    """--init: a run in a fresh folder starts from a snapshot's weights (here with no step: it writes them back unchanged)."""
+    (train_transformer, _, _, _, parts, _, _), snapshot = run
+    again = toy_run(snapshot.parent.parent, train_transformer, "again", steps=0, init=snapshot)
+    assert again != snapshot and same_weights(snapshot, again, parts)

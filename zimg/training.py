@@ -72,9 +72,10 @@ class Denoiser(nn.Module):
 
 
 def build_denoiser(tokenizer: PreTrainedTokenizerFast, seed: int, cfg: ZImageConfig = TRANSFORMER,
-                   text_encoder: dict = TEXT_ENCODER) -> Denoiser:
-    """A fresh Denoiser: PyTorch's default initialisation, except that every modulation and the output projection
-    start at zero, so that each block starts as the identity and the first prediction is 0 (as DiT does)."""
+                   text_encoder: dict = TEXT_ENCODER, init: Path | None = None) -> Denoiser:
+    """A Denoiser holding the weights of the snapshot `init` (a warm start), or fresh ones: PyTorch's default
+    initialisation, except that every modulation and the output projection start at zero, so that each block
+    starts as the identity and the first prediction is 0 (as DiT does)."""
     torch.manual_seed(seed)
     transformer = ZImageTransformer(cfg, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
     for module in [*(b.adaLN_modulation[0] for b in [*transformer.noise_refiner, *transformer.layers]),
@@ -82,6 +83,9 @@ def build_denoiser(tokenizer: PreTrainedTokenizerFast, seed: int, cfg: ZImageCon
         nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
     qwen3 = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text_encoder))
+    if init is not None:
+        transformer.load_state_dict(from_diffusers(read_state_dict(init / "transformer")))
+        qwen3.load_state_dict(Qwen3Model.from_pretrained(init / "text_encoder").state_dict())
     return Denoiser(transformer, qwen3)
 
 
@@ -90,25 +94,12 @@ def pipeline(model: Denoiser, vae, tokenizer: PreTrainedTokenizerFast) -> ZImage
     return ZImagePipeline(model.transformer, vae, Qwen3PromptEncoder(model.text_encoder, tokenizer), VARIANT)
 
 
-def load_snapshot_weights(model: Denoiser, snapshot: Path) -> None:
-    """Copy a saved snapshot's transformer and text encoder into `model`: a warm start from a shipped model."""
-    model.transformer.load_state_dict(from_diffusers(read_state_dict(snapshot / "transformer")))
-    model.text_encoder.load_state_dict(Qwen3Model.from_pretrained(snapshot / "text_encoder").state_dict())
-
-
 def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: int, device: torch.device, workers: int = 0,
                  init: Path | None = None) -> Path:
-    """Train (or resume training) the small Z-Image in `folder` on `size`-pixel scenes; write its snapshot to
-    folder/model and a grid of its pictures to folder/grid.png (through the saved snapshot); return the snapshot.
-
-    `init`, a snapshot of this model, gives the starting weights instead of a fresh initialisation (a checkpoint
-    in `folder` still wins).
-    """
+    """Train the small Z-Image in `folder` (resuming its checkpoint there, else starting from the snapshot `init` or
+    from scratch) on `size`-pixel scenes; save its snapshot as folder/model, draw folder/grid.png from it, return it."""
     tokenizer = build_tokenizer()
-    model = build_denoiser(tokenizer, settings.seed)
-    if init is not None:
-        load_snapshot_weights(model, init)
-    model.to(device)
+    model = build_denoiser(tokenizer, settings.seed, init=init).to(device)
     vae = load_autoencoder(vae_folder, device, torch.float32)
     encoder = Qwen3PromptEncoder(model.text_encoder, tokenizer)
     dataset = SceneDataset(size, seed=settings.seed)
