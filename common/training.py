@@ -118,7 +118,7 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    sample_every: int = 2000  # steps between sample pictures (and one at the end)
+    sample_every: int = 2000  # steps between sample pictures
     save_every: float = 2.0  # minutes between checkpoints (and one at the end)
     seed: int = 0
 
@@ -138,6 +138,7 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         params = dict(model.named_parameters())
+        # One fused update over all tensors (as torch.optim.swa_utils' EMA does), not a kernel per tensor.
         torch._foreach_lerp_(list(self.weights.values()), [params[n].detach() for n in self.weights], 1 - decay)
 
     def copy(self, model: nn.Module) -> nn.Module:
@@ -289,7 +290,7 @@ def save_snapshot(folder: Path, pipeline: str, transformer: tuple[str, dict[str,
     save_model_folder(folder / "transformer", state_dict, config_to_dict(config, class_name))
     shutil.copytree(vae, folder / "vae")
     index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, "transformer": ["diffusers", class_name],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", SCHEDULER_CLASS]}
     for name, part in text.items():
         if isinstance(part, nn.Module):
             copy.deepcopy(part).to(torch.bfloat16).save_pretrained(folder / name)
@@ -346,7 +347,7 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, colum
     width, height = images[0].size
     font = ImageFont.load_default(size=11)
     lines = [textwrap.wrap(label, width=max(8, width // 6)) for label in labels] if labels else [[] for _ in images]
-    label_height = 13 * max(len(lines_) for lines_ in lines) + (4 if labels else 0)
+    label_height = 13 * max(map(len, lines)) + (4 if labels else 0)
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * width, rows * (height + label_height)), "white")
     pen = ImageDraw.Draw(grid)
