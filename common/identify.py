@@ -1,7 +1,8 @@
 """What a checkpoint holds, read off its tensor names and shapes alone.
 
 Only the safetensors header is read (names, dtypes, shapes), so naming a 24 GB file takes
-milliseconds; the one exception is a Z-Image ControlNet 2.x, where one tensor tells 2.0 from 2.1. The pipelines use this to refuse weights of the wrong family before loading
+milliseconds; the one exception is a Z-Image ControlNet 2.x, where one tensor tells 2.0 from 2.1.
+The pipelines use this to refuse weights of the wrong family before loading
 them, and `zflux info` to describe a file. What the keys tell apart:
 
 - Z-Image (`cap_embedder`, `x_pad_token`; Omni adds `siglip_*`) and its ControlNet Union (v1
@@ -11,7 +12,7 @@ them, and `zflux info` to describe a file. What the keys tell apart:
 - FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
   `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
 - the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
-- the 16-channel autoencoder (`decoder.conv_in` input width) and the text encoders.
+- the 16-channel autoencoder (`decoder.conv_in` input width), the text encoders and SigLIP2 (a linear patch embedding).
 
 Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart.
 """
@@ -26,8 +27,9 @@ from torch import Tensor
 from zflux.common.weights import COMFY_PREFIX, CheckpointError, safetensors_files
 
 FAMILY_NAMES = {
-    "z-image": "Z-Image", "z-image-controlnet": "a Z-Image ControlNet", "flux.1": "FLUX.1", "flux.2": "FLUX.2", "autoencoder": "an autoencoder",
-    "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder", "unknown": "unrecognised",
+    "z-image": "Z-Image", "z-image-controlnet": "a Z-Image ControlNet", "flux.1": "FLUX.1", "flux.2": "FLUX.2",
+    "autoencoder": "an autoencoder", "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder",
+    "siglip2": "a SigLIP2 vision encoder", "unknown": "unrecognised",
 }
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 CONTROLNETS = {  # diffusers' model type -> what it is
@@ -125,7 +127,8 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
         layout = "diffusers" if has("all_x_embedder.2-1.weight") else "official"
         if has("siglip_embedder.1.weight"):
             width = shapes["siglip_embedder.1.weight"][1]
-            return "z-image", "z-image-omni", f"Z-Image Omni (text to image and editing with condition images; SigLIP2 width {width})", layout
+            what = f"Z-Image Omni (text to image and editing with condition images; SigLIP2 width {width})"
+            return "z-image", "z-image-omni", what, layout
         return "z-image", None, "a Z-Image transformer (Turbo or base: they share every shape)", layout
     if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
         return ("flux.1", *_flux_variant(shapes))
@@ -140,6 +143,8 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
         return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels)", layout
     if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5", None, "a T5 text encoder", "transformers"
+    if any(k.endswith("embeddings.patch_embedding.weight") and len(shape) == 2 for k, shape in shapes.items()):
+        return "siglip2", None, "a SigLIP2 vision encoder (Z-Image Omni's image features)", "transformers"  # CLIP's patches are a conv
     if any(k.endswith("embeddings.position_embedding.weight") for k in shapes):  # with or without the text_model. prefix
         return "clip", None, "a CLIP text encoder", "transformers"
     if has("model.layers.0.self_attn.q_norm.weight") or has("layers.0.self_attn.q_norm.weight"):

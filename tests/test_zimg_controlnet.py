@@ -16,8 +16,9 @@ from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_z_image_controlnet_checkpoint_to_diffusers, infer_diffusers_model_type
 from safetensors.torch import save_file
 
-from zflux.common.identify import identify
-from zflux.common.weights import CheckpointError, build_on_meta, read_state_dict
+from zflux.cli import main
+from zflux.common.identify import CONTROLNETS, identify
+from zflux.common.weights import CheckpointError, build_on_meta, load_into, read_state_dict
 from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread)
 from util import randomize_, rel_err, shapes
 from zflux.zimg.controlnet import PRESETS, ControlNetConfig, ZImageControlNet
@@ -170,3 +171,57 @@ def test_unknown_refiner_mode_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="add_control_noise_refiner must be one of"):
         load_controlnet(tmp_path / "controlnet", ZImageConfig())
     assert read_state_dict(tmp_path / "controlnet.safetensors")  # the file itself is fine
+
+
+def bf16_errors(base_kwargs: dict, controlnet_kwargs: dict, cap_len: int, latent: int, device: str) -> tuple[float, float]:
+    """(diffusers bf16 error, ours bf16 error) of Z-Image + a 2.1 ControlNet against diffusers in fp32, random weights."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.device(device):
+        base_ref = randomize_(ZImageTransformer2DModel(**base_kwargs), std=0.02).eval()
+        ref = randomize_(ZImageControlNetModel(**DIFFUSERS_CONFIGS[V21], **controlnet_kwargs), seed=1, std=0.02).eval()
+    g = torch.Generator(device).manual_seed(2)
+    x, control = torch.randn(1, 16, latent, latent, generator=g, device=device), torch.randn(1, 33, latent, latent, generator=g, device=device)
+    cap, t = torch.randn(1, cap_len, base_ref.config.cap_feat_dim, generator=g, device=device), torch.tensor([0.4], device=device)
+    mask = torch.ones(1, cap_len, dtype=torch.bool, device=device)
+    own_keys = set(ref.state_dict())  # from_transformer (in diffusers_output) attaches the base's modules to it
+
+    def run_ref() -> torch.Tensor:
+        dtype = base_ref.dtype
+        return diffusers_output(base_ref, ref, x.to(dtype), t, cap.to(dtype), mask, control.to(dtype), scale=0.75).float()
+
+    with torch.no_grad():
+        expected = run_ref()
+        base_ref.to(torch.bfloat16), ref.to(torch.bfloat16)  # in place: the fp32 copies are gone from here on
+        err_ref = rel_err(run_ref(), expected)
+        cfg = ZImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_ref.config.items() if k in ZImageConfig.__annotations__})
+        base = load_into(build_on_meta(lambda: ZImageTransformer(cfg)), from_diffusers(base_ref.state_dict()))
+        controlnet_cfg = ControlNetConfig.from_diffusers(dict(ref.config))
+        controlnet = load_into(build_on_meta(lambda: ZImageControlNet(controlnet_cfg)), controlnet_from_diffusers(
+            {k: v for k, v in ref.state_dict().items() if k in own_keys}))
+        del base_ref, ref
+        err_ours = rel_err(base(x, t, cap, control=controlnet.bind(base, control, scale=0.75)), expected)
+    return err_ref, err_ours
+
+
+def test_bf16_error_tiny_cpu():
+    """The GPU test's code path, at a tiny size on the CPU."""
+    err_ref, err_ours = bf16_errors(BASE, WIDTHS, cap_len=20, latent=8, device="cpu")
+    assert err_ours <= 1.25 * err_ref + 1e-3
+
+
+@pytest.mark.gpu
+def test_bf16_error_full_size():
+    """ControlNet 2.1 with Z-Image-Turbo at 1024x1024 (4096 image tokens, a 100-token caption), random weights:
+    our bf16 error against diffusers' fp32 output at most 1.25x diffusers' own bf16 error. ~40 GB of GPU memory."""
+    err_ref, err_ours = bf16_errors(dict(axes_lens=[1536, 512, 512]), dict(control_in_dim=33), cap_len=100, latent=128, device="cuda")
+    print(f"\nZ-Image-Turbo + ControlNet 2.1 bf16 vs fp32: diffusers {err_ref:.3e}, zflux {err_ours:.3e}, ratio {err_ours / err_ref:.3f}")
+    assert err_ours <= 1.25 * err_ref
+
+
+def test_zflux_info_names_the_variant(tmp_path, capsys):
+    for variant in PRESETS:
+        published_file(variant, tmp_path / f"{variant}.safetensors")
+        main(["info", str(tmp_path / f"{variant}.safetensors")])
+        out = capsys.readouterr().out
+        assert "family:     a Z-Image ControlNet" in out and f"what:       {CONTROLNETS[variant]}" in out
+    assert "Union 2.0" in CONTROLNETS[V20] and "Union 2.1" in CONTROLNETS[V21] and "v1" in CONTROLNETS[V1]

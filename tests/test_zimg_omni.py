@@ -8,7 +8,9 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 from safetensors.torch import save_file
+from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
+from zflux.cli import main
 from zflux.common.identify import identify
 from zflux.common.weights import CheckpointError
 from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread)
@@ -80,6 +82,16 @@ def test_siglip_tokens_are_cut_channel_major():
     features = torch.arange(2 * 3 * 4).view(2, 3, 4)  # (h, w, C)
     assert torch.equal(siglip_tokens(features), features.permute(2, 0, 1).reshape(6, 4))
     assert not torch.equal(siglip_tokens(features), features.reshape(6, 4))
+
+
+def test_zflux_info_names_omni_and_siglip(pair, tmp_path, capsys):
+    ref, _ = pair
+    ref.save_pretrained(tmp_path / "transformer")
+    main(["info", str(tmp_path / "transformer")])
+    assert "Z-Image Omni (text to image and editing with condition images; SigLIP2 width 24)" in capsys.readouterr().out
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_patches=16, patch_size=4)).save_pretrained(tmp_path / "siglip")
+    assert (identify(tmp_path / "siglip").family, identify(tmp_path / "siglip").layout) == ("siglip2", "transformers")
 
 
 def test_loading_and_mode_errors(pair, tmp_path):

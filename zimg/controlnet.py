@@ -57,7 +57,8 @@ class ControlNetConfig:
 
     def __post_init__(self):
         if 0 not in self.control_layers_places:
-            raise ValueError(f"control_layers_places must include 0 (the block that reads the base stream), got {self.control_layers_places}")
+            raise ValueError(f"control_layers_places must include 0 (the block that reads the base stream), "
+                             f"got {self.control_layers_places}")
         if self.add_control_noise_refiner not in REFINER_MODES:
             raise ValueError(f"add_control_noise_refiner must be one of {REFINER_MODES}, got {self.add_control_noise_refiner!r}")
         if self.all_patch_size != (2,) or self.all_f_patch_size != (1,):
@@ -92,7 +93,8 @@ class ControlNetConfig:
         if max(self.control_layers_places) >= base.n_layers:
             problems.append(f"it hints main layer {max(self.control_layers_places)}, the transformer has {base.n_layers}")
         if self.refiner_hints and max(self.control_refiner_layers_places) >= base.n_refiner_layers:
-            problems.append(f"it hints noise-refiner layer {max(self.control_refiner_layers_places)}, the transformer has {base.n_refiner_layers}")
+            problems.append(f"it hints noise-refiner layer {max(self.control_refiner_layers_places)}, "
+                            f"the transformer has {base.n_refiner_layers}")
         if base.is_omni:
             problems.append("the transformer is Z-Image Omni")
         if problems:

@@ -141,7 +141,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None, c: Tensor | TokenTimes | None = None) -> Tensor:
         """x (B, S, dim); c (B, A) for every token alike, or TokenTimes choosing per token (Omni)."""
         if self.modulated:
-            mod = c.select(self.adaLN_modulation) if isinstance(c, TokenTimes) else self.adaLN_modulation(c)[:, None]  # (B, 1 or S, 4*dim)
+            per_token = isinstance(c, TokenTimes)
+            mod = c.select(self.adaLN_modulation) if per_token else self.adaLN_modulation(c)[:, None]  # (B, 1 or S, 4*dim)
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)  # (B, 1 or S, dim) each
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
             h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)

@@ -59,7 +59,8 @@ def caption_ids(lens: list[int]) -> tuple[Tensor, list[int]]:
     rows, ends, p = [], [], TEXT_START
     for n in lens:
         pads = round_up(n) - n
-        rows += [torch.arange(p, p + n + pads), torch.zeros(pads, dtype=torch.long)]  # padded length of running positions, then a zero row per pad
+        # the padded length of running positions, then a zero row per pad
+        rows += [torch.arange(p, p + n + pads), torch.zeros(pads, dtype=torch.long)]
         p += n
         ends.append(p)
         p += 2  # one slot for the segment's image, one for its SigLIP map
@@ -208,7 +209,8 @@ class ZImageOmniTransformer(ZImageTransformer):
             raise ValueError(f"captions must hold one list of segments per sample ({B}), got {len(captions)}")
         for segments in captions:
             if len(segments) < len(images) + 1:
-                raise ValueError(f"{len(images)} condition images need at least {len(images) + 1} caption segments, got {len(segments)}")
+                raise ValueError(f"{len(images)} condition images need at least {len(images) + 1} caption segments, "
+                                 f"got {len(segments)}")
             for seg in segments:
                 if seg.ndim != 2 or seg.shape[0] == 0 or seg.shape[1] != cfg.cap_feat_dim:
                     raise ValueError(f"caption segments must be (L >= 1, {cfg.cap_feat_dim}), got {tuple(seg.shape)}")
