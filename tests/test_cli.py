@@ -143,8 +143,10 @@ def test_info_snapshot(snapshots, capsys):
 
     run("info", snapshots["flux-dev"])
     out = capsys.readouterr().out
-    for what in ("FLUX.1 dev", "FLUX.1 dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
+    for what in ("FLUX.1 dev", "flux-dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
         assert what in out
+    run("info", snapshots["flux-schnell"])
+    assert "scheduler/: static shift 1.0: flux-schnell's schedule" in capsys.readouterr().out
 
 
 def test_info_file(bfl_folder, tmp_path, capsys):
