@@ -40,6 +40,10 @@ RENAMES = [  # (official, diffusers) substrings
 QKV = (".attention.to_q.weight", ".attention.to_k.weight", ".attention.to_v.weight")
 CONTROL_EMBEDDER = [("control_x_embedder.", f"control_all_x_embedder.{PATCH_KEY}.")]  # (ours, published)
 UNUSED_IN_2_0 = "control_noise_refiner."  # 2.0's file carries zeroed refiner blocks it never runs
+# The base transformer's modules a ControlNet uses: a diffusers pipeline attaches them to it (from_transformer), so its
+# controlnet/ folder saves copies of them, which the base's own weights make redundant.
+SHARED_WITH_BASE = ("t_embedder.", "all_x_embedder.", "cap_embedder.", "noise_refiner.", "context_refiner.", "x_pad_token",
+                    "cap_pad_token")
 
 
 def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
@@ -137,10 +141,10 @@ def load_controlnet(path: str | Path, base: ZImageConfig, device: str | torch.de
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
 
+    unused = SHARED_WITH_BASE + ((UNUSED_IN_2_0,) if variant == "z-image-turbo-controlnet-2.0" else ())
+
     def convert(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        if variant == "z-image-turbo-controlnet-2.0":
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(UNUSED_IN_2_0)}
-        return controlnet_from_diffusers(state_dict)
+        return controlnet_from_diffusers({k: v for k, v in state_dict.items() if not k.startswith(unused)})
 
     return load_model(path, ZImageControlNet, convert, parse_config=ControlNetConfig.from_diffusers, infer_config=lambda _: cfg,
                       cfg=cfg, device=device, dtype=dtype)
