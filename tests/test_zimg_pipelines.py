@@ -12,12 +12,15 @@ a bf16 autoencoder; an fp32 one raises). Ours sends the bf16-rounded image at th
 dtype; the reference here gets the same by an encode that takes that bf16 image back to fp32.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import ZImageControlNetInpaintPipeline, ZImageControlNetPipeline, ZImageOmniPipeline
 from PIL import Image
 
+from zflux.cli import main
 from zflux.common.images import canny
 from zflux.common.weights import CheckpointError
 from tiny_pipelines import one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
@@ -186,3 +189,43 @@ def test_task_and_loading_errors(snapshots):
     with pytest.raises(CheckpointError, match="holds Z-Image Omni .*, not z-image-turbo: load it as variant='z-image-omni'"):
         ZImagePipeline.from_single_files(snapshots["omni"] / "transformer", snapshots["omni"] / "vae",
                                          snapshots["omni"] / "text_encoder", snapshots["omni"] / "tokenizer", **FP32)
+
+
+def test_cli_controlnet_and_omni(snapshots, tmp_path, capsys):
+    control, reference_image = tmp_path / "control.png", tmp_path / "reference.png"
+    picture(64, 64, seed=1).save(control)
+    picture(64, 80, seed=2).save(reference_image)
+    cpu = ["--device", "cpu", "--dtype", "fp32", "--steps", "2", "--seed", "1"]
+    main(["generate", "--model", "z-image-turbo", "--weights", str(snapshots["turbo"]), "--controlnet",
+          str(snapshots["controlnet"] / "controlnet"), "--control-image", str(control), "--control-scale", "0.6", "--prompt", PROMPT,
+          "--height", "64", "--width", "64", "--out", str(tmp_path / "controlled.png"), *cpu])
+    pipe = ours(snapshots["controlnet"])
+    expected = pipe.generate(PROMPT, height=64, width=64, steps=2, seed=1, control_image=Image.open(control), control_scale=0.6,
+                             progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "controlled.png")), np.asarray(expected))
+    main(["generate", "--model", "z-image-omni", "--weights", str(snapshots["omni"]), "--reference-image", str(reference_image),
+          "--reference-image", str(reference_image), "--prompt", PROMPT, "--out", str(tmp_path / "edited.png"), *cpu])
+    assert Image.open(tmp_path / "edited.png").size == (80, 64)
+    assert "z-image-omni, seed 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "z-image-turbo", "--reference-image", "{image}"], "--reference-image is z-image-omni's"),
+    (["--model", "z-image-turbo", "--control-image", "{image}"], "--control-image needs --controlnet FILE"),
+    (["--model", "z-image-turbo", "--controlnet", "{turbo}/transformer", "--control-image", "{image}"],
+     "holds a Z-Image transformer .*, not a Z-Image ControlNet"),
+    (["--model", "z-image-turbo", "--controlnet", "{controlnet}/controlnet", "--control-image", "{image}", "--mask", "{image}"],
+     "--mask is ControlNet inpainting: it needs --init-image"),
+    (["--model", "z-image-omni", "--control-image", "{image}"], "z-image-omni edits through --reference-image"),
+    (["--model", "z-image-turbo", "--controlnet", "{controlnet}/controlnet", "--control-image", "{tmp}/missing.png"],
+     "no image file at"),
+])
+def test_cli_errors_come_before_loading(snapshots, tmp_path, monkeypatch, flags, message):
+    image = tmp_path / "image.png"
+    picture(64, 64, seed=1).save(image)
+    names = dict(image=image, turbo=snapshots["turbo"], controlnet=snapshots["controlnet"], tmp=tmp_path)
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--weights", str(snapshots["turbo"]), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"),
+              *[flag.format(**names) for flag in flags]])
+    assert re.search(message, str(exit_info.value.code))

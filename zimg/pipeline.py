@@ -220,8 +220,8 @@ class ZImagePipeline:
         if (info.variant == OMNI) != omni:
             use = "variant='z-image-omni' (--model z-image-omni)" if info.variant == OMNI else "variant 'z-image-turbo' or 'z-image'"
             raise CheckpointError(f"{transformer} holds {info.description}, not {variant}: load it as {use}")
-        if omni and siglip is None:
-            raise ValueError("Z-Image Omni needs its SigLIP2 encoder: pass siglip=(model folder, processor folder)")
+        if omni and (siglip is None or not all(Path(folder).is_dir() for folder in siglip)):
+            raise CheckpointError(f"Z-Image Omni needs its SigLIP2 encoder: siglip=(model folder, processor folder), got {siglip}")
         check_family(vae, "autoencoder")
         device = torch.device(device) if device is not None else default_device()
         encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
