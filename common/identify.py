@@ -118,10 +118,14 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
     """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed); `tensor` reads one."""
     has = shapes.__contains__
     if has("control_all_x_embedder.2-1.weight"):  # the published names are diffusers'
-        variant = "z-image-turbo-controlnet"
+        blocks = len({k.split(".")[1] for k in shapes if k.startswith("control_layers.")})
         if has("control_layers.14.adaLN_modulation.0.weight"):
             refiner = "control_noise_refiner.0.before_proj.weight"
-            variant += "-2.1" if has(refiner) and tensor(refiner).any() else "-2.0"
+            variant = "z-image-turbo-controlnet-" + ("2.1" if has(refiner) and tensor(refiner).any() else "2.0")
+        elif blocks == 6:
+            variant = "z-image-turbo-controlnet"
+        else:
+            return "z-image-controlnet", None, f"a Z-Image ControlNet with {blocks} control blocks (no published variant)", "official"
         return "z-image-controlnet", variant, CONTROLNETS[variant], "official"
     if has("cap_embedder.1.weight"):
         layout = "diffusers" if has("all_x_embedder.2-1.weight") else "official"

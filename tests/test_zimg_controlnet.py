@@ -180,7 +180,8 @@ def bf16_errors(base_kwargs: dict, controlnet_kwargs: dict, cap_len: int, latent
         base_ref = randomize_(ZImageTransformer2DModel(**base_kwargs), std=0.02).eval()
         ref = randomize_(ZImageControlNetModel(**DIFFUSERS_CONFIGS[V21], **controlnet_kwargs), seed=1, std=0.02).eval()
     g = torch.Generator(device).manual_seed(2)
-    x, control = torch.randn(1, 16, latent, latent, generator=g, device=device), torch.randn(1, 33, latent, latent, generator=g, device=device)
+    x = torch.randn(1, 16, latent, latent, generator=g, device=device)
+    control = torch.randn(1, 33, latent, latent, generator=g, device=device)
     cap, t = torch.randn(1, cap_len, base_ref.config.cap_feat_dim, generator=g, device=device), torch.tensor([0.4], device=device)
     mask = torch.ones(1, cap_len, dtype=torch.bool, device=device)
     own_keys = set(ref.state_dict())  # from_transformer (in diffusers_output) attaches the base's modules to it
@@ -193,7 +194,7 @@ def bf16_errors(base_kwargs: dict, controlnet_kwargs: dict, cap_len: int, latent
         expected = run_ref()
         base_ref.to(torch.bfloat16), ref.to(torch.bfloat16)  # in place: the fp32 copies are gone from here on
         err_ref = rel_err(run_ref(), expected)
-        cfg = ZImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base_ref.config.items() if k in ZImageConfig.__annotations__})
+        cfg = ZImageConfig.from_diffusers(dict(base_ref.config))
         base = load_into(build_on_meta(lambda: ZImageTransformer(cfg)), from_diffusers(base_ref.state_dict()))
         controlnet_cfg = ControlNetConfig.from_diffusers(dict(ref.config))
         controlnet = load_into(build_on_meta(lambda: ZImageControlNet(controlnet_cfg)), controlnet_from_diffusers(
@@ -214,7 +215,8 @@ def test_bf16_error_full_size():
     """ControlNet 2.1 with Z-Image-Turbo at 1024x1024 (4096 image tokens, a 100-token caption), random weights:
     our bf16 error against diffusers' fp32 output at most 1.25x diffusers' own bf16 error. ~40 GB of GPU memory."""
     err_ref, err_ours = bf16_errors(dict(axes_lens=[1536, 512, 512]), dict(control_in_dim=33), cap_len=100, latent=128, device="cuda")
-    print(f"\nZ-Image-Turbo + ControlNet 2.1 bf16 vs fp32: diffusers {err_ref:.3e}, zflux {err_ours:.3e}, ratio {err_ours / err_ref:.3f}")
+    print(f"\nZ-Image-Turbo + ControlNet 2.1 bf16 vs fp32: diffusers {err_ref:.3e}, zflux {err_ours:.3e}, "
+          f"ratio {err_ours / err_ref:.3f}")
     assert err_ours <= 1.25 * err_ref
 
 
@@ -225,3 +227,17 @@ def test_zflux_info_names_the_variant(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "family:     a Z-Image ControlNet" in out and f"what:       {CONTROLNETS[variant]}" in out
     assert "Union 2.0" in CONTROLNETS[V20] and "Union 2.1" in CONTROLNETS[V21] and "v1" in CONTROLNETS[V1]
+
+
+def test_unpublished_layout_needs_its_config(base, tmp_path):
+    """Two control blocks match no published variant: identify says so, and a file without config.json is refused."""
+    _, base_ours = base
+    ref = randomize_(ZImageControlNetModel(control_layers_places=[0, 3], control_refiner_layers_places=[0],
+                                           add_control_noise_refiner="control_noise_refiner", **WIDTHS)).eval()
+    save_file(ref.state_dict(), tmp_path / "custom.safetensors")
+    info = identify(tmp_path / "custom.safetensors")
+    assert info.variant is None and "with 2 control blocks (no published variant)" in info.description
+    with pytest.raises(CheckpointError, match="a config.json beside it must say where its hints go"):
+        load_controlnet(tmp_path / "custom.safetensors", base_ours.cfg)
+    ref.save_pretrained(tmp_path / "custom")
+    assert load_controlnet(tmp_path / "custom", base_ours.cfg, dtype=torch.float32).cfg.control_layers_places == (0, 3)

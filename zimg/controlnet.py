@@ -128,12 +128,12 @@ class ControlBlock(Block):
         return self.after_proj(c), c
 
 
-def run_chain(blocks: nn.ModuleList, c: Tensor, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None,
+def run_chain(blocks: nn.ModuleList, c: Tensor, *, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None,
               t: Tensor) -> tuple[list[Tensor], Tensor]:
     """Control blocks in turn over c, paired with the base stream x: every block's hint and the final c."""
     hints = []
     for block in blocks:
-        hint, c = block(c, x, rope, key_lens, t)
+        hint, c = block(c, x, rope=rope, key_lens=key_lens, t=t)
         hints.append(hint)
     return hints, c
 
@@ -171,7 +171,7 @@ class ZImageControlNet(nn.Module):
         ctx = ctx.expand(stream.img.shape[0], -1, -1)  # (B, Ni, dim)
         if self.cfg.refiner_hints:  # 2.x: hint the ControlNet's own pass through the base's noise refiner
             blocks = self.control_layers if self.cfg.add_control_noise_refiner == "control_layers" else self.control_noise_refiner
-            hints, ctx = run_chain(blocks, ctx, stream.img, stream.img_rope, None, c)
+            hints, ctx = run_chain(blocks, ctx, x=stream.img, rope=stream.img_rope, key_lens=None, t=c)
             refiner_hints = dict(zip(self.cfg.control_refiner_layers_places, hints))
             img = stream.img
             for i, block in enumerate(base.noise_refiner):
@@ -184,5 +184,5 @@ class ZImageControlNet(nn.Module):
             img = stream.img_refined
         seq = torch.cat([img, stream.cap], dim=1)  # (B, Ni+Lc, dim)
         ctx = torch.cat([ctx, stream.cap], dim=1)  # (B, Ni+Lc, dim)
-        hints, _ = run_chain(self.control_layers, ctx, seq, stream.rope, stream.key_lens, c)
+        hints, _ = run_chain(self.control_layers, ctx, x=seq, rope=stream.rope, key_lens=stream.key_lens, t=c)
         return {place: hint * scale for place, hint in zip(self.cfg.control_layers_places, hints)}

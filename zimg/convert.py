@@ -133,15 +133,17 @@ def load_controlnet(path: str | Path, base: ZImageConfig, device: str | torch.de
     there is one, else from the variant and the tensor shapes; a ControlNet that does not fit `base`
     is refused before any weight is read.
     """
-    variant = check_family(path, "z-image-controlnet").variant
-    cfg = cfg or read_config(path, ControlNetConfig.from_diffusers) or ControlNetConfig.from_shapes(
-        {k: shape for k, (_, shape) in read_header(path).items()}, variant)
+    info = check_family(path, "z-image-controlnet")
+    cfg = cfg or read_config(path, ControlNetConfig.from_diffusers)
+    if cfg is None and info.variant is None:
+        raise CheckpointError(f"{path} holds {info.description}: a config.json beside it must say where its hints go")
+    cfg = cfg or ControlNetConfig.from_shapes({k: shape for k, (_, shape) in read_header(path).items()}, info.variant)
     try:
         cfg.check_fits(base)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
 
-    unused = SHARED_WITH_BASE + ((UNUSED_IN_2_0,) if variant == "z-image-turbo-controlnet-2.0" else ())
+    unused = SHARED_WITH_BASE + ((UNUSED_IN_2_0,) if info.variant == "z-image-turbo-controlnet-2.0" else ())
 
     def convert(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         return controlnet_from_diffusers({k: v for k, v in state_dict.items() if not k.startswith(unused)})

@@ -31,6 +31,11 @@ QK_NORM_EPS = 1e-5  # the official Attention's q_norm / k_norm, independent of c
 FINAL_NORM_EPS = 1e-6  # the final layer's LayerNorm (official FinalLayer)
 
 
+def adaln_width(dim: int) -> int:
+    """Width of the timestep conditioning vector for a model of width `dim`."""
+    return min(dim, ADALN_DIM)
+
+
 @dataclass(frozen=True)
 class ZImageConfig:
     """Transformer shape; field names as in diffusers' ZImageTransformer2DModel config.json."""
@@ -66,7 +71,7 @@ class ZImageConfig:
 
     @property
     def adaln_dim(self) -> int:
-        return min(self.dim, ADALN_DIM)
+        return adaln_width(self.dim)
 
     @property
     def is_omni(self) -> bool:
@@ -136,9 +141,10 @@ class Block(nn.Module):
         self.ffn_norm2 = RMSNorm(dim, eps)
         self.modulated = modulated
         if modulated:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, ADALN_DIM), 4 * dim))
+            self.adaLN_modulation = nn.Sequential(nn.Linear(adaln_width(dim), 4 * dim))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None, c: Tensor | TokenTimes | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None,
+                c: Tensor | TokenTimes | None = None) -> Tensor:
         """x (B, S, dim); c (B, A) for every token alike, or TokenTimes choosing per token (Omni)."""
         if self.modulated:
             per_token = isinstance(c, TokenTimes)

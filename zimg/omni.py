@@ -151,41 +151,48 @@ class ZImageOmniTransformer(ZImageTransformer):
         grids = [(lat.shape[-2] // p, lat.shape[-1] // p) for lat in [*images, x]]  # token grids, the target last
         sig_grids = None if siglip is None else [tuple(f.shape[:2]) for f in siglip]
         layouts = [sample_layout([seg.shape[0] for seg in segments], grids, sig_grids) for segments in captions]
-        tables = lambda ids: rope_tables(ids, self.cfg.axes_dims, self.cfg.rope_theta, fp32_angles=True)
-        times = lambda bits: TokenTimes(noisy, clean, bits.bool()[..., None])  # is_noisy (B, S, 1)
-        stack = lambda field: stack_padded([getattr(layout, field) for layout in layouts], device)  # (B, S_group, ...)
+        groups = ("cap", "img") if siglip is None else ("cap", "img", "sig")
+
+        def rope(*names: str) -> tuple[Tensor, Tensor]:  # (B, S, D/2) cos, sin of the named token groups, in order
+            ids = stack_padded([torch.cat([getattr(layout, f"{name}_ids") for name in names]) for layout in layouts], device)
+            return rope_tables(ids, self.cfg.axes_dims, self.cfg.rope_theta, fp32_angles=True)
+
+        def times(*names: str) -> TokenTimes:  # each token of the named groups on the noisy or the clean time
+            bits = stack_padded([torch.cat([getattr(layout, f"{name}_bits") for name in names]) for layout in layouts], device)
+            return TokenTimes(noisy, clean, bits.bool()[..., None])  # is_noisy (B, S, 1)
 
         # Images: the shared conditions, then each sample's target, each padded with the image pad token.
         conditions = [self.embed_image(self.patchify(image[None]), self.x_embedder) for image in images]  # (1, Ni_k, dim) each
         targets = self.embed_image(self.patchify(x), self.x_embedder)  # (B, Nt, dim)
         img = torch.cat([c.expand(B, -1, -1) for c in conditions] + [targets], dim=1)  # (B, Ni, dim)
+        img_rope, img_times = rope("img"), times("img")  # at positions after each sample's own captions
         for block in self.noise_refiner:
-            img = block(img, tables(stack("img_ids")), None, times(stack("img_bits")))
+            img = block(img, img_rope, None, img_times)
 
         cap = stack_padded([torch.cat([self._segment(seg, self.cap_embedder, self.cap_pad_token) for seg in segments])
                             for segments in captions], device)  # (B, Lc, dim)
         cap_lens = [layout.cap_ids.shape[0] for layout in layouts]
         cap_key_lens = torch.tensor(cap_lens, device=device) if min(cap_lens) < max(cap_lens) else None  # (B,)
+        cap_rope = rope("cap")
         for block in self.context_refiner:
-            cap = block(cap, tables(stack("cap_ids")), cap_key_lens)
+            cap = block(cap, cap_rope, cap_key_lens)
+        parts = [[cap[b, : cap_lens[b]], img[b]] for b in range(B)]
 
-        groups = [[cap[b, : cap_lens[b]], img[b]] for b in range(B)]
-        if siglip is not None:  # the maps are shared, their positions (after each sample's captions) are not
+        if siglip is not None:  # the maps are shared; their positions (after each sample's captions) are not
             maps = [self._segment(siglip_tokens(f), self.siglip_embedder, self.siglip_pad_token) for f in siglip]
             sig = torch.cat([*maps, self.siglip_pad_token.to(self.dtype).expand(SEQ_MULTIPLE, -1)]).expand(B, -1, -1)  # (B, Ns, dim)
+            sig_rope = rope("sig")
             for block in self.siglip_refiner:
-                sig = block(sig, tables(stack("sig_ids")), None)
+                sig = block(sig, sig_rope, None)
             for b in range(B):
-                groups[b].append(sig[b])
+                parts[b].append(sig[b])
 
-        seq = stack_padded([torch.cat(group) for group in groups], device)  # (B, S, dim): [captions, images, SigLIP]
-        lens = [sum(g.shape[0] for g in group) for group in groups]
+        seq = stack_padded([torch.cat(sample) for sample in parts], device)  # (B, S, dim): [captions, images, SigLIP]
+        lens = [sum(part.shape[0] for part in sample) for sample in parts]
         key_lens = torch.tensor(lens, device=device) if min(lens) < max(lens) else None  # (B,)
-        fields = ("cap", "img", "sig") if siglip is not None else ("cap", "img")
-        rope = tables(stack_padded([torch.cat([getattr(l, f"{f}_ids") for f in fields]) for l in layouts], device))  # (B, S, D/2)
-        seq_times = times(stack_padded([torch.cat([getattr(l, f"{f}_bits") for f in fields]) for l in layouts], device))
+        seq_rope, seq_times = rope(*groups), times(*groups)
         for block in self.layers:
-            seq = block(seq, rope, key_lens, seq_times)
+            seq = block(seq, seq_rope, key_lens, seq_times)
 
         h, w = grids[-1]
         start = img.shape[1] - round_up(h * w)  # the target is the last image

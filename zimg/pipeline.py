@@ -292,8 +292,8 @@ class ZImagePipeline:
             if control_image is not None:
                 control = self._control(control_image, control_preprocess=control_preprocess, init_image=init_image, mask=mask,
                                         scale=control_scale, height=height, width=width)
-            features, mask = text
-            predict = predictor(self.transformer, features=features, mask=mask, sigmas=sigmas, settings=settings,
+            features, cap_mask = text
+            predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
                                 device=self.device, control=control)
         latents = denoise(predict, latents, sigmas, start, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
