@@ -13,8 +13,9 @@ Hugging Face repositories.
 
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
-transformer file needs beside it, add_arguments (its own flags), load_pipeline and
-generate_options (what its flags pass to generate()). Adding a family is one import and one entry.
+transformer file needs beside it, add_arguments (its own flags), load_options (what its flags pass to
+load_pipeline), load_pipeline and generate_options (what its flags pass to generate(), checked before
+loading). Adding a family is one import and one entry.
 """
 
 import argparse
@@ -102,8 +103,9 @@ def generate(args: argparse.Namespace) -> None:
     if not Path(args.out).suffix:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
 
-    start = time.perf_counter()
     family = MODELS[args.model]
+    family_options = family.generate_options(args)  # its flags checked, and their files read, before minutes of loading
+    start = time.perf_counter()
     pipe = load_pipeline(args, family)
     if args.backend:
         pipe.transformer.backend = args.backend
@@ -112,7 +114,7 @@ def generate(args: argparse.Namespace) -> None:
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
                    guidance=args.guidance, seed=args.seed, init_image=init_image, strength=args.strength)
     start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options, **family.generate_options(args))
+    image = pipe.generate(args.prompt, **options, **family_options)
     took = time.perf_counter() - start
     path = save_image(image, args.out)
     print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
@@ -121,7 +123,8 @@ def generate(args: argparse.Namespace) -> None:
 
 def load_pipeline(args: argparse.Namespace, family: ModuleType):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
-    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder)
+    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder,
+                   **family.load_options(args))
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:
