@@ -59,7 +59,7 @@ class Mutation:
     why: str
     edits: tuple[Edit, ...]
     tests: tuple[str, ...]
-    source: str = ""  # the .toml file it came from
+    source: str  # the .toml file it came from
 
 
 @dataclass
@@ -111,19 +111,22 @@ def parse_entry(raw: dict, source: str) -> Mutation:
     missing = [k for k in ("name", "why", "file", "old", "new", "tests") if k not in raw]
     if missing or set(raw) - allowed:
         raise ValueError(f"missing {missing}, unknown {sorted(set(raw) - allowed)}; fields: {sorted(allowed)}")
-    edits = tuple(Edit(e["file"], e["old"], e["new"]) for e in [raw, *raw.get("also", [])])
+    also = raw.get("also", [])
+    if any(not isinstance(e, dict) or set(e) != {"file", "old", "new"} for e in also):
+        raise ValueError("each edit in `also` holds exactly file, old and new")
+    edits = tuple(Edit(e["file"], e["old"], e["new"]) for e in [raw, *also])
     for edit in edits:
         path = ROOT / edit.file
         if not path.is_file():
             raise ValueError(f"no file {edit.file}")
-        module_name(edit.file)
+        module_name(edit.file)  # raises unless the file is in a package folder
         count = path.read_text().count(edit.old)
         if count != 1 or edit.old == edit.new:
             raise ValueError(f"the old text must occur exactly once in {edit.file} and differ from the new "
                              f"(found {count} times): update the entry to the current code")
     tests = tuple(raw["tests"])
-    if not tests:
-        raise ValueError("no tests named")
+    if not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError("tests must be a non-empty list of pytest node ids")
     for test in tests:
         file, _, rest = test.partition("::")
         if not (ROOT / file).is_file():
@@ -203,7 +206,9 @@ def child(edits: tuple[Edit, ...], tests: tuple[str, ...], workdir: Path) -> Non
         os.chdir(ROOT)
         import pytest
 
-        result["rc"] = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", f"--basetemp={workdir / 'tmp'}", *tests]))
+        # The warning filter: pytest cannot rewrite the asserts of plugins the parent imported before it.
+        options = ["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", f"--basetemp={workdir / 'tmp'}"]
+        result["rc"] = int(pytest.main([*options, *tests]))
         loaded = {name: getattr(m, "__file__", None) for name, m in list(sys.modules.items()) if name.split(".")[0] == "zflux"}
         result["outside"] = sorted(n for n, f in loaded.items() if f and not Path(f).is_relative_to(scratch))
         result["imported"] = sorted({module_name(e.file) for e in edits} & set(loaded))
@@ -227,7 +232,8 @@ def verdict(result: dict, mutated: bool) -> tuple[str, str]:
         return ("passed", "") if rc == 0 else ("failed", f"pytest exit code {rc}")
     if not result["imported"]:
         return "error", "the tests never imported the mutated module(s)"
-    return {0: ("survived", "every named test passed"), 1: ("killed", "")}.get(rc, ("error", f"pytest exit code {rc} (not a test failure)"))
+    outcomes = {0: ("survived", "every named test passed"), 1: ("killed", "")}
+    return outcomes.get(rc, ("error", f"pytest exit code {rc} (not a test failure)"))
 
 
 def run_all(jobs: list[tuple[str, tuple[Edit, ...], tuple[str, ...]]], scratch: Path, workers: int,

@@ -30,6 +30,7 @@ INDEPENDENT_CHECKS = {
     "z-image": "test_official_layouts.py::test_zimage_layout_through_diffusers_converter",
     "flux.1": "test_flux_model.py::test_our_layout_through_diffusers_single_file_converter",
     "autoencoder": "test_vae.py::test_our_layout_through_diffusers_single_file_converter",
+    "z-image-controlnet": "test_zimg_controlnet.py::test_layout_matches_diffusers_converter",
 }
 
 ZIMAGE = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
