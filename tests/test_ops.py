@@ -81,6 +81,14 @@ def test_each_backend_runs_its_implementations(calls, backend):
     assert calls == EXPECTED[backend]
 
 
+def test_triton_on_cpu_tensors_needs_the_interpreter(calls, monkeypatch):
+    """Without TRITON_INTERPRET=1 the kernels cannot run on CPU tensors: backend triton runs the PyTorch math there."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with ops.use_backend("triton"):
+        run_every_op()
+    assert calls == EXPECTED["sdpa"]
+
+
 def test_the_backend_comes_from_scope_then_environment_then_auto(monkeypatch):
     monkeypatch.delenv("ZFLUX_BACKEND", raising=False)
     assert ops.current_backend() == "auto"
