@@ -27,13 +27,14 @@ from zflux.common.images import load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import convert as flux_layouts
+from zflux.flux.flux2 import convert as flux2_layouts
 from zflux.flux.pipeline import FluxPipeline
 from zflux.zimg import convert as zimage_layouts
 from zflux.zimg.pipeline import ZImagePipeline, variant_of
 
 MODELS = ("z-image-turbo", "z-image", "flux-schnell", "flux-dev")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LAYOUTS = {"z-image": zimage_layouts, "flux.1": flux_layouts, "autoencoder": vae_layouts}  # family -> module with the key maps
+LAYOUTS = {"z-image": zimage_layouts, "flux.1": flux_layouts, "flux.2": flux2_layouts, "autoencoder": vae_layouts}  # family -> module with the key maps
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
 
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.set_defaults(run=describe)
 
-    conv = commands.add_parser("convert", help="convert a Z-Image / FLUX.1 transformer or their autoencoder between layouts")
+    conv = commands.add_parser("convert", help="convert a Z-Image / FLUX.1 / FLUX.2 transformer or their autoencoders between layouts")
     conv.add_argument("src", help="checkpoint file, index or folder (any layout)")
     conv.add_argument("dst", help="output .safetensors file")
     conv.add_argument("--to", choices=("original", "diffusers"), default="original",
@@ -176,7 +177,7 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError(f"the output {dst} must be a .safetensors file")
     info = identify(args.src)
     if info.family not in LAYOUTS:
-        raise CheckpointError(f"{args.src} holds {info.description}; zflux convert handles Z-Image, FLUX.1 and their autoencoder")
+        raise CheckpointError(f"{args.src} holds {info.description}; zflux convert handles Z-Image, FLUX.1, FLUX.2 and their autoencoders")
     layouts = LAYOUTS[info.family]
     original = layouts.from_diffusers(read_state_dict(args.src))  # accepts every layout
     converted = layouts.to_diffusers(original) if args.to == "diffusers" else original
