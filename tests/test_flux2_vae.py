@@ -41,7 +41,7 @@ def ours_from(ref: AutoencoderKLFlux2, cfg: AutoencoderConfig = TINY) -> Autoenc
     return ours.eval()
 
 
-@pytest.mark.parametrize("B, H, W", [(1, 32, 32), (2, 48, 80)])
+@pytest.mark.parametrize("B, H, W", [(1, 32, 32), (2, 32, 48)])
 @torch.no_grad()
 def test_encode_normalize_and_decode_match_diffusers(B, H, W):
     """encode + normalize = Flux2KleinPipeline._encode_vae_image; denormalize + decode = the pipeline's output path."""
