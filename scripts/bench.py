@@ -2,6 +2,7 @@
 
     python scripts/bench.py                      # every model, eager
     python scripts/bench.py --models zimage --compile --backend triton
+    python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
 forward (one NFE) or one VAE decode: CUDA-event median over --iters runs after --warmup runs, the
@@ -24,7 +25,10 @@ DEVICE, DTYPE = "cuda", torch.bfloat16
 class Case:
     name: str
     theirs: Callable[[], torch.Tensor]
-    ours: Callable[[], torch.Tensor]
+    ours: Callable[[], torch.Tensor] | None = None
+    # Where both models do not fit at once (FLUX.2 [dev]): builds ours from the reference's weights after the
+    # reference is timed, releasing the reference, and returns ours' call.
+    make_ours: Callable[[], Callable[[], torch.Tensor]] | None = None
 
 
 def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[float, float]:
@@ -126,7 +130,45 @@ def vae_case(args: argparse.Namespace) -> Case:
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
 
-CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "flux": flux_case, "vae": vae_case}
+def flux2_case(args: argparse.Namespace, variant: str) -> Case:
+    """One FLUX.2 NFE (4096 img + 512 text tokens). Ours is built from diffusers' weights after they are timed, sharing
+    every tensor but the fused double-block qkv: [dev] (64 GB in bf16) cannot hold two copies on one 80 GB GPU."""
+    from diffusers import Flux2Transformer2DModel
+
+    from zflux.flux.flux2.convert import from_diffusers
+    from zflux.flux.flux2.model import PRESETS, Flux2
+
+    cfg = PRESETS[variant]
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    held = {"ref": random_model(lambda: Flux2Transformer2DModel(**kwargs))}
+    if args.compile:
+        held["ref"].compile_repeated_blocks(fullgraph=True)
+    img = torch.randn(1, 4096, cfg.in_channels, device=DEVICE, dtype=DTYPE)
+    txt = torch.randn(1, 512, cfg.joint_attention_dim, device=DEVICE, dtype=DTYPE)
+    rows, cols = torch.meshgrid(torch.arange(64, device=DEVICE), torch.arange(64, device=DEVICE), indexing="ij")
+    i_ids = torch.stack([torch.zeros_like(rows), rows, cols, torch.zeros_like(rows)], dim=-1).reshape(1, 4096, 4)
+    t_ids = torch.zeros(1, 512, 4, dtype=torch.long, device=DEVICE)
+    t_ids[..., 3] = torch.arange(512, device=DEVICE)
+    t = torch.tensor([0.5], device=DEVICE)
+    guidance = torch.tensor([4.0], device=DEVICE) if cfg.guidance_embeds else None
+
+    def make_ours() -> Callable[[], torch.Tensor]:
+        state_dict = from_diffusers(held.pop("ref").state_dict())
+        torch.cuda.empty_cache()
+        ours = load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), state_dict)
+        if args.compile:
+            for blocks in (ours.double_blocks, ours.single_blocks):
+                compile_blocks(blocks)
+        return lambda: ours(img, i_ids, txt, t_ids, t, guidance)
+
+    return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)",
+                lambda: held["ref"](img, txt, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0], make_ours=make_ours)
+
+
+CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "flux": flux_case, "vae": vae_case,
+         "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"),
+         "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"),
+         "flux2-dev": lambda args: flux2_case(args, "flux2-dev")}
 
 
 def main() -> None:
@@ -143,7 +185,7 @@ def main() -> None:
     for name in args.models:
         case = CASES[name](args)
         t_ref, m_ref = time_ms(case.theirs, args.warmup, args.iters)
-        t_ours, m_ours = time_ms(case.ours, args.warmup, args.iters)
+        t_ours, m_ours = time_ms(case.make_ours() if case.make_ours else case.ours, args.warmup, args.iters)
         print(f"| {case.name} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {m_ref:.2f} | {m_ours:.2f} |", flush=True)
         del case
         torch.cuda.empty_cache()
