@@ -143,8 +143,10 @@ def test_info_snapshot(snapshots, capsys):
 
     run("info", snapshots["flux-dev"])
     out = capsys.readouterr().out
-    for what in ("FLUX.1 dev", "FLUX.1 dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
+    for what in ("FLUX.1 dev", "flux-dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
         assert what in out
+    run("info", snapshots["flux-schnell"])
+    assert "scheduler/: static shift 1.0: flux-schnell's schedule" in capsys.readouterr().out
 
 
 def test_info_file(bfl_folder, tmp_path, capsys):
@@ -219,7 +221,7 @@ def test_convert_round_trip(snapshots, tmp_path, capsys, source):
 
 def test_convert_errors(snapshots, tmp_path, capsys):
     assert "must be a .safetensors file" in fails(capsys, "convert", snapshots["flux-dev"] / "transformer", tmp_path / "out.bin")
-    assert "zflux convert handles Z-Image, FLUX.1, FLUX.2 and their autoencoders" in fails(
+    assert "zflux convert handles Z-Image, FLUX.1 and their autoencoder" in fails(
         capsys, "convert", snapshots["flux-dev"] / "text_encoder_2", tmp_path / "t5.safetensors")
     assert "no checkpoint at" in fails(capsys, "convert", tmp_path / "missing", tmp_path / "out.safetensors")
 
