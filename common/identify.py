@@ -17,6 +17,7 @@ Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler co
 so do FLUX.2 [klein] distilled, base and KV, which only a snapshot's model_index.json names.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ FAMILY_NAMES = {
 }
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
+FLUX2_MODES = {  # flux2_mode() -> what the snapshot's model_index.json says
+    "distilled": "step-distilled: 4 steps, no CFG (model_index.json)",
+    "base": "the base model: 50 steps with CFG (model_index.json)",
+    "kv": "the KV-cache variant: reference K/V computed once (model_index.json)",
+}
 FLUX2_WIDTHS = {  # (hidden width, has a guidance embedder) -> FLUX.2 variant and what to say
     (6144, True): ("flux2-dev", "FLUX.2 [dev] (32B, guidance-distilled; Mistral Small 3 text features)"),
     (3072, False): ("flux2-klein-4b", "FLUX.2 [klein] 4B (Qwen3-4B text features; distilled and base share every shape)"),
@@ -77,6 +83,9 @@ def identify(path: str | Path) -> CheckpointInfo:
     comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
     shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
     family, variant, description, layout = _classify(shapes)
+    mode = flux2_mode(path) if family == "flux.2" else None
+    if mode is not None and variant in ("flux2-klein-4b", "flux2-klein-9b"):
+        variant, description = flux2_variant(variant, mode), f"{description}; {FLUX2_MODES[mode]}"
     if comfy and layout == "official":
         layout = "ComfyUI"
     dtypes: dict[str, int] = {}
@@ -148,6 +157,32 @@ def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, 
     if guidance:
         return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes)", layout
     return "flux-schnell", "FLUX.1 schnell (timestep-distilled, no guidance input)", layout
+
+
+def flux2_mode(path: str | Path) -> str | None:
+    """How a FLUX.2 klein checkpoint in a diffusers snapshot runs, from the snapshot's model_index.json ("distilled",
+    "base" or "kv"; None for [dev] or outside a snapshot). Looked for beside `path` and one folder up (a file inside
+    transformer/), as BFL's repositories hold both their single file and the diffusers folders."""
+    path = Path(path)
+    index = next((folder / "model_index.json" for folder in (path.parent, path.parent.parent)
+                  if (folder / "model_index.json").is_file()), None)
+    if index is None:
+        return None
+    try:
+        config = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index} is not JSON: {e}") from e
+    if config.get("_class_name") == "Flux2KleinKVPipeline":
+        return "kv"
+    if str(config.get("_class_name", "")).startswith("Flux2Klein"):
+        return "distilled" if config.get("is_distilled", False) else "base"
+    return None
+
+
+def flux2_variant(checkpoint: str, mode: str) -> str:
+    """The variant name of a klein checkpoint ("flux2-klein-4b", "flux2-klein-9b") run in `mode` (see flux2_mode)."""
+    size = checkpoint.removeprefix("flux2-klein-")
+    return {"distilled": checkpoint, "base": f"flux2-klein-base-{size}", "kv": f"{checkpoint}-kv"}[mode]
 
 
 def _flux2_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:

@@ -14,7 +14,8 @@ Hugging Face repositories.
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
 transformer file needs beside it, add_arguments (its own flags), load_pipeline and
-generate_options (what its flags pass to generate()). Adding a family is one import and one entry.
+generate_options (what its flags pass to generate(), read before any weight is loaded, so that a family
+checks its own flags first). Adding a family is one import and one entry.
 """
 
 import argparse
@@ -33,9 +34,10 @@ from zflux.common.images import load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
+from zflux.flux.flux2 import cli as flux2
 from zflux.zimg import cli as zimage
 
-FAMILIES = (zimage, flux)  # in --model order
+FAMILIES = (zimage, flux, flux2)  # in --model order
 VARIANTS = {name: variant for family in FAMILIES for name, variant in family.VARIANTS.items()}  # the --model choices
 MODELS = {name: family for family in FAMILIES for name in family.VARIANTS}  # --model -> its family
 LAYOUTS = {name: module for family in FAMILIES for name, module in family.LAYOUTS.items()} | {"autoencoder": vae_layouts}
@@ -102,8 +104,9 @@ def generate(args: argparse.Namespace) -> None:
     if not Path(args.out).suffix:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
 
-    start = time.perf_counter()
     family = MODELS[args.model]
+    family_options = family.generate_options(args)  # reads and checks the family's own inputs before minutes of loading
+    start = time.perf_counter()
     pipe = load_pipeline(args, family)
     if args.backend:
         pipe.transformer.backend = args.backend
@@ -112,7 +115,7 @@ def generate(args: argparse.Namespace) -> None:
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
                    guidance=args.guidance, seed=args.seed, init_image=init_image, strength=args.strength)
     start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options, **family.generate_options(args))
+    image = pipe.generate(args.prompt, **options, **family_options)
     took = time.perf_counter() - start
     path = save_image(image, args.out)
     print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
@@ -150,22 +153,26 @@ def describe(args: argparse.Namespace) -> None:
         return
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
+    transformer = path / "transformer"
+    family = identify(transformer).family if any(transformer.glob("*.safetensors*")) else None
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         if folder.name == "scheduler":
-            print(f"  scheduler/: {scheduler_line(folder)}")
+            print(f"  scheduler/: {scheduler_line(folder, family)}")
         elif any(folder.glob("*.safetensors")):
             print(f"  {folder.name}/")
             print("\n".join("    " + line for line in identify(folder).lines()))
 
 
-def scheduler_line(folder: Path) -> str:
-    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these."""
+def scheduler_line(folder: Path, family: str | None = None) -> str:
+    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
+    transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
     scheduler = read_scheduler(folder)
     if scheduler.use_dynamic_shifting:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in VARIANTS.items() if variant.scheduler == scheduler]
+    shipped = [name for name, variant in VARIANTS.items()
+               if variant.scheduler == scheduler and (family is None or family in MODELS[name].LAYOUTS)]
     return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 
