@@ -15,12 +15,13 @@ modulation Linears keep their (shift, scale, gate) order. ComfyUI files carry a
 """
 
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, load_model
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, count_blocks, load_model, shape_of
 from zflux.flux.flux2.model import Flux2, Flux2Config
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"
@@ -122,14 +123,7 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def config_from_state_dict(state_dict: dict[str, Tensor]) -> Flux2Config:
     """The Flux2Config a BFL-layout checkpoint was made for, read off its key names and shapes."""
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"cannot infer the FLUX.2 config: the checkpoint has no {key}")
-        return tuple(state_dict[key].shape)
-
-    def count(prefix: str) -> int:
-        return len({k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
-
+    shape, count = partial(shape_of, state_dict, model="FLUX.2"), partial(count_blocks, state_dict)
     dim, in_channels = shape("img_in.weight")
     head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
     n_axes = len(Flux2Config().axes_dims_rope)
