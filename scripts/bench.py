@@ -2,11 +2,12 @@
 
     python scripts/bench.py                      # every model, eager
     python scripts/bench.py --models zimage --compile --backend triton
-    python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev
+    python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev flux2-klein-4b-pipeline
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
-forward (one NFE) or one VAE decode: CUDA-event median over --iters runs after --warmup runs, the
-peak memory the call adds, and ours/diffusers ratios. Prints a markdown table.
+forward (one NFE), one VAE decode or one whole generate() call (the pipeline row): CUDA-event
+median over --iters runs after --warmup runs, the peak memory the call adds, and ours/diffusers
+ratios. Prints a markdown table.
 """
 
 import argparse
@@ -165,10 +166,60 @@ def flux2_case(args: argparse.Namespace, variant: str) -> Case:
                 lambda: held["ref"](img, txt, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0], make_ours=make_ours)
 
 
+def flux2_pipeline_case(args: argparse.Namespace) -> Case:
+    """FLUX.2 klein 4B (distilled) end to end at 1024x1024: Qwen3-4B prompt encoding, 4 NFE, VAE decode, PIL image.
+
+    Random weights at the real sizes; ours shares diffusers' text encoder and (but the fused qkv) its
+    transformer weights. The tokenizer is the tests' tiny one: the text is always 512 tokens.
+    """
+    import sys
+    from pathlib import Path
+
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from zflux.common.vae import PRESETS as VAE_PRESETS
+    from zflux.common.vae import Autoencoder
+    from zflux.common.vae import from_diffusers as vae_from_diffusers
+    from zflux.flux.flux2.convert import from_diffusers
+    from zflux.flux.flux2.model import PRESETS, Flux2
+    from zflux.flux.flux2.pipeline import Flux2Pipeline
+    from zflux.flux.flux2.text import Flux2PromptEncoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_text import qwen_tokenizer
+
+    cfg, tokenizer = PRESETS["flux2-klein-4b"], qwen_tokenizer()
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    with torch.device(DEVICE):  # built in place: the rotary tables and batch-norm statistics are buffers
+        qwen = Qwen3ForCausalLM(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                            num_key_value_heads=8, head_dim=128, rope_theta=1e6, tie_word_embeddings=True,
+                                            max_position_embeddings=40960)).to(DTYPE).eval()
+        vae = AutoencoderKLFlux2().to(DTYPE).eval()
+    ref = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
+                             text_encoder=qwen, tokenizer=tokenizer,
+                             transformer=random_model(lambda: Flux2Transformer2DModel(**kwargs)), is_distilled=True)
+    ref.set_progress_bar_config(disable=True)
+    transformer = load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), from_diffusers(ref.transformer.state_dict()))
+    ours = Flux2Pipeline(transformer, load_into(build_on_meta(lambda: Autoencoder(VAE_PRESETS["flux2"])),
+                                                vae_from_diffusers(vae.state_dict())),
+                         Flux2PromptEncoder(qwen.model, tokenizer), "flux2-klein-4b")
+    if args.compile:
+        ref.transformer.compile_repeated_blocks(fullgraph=True)
+        for blocks in (transformer.double_blocks, transformer.single_blocks):
+            compile_blocks(blocks)
+    prompt = "a photo of a red fox in the snow"
+    return Case("FLUX.2 klein 4B pipeline 1024x1024 (encode + 4 NFE + decode)",
+                lambda: ref(prompt=prompt, height=1024, width=1024, num_inference_steps=4,
+                            generator=torch.Generator().manual_seed(0)).images[0],
+                lambda: ours.generate(prompt, seed=0, height=1024, width=1024, progress=False))
+
+
 CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "flux": flux_case, "vae": vae_case,
          "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"),
          "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"),
-         "flux2-dev": lambda args: flux2_case(args, "flux2-dev")}
+         "flux2-dev": lambda args: flux2_case(args, "flux2-dev"), "flux2-klein-4b-pipeline": flux2_pipeline_case}
 
 
 def main() -> None:
