@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 from zflux.flux.flux2.convert import from_diffusers
 from zflux.flux.flux2.model import PRESETS, Flux2, Flux2Config
 from test_flux2_model import DEV, KLEIN, diffusers_kwargs, grid_ids, text_ids
+from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
 from util import bf16_vs_fp32, randomize_, rel_err
 
 
@@ -134,3 +135,57 @@ def test_bf16_error_klein_9b_kv_full_width():
     for step, (err_ref, err_ours) in zip(("extract", "cached"), kv_bf16_errors(cfg, 64, 64, 512, "cuda")):
         report(f"FLUX.2 klein 9B KV {step} step (full width, 2 + 4 blocks)", err_ref, err_ours)
         assert err_ours <= 1.25 * err_ref
+
+
+def dev_end_to_end(cfg: Flux2Config, text_config: dict, vae_cfg, size: int, device: str) -> tuple[float, float]:
+    """[dev] with random weights built in memory, its Mistral 3 encoder offloaded between prompts: one 2-step
+    generate() at size x size; returns (seconds, peak GPU GiB, 0 on the CPU)."""
+    import time
+
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    from zflux.common.vae import Autoencoder
+    from zflux.common.weights import build_on_meta
+    from zflux.flux.flux2.pipeline import Flux2Pipeline
+    from zflux.flux.flux2.text import Flux2PromptEncoder
+    from test_flux2_text import mistral_tokenizer
+
+    tokenizer = mistral_tokenizer()
+    torch.set_default_dtype(torch.bfloat16)  # the 24 B encoder is built on the CPU straight in bf16 (48 GB)
+    try:
+        vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
+        mistral = Mistral3ForConditionalGeneration(Mistral3Config(text_config=MistralConfig(vocab_size=len(tokenizer), **text_config),
+                                                                  vision_config=vision)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    transformer = randomize_(build_on_meta(lambda: Flux2(cfg)).to(torch.bfloat16).to_empty(device=device), std=0.02).eval()
+    vae = randomize_(build_on_meta(lambda: Autoencoder(vae_cfg)).to(torch.bfloat16).to_empty(device=device), std=0.02).eval()
+    vae.bn.running_mean.zero_(), vae.bn.running_var.fill_(1.0)
+    pipe = Flux2Pipeline(transformer, vae, Flux2PromptEncoder(mistral.model, tokenizer), "flux2-dev", offload_text_encoder=True)
+    start = time.perf_counter()
+    image = pipe.generate("a red fox in the snow", steps=2, height=size, width=size, progress=False)
+    took = time.perf_counter() - start
+    assert image.size == (size, size) and next(transformer.parameters()).device.type == torch.device(device).type
+    return took, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+
+def test_dev_end_to_end_tiny_cpu():
+    """The GPU test's code path at a tiny size."""
+    from zflux.common.vae import AutoencoderConfig
+
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=31, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vae = AutoencoderConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                            use_quant_conv=True, use_post_quant_conv=True, patch_size=(2, 2))
+    dev_end_to_end(replace(DEV, joint_attention_dim=48), text, vae, 32, "cpu")
+
+
+@pytest.mark.gpu
+def test_dev_end_to_end_on_one_gpu():
+    """FLUX.2 [dev] at full size (32 B transformer, 24 B Mistral Small 3.2 encoder offloaded) on one 80 GB GPU."""
+    from zflux.common.vae import PRESETS as VAE_PRESETS
+
+    text = dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, max_position_embeddings=131072)
+    took, peak = dev_end_to_end(PRESETS["flux2-dev"], text, VAE_PRESETS["flux2"], 1024, "cuda")
+    print(f"\nFLUX.2 dev end to end, 2 steps at 1024x1024, encoder offloaded: {took:.1f} s, peak {peak:.1f} GiB")
+    assert peak < 79

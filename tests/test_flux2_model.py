@@ -15,6 +15,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 from zflux.common.weights import param_count
 from zflux.flux.flux2.convert import from_diffusers, to_diffusers
 from zflux.flux.flux2.model import PRESETS, Flux2, Flux2Config, RefKV
+from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
 from util import randomize_, rel_err, shapes
 
 DEV = Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,

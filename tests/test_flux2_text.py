@@ -1,7 +1,7 @@
 """FLUX.2 prompt encoders: parity with diffusers' Flux2KleinPipeline (Qwen3) and Flux2Pipeline (Mistral 3) prompt
 encoding, loading errors.
 
-Tiny random LLMs with enough layers for the real indices (Qwen3 28, Mistral 31) and tiny
+Tiny random LLMs with more layers than the real indices need (Qwen3 30, Mistral 33: the encoder drops the rest) and tiny
 tokenizers are built offline and saved as a snapshot holds them. Both sides call the same
 `transformers` modules on the same token ids: the tolerance is exact equality.
 """
@@ -16,6 +16,7 @@ from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, Mist
 from zflux.common.weights import CheckpointError
 from zflux.flux.flux2.text import SYSTEM_MESSAGE, Flux2PromptEncoder
 from test_text import BYTES, qwen_tokenizer
+from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
 
 PROMPTS = ["a photo of a cat", "[IMG]Ein Hund im Schnee, 一只猫 and a considerably longer prompt that fills more tokens"]
 # Mistral Small 3's template, cut down to a system turn and user turns with text content.
@@ -39,14 +40,14 @@ def mistral_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_qwen3(tokenizer, hidden: int = 16) -> Qwen3ForCausalLM:
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=28,
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=30,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=640,
                          pad_token_id=tokenizer.pad_token_id)
     return Qwen3ForCausalLM(config).eval()
 
 
 def tiny_mistral3(tokenizer, hidden: int = 16) -> Mistral3ForConditionalGeneration:
-    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=31,
+    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=33,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=640,
                          pad_token_id=tokenizer.pad_token_id)
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
@@ -102,3 +103,10 @@ def test_loading_errors_are_named(folders, tmp_path):
         Flux2PromptEncoder.from_pretrained(folders / "dev" / "text_encoder", tmp_path / "plain")
     with pytest.raises(CheckpointError, match="no tokenizer folder at"):
         Flux2PromptEncoder.from_pretrained(folders / "dev" / "text_encoder", tmp_path / "missing")
+
+
+def test_unread_layers_are_dropped(folders):
+    ours = Flux2PromptEncoder.from_pretrained(folders / "dev" / "text_encoder", folders / "dev" / "tokenizer", dtype=torch.float32)
+    assert len(ours.model.language_model.layers) == 31  # of 33: hidden state 30 is the last one read
+    ours = Flux2PromptEncoder.from_pretrained(folders / "klein" / "text_encoder", folders / "klein" / "tokenizer", dtype=torch.float32)
+    assert len(ours.model.layers) == ours.model.config.num_hidden_layers == 28

@@ -16,6 +16,7 @@ from zflux.common.identify import identify
 from zflux.common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
 from zflux.common.weights import param_count
 from test_vae import diffusers_config
+from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
 from util import randomize_, rel_err, shapes
 
 TINY = AutoencoderConfig(latent_channels=32, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,

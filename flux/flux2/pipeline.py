@@ -23,8 +23,10 @@ of target image tokens and on the number of steps N.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -232,7 +234,11 @@ def predictor(transformer: Flux2, *, text: Tensor, size: tuple[int, int], sigmas
 
 
 class Flux2Pipeline:
-    """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder."""
+    """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder.
+
+    With `offload_text_encoder` the LLM lives on the CPU and visits the GPU for each prompt, the
+    transformer stepping aside to the CPU meanwhile (so that [dev] runs on one 80 GB GPU).
+    """
 
     def __init__(self, transformer: Flux2, vae: Autoencoder, text_encoder: Flux2PromptEncoder, variant: str,
                  scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False):
@@ -328,9 +334,10 @@ class Flux2Pipeline:
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         sigmas = flux2_sigmas(self.scheduler, settings.steps, h * w)  # (steps + 1,)
 
-        cfg = entry.cfg and settings.guidance > 1
-        text = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=cfg, max_length=settings.max_sequence_length,
-                              device=self.device, offload=self.offload_text_encoder)  # (1 or 2, 512, joint_attention_dim)
+        cfg, device = entry.cfg and settings.guidance > 1, self.device
+        with self._transformer_aside():
+            text = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=cfg, max_length=settings.max_sequence_length,
+                                  device=device, offload=self.offload_text_encoder)  # (1 or 2, 512, joint_attention_dim)
         noise = self._noise((1, 4 * self.vae.cfg.latent_channels, h, w), seed, latents)  # (1, 128, h, w)
         if original is None:
             tokens, start, blend, known = to_tokens(noise), 0, None, None  # (1, h*w, 128)
@@ -358,6 +365,18 @@ class Flux2Pipeline:
         repaint = to_tokens(F.interpolate(mask.to(self.device), size=grid, mode="bilinear").to(dtype))  # (1, h*w, 1)
         return (noise_latent(known, noise, sigmas[start]), start,
                 lambda x, i: inpaint_blend(x, known, noise, repaint, sigmas[i + 1]), known)
+
+    @contextmanager
+    def _transformer_aside(self) -> Iterator[None]:
+        """With the text encoder offloaded, the transformer waits on the CPU while the encoder visits the GPU: [dev]'s
+        24 B Mistral and 32 B transformer (48 + 64 GB in bf16) take turns on one 80 GB GPU."""
+        device = self.device
+        if self.offload_text_encoder:
+            self.transformer.to("cpu")
+        try:
+            yield
+        finally:
+            self.transformer.to(device)
 
     def _noise(self, shape: tuple[int, ...], seed: int, latents: Tensor | None) -> Tensor:
         """The initial noise in diffusers' shape (1, 128, h, w): `latents` if given, else drawn from `seed`."""

@@ -12,7 +12,8 @@ three layers, (9, 18, 27) for Qwen3 and (10, 20, 30) for Mistral (index 0 = the 
 concatenated per token: (B, 512, 3 x hidden).
 
 Models and tokenizers load with `transformers` from a snapshot's `text_encoder/` and `tokenizer/`
-folders. Only the language model runs (Qwen3Model, Mistral3Model): no logits are computed.
+folders. Only the language model runs (Qwen3Model, Mistral3Model), and only up to the last layer read:
+no logits, no later layers.
 """
 
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ class Flux2PromptEncoder:
             raise CheckpointError("the tokenizer has no chat template (a FLUX.2 snapshot's tokenizer/ folder brings one)")
         self.model, self.tokenizer = model, tokenizer
         self.kind = TEXT_MODELS[model.config.model_type]
+        # The layers after the last one read change none of the features: drop them (Mistral 9 of 40, Qwen3 8 of 36).
+        # One past it stays, because the model applies its final norm to the last hidden state it returns.
+        language_model = getattr(model, "language_model", model)  # Mistral3Model wraps its MistralModel
+        keep = max(self.kind.layers) + 1
+        del language_model.layers[keep:]
+        language_model.config.num_hidden_layers = min(language_model.config.num_hidden_layers, keep)
 
     @classmethod
     def from_pretrained(cls, text_encoder: str | Path, tokenizer: str | Path, device: torch.device | str = "cpu",
