@@ -13,9 +13,9 @@ Hugging Face repositories.
 
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
-transformer file needs beside it, add_arguments (its own flags), load_pipeline and
-generate_options (what its flags pass to generate(), read before any weight is loaded, so that a family
-checks its own flags first). Adding a family is one import and one entry.
+transformer file needs beside it, add_arguments (its own flags), load_options (what its flags pass to
+load_pipeline), load_pipeline and generate_options (what its flags pass to generate(), checked before
+loading). Adding a family is one import and one entry.
 """
 
 import argparse
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--init-image", help="image file to start from (image-to-image)")
     gen.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much of the schedule to run (0-1)")
+    gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--reference-image", action="append", metavar="PATH",
+                     help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -105,7 +108,7 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
 
     family = MODELS[args.model]
-    family_options = family.generate_options(args)  # reads and checks the family's own inputs before minutes of loading
+    family_options = family.generate_options(args)  # its flags checked, and their files read, before minutes of loading
     start = time.perf_counter()
     pipe = load_pipeline(args, family)
     if args.backend:
@@ -124,7 +127,8 @@ def generate(args: argparse.Namespace) -> None:
 
 def load_pipeline(args: argparse.Namespace, family: ModuleType):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
-    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder)
+    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder,
+                   **family.load_options(args))
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:

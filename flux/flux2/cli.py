@@ -1,8 +1,9 @@
 """FLUX.2's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
-add_arguments, load_pipeline and generate_options (called before any weight is loaded, so the
-reference images and the mask are read and checked first).
+add_arguments, load_options, load_pipeline and generate_options (called before any weight is
+loaded, so the reference images and the mask are read and checked first). --reference-image and
+--mask are shared flags (Z-Image uses them too).
 """
 
 import argparse
@@ -19,11 +20,15 @@ TEXT_FOLDERS = ("text_encoder", "tokenizer")  # Mistral 3 ([dev]) or Qwen3 (klei
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """FLUX.2's own flags of `zflux generate`, in a group that also says what the shared ones mean for it."""
-    group = parser.add_argument_group(NAME, "--guidance is flux2-dev's embedded guidance (4.0) or klein base's CFG scale (4.0; "
-                                            "distilled klein takes none); --init-image with --mask inpaints with klein")
-    group.add_argument("--reference-image", action="append", metavar="PATH",
-                       help="an image to edit or take subjects from (repeatable; the size defaults to the first one's)")
-    group.add_argument("--mask", metavar="PATH", help="with --init-image: the inpainting mask, white = repaint, the image's size")
+    parser.add_argument_group(NAME, "--guidance is flux2-dev's embedded guidance (4.0) or klein base's CFG scale (4.0; distilled "
+                                    "klein takes none); --reference-image (repeatable, any variant) edits or combines images, the "
+                                    "size defaulting to the first one's; --init-image with --mask (white = repaint) inpaints with "
+                                    "klein")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of load_pipeline that only FLUX.2's flags set: none."""
+    return {}
 
 
 def load_pipeline(weights: Path, vae: Path | None = None, text_encoders: Path | None = None, **options) -> Flux2Pipeline:
