@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
@@ -36,7 +35,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from zflux.common.identify import check_family, flux2_mode, flux2_variant
-from zflux.common.images import fit_image, load_image, to_pil, to_tensor
+from zflux.common.images import fit_image, mask_tensor, open_image, to_pil, to_tensor
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, default_device, denoise, encode_prompts, open_snapshot,
                                    read_scheduler)
 from zflux.common.sampling import (NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, img2img_start,
@@ -52,7 +51,6 @@ MAX_REFERENCE_AREA = 1024 * 1024  # larger reference (and inpainting) images are
 MIN_REFERENCE_SIDE, MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input (BFL's cap_min_pixels)
 MAX_REFERENCES = 10  # BFL's stated limit for FLUX.2 multi-reference editing
 REF_TIME_STEP = 10  # reference j sits at RoPE time 10 + 10 j
-MASK_THRESHOLD = 128  # diffusers binarizes the mask's luminance at 0.5 (of 255)
 SCHEDULER = SchedulerConfig(shift=3.0, use_dynamic_shifting=True)  # what FLUX.2 ships; mu is the pipeline's own
 
 
@@ -129,13 +127,11 @@ def from_tokens(tokens: Tensor, h: int, w: int) -> Tensor:
     return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)
 
 
-def open_image(image: Image.Image | str | Path, what: str) -> Image.Image:
+def checked_image(image: Image.Image | str | Path, what: str) -> Image.Image:
     """A PIL image, or the image file at a path, as RGB; anything else is a ValueError naming `what`."""
-    if isinstance(image, (str, Path)):
-        return load_image(image)
-    if not isinstance(image, Image.Image):
+    if not isinstance(image, (Image.Image, str, Path)):
         raise ValueError(f"{what} must be a PIL image or an image file path, got {type(image).__name__}")
-    return image.convert("RGB")
+    return open_image(image).convert("RGB")
 
 
 def cap_area(image: Image.Image) -> Image.Image:
@@ -149,7 +145,7 @@ def cap_area(image: Image.Image) -> Image.Image:
 def reference_pixels(image: Image.Image | str | Path, index: int = 0) -> Tensor:
     """One reference image as diffusers prepares it: checked (sides >= 64, aspect <= 8), scaled to <= 1024^2 pixels,
     center-cropped to multiples of 16 -> (1, 3, h, w) in [-1, 1]."""
-    image = open_image(image, f"reference image {index}")
+    image = checked_image(image, f"reference image {index}")
     w, h = image.size
     if min(w, h) < MIN_REFERENCE_SIDE or max(w / h, h / w) > MAX_ASPECT:
         raise ValueError(f"reference image {index} is {w}x{h}: both sides must be at least {MIN_REFERENCE_SIDE} pixels "
@@ -161,15 +157,12 @@ def reference_pixels(image: Image.Image | str | Path, index: int = 0) -> Tensor:
 
 
 def mask_pixels(mask: Image.Image | str | Path, image: Image.Image, width: int, height: int) -> Tensor:
-    """The inpainting mask (white = repaint), the init image's size, resized to width x height (Lanczos) and
-    binarized as diffusers' mask processor does -> (1, 1, height, width) of 0 and 1."""
-    mask = load_image(mask) if isinstance(mask, (str, Path)) else mask
-    if not isinstance(mask, Image.Image):
-        raise ValueError(f"mask must be a PIL image or an image file path, got {type(mask).__name__}")
+    """The inpainting mask (white = repaint), of the init image's size, as diffusers' mask processor makes it for a
+    width x height image -> (1, 1, height, width) of 0 and 1."""
+    mask = checked_image(mask, "mask")
     if mask.size != image.size:
         raise ValueError(f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}")
-    gray = np.asarray(fit_image(mask, width, height).convert("L"))  # (H, W) uint8, resized before the luminance is taken
-    return torch.from_numpy(gray >= MASK_THRESHOLD).float()[None, None]  # (1, 1, H, W)
+    return mask_tensor(mask, width, height)
 
 
 def check_inputs(variant: str, reference_images: list | None, init_image, mask, latents: Tensor | None = None) -> None:
@@ -321,7 +314,7 @@ class Flux2Pipeline:
             raise ValueError(f"{self.variant} takes no negative prompt: only klein base runs CFG")
         settings = entry.defaults.given(steps=steps, guidance=guidance)
         refs = [reference_pixels(image, j) for j, image in enumerate(reference_images or [])]
-        original = None if init_image is None else open_image(init_image, "init image")
+        original = None if init_image is None else checked_image(init_image, "init image")
         if original is not None:
             source = cap_area(original)
             size = (source.height // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN, source.width // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN)
