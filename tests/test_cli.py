@@ -224,7 +224,7 @@ def test_convert_round_trip(snapshots, tmp_path, capsys, source):
 
 def test_convert_errors(snapshots, tmp_path, capsys):
     assert "must be a .safetensors file" in fails(capsys, "convert", snapshots["flux-dev"] / "transformer", tmp_path / "out.bin")
-    assert "zflux convert handles Z-Image, FLUX.1 and their autoencoder" in fails(
+    assert "zflux convert handles Z-Image, FLUX.1, FLUX.2 and their autoencoder" in fails(
         capsys, "convert", snapshots["flux-dev"] / "text_encoder_2", tmp_path / "t5.safetensors")
     assert "no checkpoint at" in fails(capsys, "convert", tmp_path / "missing", tmp_path / "out.safetensors")
 

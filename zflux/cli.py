@@ -34,9 +34,10 @@ from zflux.common.images import load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
+from zflux.flux.flux2 import cli as flux2
 from zflux.zimg import cli as zimage
 
-FAMILIES = (zimage, flux)  # in --model order
+FAMILIES = (zimage, flux, flux2)  # in --model order
 VARIANTS = {name: variant for family in FAMILIES for name, variant in family.VARIANTS.items()}  # the --model choices
 MODELS = {name: family for family in FAMILIES for name in family.VARIANTS}  # --model -> its family
 LAYOUTS = {name: module for family in FAMILIES for name, module in family.LAYOUTS.items()} | {"autoencoder": vae_layouts}
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--init-image", help="image file to start from (image-to-image)")
     gen.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much of the schedule to run (0-1)")
+    gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--reference-image", action="append", metavar="PATH",
+                     help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -153,22 +157,26 @@ def describe(args: argparse.Namespace) -> None:
         return
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
+    transformer = path / "transformer"
+    family = identify(transformer).family if any(transformer.glob("*.safetensors*")) else None
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         if folder.name == "scheduler":
-            print(f"  scheduler/: {scheduler_line(folder)}")
+            print(f"  scheduler/: {scheduler_line(folder, family)}")
         elif any(folder.glob("*.safetensors")):
             print(f"  {folder.name}/")
             print("\n".join("    " + line for line in identify(folder).lines()))
 
 
-def scheduler_line(folder: Path) -> str:
-    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these."""
+def scheduler_line(folder: Path, family: str | None = None) -> str:
+    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
+    transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
     scheduler = read_scheduler(folder)
     if scheduler.use_dynamic_shifting:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in VARIANTS.items() if variant.scheduler == scheduler]
+    shipped = [name for name, variant in VARIANTS.items()
+               if variant.scheduler == scheduler and (family is None or family in MODELS[name].LAYOUTS)]
     return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 
