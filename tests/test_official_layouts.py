@@ -29,6 +29,7 @@ TESTS = Path(__file__).resolve().parent
 INDEPENDENT_CHECKS = {
     "z-image": "test_official_layouts.py::test_zimage_layout_through_diffusers_converter",
     "flux.1": "test_flux_model.py::test_our_layout_through_diffusers_single_file_converter",
+    "flux.2": "test_flux2_model.py::test_our_layout_through_diffusers_single_file_converter",
     "autoencoder": "test_vae.py::test_our_layout_through_diffusers_single_file_converter",
     "z-image-controlnet": "test_zimg_controlnet.py::test_layout_matches_diffusers_converter",
 }
