@@ -4,8 +4,18 @@ Each function is the single definition of its math; the fused kernels in `zflux.
 against it, and `ops.py` chooses between the two at run time. Statistics are accumulated in fp32.
 """
 
+from typing import NamedTuple
+
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class ModulationOut(NamedTuple):
+    """adaLN parameters for one branch, each (B, 1, C): (1 + scale) * norm(x) + shift in, x + gate * out after (FLUX.1, FLUX.2)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -20,10 +30,10 @@ def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: flo
 
 
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """RMSNorm(x) * (1 + scale): Z-Image's modulated pre-norm; scale (B, 1, C)."""
+    """RMSNorm(x) * (1 + scale): Z-Image's modulated pre-norm; scale (B, 1, C), or (B, S, C) per token (Omni)."""
     return rms_norm(x, weight, eps) * (1 + scale)
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C), already tanh'd."""
+    """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C) or (B, S, C), already tanh'd."""
     return x + gate * rms_norm(y, weight, eps)

@@ -89,6 +89,11 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
     return backend == "triton" and use_kernels(q)
 
 
+def per_sample(v: Tensor) -> bool:
+    """Whether a modulation vector is one per sample, (B, 1, C), the kernels' form; Z-Image Omni's is per token, (B, S, C)."""
+    return v.shape[-2] == 1
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """norms.rms_norm, or its fused kernel."""
     if use_kernels(x):
@@ -108,8 +113,8 @@ def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: flo
 
 
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel."""
-    if use_kernels(x):
+    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only)."""
+    if use_kernels(x) and per_sample(scale):
         from zflux.kernels.modulate import rms_norm_scale as fused
 
         return fused(x, weight, scale, eps)
@@ -117,8 +122,8 @@ def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tens
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """norms.gated_rms_residual (x + gate * RMSNorm(y)), or its fused kernel."""
-    if use_kernels(x):
+    """norms.gated_rms_residual (x + gate * RMSNorm(y)), or its fused kernel (per-sample gate only)."""
+    if use_kernels(x) and per_sample(gate):
         from zflux.kernels.modulate import gated_rms_residual as fused
 
         return fused(x, y, weight, gate, eps)
@@ -139,9 +144,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D).
 
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
-    when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
+    when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
+    outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
+    only, so such calls run on SDPA.
     """
-    if use_flash_kernel(q, masked=key_lens is not None):
+    if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

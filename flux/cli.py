@@ -1,7 +1,7 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, load_pipeline and generate_options.
+add_arguments, load_options, load_pipeline and generate_options.
 """
 
 import argparse
@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(NAME, "--guidance is flux-dev's embedded guidance (3.5; schnell has none); "
                                             "--negative-prompt needs --true-cfg > 1")
     group.add_argument("--true-cfg", type=float, default=1.0, help="real CFG scale against the negative prompt (> 1 turns it on)")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of load_pipeline that only FLUX.1's flags set: none."""
+    return {}
 
 
 def load_pipeline(weights: Path, vae: Path | None = None, text_encoders: Path | None = None, **options) -> FluxPipeline:

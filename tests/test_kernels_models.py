@@ -1,7 +1,8 @@
 """Each model gives the same output on every backend (sdpa, triton, reference).
 
 Tiny random models with head dim 64 (the attention kernel takes 64 and 128); Z-Image with a batch
-of unequal captions, so the padded-key path runs. On the CPU the Triton kernels run through the
+of unequal captions, so the padded-key path runs, also steered by a ControlNet, and in Omni mode
+(per-token modulation, which the kernels leave to PyTorch). On the CPU the Triton kernels run through the
 interpreter, in fp32: every backend within 1e-5 relative of sdpa (summation order only). On the
 GPU, in bf16: each backend's error against the fp32 sdpa output within 1.5x that of bf16 sdpa,
 plus 2e-3 (the backends round in different places, each by one bf16 step at most).
@@ -9,17 +10,22 @@ plus 2e-3 (the backends round in different places, each by one bf16 step at most
 
 import pytest
 import torch
+from torch import nn
 
 from kernel_env import DEVICE, require_triton
 
 require_triton()  # before kernels/ is imported
 
 from zflux.common.ops import BACKENDS  # noqa: E402
+from zflux.flux.flux2.model import Flux2, Flux2Config  # noqa: E402
+from zflux.flux.flux2.pipeline import grid_ids, text_ids  # noqa: E402
 from zflux.flux.model import Flux, FluxConfig  # noqa: E402
 from zflux.common.latents import pack_latents  # noqa: E402
 from zflux.flux.pipeline import img_ids, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402
+from zflux.zimg.controlnet import ControlNetConfig, ZImageControlNet  # noqa: E402
 from zflux.zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
+from zflux.zimg.omni import ZImageOmniTransformer  # noqa: E402
 
 ZIMAGE = ZImageConfig(dim=128, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                       axes_dims=(16, 24, 24), axes_lens=(256, 64, 64))
@@ -38,6 +44,45 @@ def zimage_case(device: str):
     return model, dict(x=x, t=t, cap_feats=cap, cap_mask=mask)
 
 
+class Controlled(nn.Module):
+    """A transformer and a ControlNet as one model, so that run() can set the backend and dtype of both."""
+
+    def __init__(self, base: ZImageTransformer, controlnet: ZImageControlNet):
+        super().__init__()
+        self.base, self.controlnet = base, controlnet
+
+    @property
+    def backend(self) -> str | None:
+        return self.base.backend
+
+    @backend.setter
+    def backend(self, name: str | None):
+        self.base.backend = name  # the ControlNet runs inside the base's forward, under its backend
+
+    def forward(self, control: torch.Tensor, **inputs) -> torch.Tensor:
+        return self.base(**inputs, control=self.controlnet.bind(self.base, control, scale=0.7))
+
+
+def zimage_controlnet_case(device: str):
+    """zimage_case's model and inputs steered by a random 2.1-style ControlNet hinting both main layers and the refiner."""
+    base, inputs = zimage_case(device)
+    cfg = ControlNetConfig(control_layers_places=(0, 1), control_refiner_layers_places=(0,), dim=128, n_heads=2, n_kv_heads=2,
+                           n_refiner_layers=1)
+    controlnet = randomize_(ZImageControlNet(cfg).to(device), seed=2).eval()
+    control = torch.randn(1, 33, 6, 10, generator=torch.Generator(device).manual_seed(3), device=device)
+    return Controlled(base, controlnet), inputs | dict(control=control)
+
+
+def zimage_omni_case(device: str):
+    """A random tiny Z-Image Omni (fp32): a batch of two, one condition image with its SigLIP map."""
+    model = randomize_(ZImageOmniTransformer(ZImageConfig(**{**ZIMAGE.__dict__, "siglip_feat_dim": 24})).to(device), seed=0).eval()
+    g = torch.Generator(device).manual_seed(1)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
+    captions = [[randn(n, 32) for n in lens] for lens in ((3, 7, 4), (5, 40, 2))]
+    return model, dict(x=randn(2, 16, 6, 8), t=torch.rand(2, generator=g, device=device), captions=captions,
+                       images=[randn(16, 4, 6)], siglip=[randn(3, 5, 24)])
+
+
 def flux_case(device: str):
     """A random tiny FLUX.1-dev (fp32) and its inputs: 7 text tokens, an 8x12 latent (24 image tokens)."""
     model = randomize_(Flux(FLUX).to(device), seed=0).eval()
@@ -48,6 +93,20 @@ def flux_case(device: str):
                   guidance=torch.tensor([3.5, 1.5], device=device))
     return model, inputs
 
+FLUX2 = Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+                    joint_attention_dim=32, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False)
+
+
+def flux2_case(device: str):
+    """A random tiny FLUX.2 klein (fp32) and its inputs: 7 text tokens, a 4x6 token grid, then a 2x3 reference."""
+    model = randomize_(Flux2(FLUX2).to(device), seed=0).eval()
+    g = torch.Generator(device).manual_seed(1)
+    ids = torch.cat([grid_ids(4, 6, device=device), grid_ids(2, 3, time=10, device=device)], dim=1).expand(2, -1, -1)
+    inputs = dict(img=torch.randn(2, 30, 16, generator=g, device=device), img_ids=ids,
+                  txt=torch.randn(2, 7, 32, generator=g, device=device), txt_ids=text_ids(2, 7, device),
+                  timesteps=torch.rand(2, generator=g, device=device))
+    return model, inputs
+
 
 def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The model's output (fp32) with its weights in `dtype`; both models cast their inputs themselves."""
@@ -56,7 +115,8 @@ def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -
         return model.to(dtype)(**inputs).float()
 
 
-CASES = {"zimage": zimage_case, "flux": flux_case}
+CASES = {"zimage": zimage_case, "zimage-controlnet": zimage_controlnet_case, "zimage-omni": zimage_omni_case, "flux": flux_case,
+         "flux2": flux2_case}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -75,3 +135,20 @@ def test_same_output_on_every_backend_bf16(case):
     bar = 1.5 * rel_err(run(model, inputs, "sdpa", torch.bfloat16), expected) + 2e-3
     for backend in BACKENDS:
         assert rel_err(run(model, inputs, backend, torch.bfloat16), expected) <= bar, backend
+
+
+def test_flux2_kv_steps_on_every_backend_fp32():
+    """klein KV's extract step and a cached step, where the keys outnumber the queries (SDPA under every backend)."""
+    model, inputs = flux2_case(DEVICE)
+    target = {k: v[:, :24] if k.startswith("img") else v for k, v in inputs.items()}
+    refs = dict(ref=inputs["img"][:, 24:], ref_ids=inputs["img_ids"][:, 24:])
+
+    def steps(backend: str) -> torch.Tensor:
+        model.backend = backend
+        with torch.no_grad():
+            first, ref_kv = model.extract_ref_kv(**target, **refs)
+            return torch.stack([first, model(**target | dict(timesteps=target["timesteps"] / 2), ref_kv=ref_kv)])
+
+    expected = steps("sdpa")
+    for backend in BACKENDS:
+        assert rel_err(steps(backend), expected) <= 1e-5, backend

@@ -24,6 +24,7 @@ def test_learns_what_the_caption_says(tmp_path):
     training's time and sign are the pipeline's, and the caption reaches the transformer through the text encoder."""
     tokenizer = build_tokenizer()
     model = build_denoiser(tokenizer, seed=0, cfg=TINY, text_encoder=TINY_TEXT)
-    ids, mask = Qwen3PromptEncoder(model.text_encoder, tokenizer).tokens(CAPTION_BATCH, padding="longest")
+    encoder = Qwen3PromptEncoder(model.text_encoder, tokenizer)
+    ids, mask = encoder.tokens([encoder.template(c) for c in CAPTION_BATCH], padding="longest")
     averaged = learn_caption_values(model, lambda m, x, t: m(x, t, ids, mask), RULE, tmp_path)
     assert draws_caption_values(pipeline(averaged, Autoencoder(TINY_VAE), tokenizer))

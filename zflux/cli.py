@@ -18,8 +18,9 @@ Hugging Face repositories.
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the small models it ships
 (EMBEDDED) and can train (TRAIN), the TEXT_FOLDERS a transformer file needs beside it, add_arguments
-(its own flags), load_pipeline and generate_options (what its flags pass to generate()). Adding a
-family is one import and one entry.
+(its own flags), load_options (what its flags pass to load_pipeline), load_pipeline and
+generate_options (what its flags pass to generate(), checked before loading). Adding a family is one
+import and one entry.
 """
 
 import argparse
@@ -41,9 +42,10 @@ from zflux.common.pipeline import check_request, default_device, read_scheduler
 from zflux.common.training import AUTOENCODER_SETTINGS, train_autoencoder
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
+from zflux.flux.flux2 import cli as flux2
 from zflux.zimg import cli as zimage
 
-FAMILIES = (zimage, flux)  # in --model order
+FAMILIES = (zimage, flux, flux2)  # in --model order
 VARIANTS = {name: variant for family in FAMILIES for name, variant in family.VARIANTS.items()}  # the --model choices
 MODELS = {name: family for family in FAMILIES for name in family.VARIANTS}  # --model -> its family
 LAYOUTS = {name: module for family in FAMILIES for name, module in family.LAYOUTS.items()} | {"autoencoder": vae_layouts}
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--init-image", help="image file to start from (image-to-image)")
     gen.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much of the schedule to run (0-1)")
+    gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--reference-image", action="append", metavar="PATH",
+                     help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, help="default: bf16; fp32 for the small models (faster on the CPU)")
@@ -130,13 +135,14 @@ def generate(args: argparse.Namespace) -> None:
     if not Path(args.out).suffix:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
 
-    start = time.perf_counter()
     family = MODELS[args.model]
     if args.weights is None:
         args.weights, size = embedded_model(args.model)
         args.height, args.width, args.dtype = args.height or size, args.width or size, args.dtype or "fp32"
         print(f"model: zflux's small {args.model}-shaped model, trained on {size}x{size} pictures of coloured shapes "
               f"({args.weights}); pass --weights for the real one")
+    family_options = family.generate_options(args)  # its flags checked, and their files read, before minutes of loading
+    start = time.perf_counter()
     pipe = load_pipeline(args, family)
     if args.backend:
         pipe.transformer.backend = args.backend
@@ -145,7 +151,7 @@ def generate(args: argparse.Namespace) -> None:
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
                    guidance=args.guidance, seed=args.seed, init_image=init_image, strength=args.strength)
     start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options, **family.generate_options(args))
+    image = pipe.generate(args.prompt, **options, **family_options)
     took = time.perf_counter() - start
     path = save_image(image, args.out)
     print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
@@ -166,7 +172,7 @@ def embedded_model(model: str) -> tuple[Path, int]:
 def load_pipeline(args: argparse.Namespace, family: ModuleType):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype or "bf16"],
-                   offload_text_encoder=args.offload_text_encoder)
+                   offload_text_encoder=args.offload_text_encoder, **family.load_options(args))
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:
@@ -195,22 +201,26 @@ def describe(args: argparse.Namespace) -> None:
         return
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
+    transformer = path / "transformer"
+    family = identify(transformer).family if any(transformer.glob("*.safetensors*")) else None
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         if folder.name == "scheduler":
-            print(f"  scheduler/: {scheduler_line(folder)}")
+            print(f"  scheduler/: {scheduler_line(folder, family)}")
         elif any(folder.glob("*.safetensors")):
             print(f"  {folder.name}/")
             print("\n".join("    " + line for line in identify(folder).lines()))
 
 
-def scheduler_line(folder: Path) -> str:
-    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these."""
+def scheduler_line(folder: Path, family: str | None = None) -> str:
+    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
+    transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
     scheduler = read_scheduler(folder)
     if scheduler.use_dynamic_shifting:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in VARIANTS.items() if variant.scheduler == scheduler]
+    shipped = [name for name, variant in VARIANTS.items()
+               if variant.scheduler == scheduler and (family is None or family in MODELS[name].LAYOUTS)]
     return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 

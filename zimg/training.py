@@ -106,7 +106,8 @@ def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: 
 
     def loss(model: Denoiser, batch: tuple[Tensor, list[str]], generator: torch.Generator) -> Tensor:
         pictures, captions = batch
-        ids, mask = encoder.tokens(captions, padding="longest")  # causal: the padding changes no real token's features
+        # Padded to the longest caption, not to 512: Qwen3 is causal, so padding changes no real token's features.
+        ids, mask = encoder.tokens([encoder.template(c) for c in captions], padding="longest")
         return flow_loss(lambda x, t: model(x, t, ids, mask), picture_latents(vae, pictures), RULE, generator)
 
     def sample(model: Denoiser) -> Image.Image:
