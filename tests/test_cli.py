@@ -1,11 +1,12 @@
-"""The `zflux` command: generate (snapshot folders and single files), info (checkpoint identification from
-headers), convert (layout round trips), and the named errors. Runs `main([...])` in-process on tiny
+"""The `zflux` command: generate (snapshot folders and single files; the small model zflux ships), info (checkpoint
+identification from headers), convert (layout round trips), train (each flag reaching the run), and the named errors. Runs `main([...])` in-process on tiny
 random snapshots (tiny_pipelines.py), on the CPU in fp32."""
 
 import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -284,3 +285,21 @@ def test_small_model_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(cli.EMBEDDED, "flux-dev", (tmp_path / "nothing", 128))
     message = fails(capsys, "generate", "--model", "flux-dev", "--prompt", "a cat", "--out", "a.png")
     assert "zflux's small flux-dev is not in this installation" in message and "zflux train flux-dev" in message
+
+
+def test_train_flags_reach_the_run(tmp_path, capsys, monkeypatch):
+    """Every flag of `zflux train` reaches the run: its settings over the run's defaults, the folders, size, device, workers."""
+    calls = []
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    record = lambda folder, vae, settings, **options: calls.append((folder, vae, settings, options)) or folder / "model"
+    defaults = cli.TRAIN["z-image-turbo"][1]
+    monkeypatch.setitem(cli.TRAIN, "z-image-turbo", (record, defaults))
+    run("train", "z-image-turbo", "--out", tmp_path / "runs", "--minutes", 3, "--max-steps", 5, "--batch-size", 8, "--lr", 2e-4,
+        "--size", 64, "--vae", vae, "--init", tmp_path / "shipped", "--device", "cpu", "--workers", 3, "--seed", 2)
+    ((folder, given_vae, settings, options),) = calls
+    assert folder == tmp_path / "runs" / "z-image-turbo" and given_vae == vae
+    assert settings == replace(defaults, minutes=3.0, max_steps=5, batch_size=8, lr=2e-4, seed=2)
+    assert options == dict(size=64, device=torch.device("cpu"), workers=3, init=tmp_path / "shipped")
+    assert "--init and --vae go with a transformer's run" in fails(capsys, "train", "autoencoder", "--init", tmp_path, "--out", tmp_path)
