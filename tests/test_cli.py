@@ -1,6 +1,6 @@
 """The `zflux` command: generate (snapshot folders and single files; the small model zflux ships), info (checkpoint
-identification from headers), convert (layout round trips), train (each flag reaching the run), and the named errors. Runs `main([...])` in-process on tiny
-random snapshots (tiny_pipelines.py), on the CPU in fp32."""
+identification from headers), convert (layout round trips), train (each flag reaching the run), and the named errors.
+Runs `main([...])` in-process on tiny random snapshots (tiny_pipelines.py), on the CPU in fp32."""
 
 import shutil
 import subprocess
