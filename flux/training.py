@@ -140,5 +140,7 @@ def train_flux(folder: Path, vae_folder: Path, settings: TrainSettings, size: in
     snapshot = save_snapshot(folder / "model", "FluxPipeline", vae=vae_folder, scheduler=VARIANTS[VARIANT].scheduler,
                              transformer=("FluxTransformer2DModel", to_diffusers(averaged.transformer.state_dict()), TRANSFORMER),
                              text=text)
-    prompt_grid(FluxPipeline.from_pretrained(snapshot, device=device, dtype=torch.float32), size).save(folder / "grid.png")
+    shipped = FluxPipeline.from_pretrained(snapshot, device=device, dtype=torch.float32)
+    shipped.transformer.backend = "sdpa"  # as in training: no Triton kernels to compile at the end of a time slot
+    prompt_grid(shipped, size).save(folder / "grid.png")
     return snapshot

@@ -23,7 +23,7 @@ from diffusers import FluxPipeline as DiffusersFlux
 from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 
-from zflux.common.shapes import COLOURS, HELD_OUT, LANGUAGES, Scene, caption
+from zflux.common.shapes import COLOURS, HELD_OUT, LANGUAGES, Scene, caption, draw
 from zflux.flux import pipeline as flux
 from zflux.zimg import pipeline as zimage
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
@@ -84,8 +84,6 @@ def follows(generate, scenes: list[Scene], language: str) -> tuple[float, list[s
 
 def test_the_pixel_check_reads_the_training_pictures():
     """The check itself: it accepts drawn scenes, and refuses them under another caption."""
-    from zflux.common.shapes import draw
-
     for scene in HELD_OUT_SCENES:
         picture = draw(scene, zimage.EMBEDDED_SIZE)
         assert misreading(picture, scene) is None

@@ -118,5 +118,7 @@ def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: 
     snapshot = save_snapshot(folder / "model", "ZImagePipeline", vae=vae_folder, scheduler=VARIANTS[VARIANT].scheduler,
                              transformer=("ZImageTransformer2DModel", to_diffusers(averaged.transformer.state_dict()), TRANSFORMER),
                              text={"text_encoder": averaged.text_encoder, "tokenizer": tokenizer})
-    prompt_grid(ZImagePipeline.from_pretrained(snapshot, device=device, dtype=torch.float32), size).save(folder / "grid.png")
+    shipped = ZImagePipeline.from_pretrained(snapshot, device=device, dtype=torch.float32)
+    shipped.transformer.backend = "sdpa"  # as in training: no Triton kernels to compile at the end of a time slot
+    prompt_grid(shipped, size).save(folder / "grid.png")
     return snapshot
