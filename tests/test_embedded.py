@@ -37,7 +37,8 @@ HELD_OUT_SCENES = [Scene(*triple) for triple in sorted(HELD_OUT)]
 
 
 def shipped(folder: Path):
-    return pytest.mark.skipif(not (folder / "model_index.json").is_file(),
+    """Skip while `folder` is absent (a folder that is there, however broken, is tested)."""
+    return pytest.mark.skipif(not folder.exists(),
                               reason=f"{folder} is absent: train the small model and commit it (README: zflux's small models)")
 
 
