@@ -23,6 +23,7 @@ from diffusers import FluxPipeline as DiffusersFlux
 from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 
+from zflux.cli import main
 from zflux.common.shapes import COLOURS, HELD_OUT, LANGUAGES, Scene, caption, draw
 from zflux.flux import pipeline as flux
 from zflux.zimg import pipeline as zimage
@@ -115,7 +116,8 @@ def test_flux_follows_unseen_prompts(language):
 
 @zimage_shipped
 def test_zimage_matches_diffusers():
-    """diffusers' ZImagePipeline loads the shipped folder and draws the same latents for the same seed (fp32, <= 1e-4)."""
+    """diffusers' ZImagePipeline loads the shipped folder and draws the same latents (fp32, <= 1e-4) and picture for the
+    same seed."""
     size = zimage.EMBEDDED_SIZE
     got = zimage.ZImagePipeline.from_pretrained(zimage.EMBEDDED_MODEL, **FP32).generate(
         PROMPT, height=size, width=size, seed=5, output_type="latent", progress=False)
@@ -124,6 +126,12 @@ def test_zimage_matches_diffusers():
     expected = ref(PROMPT, height=size, width=size, num_inference_steps=8, guidance_scale=0.0, output_type="latent",
                    generator=torch.Generator().manual_seed(5)).images
     assert rel_err(got, expected) <= 1e-4
+    image = zimage.ZImagePipeline.from_pretrained(zimage.EMBEDDED_MODEL, **FP32).generate(PROMPT, height=size, width=size, seed=5,
+                                                                                         progress=False)
+    expected = ref(PROMPT, height=size, width=size, num_inference_steps=8, guidance_scale=0.0,
+                   generator=torch.Generator().manual_seed(5)).images[0]
+    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert diff.max() <= 1  # the same picture, but for a pixel on an 8-bit rounding boundary
 
 
 @flux_shipped
@@ -154,4 +162,14 @@ def test_generate_runs_the_small_model_by_default(tmp_path):
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert cpu < 30, f"took {cpu:.1f} s of CPU time"
     with Image.open(out) as image:
+        assert image.size == (128, 128) and misreading(image, Scene("red", "circle", "blue")) is None
+
+
+@flux_shipped
+def test_generate_runs_the_small_flux_by_default(tmp_path, capsys):
+    """`zflux generate --model flux-dev` without --weights runs the shipped FLUX.1 (8 steps here, to keep the test short)."""
+    main(["generate", "--model", "flux-dev", "--prompt", PROMPT, "--steps", "8", "--out", str(tmp_path / "circle.png"),
+          "--device", "cpu"])
+    assert "zflux's small flux-dev-shaped model" in capsys.readouterr().out
+    with Image.open(tmp_path / "circle.png") as image:
         assert image.size == (128, 128) and misreading(image, Scene("red", "circle", "blue")) is None
