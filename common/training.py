@@ -265,7 +265,7 @@ def train_autoencoder(folder: Path, settings: TrainSettings, size: int, device: 
         return autoencoder_loss(model, to_signed(batch[0].to(device)), KL_WEIGHT, generator)
 
     def sample(model: Autoencoder) -> Image.Image:  # the pictures over their reconstructions
-        return image_grid(to_pil(torch.cat([to_signed(shown), model(to_signed(shown).to(device))])), columns=8)
+        return image_grid(to_pil(torch.cat([to_signed(shown), model(to_signed(shown).to(device)).cpu()])), columns=8)
 
     averaged = train(vae, loss, lambda step: batches(dataset, settings.batch_size, step, workers), settings, folder, sample,
                      name="autoencoder")
