@@ -1,4 +1,5 @@
-"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range.
+"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range,
+and inpainting masks (pixels -> a binary tensor -> the latent grid; outpainting's grown canvas).
 
 The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 255, rounded), so the
 same decoded tensor gives the same pixels here and there.
@@ -11,6 +12,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
+from torch.nn import functional as F
 
 
 def to_tensor(image: Image.Image) -> Tensor:
@@ -55,3 +57,51 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     except (KeyError, ValueError) as e:  # PIL: unknown extension
         raise ValueError(f"cannot save an image as {path}: unknown format {path.suffix!r}") from e
     return path
+
+
+# Inpainting masks: white (1) = repaint, black (0) = keep. diffusers' mask processor resizes the mask as
+# it resizes images (Lanczos), then takes its luminance and binarizes it at 0.5: a gray level of 128 or
+# more repaints.
+MASK_THRESHOLD = 128
+
+
+def mask_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
+    """A mask image (any mode) -> (1, 1, height, width) fp32 of 0 (keep) and 1 (repaint), as diffusers' mask processor makes it."""
+    gray = np.asarray(fit_image(mask, width, height).convert("L"))  # (H, W) uint8, resized before the luminance is taken
+    return torch.from_numpy(gray >= MASK_THRESHOLD).float()[None, None]  # (1, 1, H, W)
+
+
+def mask_latents(mask: Tensor, height: int, width: int) -> Tensor:
+    """A pixel mask (1, 1, H, W) -> the latent grid (1, 1, height, width), by nearest neighbour (each 8x8 block's top-left pixel)."""
+    return F.interpolate(mask, size=(height, width), mode="nearest")  # (1, 1, h, w)
+
+
+def check_mask(mask: Image.Image, image: Image.Image) -> None:
+    """Refuse a mask whose size differs from its image's (resizing either would silently move the masked region)."""
+    if mask.size != image.size:
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}: "
+                         "they must have the same size")
+
+
+OUTPAINT_FILL = (128, 128, 128)  # the new border's color: mid-gray, about 0 in the autoencoder's [-1, 1] range
+
+
+def outpaint_canvas(image: Image.Image, borders: tuple[int, int, int, int],
+                    mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image]:
+    """Grow `image` by (left, top, right, bottom) pixels of mid-gray; return it with its mask (new border white = repaint).
+
+    A given `mask` (same size as the image) is kept inside the border, so inpainting and outpainting combine.
+    """
+    if len(borders) != 4 or any(not isinstance(b, int) or b < 0 for b in borders):
+        raise ValueError(f"outpaint must be four non-negative pixel counts (left, top, right, bottom), got {borders}")
+    if not any(borders):
+        raise ValueError("outpaint (0, 0, 0, 0) adds no border: give at least one side a width")
+    if mask is not None:
+        check_mask(mask, image)
+    left, top, right, bottom = borders
+    size = (image.width + left + right, image.height + top + bottom)
+    canvas = Image.new("RGB", size, OUTPAINT_FILL)
+    canvas.paste(image.convert("RGB"), (left, top))
+    canvas_mask = Image.new("L", size, 255)
+    canvas_mask.paste(Image.new("L", image.size, 0) if mask is None else mask.convert("L"), (left, top))
+    return canvas, canvas_mask
