@@ -7,13 +7,16 @@ them, and `zflux info` to describe a file. What the keys tell apart:
 - Z-Image (`cap_embedder`, `x_pad_token`) from FLUX.1 (`double_blocks.N.img_mod`, or diffusers'
   `single_transformer_blocks.N.proj_mlp`) from FLUX.2 (shared `single_stream_modulation`);
 - FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
-  `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
+  `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth). Kontext has dev's shapes exactly and
+  Canny Depth's: only a name tells those apart, a word in the file name (`flux1-kontext-dev.safetensors`)
+  or the pipeline class in the model_index.json of the snapshot a `transformer/` folder sits in;
 - the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
 - the 16-channel autoencoder (`decoder.conv_in` input width) and the text encoders.
 
 Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ FAMILY_NAMES = {
 }
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
+NAME_WORDS = {"kontext": "flux-kontext", "canny": "flux-canny", "depth": "flux-depth"}  # a word in a file name -> its variant
+SNAPSHOT_CLASSES = {"FluxKontextPipeline": "flux-kontext"}  # a snapshot's pipeline class that names a variant the shapes cannot
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ def identify(path: str | Path) -> CheckpointInfo:
     specs = read_header(path)
     comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
     shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
-    family, variant, description, layout = _classify(shapes)
+    family, variant, description, layout = _classify(shapes, named_variant(path))
     if comfy and layout == "official":
         layout = "ComfyUI"
     dtypes: dict[str, int] = {}
@@ -75,6 +80,17 @@ def identify(path: str | Path) -> CheckpointInfo:
         name = DTYPE_NAMES.get(dtype, dtype.lower())
         dtypes[name] = dtypes.get(name, 0) + _numel(shape)
     return CheckpointInfo(family, variant, description, layout, dtypes, sum(dtypes.values()))
+
+
+def named_variant(path: str | Path) -> str | None:
+    """The FLUX.1 variant that the name of `path`, or the snapshot its folder sits in, gives (None: nothing names one)."""
+    path = Path(path)
+    index = path.parent / "model_index.json"
+    if path.is_dir() and index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name in SNAPSHOT_CLASSES:
+            return SNAPSHOT_CLASSES[class_name]
+    return next((variant for word, variant in NAME_WORDS.items() if word in path.name.lower()), None)
 
 
 def check_family(path: str | Path, family: str, hint: str = "") -> CheckpointInfo:
@@ -92,8 +108,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str, str]:
-    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed)."""
+def _classify(shapes: dict[str, tuple[int, ...]], named: str | None) -> tuple[str, str | None, str, str]:
+    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed) and the
+    variant the checkpoint's name gives, if any."""
     has = shapes.__contains__
     if has("cap_embedder.1.weight"):
         layout = "diffusers" if has("all_x_embedder.2-1.weight") else "official"
@@ -101,7 +118,7 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str,
             return "z-image", "z-image-omni", "Z-Image Omni (image-conditioned; not supported here)", layout
         return "z-image", None, "a Z-Image transformer (Turbo or base: they share every shape)", layout
     if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
-        return ("flux.1", *_flux_variant(shapes))
+        return ("flux.1", *_flux_variant(shapes, named))
     if has("single_stream_modulation.lin.weight") or has("single_stream_modulation.linear.weight"):
         layout = "official" if has("single_stream_modulation.lin.weight") else "diffusers"
         return "flux.2", None, "a FLUX.2 transformer (not supported here)", layout
@@ -120,8 +137,8 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str,
     return "unknown", None, "no model this tool knows (not Z-Image, FLUX.1, their autoencoder or text encoders)", "unknown"
 
 
-def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:
-    """(variant, description, layout) of a FLUX.1 transformer."""
+def _flux_variant(shapes: dict[str, tuple[int, ...]], named: str | None) -> tuple[str | None, str, str]:
+    """(variant, description, layout) of a FLUX.1 transformer; `named` tells the variants that share shapes apart."""
     official = shapes.__contains__("img_in.weight")
     in_channels = shapes["img_in.weight" if official else "x_embedder.weight"][1]
     guidance = "guidance_in.in_layer.weight" in shapes or "time_text_embed.guidance_embedder.linear_1.weight" in shapes
@@ -131,8 +148,13 @@ def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, 
     tool = FLUX_TOOLS[in_channels]
     if tool == "flux-fill":
         return tool, "FLUX.1 Fill (inpainting: 64 noise + 64 masked-image + 256 mask input channels)", layout
+    if tool and named in ("flux-canny", "flux-depth"):
+        return named, f"FLUX.1 {named.removeprefix('flux-').title()} (64 noise + 64 control input channels; named so)", layout
     if tool:
-        return tool, "FLUX.1 Canny or Depth (64 noise + 64 control input channels; the two share every shape)", layout
+        return tool, ("FLUX.1 Canny or Depth (64 noise + 64 control input channels; the two share every shape and "
+                      "nothing here names either)"), layout
+    if guidance and named == "flux-kontext":
+        return named, "FLUX.1 Kontext (in-context editing; dev's shapes, named Kontext)", layout
     if guidance:
-        return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes)", layout
+        return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes and nothing here names it Kontext)", layout
     return "flux-schnell", "FLUX.1 schnell (timestep-distilled, no guidance input)", layout

@@ -115,9 +115,9 @@ def test_weights_errors(snapshots, bfl_folder, tmp_path, capsys):
                                               "--out", tmp_path / "x.png", *more, *CPU)
     assert "is a ZImagePipeline snapshot, not FluxPipeline" in gen("flux-dev", snapshots["z-image-turbo"])
     assert "is a FluxPipeline snapshot, not ZImagePipeline" in gen("z-image-turbo", snapshots["flux-dev"])
-    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes), not Z-Image" in gen(
+    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes and nothing here names it Kontext), not Z-Image" in gen(
         "z-image-turbo", bfl_folder / "flux1-dev.safetensors")
-    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes), not flux-schnell" in gen(
+    assert "holds FLUX.1 dev (guidance-distilled; Kontext has the same shapes and nothing here names it Kontext), not flux-schnell" in gen(
         "flux-schnell", snapshots["flux-dev"])
     assert "holds the 16-channel FLUX.1 / Z-Image autoencoder, not FLUX.1" in gen("flux-dev", bfl_folder / "ae.safetensors")
     assert "no weights at" in gen("flux-dev", tmp_path / "missing.safetensors")
@@ -172,7 +172,7 @@ def test_identify_variants_and_layouts(snapshots, bfl_folder, tmp_path):
         tiny_flux(tmp_path, "schnell"): ("flux.1", "flux-schnell", "official"),
         tiny_flux(tmp_path, "dev", guidance_embeds=True): ("flux.1", "flux-dev", "official"),
         tiny_flux(tmp_path, "fill", in_channels=384, out_channels=64, guidance_embeds=True): ("flux.1", "flux-fill", "official"),
-        tiny_flux(tmp_path, "canny", in_channels=128, out_channels=64, guidance_embeds=True): ("flux.1", "flux-canny-or-depth", "official"),
+        tiny_flux(tmp_path, "control", in_channels=128, out_channels=64, guidance_embeds=True): ("flux.1", "flux-canny-or-depth", "official"),
         snapshots["flux-schnell"] / "transformer": ("flux.1", "flux-schnell", "diffusers"),
         bfl_folder / "ae.safetensors": ("autoencoder", "flux-vae", "official"),
         snapshots["flux-dev"] / "vae": ("autoencoder", "flux-vae", "diffusers"),

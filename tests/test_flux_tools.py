@@ -1,10 +1,12 @@
-"""The FLUX.1 tools' input pieces (flux/tools.py) against diffusers' FluxFillPipeline and FluxKontextPipeline methods.
+"""The FLUX.1 tools' input pieces (flux/tools.py) against diffusers' FluxFillPipeline and FluxKontextPipeline methods,
+and how a tool's checkpoint is named where its shapes cannot name it.
 
 The pipelines' own prepare_* methods run on a stand-in `self` that carries only what they read (the
 packing functions, the autoencoder's scale factors), given latents instead of images, so no model is
 needed; outputs must be identical.
 """
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image
 
+from zflux.common.identify import identify
+from zflux.common.weights import save_state_dict
+from zflux.flux.model import Flux, FluxConfig
 from zflux.flux.sampling import img_ids, pack_latents
 from zflux.flux.tools import (KONTEXT_MAX_AREA, KONTEXT_RESOLUTIONS, fill_conditioning, fill_mask_tokens, kontext_ids,
                               kontext_output_size, kontext_reference_size, with_conditioning)
@@ -104,3 +109,32 @@ def test_kontext_output_size_matches_diffusers(max_area):
             kontext_output_size(*size, max_area)
     assert kontext_output_size(512, 768) == (832, 1248) and kontext_output_size(64, 48, 64 * 48) == (64, 48)
 
+
+
+def tiny_transformer(path, **cfg):
+    """Save a tiny random FLUX.1 transformer (BFL layout) at `path`."""
+    config = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                        pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), **cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict(Flux(config).state_dict(), path)
+    return path
+
+
+def test_identify_names_the_tools_that_share_shapes(tmp_path):
+    """Kontext has dev's shapes and Canny Depth's: a word in the file name, or the snapshot's pipeline class, tells them apart."""
+    dev, control = dict(guidance_embeds=True), dict(in_channels=128, out_channels=64, guidance_embeds=True)
+    snapshot = tmp_path / "FLUX.1-Kontext-dev-snapshot"
+    tiny_transformer(snapshot / "transformer" / "diffusion_pytorch_model.safetensors", **dev)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
+    cases = {
+        tiny_transformer(tmp_path / "flux1-kontext-dev.safetensors", **dev): "flux-kontext",
+        tiny_transformer(tmp_path / "flux1-dev.safetensors", **dev): "flux-dev",
+        snapshot / "transformer": "flux-kontext",
+        tiny_transformer(tmp_path / "flux1-Canny-dev.safetensors", **control): "flux-canny",
+        tiny_transformer(tmp_path / "flux1-depth-dev.safetensors", **control): "flux-depth",
+        tiny_transformer(tmp_path / "control.safetensors", **control): "flux-canny-or-depth",
+    }
+    for path, variant in cases.items():
+        assert identify(path).variant == variant, path
+    assert "nothing here names it Kontext" in identify(tmp_path / "flux1-dev.safetensors").description
+    assert "nothing here names either" in identify(tmp_path / "control.safetensors").description
