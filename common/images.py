@@ -41,6 +41,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {e}") from e
 
 
+def as_image(image: Image.Image | str | Path | None) -> Image.Image | None:
+    """A PIL image, opened first when given as a path (None stays None)."""
+    return image if image is None or isinstance(image, Image.Image) else load_image(image)
+
+
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     """`image` resized to width x height (Lanczos, as diffusers' image processor), unchanged if it already fits."""
     return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)

@@ -1,27 +1,59 @@
-"""What the Z-Image and FLUX.1 pipelines share: finding components on disk, the start of every generate() call
-(checking the request, encoding the prompts with text-encoder offload, the schedule and the starting latents),
-and the path between PIL images and the transformer's (scaled) latents.
+"""What every pipeline shares: finding components on disk, checking a request, encoding prompts (the text encoder
+offloaded between calls), where the Euler loop starts, the loop itself, and decoding.
 
-Both families decode with the same 16-channel autoencoder. The transformer works on scaled latents,
-`(z - shift_factor) * scaling_factor` of the autoencoder's raw latent z, so that they have roughly
-unit variance like the noise they start from.
+A pipeline's generate() is a short list of steps, each one call:
+
+    check the request    check_request()             the size, from the arguments or the init image
+    schedule             scheduler.schedule()        the sigmas
+    start latents        start_noise()               text to image: seeded noise (or given latents) at step 0
+                         prepare_img2img()           image to image: the init image's latent, noised
+                         prepare_inpaint()           inpainting: image to image's start, and the per-step blend
+    encode the prompt    encode_prompts()
+    build predict        the family's closure        predict(latents, i) -> the velocity at sigmas[i]: the
+                                                     model call, CFG, the family's time rule and sign
+    denoise              denoise()                   the Euler loop, with the progress bar
+    decode               decode_latents()
+
+How a new task plugs in, with no change to the loop: a `prepare_*()` (here when several families can
+run it, else in the family's pipeline.py) returns the latents and step the loop starts from, and
+whatever the task adds to the model's inputs (inpainting: a mask and the init image's latents;
+control: control-image tokens or channels; editing: reference tokens and their positions); the
+family's predict closure carries those inputs into the model call; a task that must rewrite part of
+the latents after every step (inpainting keeps the unmasked region at the init image, noised to the
+next sigma) hands denoise a `blend(latents, i)`.
+
+Every family here decodes with the same 16-channel autoencoder. The transformer works on scaled
+latents, `(z - shift_factor) * scaling_factor` of the autoencoder's raw latent z, so that they have
+roughly unit variance like the noise they start from.
 """
 
 import json
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
-from zflux.common.images import fit_image, load_image, to_pil, to_tensor
-from zflux.common.sampling import SamplingDefaults, SchedulerConfig, img2img_latent, initial_noise
+from zflux.common.images import check_mask, fit_image, load_image, mask_latents, mask_tensor, to_pil, to_tensor
+from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise, inpaint_blend
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
 
 DEFAULT_SIZE = 1024  # pixels, both sides, when neither a size nor an init image is given
+Predict = Callable[[Tensor, int], Tensor]  # (latents, i) -> the velocity at sigmas[i]
+Blend = Callable[[Tensor, int], Tensor]  # (latents, i) -> the latents after step i, as a task rewrites them
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named checkpoint variant, whole in one entry of its family's VARIANTS table."""
+
+    model: object  # the family's transformer config: an entry of its model.py PRESETS
+    scheduler: SchedulerConfig  # the scheduler_config.json the checkpoint ships with
+    defaults: SamplingDefaults  # what it is meant to run with
 
 
 def default_device() -> torch.device:
@@ -58,16 +90,21 @@ def read_scheduler(folder: str | Path) -> SchedulerConfig:
         raise CheckpointError(f"{config}: {e}") from e
 
 
-def as_image(image: Image.Image | str | Path) -> Image.Image:
-    """A PIL image, opening it first when given a path."""
-    return image if isinstance(image, Image.Image) else load_image(image)
-
-
 def check_request(prompt: str, height: int | None, width: int | None, multiple: int,
-                  init_image: Image.Image | None = None) -> tuple[int, int]:
-    """Validate the prompt and size; return (height, width), taken from the init image (rounded down) when not given."""
+                  init_image: Image.Image | str | Path | None = None, latents: Tensor | None = None,
+                  output_type: str = "pil") -> tuple[int, int, Image.Image | None]:
+    """Validate a request before any work; return (height, width, init image opened if given as a path).
+
+    The size defaults to the init image's, rounded down to a multiple of `multiple`, else to DEFAULT_SIZE.
+    """
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    if init_image is not None and not isinstance(init_image, Image.Image):
+        init_image = load_image(init_image)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
+    if init_image is not None and latents is not None:
+        raise ValueError("pass latents (initial noise) or init_image, not both")
     if init_image is not None:
         height = height or init_image.height // multiple * multiple
         width = width or init_image.width // multiple * multiple
@@ -75,100 +112,139 @@ def check_request(prompt: str, height: int | None, width: int | None, multiple: 
     for name, size in (("height", height), ("width", width)):
         if size < multiple or size % multiple:
             raise ValueError(f"{name} {size} is not a multiple of {multiple} (the autoencoder's 8x times the 2x2 patches)")
-    return height, width
+    return height, width, init_image
 
 
-def check_latents(latents: Tensor, shape: tuple[int, ...], init_image: Image.Image | None) -> None:
-    """Reject given initial latents of the wrong shape, or given together with an init image."""
-    if init_image is not None:
-        raise ValueError("pass latents (initial noise) or init_image, not both")
-    if tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape} for this size, got {tuple(latents.shape)}")
+def encode_prompts(encoder, prompt: str, negative_prompt: str | None, *, cfg: bool, max_length: int, device: torch.device,
+                   offload: bool) -> tuple[Tensor, ...]:
+    """The prompt encoder's outputs for [prompt], or with CFG for [prompt, negative prompt (default empty)].
 
-
-@contextmanager
-def text_encoder_on(encoder, device: torch.device, offload: bool) -> Iterator[None]:
-    """Run the enclosed encoding with `encoder` on `device`; when offloaded it lives on the CPU otherwise."""
+    An offloaded encoder (`offload`) lives on the CPU and visits `device` only for this call.
+    """
+    prompts = [prompt, negative_prompt or ""] if cfg else [prompt]
     if offload:
         encoder.to(device)
     try:
-        yield
+        return encoder(prompts, max_length)
     finally:
         if offload:
             encoder.to("cpu")
 
 
-def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device,
-                 generator: torch.Generator) -> Tensor:
-    """An init image, resized to height x width -> a sample of its scaled latent (1, C, height/8, width/8) fp32.
+def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int | torch.Generator, latents: Tensor | None,
+                device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Text to image's start latents (1, C, h, w) for a height x width image: `latents` if given, else noise seeded `seed`
+    (or the next draw of a CPU generator, when a task draws from it first)."""
+    down = vae.cfg.downscale
+    shape = (1, vae.cfg.latent_channels, height // down, width // down)
+    if latents is None:
+        return initial_noise(shape, seed, device=device, dtype=dtype)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this size, got {tuple(latents.shape)}")
+    return latents.to(device, dtype)
 
-    The latent is drawn from the autoencoder's posterior, mean + std * noise, with the noise drawn in
-    the autoencoder's dtype from the CPU `generator`, as diffusers' img2img pipelines do
-    (retrieve_latents(vae.encode(image), generator), sample_mode "sample").
+
+def encode_pixels(vae: Autoencoder, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Pixels (1, 3, H, W) in [-1, 1] -> their scaled latent (1, C, H/8, W/8) fp32: a posterior sample, or its mean.
+
+    With a CPU `generator` the latent is mean + std * noise, the noise drawn in the autoencoder's dtype
+    from it, as diffusers' image-conditioned pipelines sample (retrieve_latents(vae.encode(image),
+    generator)); without one it is the posterior mean (sample_mode "argmax", FLUX.1 Kontext's reference).
     """
     down = vae.cfg.downscale
-    pixels = to_tensor(fit_image(image, width, height)).to(device)  # (1, 3, H, W)
-    noise = initial_noise((1, vae.cfg.latent_channels, height // down, width // down), generator, device, vae.dtype)
+    shape = (1, vae.cfg.latent_channels, pixels.shape[2] // down, pixels.shape[3] // down)
+    noise = None if generator is None else initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype)
     raw = vae.encode(pixels, noise).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
-def start_latents(vae: Autoencoder, shape: tuple[int, ...], sigmas: Tensor, seed: int, device: torch.device,
-                  dtype: torch.dtype, latents: Tensor | None, init_image: Image.Image | None,
-                  strength: float) -> tuple[Tensor, int]:
-    """The latents (1, C, h, w) the Euler loop starts from, and its first step index.
+def image_pixels(image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
+    """An image resized to height x width (Lanczos, as diffusers' image processor) -> (1, 3, H, W) fp32 in [-1, 1] on `device`."""
+    return to_tensor(fit_image(image, width, height)).to(device)
 
-    Given `latents` start at step 0; otherwise seeded noise starts at step 0, or, with an init image,
-    a sample of the image's latent noised to the step `strength` leaves. Image to image draws twice
-    from one CPU generator seeded `seed`: the posterior sample's noise, then the noise it is mixed
-    with; diffusers' Z-Image and FLUX.1 img2img pipelines draw the same two in the same order.
+
+def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device,
+                 generator: torch.Generator | None) -> Tensor:
+    """An image, resized to height x width -> its scaled latent (1, C, height/8, width/8) fp32 (see encode_pixels)."""
+    return encode_pixels(vae, image_pixels(image, height, width, device), generator)
+
+
+class InitLatents(NamedTuple):
+    """Where a run that starts from an init image begins, and what that start is made of."""
+
+    latents: Tensor  # (1, C, h, w): `known` noised with `noise` to sigmas[start]
+    start: int  # index in sigmas of the first step: the last `strength` fraction of the steps remain
+    known: Tensor  # (1, C, h, w): a posterior sample of the init image's scaled latent
+    noise: Tensor  # (1, C, h, w): the run's noise
+
+
+def noised_init(vae: Autoencoder, pixels: Tensor, sigmas: Tensor, *, strength: float, generator: torch.Generator,
+                dtype: torch.dtype) -> InitLatents:
+    """The init image's pixels (1, 3, H, W) -> the latents a run starts from at the step `strength` leaves.
+
+    Draws twice from the CPU `generator`: the posterior sample's noise, then the noise it is mixed
+    with; diffusers' img2img, inpainting and Fill pipelines draw the same two in the same order.
     """
-    if latents is not None:
-        check_latents(latents, shape, init_image)
-        return latents.to(device, dtype), 0
-    if init_image is not None:
-        down = vae.cfg.downscale
-        generator = torch.Generator("cpu").manual_seed(seed)
-        image_latents = encode_image(vae, init_image, shape[2] * down, shape[3] * down, device, generator).to(dtype)  # (1, C, h, w)
-        return img2img_latent(image_latents, sigmas, strength, generator)
-    return initial_noise(shape, seed, device, dtype), 0
+    known = encode_pixels(vae, pixels, generator).to(dtype)  # (1, C, h, w)
+    latents, noise, start = img2img_latent(known, sigmas, strength=strength, seed=generator)
+    return InitLatents(latents, start, known, noise)
 
 
-class Start(NamedTuple):
-    """What the Euler loop of a generate() call starts from."""
+def prepare_img2img(vae: Autoencoder, image: Image.Image, sigmas: Tensor, *, height: int, width: int, strength: float, seed: int,
+                    device: torch.device, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Image to image's start: the init image's latent (1, C, h, w) noised to the step `strength` leaves, and that step's index.
 
-    text: tuple[Tensor, Tensor]  # the prompt encoder's outputs for [prompt], or [prompt, negative prompt] with CFG
-    sigmas: Tensor  # (steps + 1,)
-    latents: Tensor  # (1, C, h, w): the given latents, seeded noise, or the noised init image
-    step: int  # index in sigmas of the first step
-
-
-def begin(pipe, settings: SamplingDefaults, prompt: str, negative_prompt: str | None, use_cfg: bool, height: int | None,
-          width: int | None, seed: int, latents: Tensor | None, init_image: Image.Image | str | Path | None, strength: float,
-          output_type: str, dtype: torch.dtype) -> Start:
-    """The part of generate() both pipelines share: check the request, then set up the loop (latents in `dtype`).
-
-    `pipe` is a ZImagePipeline or FluxPipeline: its vae, scheduler, text_encoder (offloaded to the CPU
-    between prompts if offload_text_encoder) and device are used. The size defaults to the init
-    image's, rounded down to a multiple of 16, else to DEFAULT_SIZE.
+    Both draws (noised_init) come from one CPU generator seeded `seed`.
     """
-    if output_type not in ("pil", "latent"):
-        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    init_image = None if init_image is None else as_image(init_image)
-    down = pipe.vae.cfg.downscale
-    height, width = check_request(prompt, height, width, 2 * down, init_image)
-    shape = (1, pipe.vae.cfg.latent_channels, height // down, width // down)
-    sigmas = pipe.scheduler.schedule(settings.steps, (shape[2] // 2) * (shape[3] // 2))  # (steps + 1,)
-    latents, step = start_latents(pipe.vae, shape, sigmas, seed, pipe.device, dtype, latents, init_image, strength)
-    prompts = [prompt, negative_prompt or ""] if use_cfg else [prompt]
-    with text_encoder_on(pipe.text_encoder, pipe.device, pipe.offload_text_encoder):
-        text = pipe.text_encoder(prompts, settings.max_sequence_length)
-    return Start(text, sigmas, latents, step)
+    init = noised_init(vae, image_pixels(image, height, width, device), sigmas, strength=strength,
+                       generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+    return init.latents, init.start
 
 
-def finish(vae: Autoencoder, latents: Tensor, output_type: str) -> Image.Image | Tensor:
-    """What generate() returns: the final latents (output_type "latent") or the decoded image ("pil")."""
-    return latents if output_type == "latent" else decode_latents(vae, latents)[0]
+def prepare_inpaint(vae: Autoencoder, image: Image.Image, mask: Image.Image, sigmas: Tensor, *, height: int, width: int,
+                    strength: float, seed: int, device: torch.device, dtype: torch.dtype,
+                    layout: Callable[[Tensor], Tensor] = lambda x: x) -> tuple[Tensor, int, Blend]:
+    """Inpainting with a base model: the start latents (1, C, h, w), the first step's index and the per-step blend.
+
+    The start is image to image's (same draws from one CPU generator seeded `seed`). After every
+    step, blend(latents, i) puts back the known region (mask 0): the init image's latent re-noised to
+    sigmas[i + 1] with the run's own noise (inpaint_blend); the mask, white (1) = repaint, is
+    binarized at 0.5 and taken to the latent grid as diffusers' FLUX.1 and Z-Image inpainting
+    pipelines take it. `layout` maps a (1, C, h, w) latent to the layout the loop runs in (FLUX.1:
+    its packed tokens), so that the blend works on the loop's latents directly.
+    """
+    check_mask(mask, image)
+    init = noised_init(vae, image_pixels(image, height, width, device), sigmas, strength=strength,
+                       generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+    grid = mask_latents(mask_tensor(mask, width, height), *init.known.shape[2:]).to(device, dtype)  # (1, 1, h, w)
+    known, noise, repaint = layout(init.known), layout(init.noise), layout(grid.expand_as(init.known))
+    sigmas = sigmas.to(device)  # indexed on the latents' device: no host sync per step
+
+    def blend(latents: Tensor, i: int) -> Tensor:
+        return inpaint_blend(latents, known, noise, repaint, sigmas[i + 1])
+
+    return init.latents, init.start, blend
+
+
+def image_seq_len(vae: Autoencoder, height: int, width: int) -> int:
+    """How many 2x2 patches of its latent a height x width image makes: the image tokens the schedule may depend on."""
+    return (height // vae.cfg.downscale // 2) * (width // vae.cfg.downscale // 2)
+
+
+def denoise(predict: Predict, latents: Tensor, sigmas: Tensor, start: int, *, blend: Blend | None = None,
+            progress: bool = True, desc: str = "denoise") -> Tensor:
+    """Euler steps from sigmas[start] down to sigmas[-1]: latents + (sigmas[i + 1] - sigmas[i]) * predict(latents, i).
+
+    `predict(latents, i)` is the velocity (noise - image) at sigmas[i]; `blend(latents, i)`, for a task
+    that has one, rewrites the latents after step i (they are then at sigmas[i + 1]). The loop itself
+    adds no host sync; tqdm shows one bar tick per step, labelled `desc`.
+    """
+    for i in tqdm(range(start, len(sigmas) - 1), desc=desc, unit="step", disable=not progress):
+        velocity = predict(latents, i)
+        latents = euler_step(latents, velocity, sigma=sigmas[i], sigma_next=sigmas[i + 1])
+        if blend is not None:
+            latents = blend(latents, i)
+    return latents
 
 
 def decode_latents(vae: Autoencoder, latents: Tensor) -> list[Image.Image]:

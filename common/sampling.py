@@ -1,22 +1,23 @@
-"""Flow-matching sampling: sigma schedules, the Euler step, guidance, seeded noise, img2img and the inpainting blend.
+"""Flow-matching sampling: sigma schedules, the Euler step, classifier-free guidance, seeded noise, img2img and the
+inpainting blend.
 
-Both families are rectified flows. A latent at noise level sigma is
+Every family here is a rectified flow. A latent at noise level sigma is
 
     x_sigma = sigma * noise + (1 - sigma) * image,      sigma from 1 (pure noise) down to 0,
 
 and the sampler integrates dx/dsigma = velocity (noise - image) with plain Euler steps over a
-decreasing list of sigmas. (FLUX.1 predicts that velocity; Z-Image predicts image - noise, which the
-pipeline negates.) What differs between checkpoints is only where the sigmas sit:
+decreasing list of sigmas (a model that predicts image - noise has its pipeline negate it). What
+differs between checkpoints is only where the sigmas sit and how many there are:
 
-- an even grid 1, 1 - 1/N, ..., 1/N (then 0), bent towards high noise by a *shift*: static for
-  Z-Image (3.0 for Turbo, 6.0 for the base model), resolution-dependent for FLUX.1 dev (`mu` grows
-  linearly with the number of image tokens), none for FLUX.1 schnell;
-- how many steps the checkpoint was distilled for (Turbo 8, schnell 4) or tuned at (base 50, dev 28).
+- an even grid 1, 1 - 1/N, ..., 1/N (then 0), bent towards high noise by a *shift*: static (a
+  number in the scheduler config), resolution-dependent (`mu` grows linearly with the number of
+  image tokens), or none;
+- how many steps the checkpoint was distilled for or tuned at (each family's VARIANTS table).
 
-Every number here reproduces diffusers' FlowMatchEulerDiscreteScheduler as ZImagePipeline and
-FluxPipeline configure it, including its float32 rounding (bit for bit for FLUX.1; Z-Image's even
-grid may sit one float32 step away, see sigma_schedule), so that a pipeline built on these
-functions matches diffusers to floating-point precision.
+Every number here reproduces diffusers' FlowMatchEulerDiscreteScheduler as diffusers' pipelines
+configure it, including its float32 rounding (see sigma_schedule for the one grid that may sit a
+float32 step away), so that a pipeline built on these functions matches diffusers to floating-point
+precision. The time each model receives for a sigma is its family's rule (its pipeline.py).
 """
 
 import math
@@ -42,7 +43,8 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.num_train_timesteps != NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"num_train_timesteps must be {NUM_TRAIN_TIMESTEPS} (both pipelines assume it), got {self.num_train_timesteps}")
+            raise ValueError(f"num_train_timesteps must be {NUM_TRAIN_TIMESTEPS} (every pipeline here assumes it), "
+                             f"got {self.num_train_timesteps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
 
@@ -63,59 +65,35 @@ class SchedulerConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def mu(self, image_seq_len: int) -> float:
+        """The dynamic shift for `image_seq_len` image tokens: the line through (base_image_seq_len, base_shift) and
+        (max_image_seq_len, max_shift), extrapolated beyond them (diffusers' calculate_shift)."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * slope + (self.base_shift - slope * self.base_image_seq_len)
+
     def schedule(self, steps: int, image_seq_len: int) -> Tensor:
         """The (steps + 1,) sigmas for an image of `image_seq_len` 2x2 latent patches."""
         if self.use_dynamic_shifting:
-            mu = flux_mu(image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift)
-            return sigma_schedule(steps, mu=mu)
+            return sigma_schedule(steps, mu=self.mu(image_seq_len))
         return sigma_schedule(steps, shift=self.shift)
-
-
-# The shipped scheduler_config.json of each checkpoint (unlisted fields at their defaults).
-SCHEDULERS = {
-    "z-image-turbo": SchedulerConfig(shift=3.0),
-    "z-image": SchedulerConfig(shift=6.0),
-    "flux-dev": SchedulerConfig(shift=3.0, use_dynamic_shifting=True),  # shift unused: mu decides
-    "flux-schnell": SchedulerConfig(shift=1.0),
-}
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """What each checkpoint is meant to run with (model cards, diffusers' examples)."""
+    """What a checkpoint is meant to run with (model cards, diffusers' examples); a family may add fields."""
 
     steps: int  # model calls per image (per guidance branch)
-    guidance: float  # Z-Image: CFG scale (0 = off); FLUX dev: the embedded guidance value
+    guidance: float  # the guidance scale: its family's pipeline says what the model does with it
     max_sequence_length: int  # text tokens
-    cfg_normalization: float | None = None  # Z-Image CFG renormalisation (None = off)
-    cfg_truncation: float = 1.0  # Z-Image: CFG off once the model time 1 - sigma exceeds this
 
     def given(self, **settings) -> "SamplingDefaults":
         """These defaults with every setting in `settings` that is not None in its place."""
         return replace(self, **{k: v for k, v in settings.items() if v is not None})
 
 
-# Turbo and schnell are distilled: few steps and no CFG. Older diffusers (sigma_min = 0) ran Turbo with
-# num_inference_steps=9: that grid reaches 0 one step early, so the ninth step has length 0 and the
-# eight real steps use the sigmas of sigma_schedule(8, shift=3.0).
-DEFAULTS = {
-    "z-image-turbo": SamplingDefaults(steps=8, guidance=0.0, max_sequence_length=512),
-    "z-image": SamplingDefaults(steps=50, guidance=4.0, max_sequence_length=512),
-    "flux-dev": SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512),
-    "flux-schnell": SamplingDefaults(steps=4, guidance=0.0, max_sequence_length=256),
-}
-
-
 def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     """Static shift: s -> shift * s / (1 + (shift - 1) * s), which spends more steps at high noise when shift > 1."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX.1's resolution-dependent shift: the line through (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
 def time_shift(mu: float, sigmas: Tensor) -> Tensor:
@@ -131,9 +109,9 @@ def sigma_schedule(steps: int, *, shift: float | None = None, mu: float | None =
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if shift is not None and mu is not None:
-        raise ValueError("pass shift (Z-Image, schnell) or mu (FLUX.1 dev), not both")
-    # The even grid rounded once from float64 (as FluxPipeline's np.linspace); ZImagePipeline builds it
-    # with float32 torch.linspace, which can land one float32 step away.
+        raise ValueError("pass shift (a static shift) or mu (a resolution-dependent one), not both")
+    # The even grid rounded once from float64, as diffusers' np.linspace grid; one built with float32
+    # torch.linspace instead (as some of diffusers' pipelines do) can land one float32 step away.
     sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64).float()  # (steps,)
     if mu is not None:
         sigmas = time_shift(mu, sigmas)
@@ -142,33 +120,19 @@ def sigma_schedule(steps: int, *, shift: float | None = None, mu: float | None =
     return torch.cat([sigmas, sigmas.new_zeros(1)])  # (steps + 1,)
 
 
-def flux_time(sigma: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The time FLUX.1's transformer receives for `sigma`: the timestep sigma * 1000 rounded to the latents' dtype, / 1000.
-
-    FluxPipeline rounds the timestep to the latents' dtype (bf16 in practice) before dividing; BFL's
-    sampler rounds sigma itself to that dtype instead.
-    """
-    return (sigma.float() * NUM_TRAIN_TIMESTEPS).to(dtype) / NUM_TRAIN_TIMESTEPS
-
-
-def zimage_time(sigma: Tensor) -> Tensor:
-    """The time Z-Image's transformer receives for `sigma`: 1 - sigma (0 = pure noise), rounded as ZImagePipeline does."""
-    return (NUM_TRAIN_TIMESTEPS - sigma.float() * NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
-
-
 def euler_step(x: Tensor, velocity: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
     """One Euler step x + (sigma_next - sigma) * velocity, with diffusers' precision; returns x's dtype."""
     dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)  # 0-dim
-    # A 0-dim dt leaves the product in the velocity's dtype (bf16 for FLUX in diffusers); the sum is fp32.
+    # A 0-dim dt leaves the product in the velocity's dtype (bf16 from a bf16 model, as in diffusers); the sum is fp32.
     return (x.float() + dt * velocity).to(x.dtype)
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, normalization: float | None = None) -> Tensor:
-    """Classifier-free guidance cond + scale * (cond - uncond) in fp32, per sample renormalised as Z-Image does.
+    """Classifier-free guidance cond + scale * (cond - uncond) in fp32, optionally renormalised per sample.
 
-    `scale` is Z-Image's: 0 returns `cond`. The usual convention uncond + s * (cond - uncond) (FLUX's
-    true_cfg_scale) is scale = s - 1. With `normalization`, a guided prediction whose norm exceeds
-    normalization * ||cond|| (each over one whole sample) is scaled back down to that norm.
+    `scale` counts from the conditional prediction: 0 returns `cond`. The usual convention
+    uncond + s * (cond - uncond) is scale = s - 1. With `normalization`, a guided prediction whose
+    norm exceeds normalization * ||cond|| (each over one whole sample) is scaled back down to that norm.
     """
     cond, uncond = cond.float(), uncond.float()
     guided = cond + scale * (cond - uncond)  # (B, ...)
@@ -178,18 +142,6 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, normalization: float
     max_norm = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) * float(normalization)  # (B, 1, ...)
     norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)  # (B, 1, ...)
     return torch.where(norm > max_norm, guided * (max_norm / norm), guided)
-
-
-def cfg_active(sigma: Tensor | float, truncation: float | None) -> bool:
-    """Whether Z-Image applies CFG at `sigma`: not once its model time 1 - sigma exceeds `truncation` (None or > 1: always)."""
-    if truncation is None or truncation > 1:
-        return True
-    return zimage_time(torch.as_tensor(sigma, dtype=torch.float32)).item() <= truncation
-
-
-def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cpu") -> Tensor:
-    """FLUX.1 dev's guidance input (B,) fp32: distilled from CFG, the scale is a model input, one call per step."""
-    return torch.full((batch,), scale, dtype=torch.float32, device=device)  # (B,)
 
 
 def initial_noise(shape: tuple[int, ...], seed: int | torch.Generator, device: torch.device | str = "cpu",
@@ -220,14 +172,15 @@ def noise_latent(latent: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor
     return sigma * noise + (1.0 - sigma) * latent
 
 
-def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | torch.Generator) -> tuple[Tensor, int]:
-    """The starting latent for img2img and the index of its sigma: the init image's (scaled) latent noised to sigmas[start].
+def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """The starting latent for img2img, the noise in it and the index of its sigma: the init image's (scaled) latent
+    noised to sigmas[start]. Inpainting re-noises the known region with that same noise at every step.
 
     The noise is drawn as initial_noise draws it, from `seed` or from the generator the posterior sample came from.
     """
     start = img2img_start(sigmas, strength)
-    noise = initial_noise(tuple(latent.shape), seed, latent.device, latent.dtype)  # (B, C, H, W)
-    return noise_latent(latent, noise, sigmas[start]), start
+    noise = initial_noise(tuple(latent.shape), seed, device=latent.device, dtype=latent.dtype)  # (B, C, H, W)
+    return noise_latent(latent, noise, sigmas[start]), noise, start
 
 
 def inpaint_blend(latents: Tensor, known: Tensor, noise: Tensor, mask: Tensor, sigma: Tensor | float) -> Tensor:

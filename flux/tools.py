@@ -9,13 +9,24 @@ Every tool runs the plain FLUX.1 transformer; only its input grows:
   positions (1, row, col) on their own grid; only the first, target tokens' predictions are used. The
   reference is resized to the preferred resolution nearest its aspect ratio, and the output size is
   rescaled to a pixel budget, both as diffusers' FluxKontextPipeline does.
+
+Each tool's prepare_*() makes these inputs (and, where the tool draws random numbers before the start
+noise, the start latents too, so that a seed gives diffusers' numbers); the pipeline's predict closure
+feeds them to the model through with_conditioning().
 """
+
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
+from PIL import Image
 from torch import Tensor
 
-from zflux.flux.sampling import img_ids, pack_latents
+from zflux.common.images import check_mask, fit_image, mask_tensor, to_tensor
+from zflux.common.latents import pack_latents
+from zflux.common.pipeline import encode_pixels, image_pixels, noised_init, start_noise
+from zflux.common.preprocess import canny
+from zflux.common.vae import Autoencoder
 
 MASK_BLOCK = 8  # pixels per latent cell along each axis: the autoencoder's downscale
 SIZE_MULTIPLE = 16  # pixels per image token along each axis
@@ -26,6 +37,28 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
                        (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
                        (1568, 672))
 KONTEXT_MAX_AREA = 1024 ** 2  # pixels: the output's budget
+
+
+PREPROCESSORS = {"canny": canny}  # what a control image may be made from an ordinary photo with (depth maps are taken as given)
+
+
+class Conditioning(NamedTuple):
+    """What a tool adds to the transformer's input besides the noisy tokens (1, S, 64)."""
+
+    channels: Tensor | None = None  # (1, S, C): appended to every noisy token (Fill C = 320, Canny and Depth C = 64)
+    reference: Tensor | None = None  # (1, S_ref, 64): Kontext's reference tokens, appended after the image tokens
+    reference_grid: tuple[int, int] | None = None  # (h, w) of the reference's token grid, for its positions
+
+
+def with_conditioning(tokens: Tensor, conditioning: Conditioning) -> Tensor:
+    """Noisy tokens (n, S, 64) -> the transformer's image input: (n, S, 64 + C) with a tool's channels, then
+    (n, S + S_ref, ...) with Kontext's reference tokens."""
+    n = tokens.shape[0]
+    if conditioning.channels is not None:
+        tokens = torch.cat([tokens, conditioning.channels.expand(n, -1, -1)], dim=-1)  # (n, S, 64 + C)
+    if conditioning.reference is not None:
+        tokens = torch.cat([tokens, conditioning.reference.expand(n, -1, -1)], dim=1)  # (n, S + S_ref, 64)
+    return tokens
 
 
 def fill_mask_tokens(mask: Tensor) -> Tensor:
@@ -39,16 +72,48 @@ def fill_conditioning(masked_latents: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([pack_latents(masked_latents), fill_mask_tokens(mask.to(masked_latents.dtype))], dim=-1)
 
 
-def with_conditioning(tokens: Tensor, conditioning: Tensor) -> Tensor:
-    """Noisy tokens (B, S, 64) with a tool's per-token channels (1, S, C) appended: the transformer's input (B, S, 64 + C)."""
-    return torch.cat([tokens, conditioning.expand(tokens.shape[0], -1, -1)], dim=-1)
+def prepare_fill(vae: Autoencoder, image: Image.Image, mask: Image.Image, sigmas: Tensor, *, height: int, width: int,
+                 strength: float, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, int, Conditioning]:
+    """Fill's start latents (1, C, h, w), first step and channels: the masked image's latent and the pixel mask.
+
+    The masked image is the init image with the region to fill (mask >= 0.5) set to 0, mid-gray. Three
+    draws from one CPU generator seeded `seed`, in FluxFillPipeline's order: the init image's posterior
+    sample and the noise it is mixed with (image to image's start, pure noise at strength 1), then the
+    masked image's posterior sample.
+    """
+    check_mask(mask, image)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    pixels = image_pixels(image, height, width, device)  # (1, 3, H, W)
+    init = noised_init(vae, pixels, sigmas, strength=strength, generator=generator, dtype=dtype)
+    repaint = mask_tensor(mask, width, height).to(device)  # (1, 1, H, W)
+    masked = encode_pixels(vae, pixels * (1 - repaint), generator).to(dtype)  # (1, C, h, w)
+    return init.latents, init.start, Conditioning(channels=fill_conditioning(masked, repaint))
 
 
-def kontext_ids(batch: int, h: int, w: int, device: torch.device | str | None = None) -> Tensor:
-    """(B, h*w, 3) positions (1, row, col) of a Kontext reference's h x w grid of packed tokens."""
-    ids = img_ids(batch, h, w, device)  # (B, h*w, 3)
-    ids[..., 0] = REFERENCE_INDEX
-    return ids
+def prepare_control(vae: Autoencoder, control_image: Image.Image, *, height: int, width: int, preprocess: str | None, seed: int,
+                    latents: Tensor | None, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Conditioning]:
+    """Canny / Depth's start noise (1, C, h, w) and channels: the control image's packed latent.
+
+    The control image is resized to the output size, then made into edges by `preprocess` if asked
+    (the order of BFL's reference code). Two draws from one CPU generator seeded `seed`, in
+    FluxControlPipeline's order: the control latent's posterior sample, then the start noise
+    (unless `latents` are given).
+    """
+    image = fit_image(control_image, width, height)
+    if preprocess is not None:
+        image = PREPROCESSORS[preprocess](image)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    control = encode_pixels(vae, to_tensor(image).to(device), generator).to(dtype)  # (1, C, h, w)
+    noise = start_noise(vae, height=height, width=width, seed=generator, latents=latents, device=device, dtype=dtype)
+    return noise, Conditioning(channels=pack_latents(control))
+
+
+def prepare_kontext(vae: Autoencoder, reference: Image.Image, *, device: torch.device, dtype: torch.dtype) -> Conditioning:
+    """Kontext's reference tokens: the image resized to the preferred resolution nearest its aspect ratio, the posterior
+    mean of its latent (diffusers: sample_mode "argmax"; no random draw), packed."""
+    width, height = kontext_reference_size(*reference.size)
+    latents = encode_pixels(vae, image_pixels(reference, height, width, device), None).to(dtype)  # (1, C, h, w)
+    return Conditioning(reference=pack_latents(latents), reference_grid=(latents.shape[2] // 2, latents.shape[3] // 2))
 
 
 def kontext_reference_size(width: int, height: int) -> tuple[int, int]:

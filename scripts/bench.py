@@ -91,7 +91,7 @@ def flux_case(args: argparse.Namespace) -> Case:
 
     from zflux.flux.convert import from_diffusers
     from zflux.flux.model import PRESETS, Flux
-    from zflux.flux.sampling import img_ids, txt_ids
+    from zflux.flux.pipeline import img_ids, txt_ids
 
     cfg = PRESETS["flux-dev"]
     ref = random_model(lambda: FluxTransformer2DModel(guidance_embeds=True))

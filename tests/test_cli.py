@@ -136,15 +136,17 @@ def test_info_snapshot(snapshots, capsys):
     run("info", snapshots["z-image-turbo"])
     out = capsys.readouterr().out
     assert "a diffusers ZImagePipeline snapshot" in out
-    assert "scheduler/: static shift 3.0: z-image-turbo's schedule" in out
+    assert "scheduler/: static shift 3.0: the schedule of z-image-turbo" in out
     assert "a Z-Image transformer (Turbo or base: they share every shape)" in out and "Qwen3" in out
     params = sum(t.numel() for t in read_state_dict(snapshots["z-image-turbo"] / "transformer").values())
     assert f"parameters: {params:,}" in out
 
     run("info", snapshots["flux-dev"])
     out = capsys.readouterr().out
-    for what in ("FLUX.1 dev", "FLUX.1 dev's schedule", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
+    for what in ("FLUX.1 dev", "the schedule of flux-dev, flux-fill, flux-canny, flux-depth, flux-kontext, flux-redux", "a CLIP text encoder", "a T5 text encoder", "16-channel"):
         assert what in out
+    run("info", snapshots["flux-schnell"])
+    assert "scheduler/: static shift 1.0: the schedule of flux-schnell" in capsys.readouterr().out
 
 
 def test_info_file(bfl_folder, tmp_path, capsys):

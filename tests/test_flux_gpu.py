@@ -20,7 +20,7 @@ from diffusers import FluxTransformer2DModel
 
 from zflux.flux.convert import from_diffusers
 from zflux.flux.model import PRESETS, Flux, FluxConfig
-from zflux.flux.sampling import img_ids, txt_ids
+from zflux.flux.pipeline import img_ids, txt_ids
 from util import bf16_vs_fp32, randomize_
 
 TINY = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from zflux.common.weights import COMFY_PREFIX, CheckpointError, param_count
 from zflux.flux.convert import config_from_state_dict, from_diffusers, load_transformer, to_diffusers
 from zflux.flux.model import PRESETS, Flux, FluxConfig
-from zflux.flux.sampling import img_ids, pack_latents, txt_ids, unpack_latents
+from zflux.common.latents import pack_latents, unpack_latents
+from zflux.flux.pipeline import img_ids, txt_ids
 from util import randomize_, rel_err, shapes, write_sharded_folder
 
 DEV = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,

@@ -15,7 +15,7 @@ from diffusers import FluxPriorReduxPipeline, ReduxImageEncoder
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from zflux.common.text import FluxPromptEncoder
+from zflux.flux.text import FluxPromptEncoder
 from zflux.common.weights import CheckpointError, save_state_dict
 from zflux.flux.redux import ReduxConfig, ReduxImageEncoder as OurEncoder, ReduxProjector, load_projector, redux_conditioning
 from tiny_pipelines import TEXT_DIM, flux_snapshot, one_thread  # noqa: F401 (one_thread: autouse fixture)

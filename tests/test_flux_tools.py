@@ -19,8 +19,9 @@ from PIL import Image
 from zflux.common.identify import identify
 from zflux.common.weights import save_state_dict
 from zflux.flux.model import Flux, FluxConfig
-from zflux.flux.sampling import img_ids, pack_latents
-from zflux.flux.tools import (KONTEXT_MAX_AREA, KONTEXT_RESOLUTIONS, fill_conditioning, fill_mask_tokens, kontext_ids,
+from zflux.common.latents import pack_latents
+from zflux.flux.pipeline import img_ids
+from zflux.flux.tools import (KONTEXT_MAX_AREA, KONTEXT_RESOLUTIONS, REFERENCE_INDEX, Conditioning, fill_conditioning, fill_mask_tokens,
                               kontext_output_size, kontext_reference_size, with_conditioning)
 
 
@@ -50,10 +51,14 @@ def test_fill_mask_channel_order():
     assert tokens.shape == (1, 1, 256) and tokens.nonzero().tolist() == [[0, 0, 4 * (8 * 3 + 5) + 2 * 1 + 0]]
 
 
-def test_with_conditioning_appends_per_token():
-    tokens, extra = torch.randn(2, 6, 64), torch.randn(1, 6, 320)
-    out = with_conditioning(tokens, extra)
+def test_with_conditioning():
+    """A tool's channels join every token (per token, after its 64); Kontext's reference tokens follow the image tokens."""
+    tokens, extra, reference = torch.randn(2, 6, 64), torch.randn(1, 6, 320), torch.randn(1, 4, 64)
+    out = with_conditioning(tokens, Conditioning(channels=extra))
     assert out.shape == (2, 6, 384) and torch.equal(out[:, :, :64], tokens) and torch.equal(out[1, :, 64:], extra[0])
+    out = with_conditioning(tokens, Conditioning(reference=reference, reference_grid=(2, 2)))
+    assert out.shape == (2, 10, 64) and torch.equal(out[:, :6], tokens) and torch.equal(out[1, 6:], reference[0])
+    assert with_conditioning(tokens, Conditioning()) is tokens
 
 
 @pytest.mark.parametrize("reference", [(6, 10), (8, 8)])  # the reference's latent size; the target's is (8, 12)
@@ -64,7 +69,8 @@ def test_kontext_reference_tokens_match_prepare_latents(reference):
         pipe_stub(FluxKontextPipeline), image_latents, 1, 16, 64, 96, torch.float32, "cpu", torch.Generator().manual_seed(0))
     h, w = reference[0] // 2, reference[1] // 2
     assert torch.equal(pack_latents(image_latents), expected_tokens)
-    assert torch.equal(kontext_ids(1, h, w)[0].float(), expected_ids) and torch.equal(img_ids(1, 4, 6)[0].float(), target_ids)
+    assert torch.equal(img_ids(1, h, w, index=REFERENCE_INDEX)[0].float(), expected_ids)
+    assert torch.equal(img_ids(1, 4, 6)[0].float(), target_ids)
 
 
 def test_kontext_resolutions_are_diffusers():

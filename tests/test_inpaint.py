@@ -18,7 +18,8 @@ from diffusers.pipelines.flux import pipeline_flux_inpaint
 from PIL import Image
 
 from zflux.common.images import check_mask, mask_latents, mask_tensor, outpaint_canvas
-from zflux.common.sampling import SCHEDULERS, euler_step, img2img_start, inpaint_blend, noise_latent
+from zflux.common.sampling import euler_step, img2img_start, inpaint_blend, noise_latent
+from zflux.flux.pipeline import VARIANTS
 
 FLUX_DEV = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 MASK_PROCESSOR = VaeImageProcessor(vae_scale_factor=16, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
@@ -50,7 +51,7 @@ def test_blend_matches_flux_inpaint_loop(dtype, strength):
         proper = known if i == len(timesteps) - 1 else sched.scale_noise(known, torch.tensor([timesteps[i + 1]]), noise)
         expected = (1 - mask) * proper + mask * expected
 
-    sigmas = SCHEDULERS["flux-dev"].schedule(steps, h // 2 * w // 2)
+    sigmas = VARIANTS["flux-dev"].scheduler.schedule(steps, h // 2 * w // 2)
     start = img2img_start(sigmas, strength)
     x = noise_latent(known, noise, sigmas[start])
     for i in range(start, steps):

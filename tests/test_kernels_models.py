@@ -16,7 +16,8 @@ require_triton()  # before kernels/ is imported
 
 from zflux.common.ops import BACKENDS  # noqa: E402
 from zflux.flux.model import Flux, FluxConfig  # noqa: E402
-from zflux.flux.sampling import img_ids, pack_latents, txt_ids  # noqa: E402
+from zflux.common.latents import pack_latents  # noqa: E402
+from zflux.flux.pipeline import img_ids, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402
 from zflux.zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
 

@@ -20,8 +20,8 @@ from diffusers import ZImageImg2ImgPipeline as DiffusersZImageImg2Img
 from diffusers import ZImagePipeline as DiffusersZImage
 from PIL import Image
 
-from zflux.common.pipeline import DEFAULT_SIZE
-from zflux.common.sampling import cfg_active, sigma_schedule
+from zflux.common.pipeline import DEFAULT_SIZE, denoise
+from zflux.common.sampling import euler_step, noise_latent, sigma_schedule
 from zflux.common.vae import from_diffusers as vae_from_diffusers
 from zflux.common.weights import COMFY_PREFIX, CheckpointError, read_state_dict, save_state_dict
 from zflux.flux.convert import from_diffusers as flux_from_diffusers
@@ -29,7 +29,7 @@ from zflux.flux.pipeline import FluxPipeline
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
 from zflux.zimg.convert import from_diffusers as zimage_from_diffusers
-from zflux.zimg.pipeline import ZImagePipeline, trim_captions
+from zflux.zimg.pipeline import ZImagePipeline, cfg_active, trim_captions
 
 TOL = 1e-4  # see the module docstring
 H = W = 64  # pixels: an (8, 8) latent, 16 image tokens
@@ -171,6 +171,36 @@ def test_cfg_rows_share_one_call(snapshots):
     flux.generate(PROMPT, height=H, width=W, steps=3, output_type="latent", progress=False)
     flux.generate(PROMPT, height=H, width=W, steps=2, true_cfg=3.0, output_type="latent", progress=False)
     assert batches == [1, 1, 1, 2, 2]  # dev's guidance is an input: one row per step unless true CFG
+
+
+def test_denoise_is_the_euler_loop_with_a_blend_seam():
+    """denoise: Euler steps from sigmas[start] with predict(latents, i); a task's blend(latents, i) rewrites each step's result."""
+    sigmas = sigma_schedule(5, shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    start, noise, known = (torch.randn(1, 16, 4, 6, generator=g) for _ in range(3))  # (1, C, h, w) each
+    calls = []
+
+    def predict(latents: torch.Tensor, i: int) -> torch.Tensor:
+        calls.append(i)
+        return latents * (0.5 - sigmas[i]) + 0.1
+
+    expected = start
+    for i in range(2, 5):
+        expected = euler_step(expected, expected * (0.5 - sigmas[i]) + 0.1, sigmas[i], sigmas[i + 1])
+    assert torch.equal(denoise(predict, start, sigmas, 2, progress=False), expected) and calls == [2, 3, 4]
+
+    # inpainting's blend: outside the mask the latents follow the known image, noised to the step's new sigma
+    keep = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
+    keep[..., :3] = True
+    blends = []
+
+    def blend(latents: torch.Tensor, i: int) -> torch.Tensor:
+        blends.append(i)
+        return torch.where(keep, latents, noise_latent(known, noise, sigmas[i + 1]))
+
+    got = denoise(predict, start, sigmas, 0, blend=blend, progress=False)
+    assert blends == [0, 1, 2, 3, 4] and torch.equal(got[..., 3:], known[..., 3:])  # the last sigma is 0: the known latents
+    assert not torch.equal(got[..., :3], known[..., :3])
 
 
 def test_trim_captions():

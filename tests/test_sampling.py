@@ -23,10 +23,15 @@ from diffusers.pipelines.z_image import pipeline_z_image
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 
-from zflux.common.sampling import (DEFAULTS, SCHEDULERS, SchedulerConfig, cfg_active, cfg_combine, embedded_guidance, euler_step,
-                             flux_mu, flux_time, img2img_latent, img2img_start, initial_noise, noise_latent, shift_sigmas, sigma_schedule,
-                             time_shift, zimage_time)
+from zflux.common.sampling import (SchedulerConfig, cfg_combine, euler_step, img2img_latent, img2img_start, initial_noise, noise_latent,
+                                   shift_sigmas, sigma_schedule, time_shift)
+from zflux.flux.pipeline import VARIANTS as FLUX_VARIANTS
+from zflux.flux.pipeline import embedded_guidance, flux_time
 from util import rel_err
+from zflux.zimg.pipeline import VARIANTS as ZIMAGE_VARIANTS
+from zflux.zimg.pipeline import cfg_active, zimage_time
+
+VARIANTS = ZIMAGE_VARIANTS | FLUX_VARIANTS
 
 # scheduler/scheduler_config.json as shipped with each checkpoint on the Hub.
 SHIPPED = {
@@ -64,10 +69,10 @@ def diffusers_schedule(name: str, steps: int, height: int, width: int) -> FlowMa
 
 def test_presets_are_the_shipped_configs():
     for name, config in SHIPPED.items():
-        assert SchedulerConfig.from_diffusers(config) == SCHEDULERS[name]
+        assert SchedulerConfig.from_diffusers(config) == VARIANTS[name].scheduler
     full = dict(scheduler("flux-dev").config)  # every field a saved scheduler config carries
-    assert SchedulerConfig.from_diffusers(full) == SCHEDULERS["flux-dev"]
-    assert DEFAULTS["z-image-turbo"].steps == 8 and DEFAULTS["flux-schnell"].steps == 4
+    assert SchedulerConfig.from_diffusers(full) == VARIANTS["flux-dev"].scheduler
+    assert VARIANTS["z-image-turbo"].defaults.steps == 8 and VARIANTS["flux-schnell"].defaults.steps == 4
 
 
 @pytest.mark.parametrize("option", [{"use_karras_sigmas": True}, {"use_beta_sigmas": True}, {"invert_sigmas": True},
@@ -93,7 +98,7 @@ CASES = [  # (preset, steps, height, width)
 @pytest.mark.parametrize("name, steps, height, width", CASES)
 def test_schedule_matches_diffusers(name, steps, height, width):
     ref = diffusers_schedule(name, steps, height, width)
-    ours = SCHEDULERS[name].schedule(steps, (height // 16) * (width // 16))
+    ours = VARIANTS[name].scheduler.schedule(steps, (height // 16) * (width // 16))
     assert ours.shape == (steps + 1,) and ours.dtype == torch.float32 and ours[-1] == 0
     if name.startswith("z-image"):
         assert (ours - ref.sigmas).abs().max() <= ZIMAGE_SIGMA_ATOL
@@ -117,10 +122,11 @@ def test_turbo_nine_steps_legacy_is_eight_model_steps():
 def test_shift_formulas():
     s = sigma_schedule(20)[:-1]
     assert torch.equal(s, torch.linspace(1.0, 1 / 20, 20, dtype=torch.float64).float())
+    dev = VARIANTS["flux-dev"].scheduler
     for seq in (256, 1024, 4096, 6000):
-        assert flux_mu(seq) == pipeline_flux.calculate_shift(seq)
-    assert flux_mu(256) == pytest.approx(0.5) and flux_mu(4096) == pytest.approx(1.15)
-    mu = flux_mu(1024)
+        assert dev.mu(seq) == pipeline_flux.calculate_shift(seq)
+    assert dev.mu(256) == pytest.approx(0.5) and dev.mu(4096) == pytest.approx(1.15)
+    mu = dev.mu(1024)
     assert torch.allclose(time_shift(mu, s), shift_sigmas(s, float(np.exp(mu))), atol=1e-6)  # e^mu is a static shift
     # BFL's get_schedule: time_shift of linspace(1, 0, steps + 1) (float32 rounding differs slightly)
     grid = torch.linspace(1, 0, 21)[:-1]
@@ -171,7 +177,7 @@ def test_img2img_latent_matches_flux_prepare_latents(dtype):
     latent = torch.randn(2, 16, 16, 12, generator=torch.Generator().manual_seed(0))
     expected, _ = FluxImg2ImgPipeline.prepare_latents(pipe, latent, timesteps[:1].repeat(2), 2, 16, 128, 96, dtype, "cpu",
                                                       torch.Generator("cpu").manual_seed(7))
-    got, start = img2img_latent(latent.to(dtype), sched.sigmas, 0.6, seed=7)
+    got, noise, start = img2img_latent(latent.to(dtype), sched.sigmas, 0.6, seed=7)
     assert start == 28 - len(timesteps)
     assert torch.equal(rearrange(got, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2), expected)
 
@@ -248,7 +254,7 @@ def test_embedded_guidance():
     assert torch.equal(embedded_guidance(3.5, 3), torch.full([1], 3.5, dtype=torch.float32).expand(3))
 
 
-# ---- whole denoising loops: the real diffusers pipelines vs. a loop built from common.sampling ----
+# ---- whole denoising loops: the real diffusers pipelines vs. a loop built from common.sampling and the families' rules ----
 
 class StubZImage(torch.nn.Module):
     """Stands in for ZImageTransformer2DModel: a smooth function of latent, time and caption."""
@@ -287,7 +293,7 @@ def test_zimage_loop_matches_pipeline(name, steps, guidance, normalization, trun
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
 
     x = initial_noise((2, 16, height // 8, width // 8), seed)  # (B, C, H, W) fp32, as ZImagePipeline draws it
-    sigmas = SCHEDULERS[name].schedule(steps, (height // 16) * (width // 16))
+    sigmas = VARIANTS[name].scheduler.schedule(steps, (height // 16) * (width // 16))
     for i in range(steps):
         t = zimage_time(sigmas[i])
         pos = torch.stack([StubZImage.velocity(xi[:, None], t, c) for xi, c in zip(x, caps)])  # (B, C, 1, H, W)
@@ -343,7 +349,7 @@ def test_flux_loop_matches_pipeline(name, steps, guidance, true_cfg, dtype):
 
     noise = initial_noise((2, 16, height // 8, width // 8), seed, dtype=dtype)  # (B, C, H, W)
     x = rearrange(noise, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)  # (B, S, 64)
-    sigmas = SCHEDULERS[name].schedule(steps, x.shape[1])
+    sigmas = VARIANTS[name].scheduler.schedule(steps, x.shape[1])
     vec = embedded_guidance(guidance, 2) if guidance is not None else None
     for i in range(steps):
         t = flux_time(sigmas[i], dtype).expand(2)

@@ -13,8 +13,9 @@ from tokenizers import pre_tokenizers
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM,
                           Qwen3Model, T5Config, T5EncoderModel, T5Tokenizer)
 
-from zflux.common.text import FluxPromptEncoder, Qwen3PromptEncoder
 from zflux.common.weights import CheckpointError
+from zflux.flux.text import FluxPromptEncoder
+from zflux.zimg.text import Qwen3PromptEncoder
 
 # Qwen3's chat template, cut down to what a single user turn needs (the real one also handles tools,
 # reasoning history and system prompts); enable_thinking=False would add an empty think block.
