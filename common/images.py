@@ -17,8 +17,10 @@ from torch.nn import functional as F
 
 def to_tensor(image: Image.Image) -> Tensor:
     """An image (any mode) -> (1, 3, H, W) fp32 in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
-    return rearrange(pixels, "h w c -> 1 c h w") * 2 - 1  # (1, 3, H, W)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
+    # Left channels-last in memory, exactly as diffusers' image processor leaves it: convolutions take another
+    # path on another layout and round differently (~1e-4 relative through a randomly initialised autoencoder).
+    return rearrange(pixels, "b h w c -> b c h w") * 2 - 1  # (1, 3, H, W)
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
