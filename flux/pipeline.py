@@ -154,30 +154,30 @@ def check_task(variant: str, *, init_image: bool, mask: bool, control_image: boo
     naming the first input that does not fit. Reads no image, so the CLI checks its flags with it before loading."""
     task = TOOL_TASKS.get(variant) or ("inpaint" if mask else "img2img" if init_image else "text")
     if mask and not init_image:
-        raise ValueError("a mask needs the init_image it masks")
+        raise ValueError("a mask needs the image it masks (init_image=, --init-image)")
     if mask and task not in ("inpaint", "fill"):
         raise ValueError(f"{variant} takes no mask: inpaint with flux-dev, flux-schnell or flux-fill")
     if outpaint and task != "fill":
         raise ValueError(f"outpainting needs FLUX.1 Fill (flux-fill), not {variant}")
     if task == "fill" and not (init_image and (mask or outpaint)):
-        raise ValueError("FLUX.1 Fill needs an init_image and a mask, or outpaint=(left, top, right, bottom) to grow it")
+        raise ValueError("FLUX.1 Fill needs an init image and a mask, or outpaint (left, top, right, bottom) to grow it")
     if control_image != (task == "control"):
-        raise ValueError(f"{variant} needs a control_image (edges or a depth map)" if control_image is False else
-                         f"a control_image goes with FLUX.1 Canny or Depth (flux-canny, flux-depth), not {variant}")
+        raise ValueError(f"{variant} needs a control image (control_image=, --control-image): edges or a depth map"
+                         if task == "control" else f"a control image goes with FLUX.1 Canny or Depth (flux-canny, flux-depth), not {variant}")
     if preprocess is not None and (variant != "flux-canny" or preprocess not in PREPROCESSORS):
-        raise ValueError(f"preprocess={preprocess!r}: the one preprocessor is 'canny', for flux-canny's control image")
+        raise ValueError(f"preprocess {preprocess!r}: the one preprocessor is 'canny', for flux-canny's control image")
     if task in ("control", "kontext") and init_image:
-        raise ValueError(f"{variant} starts from noise: pass its image as " +
-                         ("control_image" if task == "control" else "reference_images=[image]") + ", not init_image")
+        image = "the control image" if task == "control" else "a reference image"
+        raise ValueError(f"{variant} starts from noise: give its image as {image}, not as an init image")
     if task == "kontext":
         if reference_images != 1:
-            raise ValueError(f"FLUX.1 Kontext edits one reference image: pass reference_images=[image] (got {reference_images})")
+            raise ValueError(f"FLUX.1 Kontext edits one reference image (reference_images=[image], --reference-image); got {reference_images}")
         return task
     if variant == "flux-redux" and not reference_images:
-        raise ValueError("flux-redux needs reference_images=[image, ...] to condition on")
+        raise ValueError("flux-redux needs one or more reference images to condition on (reference_images=, --reference-image)")
     if reference_images and not redux:
-        raise ValueError(f"{variant} takes reference images through FLUX.1 Redux: call load_redux(redux, siglip) first "
-                         "(or use flux-kontext to edit an image)")
+        raise ValueError(f"{variant} takes reference images through FLUX.1 Redux: load it first (load_redux(), or --model flux-redux "
+                         "--redux FOLDER); to edit an image use flux-kontext")
     return "redux" if task == "text" and reference_images else task
 
 

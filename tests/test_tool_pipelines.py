@@ -8,6 +8,8 @@ fused / reordered math (~1e-7 per call, test_flux_model.py) over a few steps (me
 The same seed gives the same latents twice, bit for bit.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from zflux.common.images import fit_image, outpaint_canvas
 from zflux.common.pipeline import encode_image
 from zflux.common.preprocess import canny
-from zflux.flux.pipeline import FluxPipeline
+from zflux.common.weights import CheckpointError
+from zflux.flux.pipeline import FluxPipeline, check_task
 from zflux.zimg.pipeline import ZImagePipeline
 from tiny_pipelines import flux_snapshot, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from tiny_tools import flux_tool_snapshot, redux_snapshot, zimage_inpaint_snapshot
@@ -206,3 +209,72 @@ def test_decoded_image_matches_diffusers(snapshots):
                    generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
     assert image.size == expected.size == (W, H)
     assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+NONE = dict(init_image=False, mask=False, control_image=False, preprocess=None, reference_images=0, outpaint=False, redux=False)
+
+
+@pytest.mark.parametrize("variant, given, task", [
+    ("flux-dev", {}, "text"), ("flux-schnell", dict(init_image=True), "img2img"), ("flux-dev", dict(init_image=True, mask=True), "inpaint"),
+    ("flux-fill", dict(init_image=True, mask=True), "fill"), ("flux-fill", dict(init_image=True, outpaint=True), "fill"),
+    ("flux-canny", dict(control_image=True, preprocess="canny"), "control"), ("flux-depth", dict(control_image=True), "control"),
+    ("flux-kontext", dict(reference_images=1), "kontext"), ("flux-redux", dict(reference_images=2, redux=True), "redux"),
+    ("flux-dev", dict(reference_images=1, redux=True, init_image=True, mask=True), "inpaint"),  # Redux conditions any task's text
+])
+def test_check_task(variant, given, task):
+    assert check_task(variant, **NONE | given) == task
+
+
+@pytest.mark.parametrize("variant, given, message", [
+    ("flux-dev", dict(mask=True), "a mask needs the image it masks"),
+    ("flux-canny", dict(control_image=True, init_image=True, mask=True), "flux-canny takes no mask"),
+    ("flux-kontext", dict(reference_images=1, init_image=True, mask=True), "flux-kontext takes no mask"),
+    ("flux-dev", dict(init_image=True, outpaint=True), "outpainting needs FLUX.1 Fill (flux-fill), not flux-dev"),
+    ("flux-fill", dict(init_image=True), "FLUX.1 Fill needs an init image and a mask, or outpaint"),
+    ("flux-fill", dict(mask=True), "a mask needs the image it masks"),
+    ("flux-canny", {}, "flux-canny needs a control image"),
+    ("flux-dev", dict(control_image=True), "a control image goes with FLUX.1 Canny or Depth"),
+    ("flux-depth", dict(control_image=True, preprocess="canny"), "the one preprocessor is 'canny', for flux-canny"),
+    ("flux-canny", dict(control_image=True, preprocess="depth"), "preprocess 'depth'"),
+    ("flux-canny", dict(control_image=True, init_image=True), "give its image as the control image, not as an init image"),
+    ("flux-kontext", {}, "FLUX.1 Kontext edits one reference image"),
+    ("flux-kontext", dict(reference_images=2), "got 2"),
+    ("flux-kontext", dict(reference_images=1, init_image=True), "give its image as a reference image, not as an init image"),
+    ("flux-redux", dict(redux=True), "flux-redux needs one or more reference images"),
+    ("flux-dev", dict(reference_images=1), "load it first (load_redux()"),
+])
+def test_check_task_errors(variant, given, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_task(variant, **NONE | given)
+
+
+def test_generate_errors(snapshots):
+    fill = FluxPipeline.from_pretrained(snapshots["fill"], **FP32)
+    with pytest.raises(ValueError, match="the mask is 32x32 but the image is 64x48"):
+        fill.generate(PROMPT, init_image=photo(), mask=Image.new("L", (32, 32)), steps=1)
+    with pytest.raises(ValueError, match="a control image goes with FLUX.1 Canny or Depth"):
+        fill.generate(PROMPT, init_image=photo(), mask=mask_image(), control_image=photo(), steps=1)
+    dev = FluxPipeline.from_pretrained(snapshots["dev"], **FP32)
+    with pytest.raises(ValueError, match="load it first"):
+        dev.generate(PROMPT, reference_images=[photo()], steps=1)
+    dev.load_redux(snapshots["redux"])
+    with pytest.raises(ValueError, match="Redux runs without true CFG"):
+        dev.generate(PROMPT, reference_images=[photo()], true_cfg=2.0, steps=1)
+    kontext = FluxPipeline.from_pretrained(snapshots["kontext"], **FP32)
+    with pytest.raises(ValueError, match="Kontext takes its reference images itself"):
+        kontext.load_redux(snapshots["redux"])
+
+
+def test_loading_tool_snapshots(snapshots):
+    """Each tool's snapshot loads into FluxPipeline as its variant; shapes and names decide, a contradicting variant= is refused."""
+    assert FluxPipeline.from_pretrained(snapshots["inpaint-dev"], **FP32).variant == "flux-dev"
+    assert FluxPipeline.from_pretrained(snapshots["kontext"], **FP32).variant == "flux-kontext"
+    assert FluxPipeline.from_pretrained(snapshots["control"], variant="flux-depth", **FP32).variant == "flux-depth"
+    assert FluxPipeline.from_pretrained(snapshots["dev"], variant="flux-kontext", **FP32).variant == "flux-kontext"  # nothing names dev
+    assert ZImagePipeline.from_pretrained(snapshots["zimage"], **FP32).variant == "z-image"
+    with pytest.raises(CheckpointError, match="share every shape and nothing here names either.*run it as flux-canny or flux-depth"):
+        FluxPipeline.from_pretrained(snapshots["control"], **FP32)
+    with pytest.raises(CheckpointError, match="FLUX.1 Kontext .*, not flux-dev; run it as flux-kontext"):
+        FluxPipeline.from_pretrained(snapshots["kontext"], variant="flux-dev", **FP32)
+    with pytest.raises(CheckpointError, match="FLUX.1 Fill .*, not flux-canny"):
+        FluxPipeline.from_pretrained(snapshots["fill"], variant="flux-canny", **FP32)

@@ -13,8 +13,13 @@ Hugging Face repositories.
 
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
-transformer file needs beside it, add_arguments (its own flags), load_pipeline and
-generate_options (what its flags pass to generate()). Adding a family is one import and one entry.
+transformer file needs beside it, add_arguments (its own flags), generate_options (what the flags
+pass to generate(), its images read and checked against --model before any weight loads),
+load_options (what its flags pass to load_pipeline) and load_pipeline. Adding a family is one import
+and one entry.
+
+Inpainting, control and reference images are flags of every family (--mask, --control-image,
+--preprocess, --reference-image); each family says which of its models take them.
 """
 
 import argparse
@@ -29,7 +34,7 @@ import torch
 from zflux.common import vae as vae_layouts
 from zflux.common.ops import BACKENDS
 from zflux.common.identify import identify
-from zflux.common.images import load_image, save_image
+from zflux.common.images import check_mask, load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
@@ -62,8 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="default: " + ", ".join(f"{name} {v.defaults.steps}" for name, v in VARIANTS.items()))
     gen.add_argument("--guidance", type=float, help="the guidance scale (what it means and its default: see each family's options)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--init-image", help="image file to start from (image-to-image)")
-    gen.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much of the schedule to run (0-1)")
+    gen.add_argument("--init-image", help="image file to start from (image-to-image, inpainting)")
+    gen.add_argument("--mask", help="inpainting: mask image of --init-image's size, white = repaint")
+    gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; "
+                                                    "default the task's: image-to-image 0.6, FLUX.1 inpainting 0.6, Z-Image "
+                                                    "inpainting and FLUX.1 Fill 1.0)")
+    gen.add_argument("--control-image", help="control models: the control image (edges, depth map), or a photo with --preprocess")
+    gen.add_argument("--preprocess", choices=("canny",), help="make the control image from --control-image first (Canny 50/200)")
+    gen.add_argument("--reference-image", action="append", help="an image to condition on (editing: the image to edit; Redux: "
+                                                                "repeat for several)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -99,20 +111,26 @@ def generate(args: argparse.Namespace) -> None:
     """zflux generate: check the request, load the pipeline, generate, save, report the time taken."""
     check_request(args.prompt, args.height, args.width, SIZE_MULTIPLE)  # before minutes of loading
     init_image = load_image(args.init_image) if args.init_image else None
+    mask = load_image(args.mask) if args.mask else None
+    if mask is not None:
+        if init_image is None:
+            raise ValueError("--mask needs the --init-image it masks")
+        check_mask(mask, init_image)
     if not Path(args.out).suffix:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
+    family = MODELS[args.model]
+    options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
+                   guidance=args.guidance, seed=args.seed, init_image=init_image, mask=mask, strength=args.strength)
+    options |= family.generate_options(args)  # reads and checks the family's own images, still before loading
 
     start = time.perf_counter()
-    family = MODELS[args.model]
     pipe = load_pipeline(args, family)
     if args.backend:
         pipe.transformer.backend = args.backend
     loaded = time.perf_counter() - start
 
-    options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                   guidance=args.guidance, seed=args.seed, init_image=init_image, strength=args.strength)
     start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options, **family.generate_options(args))
+    image = pipe.generate(args.prompt, **options)
     took = time.perf_counter() - start
     path = save_image(image, args.out)
     print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
@@ -122,6 +140,7 @@ def generate(args: argparse.Namespace) -> None:
 def load_pipeline(args: argparse.Namespace, family: ModuleType):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder)
+    options |= family.load_options(args)
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:
