@@ -62,21 +62,23 @@ from zflux.flux.tools import (KONTEXT_MAX_AREA, PREPROCESSORS, REFERENCE_INDEX, 
 # FluxFillPipeline; Canny and Depth as BFL's reference code (guidance 30 and 10, 50 steps); Kontext as
 # FluxKontextPipeline; Redux (dev with reference images) as diffusers' and BFL's examples.
 DEV_SCHEDULER = SchedulerConfig(shift=3.0, use_dynamic_shifting=True)  # shift unused: mu decides
+
+
+def guidance_distilled(preset: str, steps: int, guidance: float) -> Variant:
+    """A variant of dev's kind: the transformer preset `preset`, dev's scheduler, 512 T5 tokens and these defaults."""
+    return Variant(model=PRESETS[preset], scheduler=DEV_SCHEDULER,
+                   defaults=SamplingDefaults(steps=steps, guidance=guidance, max_sequence_length=512))
+
+
 VARIANTS = {
     "flux-schnell": Variant(model=PRESETS["flux-schnell"], scheduler=SchedulerConfig(shift=1.0),
                             defaults=SamplingDefaults(steps=4, guidance=0.0, max_sequence_length=256)),
-    "flux-dev": Variant(model=PRESETS["flux-dev"], scheduler=DEV_SCHEDULER,
-                        defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
-    "flux-fill": Variant(model=PRESETS["flux-fill"], scheduler=DEV_SCHEDULER,
-                         defaults=SamplingDefaults(steps=50, guidance=30.0, max_sequence_length=512)),
-    "flux-canny": Variant(model=PRESETS["flux-canny"], scheduler=DEV_SCHEDULER,
-                          defaults=SamplingDefaults(steps=50, guidance=30.0, max_sequence_length=512)),
-    "flux-depth": Variant(model=PRESETS["flux-depth"], scheduler=DEV_SCHEDULER,
-                          defaults=SamplingDefaults(steps=50, guidance=10.0, max_sequence_length=512)),
-    "flux-kontext": Variant(model=PRESETS["flux-kontext"], scheduler=DEV_SCHEDULER,
-                            defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
-    "flux-redux": Variant(model=PRESETS["flux-dev"], scheduler=DEV_SCHEDULER,
-                          defaults=SamplingDefaults(steps=50, guidance=2.5, max_sequence_length=512)),
+    "flux-dev": guidance_distilled("flux-dev", steps=28, guidance=3.5),
+    "flux-fill": guidance_distilled("flux-fill", steps=50, guidance=30.0),
+    "flux-canny": guidance_distilled("flux-canny", steps=50, guidance=30.0),
+    "flux-depth": guidance_distilled("flux-depth", steps=50, guidance=10.0),
+    "flux-kontext": guidance_distilled("flux-kontext", steps=28, guidance=3.5),
+    "flux-redux": guidance_distilled("flux-dev", steps=50, guidance=2.5),
 }
 # What identify() reads off a FLUX.1 transformer -> the variants it can run as: dev's shapes are also Kontext's
 # (unless a name says Kontext) and Redux runs on dev; Canny's shapes are Depth's (unless a name says which).
@@ -179,6 +181,20 @@ def check_task(variant: str, *, init_image: bool, mask: bool, control_image: boo
         raise ValueError(f"{variant} takes reference images through FLUX.1 Redux: load it first (load_redux(), or --model flux-redux "
                          "--redux FOLDER); to edit an image use flux-kontext")
     return "redux" if task == "text" and reference_images else task
+
+
+def shape_of(cfg: FluxConfig) -> tuple[int, bool]:
+    """What tells the variants' transformers apart: the input width and whether guidance is a model input."""
+    return cfg.in_channels, cfg.guidance_embeds
+
+
+def variant_of(cfg: FluxConfig) -> str:
+    """The variant a transformer of these shapes runs as by default (dev for dev's shapes, which Kontext shares)."""
+    defaults = {shape_of(VARIANTS[name].model): name for name in ("flux-fill", "flux-dev", "flux-schnell")}
+    if shape_of(cfg) not in defaults:
+        raise ValueError(f"no default FLUX.1 variant for {cfg.in_channels} input channels (Canny and Depth share their shapes): "
+                         "pass variant=")
+    return defaults[shape_of(cfg)]
 
 
 class FluxPipeline:
@@ -330,17 +346,3 @@ class FluxPipeline:
         conditioning = prepare_kontext(self.vae, references[0], device=self.device, dtype=self.transformer.dtype) \
             if task == "kontext" else Conditioning()
         return noise, 0, conditioning, None
-
-
-def shape_of(cfg: FluxConfig) -> tuple[int, bool]:
-    """What tells the variants' transformers apart: the input width and whether guidance is a model input."""
-    return cfg.in_channels, cfg.guidance_embeds
-
-
-def variant_of(cfg: FluxConfig) -> str:
-    """The variant a transformer of these shapes runs as by default (dev for dev's shapes, which Kontext shares)."""
-    defaults = {shape_of(VARIANTS[name].model): name for name in ("flux-fill", "flux-dev", "flux-schnell")}
-    if shape_of(cfg) not in defaults:
-        raise ValueError(f"no default FLUX.1 variant for {cfg.in_channels} input channels (Canny and Depth share their shapes): "
-                         "pass variant=")
-    return defaults[shape_of(cfg)]
