@@ -1,5 +1,6 @@
-"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range,
-and inpainting masks (pixels -> a binary tensor -> the latent grid; outpainting's grown canvas).
+"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range;
+inpainting masks (pixels -> a binary tensor -> the latent grid; outpainting's grown canvas); the Canny edge
+preprocessor for structural control.
 
 The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 255, rounded), so the
 same decoded tensor gives the same pixels here and there.
@@ -7,12 +8,16 @@ same decoded tensor gives the same pixels here and there.
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
+
+CANNY_LOW, CANNY_HIGH = 50, 200  # hysteresis thresholds on 8-bit gradients (BFL's and the control models' documentation)
+MASK_THRESHOLD = 128  # a mask pixel at or above this 8-bit gray level repaints (diffusers binarizes at 0.5)
 
 
 def to_tensor(image: Image.Image) -> Tensor:
@@ -43,8 +48,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {e}") from e
 
 
-def as_image(image: Image.Image | str | Path | None) -> Image.Image | None:
-    """A PIL image, opened first when given as a path (None stays None)."""
+def open_image(image: Image.Image | str | Path | None) -> Image.Image | None:
+    """`image` itself, or the image file at that path opened (load_image); None stays None."""
     return image if image is None or isinstance(image, Image.Image) else load_image(image)
 
 
@@ -66,21 +71,16 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
-# Inpainting masks: white (1) = repaint, black (0) = keep. diffusers' mask processor resizes the mask as
-# it resizes images (Lanczos), then takes its luminance and binarizes it at 0.5: a gray level of 128 or
-# more repaints.
-MASK_THRESHOLD = 128
-
-
 def mask_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
-    """A mask image (any mode) -> (1, 1, height, width) fp32 of 0 (keep) and 1 (repaint), as diffusers' mask processor makes it."""
-    gray = np.asarray(fit_image(mask, width, height).convert("L"))  # (H, W) uint8, resized before the luminance is taken
+    """A mask image (any mode) -> (1, 1, height, width) fp32, 1 = repaint and 0 = keep, as diffusers' mask processor makes it:
+    resized like an image (Lanczos), then its luminance binarized at 0.5."""
+    gray = np.asarray(fit_image(mask, width, height).convert("L"))  # (H, W) uint8
     return torch.from_numpy(gray >= MASK_THRESHOLD).float()[None, None]  # (1, 1, H, W)
 
 
 def mask_latents(mask: Tensor, height: int, width: int) -> Tensor:
-    """A pixel mask (1, 1, H, W) -> the latent grid (1, 1, height, width), by nearest neighbour (each 8x8 block's top-left pixel)."""
-    return F.interpolate(mask, size=(height, width), mode="nearest")  # (1, 1, h, w)
+    """A pixel mask (B, 1, H, W) -> the latent grid (B, 1, height, width), nearest neighbour (each block's top-left pixel)."""
+    return F.interpolate(mask, size=(height, width), mode="nearest")  # (B, 1, h, w)
 
 
 def check_mask(mask: Image.Image, image: Image.Image) -> None:
@@ -112,3 +112,14 @@ def outpaint_canvas(image: Image.Image, borders: tuple[int, int, int, int],
     canvas_mask = Image.new("L", size, 255)
     canvas_mask.paste(Image.new("L", image.size, 0) if mask is None else mask.convert("L"), (left, top))
     return canvas, canvas_mask
+
+
+def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+    """OpenCV's Canny edges of the 8-bit RGB image: white edges on black, as an RGB image of the same size."""
+    if not 0 <= low <= high:
+        raise ValueError(f"Canny thresholds must satisfy 0 <= low <= high, got {low} and {high}")
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W) uint8, 0 or 255
+    return Image.fromarray(edges).convert("RGB")
+
+
+PREPROCESSORS = {"canny": canny}  # what may turn a photo into a control image first (depth maps are taken as given)

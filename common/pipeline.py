@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from zflux.common.images import check_mask, fit_image, load_image, mask_latents, mask_tensor, to_pil, to_tensor
+from zflux.common.images import check_mask, fit_image, mask_latents, mask_tensor, open_image, to_pil, to_tensor
 from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise, inpaint_blend
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
@@ -99,8 +99,8 @@ def check_request(prompt: str, height: int | None, width: int | None, multiple: 
     """
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    if init_image is not None and not isinstance(init_image, Image.Image):
-        init_image = load_image(init_image)
+    if init_image is not None:
+        init_image = open_image(init_image)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
     if init_image is not None and latents is not None:
@@ -144,29 +144,31 @@ def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int | torch.
     return latents.to(device, dtype)
 
 
-def encode_pixels(vae: Autoencoder, pixels: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Pixels (1, 3, H, W) in [-1, 1] -> their scaled latent (1, C, H/8, W/8) fp32: a posterior sample, or its mean.
+def encode_sample(vae: Autoencoder, pixels: Tensor, generator: torch.Generator) -> Tensor:
+    """Pixels (1, 3, H, W) in [-1, 1] -> a posterior sample of their scaled latent (1, C, H/8, W/8) fp32.
 
-    With a CPU `generator` the latent is mean + std * noise, the noise drawn in the autoencoder's dtype
-    from it, as diffusers' image-conditioned pipelines sample (retrieve_latents(vae.encode(image),
-    generator)); without one it is the posterior mean (sample_mode "argmax", FLUX.1 Kontext's reference).
+    The sample is mean + std * noise, the noise drawn in the autoencoder's dtype from the CPU
+    `generator`, as diffusers' image-conditioned pipelines sample (retrieve_latents(vae.encode(image),
+    generator)).
     """
     down = vae.cfg.downscale
     shape = (1, vae.cfg.latent_channels, pixels.shape[2] // down, pixels.shape[3] // down)
-    noise = None if generator is None else initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype)
-    raw = vae.encode(pixels, noise).float()  # (1, C, H/8, W/8)
+    raw = vae.encode(pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype)).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+
+
+def encode_mode(vae: Autoencoder, pixels: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> the mode of their scaled latents (B, C, H/8, W/8) in the autoencoder's dtype.
+
+    As diffusers' control and editing pipelines take a conditioning image's latent: latent_dist.mode(),
+    then shifted and scaled in the autoencoder's dtype (no noise drawn).
+    """
+    return (vae.encode(pixels) - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
 def image_pixels(image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
     """An image resized to height x width (Lanczos, as diffusers' image processor) -> (1, 3, H, W) fp32 in [-1, 1] on `device`."""
     return to_tensor(fit_image(image, width, height)).to(device)
-
-
-def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device,
-                 generator: torch.Generator | None) -> Tensor:
-    """An image, resized to height x width -> its scaled latent (1, C, height/8, width/8) fp32 (see encode_pixels)."""
-    return encode_pixels(vae, image_pixels(image, height, width, device), generator)
 
 
 class InitLatents(NamedTuple):
@@ -185,7 +187,7 @@ def noised_init(vae: Autoencoder, pixels: Tensor, sigmas: Tensor, *, strength: f
     Draws twice from the CPU `generator`: the posterior sample's noise, then the noise it is mixed
     with; diffusers' img2img, inpainting and Fill pipelines draw the same two in the same order.
     """
-    known = encode_pixels(vae, pixels, generator).to(dtype)  # (1, C, h, w)
+    known = encode_sample(vae, pixels, generator).to(dtype)  # (1, C, h, w)
     latents, noise, start = img2img_latent(known, sigmas, strength=strength, seed=generator)
     return InitLatents(latents, start, known, noise)
 

@@ -50,10 +50,10 @@ def generate_options(args: argparse.Namespace) -> dict:
     control_image = load_image(args.control_image) if args.control_image else None
     references = [load_image(path) for path in args.reference_image or []]
     check_task(args.model, init_image=args.init_image is not None, mask=args.mask is not None, control_image=control_image is not None,
-               preprocess=args.preprocess, reference_images=len(references), outpaint=args.outpaint is not None,
+               control_preprocess=args.control_preprocess, reference_images=len(references), outpaint=args.outpaint is not None,
                redux=args.redux is not None)
-    return dict(true_cfg=args.true_cfg, control_image=control_image, preprocess=args.preprocess, reference_images=references or None,
-                outpaint=args.outpaint)
+    return dict(true_cfg=args.true_cfg, control_image=control_image, control_preprocess=args.control_preprocess,
+                reference_images=references or None, outpaint=args.outpaint)
 
 
 def load_options(args: argparse.Namespace) -> dict:

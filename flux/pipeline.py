@@ -27,7 +27,7 @@ The tasks, each a keyword argument of generate() (check_task() says which one a 
   region is put back, re-noised to the next sigma (common.pipeline.prepare_inpaint);
 - Fill (flux-fill): init_image= with mask= or outpaint=(left, top, right, bottom) pixels; the masked
   image and the mask enter as extra input channels (flux/tools.py); 50 steps, guidance 30;
-- Canny / Depth (flux-canny, flux-depth): control_image= (optionally preprocess="canny") enters as
+- Canny / Depth (flux-canny, flux-depth): control_image= (optionally control_preprocess="canny") enters as
   extra input channels;
 - Kontext (flux-kontext): reference_images=[image] become extra image tokens at positions (1, row, col);
 - Redux (after load_redux(), any variant but Kontext): reference_images=[...] become extra text tokens
@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from zflux.common.identify import check_family
-from zflux.common.images import as_image, outpaint_canvas
+from zflux.common.images import PREPROCESSORS, open_image, outpaint_canvas
 from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
@@ -53,7 +53,7 @@ from zflux.flux.convert import load_transformer
 from zflux.flux.model import PRESETS, Flux, FluxConfig
 from zflux.flux.redux import ReduxImageEncoder, redux_conditioning
 from zflux.flux.text import FluxPromptEncoder
-from zflux.flux.tools import (KONTEXT_MAX_AREA, PREPROCESSORS, REFERENCE_INDEX, SIZE_MULTIPLE, Conditioning, kontext_output_size,
+from zflux.flux.tools import (KONTEXT_MAX_AREA, REFERENCE_INDEX, SIZE_MULTIPLE, Conditioning, kontext_output_size,
                               prepare_control, prepare_fill, prepare_kontext, with_conditioning)
 
 # schnell is distilled for 4 unshifted steps and has no guidance input; dev and every tool embed the
@@ -149,8 +149,8 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
     return predict
 
 
-def check_task(variant: str, *, init_image: bool, mask: bool, control_image: bool, preprocess: str | None, reference_images: int,
-               outpaint: bool, redux: bool) -> str:
+def check_task(variant: str, *, init_image: bool, mask: bool, control_image: bool, control_preprocess: str | None,
+               reference_images: int, outpaint: bool, redux: bool) -> str:
     """The task a generate() call asks of `variant` ("text", "img2img", "inpaint", "fill", "control", "kontext" or
     "redux"), given which inputs it has (`reference_images`: how many; `redux`: Redux is loaded), or a ValueError
     naming the first input that does not fit. Reads no image, so the CLI checks its flags with it before loading."""
@@ -166,8 +166,8 @@ def check_task(variant: str, *, init_image: bool, mask: bool, control_image: boo
     if control_image != (task == "control"):
         raise ValueError(f"{variant} needs a control image (control_image=, --control-image): edges or a depth map"
                          if task == "control" else f"a control image goes with FLUX.1 Canny or Depth (flux-canny, flux-depth), not {variant}")
-    if preprocess is not None and (variant != "flux-canny" or preprocess not in PREPROCESSORS):
-        raise ValueError(f"preprocess {preprocess!r}: the one preprocessor is 'canny', for flux-canny's control image")
+    if control_preprocess is not None and (variant != "flux-canny" or control_preprocess not in PREPROCESSORS):
+        raise ValueError(f"control_preprocess {control_preprocess!r}: the one preprocessor is 'canny', for flux-canny's control image")
     if task in ("control", "kontext") and init_image:
         image = "the control image" if task == "control" else "a reference image"
         raise ValueError(f"{variant} starts from noise: give its image as {image}, not as an init image")
@@ -271,7 +271,7 @@ class FluxPipeline:
                  steps: int | None = None, guidance: float | None = None, true_cfg: float = 1.0, seed: int = 0,
                  latents: Tensor | None = None, init_image: Image.Image | str | Path | None = None,
                  mask: Image.Image | str | Path | None = None, strength: float | None = None,
-                 control_image: Image.Image | str | Path | None = None, preprocess: str | None = None,
+                 control_image: Image.Image | str | Path | None = None, control_preprocess: str | None = None,
                  reference_images: list[Image.Image | str | Path] | None = None, outpaint: tuple[int, int, int, int] | None = None,
                  max_area: int = KONTEXT_MAX_AREA, redux_prompt_scale: float = 1.0, redux_pooled_scale: float = 1.0,
                  output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
@@ -287,10 +287,10 @@ class FluxPipeline:
         (image to image and inpainting 0.6, Fill 1.0). Redux's tokens and pooled vector are scaled by
         `redux_prompt_scale` and `redux_pooled_scale`.
         """
-        init_image, mask, control_image = as_image(init_image), as_image(mask), as_image(control_image)
-        references = [as_image(image) for image in reference_images or []]
+        init_image, mask, control_image = open_image(init_image), open_image(mask), open_image(control_image)
+        references = [open_image(image) for image in reference_images or []]
         task = check_task(self.variant, init_image=init_image is not None, mask=mask is not None, control_image=control_image is not None,
-                          preprocess=preprocess, reference_images=len(references), outpaint=outpaint is not None,
+                          control_preprocess=control_preprocess, reference_images=len(references), outpaint=outpaint is not None,
                           redux=self.redux is not None)
         if outpaint is not None:
             init_image, mask = outpaint_canvas(init_image, outpaint, mask)
@@ -315,7 +315,8 @@ class FluxPipeline:
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
         latents, start, conditioning, blend = self._start(task, sigmas, height=height, width=width, seed=seed, latents=latents,
                                                           init_image=init_image, mask=mask, strength=strength,
-                                                          control_image=control_image, preprocess=preprocess, references=references)
+                                                          control_image=control_image, control_preprocess=control_preprocess,
+                                                          references=references)
         features, pooled = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                                           device=self.device, offload=self.offload_text_encoder)
         if references and task != "kontext":
@@ -329,7 +330,7 @@ class FluxPipeline:
 
     def _start(self, task: str, sigmas: Tensor, *, height: int, width: int, seed: int, latents: Tensor | None,
                init_image: Image.Image | None, mask: Image.Image | None, strength: float, control_image: Image.Image | None,
-               preprocess: str | None, references: list[Image.Image]) -> tuple[Tensor, int, Conditioning, Blend | None]:
+               control_preprocess: str | None, references: list[Image.Image]) -> tuple[Tensor, int, Conditioning, Blend | None]:
         """The task's start latents (1, C, h, w), first step, model-input conditioning and per-step blend."""
         where = dict(height=height, width=width, seed=seed, device=self.device, dtype=self.transformer.dtype)
         if task == "img2img":
@@ -340,7 +341,7 @@ class FluxPipeline:
         if task == "fill":
             return *prepare_fill(self.vae, init_image, mask, sigmas, strength=strength, **where), None
         if task == "control":
-            latents, conditioning = prepare_control(self.vae, control_image, preprocess=preprocess, latents=latents, **where)
+            latents, conditioning = prepare_control(self.vae, control_image, preprocess=control_preprocess, latents=latents, **where)
             return latents, 0, conditioning, None
         noise = start_noise(self.vae, latents=latents, **where)
         conditioning = prepare_kontext(self.vae, references[0], device=self.device, dtype=self.transformer.dtype) \

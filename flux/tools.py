@@ -22,10 +22,9 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from zflux.common.images import check_mask, fit_image, mask_tensor, to_tensor
+from zflux.common.images import PREPROCESSORS, check_mask, fit_image, mask_tensor, to_tensor
 from zflux.common.latents import pack_latents
-from zflux.common.pipeline import encode_pixels, image_pixels, noised_init, start_noise
-from zflux.common.preprocess import canny
+from zflux.common.pipeline import encode_mode, encode_sample, image_pixels, noised_init, start_noise
 from zflux.common.vae import Autoencoder
 
 MASK_BLOCK = 8  # pixels per latent cell along each axis: the autoencoder's downscale
@@ -37,9 +36,6 @@ KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800,
                        (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
                        (1568, 672))
 KONTEXT_MAX_AREA = 1024 ** 2  # pixels: the output's budget
-
-
-PREPROCESSORS = {"canny": canny}  # what a control image may be made from an ordinary photo with (depth maps are taken as given)
 
 
 class Conditioning(NamedTuple):
@@ -86,7 +82,7 @@ def prepare_fill(vae: Autoencoder, image: Image.Image, mask: Image.Image, sigmas
     pixels = image_pixels(image, height, width, device)  # (1, 3, H, W)
     init = noised_init(vae, pixels, sigmas, strength=strength, generator=generator, dtype=dtype)
     repaint = mask_tensor(mask, width, height).to(device)  # (1, 1, H, W)
-    masked = encode_pixels(vae, pixels * (1 - repaint), generator).to(dtype)  # (1, C, h, w)
+    masked = encode_sample(vae, pixels * (1 - repaint), generator).to(dtype)  # (1, C, h, w)
     return init.latents, init.start, Conditioning(channels=fill_conditioning(masked, repaint))
 
 
@@ -103,7 +99,7 @@ def prepare_control(vae: Autoencoder, control_image: Image.Image, *, height: int
     if preprocess is not None:
         image = PREPROCESSORS[preprocess](image)
     generator = torch.Generator("cpu").manual_seed(seed)
-    control = encode_pixels(vae, to_tensor(image).to(device), generator).to(dtype)  # (1, C, h, w)
+    control = encode_sample(vae, to_tensor(image).to(device), generator).to(dtype)  # (1, C, h, w)
     noise = start_noise(vae, height=height, width=width, seed=generator, latents=latents, device=device, dtype=dtype)
     return noise, Conditioning(channels=pack_latents(control))
 
@@ -112,7 +108,7 @@ def prepare_kontext(vae: Autoencoder, reference: Image.Image, *, device: torch.d
     """Kontext's reference tokens: the image resized to the preferred resolution nearest its aspect ratio, the posterior
     mean of its latent (diffusers: sample_mode "argmax"; no random draw), packed."""
     width, height = kontext_reference_size(*reference.size)
-    latents = encode_pixels(vae, image_pixels(reference, height, width, device), None).to(dtype)  # (1, C, h, w)
+    latents = encode_mode(vae, image_pixels(reference, height, width, device)).to(dtype)  # (1, C, h, w)
     return Conditioning(reference=pack_latents(latents), reference_grid=(latents.shape[2] // 2, latents.shape[3] // 2))
 
 

@@ -66,7 +66,7 @@ def test_tools_generate(snapshots, images, tmp_path, capsys, model, snapshot, fl
     ("flux-canny", [], "flux-canny needs a control image"),
     ("flux-depth", ["--control-image", "photo.png", "--preprocess", "canny"], "the one preprocessor is 'canny', for flux-canny"),
     ("flux-dev", ["--control-image", "photo.png"], "a control image goes with FLUX.1 Canny or Depth"),
-    ("z-image-turbo", ["--control-image", "photo.png"], "z-image-turbo takes no --control-image"),
+    ("z-image-turbo", ["--control-image", "photo.png"], "--control-image needs --controlnet FILE"),
     ("flux-kontext", [], "FLUX.1 Kontext edits one reference image"),
     ("flux-redux", ["--reference-image", "photo.png"], "--model flux-redux needs --redux FOLDER"),
     ("flux-redux", ["--redux", "redux-folder"], "flux-redux needs one or more reference images"),

@@ -19,8 +19,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from zflux.common.images import fit_image, outpaint_canvas
-from zflux.common.pipeline import encode_image
-from zflux.common.preprocess import canny
+from zflux.common.pipeline import encode_sample, image_pixels
+from zflux.common.images import canny
 from zflux.common.weights import CheckpointError
 from zflux.flux.pipeline import FluxPipeline, check_task
 from zflux.zimg.pipeline import ZImagePipeline
@@ -108,7 +108,7 @@ def test_inpainting_keeps_the_unmasked_image(snapshots, family):
     left = Image.new("L", (W, H), 0)
     left.paste(255, (0, 0, W // 2, H))  # repaint the left half: latent columns 0-3
     latents = ours(pipe, init_image=photo(), mask=left, steps=2, strength=1.0)
-    known = encode_image(pipe.vae, photo(), H, W, torch.device("cpu"), torch.Generator("cpu").manual_seed(SEED))
+    known = encode_sample(pipe.vae, image_pixels(photo(), H, W, torch.device("cpu")), torch.Generator("cpu").manual_seed(SEED))
     assert torch.equal(latents[..., 4:], known[..., 4:]) and not torch.allclose(latents[..., :4], known[..., :4], atol=0.1)
 
 
@@ -153,7 +153,7 @@ def test_fill_outpainting_matches_diffusers(snapshots):
 def test_control_matches_diffusers(snapshots, preprocess):
     pipe = FluxPipeline.from_pretrained(snapshots["control"], variant="flux-canny", **FP32)
     control = photo(80, 60, seed=1)  # another size: resized to the output first
-    run = lambda: ours(pipe, control_image=control, preprocess=preprocess, steps=3, guidance=30.0, height=H, width=W)
+    run = lambda: ours(pipe, control_image=control, control_preprocess=preprocess, steps=3, guidance=30.0, height=H, width=W)
     got = run()
     given = canny(fit_image(control, W, H)) if preprocess else control  # diffusers leaves preprocessing to the caller
     expected = theirs(FluxControlPipeline.from_pretrained(snapshots["control"]), control_image=given, num_inference_steps=3,
@@ -211,13 +211,14 @@ def test_decoded_image_matches_diffusers(snapshots):
     assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
 
 
-NONE = dict(init_image=False, mask=False, control_image=False, preprocess=None, reference_images=0, outpaint=False, redux=False)
+NONE = dict(init_image=False, mask=False, control_image=False, control_preprocess=None, reference_images=0, outpaint=False,
+            redux=False)
 
 
 @pytest.mark.parametrize("variant, given, task", [
     ("flux-dev", {}, "text"), ("flux-schnell", dict(init_image=True), "img2img"), ("flux-dev", dict(init_image=True, mask=True), "inpaint"),
     ("flux-fill", dict(init_image=True, mask=True), "fill"), ("flux-fill", dict(init_image=True, outpaint=True), "fill"),
-    ("flux-canny", dict(control_image=True, preprocess="canny"), "control"), ("flux-depth", dict(control_image=True), "control"),
+    ("flux-canny", dict(control_image=True, control_preprocess="canny"), "control"), ("flux-depth", dict(control_image=True), "control"),
     ("flux-kontext", dict(reference_images=1), "kontext"), ("flux-redux", dict(reference_images=2, redux=True), "redux"),
     ("flux-dev", dict(reference_images=1, redux=True, init_image=True, mask=True), "inpaint"),  # Redux conditions any task's text
 ])
@@ -234,8 +235,8 @@ def test_check_task(variant, given, task):
     ("flux-fill", dict(mask=True), "a mask needs the image it masks"),
     ("flux-canny", {}, "flux-canny needs a control image"),
     ("flux-dev", dict(control_image=True), "a control image goes with FLUX.1 Canny or Depth"),
-    ("flux-depth", dict(control_image=True, preprocess="canny"), "the one preprocessor is 'canny', for flux-canny"),
-    ("flux-canny", dict(control_image=True, preprocess="depth"), "preprocess 'depth'"),
+    ("flux-depth", dict(control_image=True, control_preprocess="canny"), "the one preprocessor is 'canny', for flux-canny"),
+    ("flux-canny", dict(control_image=True, control_preprocess="depth"), "control_preprocess 'depth'"),
     ("flux-canny", dict(control_image=True, init_image=True), "give its image as the control image, not as an init image"),
     ("flux-kontext", {}, "FLUX.1 Kontext edits one reference image"),
     ("flux-kontext", dict(reference_images=2), "got 2"),

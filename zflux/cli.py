@@ -19,7 +19,7 @@ load_options (what its flags pass to load_pipeline) and load_pipeline. Adding a 
 and one entry.
 
 Inpainting, control and reference images are flags of every family (--mask, --control-image,
---preprocess, --reference-image); each family says which of its models take them.
+--control-preprocess, --reference-image); each family says which of its models take them.
 """
 
 import argparse
@@ -34,7 +34,7 @@ import torch
 from zflux.common import vae as vae_layouts
 from zflux.common.ops import BACKENDS
 from zflux.common.identify import identify
-from zflux.common.images import check_mask, load_image, save_image
+from zflux.common.images import PREPROCESSORS, check_mask, load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; "
                                                     "default the task's: image-to-image 0.6, FLUX.1 inpainting 0.6, Z-Image "
                                                     "inpainting and FLUX.1 Fill 1.0)")
-    gen.add_argument("--control-image", help="control models: the control image (edges, depth map), or a photo with --preprocess")
-    gen.add_argument("--preprocess", choices=("canny",), help="make the control image from --control-image first (Canny 50/200)")
+    gen.add_argument("--control-image", help="control models: the control image (edges, depth map, ...), or a photo with "
+                                             "--control-preprocess")
+    gen.add_argument("--control-preprocess", "--preprocess", choices=tuple(PREPROCESSORS),
+                     help="make the control image from the photo given as --control-image first (Canny 50/200)")
     gen.add_argument("--reference-image", action="append", help="an image to condition on (editing: the image to edit; Redux: "
                                                                 "repeat for several)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
@@ -139,8 +141,8 @@ def generate(args: argparse.Namespace) -> None:
 
 def load_pipeline(args: argparse.Namespace, family: ModuleType):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
-    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder)
-    options |= family.load_options(args)
+    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype], offload_text_encoder=args.offload_text_encoder,
+                   **family.load_options(args))
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zflux.common.preprocess import CANNY_HIGH, CANNY_LOW, canny
+from zflux.common.images import CANNY_HIGH, CANNY_LOW, canny
 
 
 def step_image(contrast: int, channel: int | None = None) -> Image.Image:
