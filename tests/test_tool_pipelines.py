@@ -9,6 +9,7 @@ The same seed gives the same latents twice, bit for bit.
 """
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from zflux.common.images import fit_image, outpaint_canvas
 from zflux.common.pipeline import encode_sample, image_pixels
 from zflux.common.images import canny
-from zflux.common.weights import CheckpointError
+from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
+from zflux.flux.convert import from_diffusers as flux_from_diffusers
 from zflux.flux.pipeline import FluxPipeline, check_task
 from zflux.zimg.pipeline import ZImagePipeline
 from tiny_pipelines import flux_snapshot, one_thread  # noqa: F401 (one_thread: autouse fixture)
@@ -279,3 +281,19 @@ def test_loading_tool_snapshots(snapshots):
         FluxPipeline.from_pretrained(snapshots["kontext"], variant="flux-dev", **FP32)
     with pytest.raises(CheckpointError, match="FLUX.1 Fill .*, not flux-canny"):
         FluxPipeline.from_pretrained(snapshots["fill"], variant="flux-canny", **FP32)
+
+
+def test_tool_single_files_equal_their_snapshot(snapshots, tmp_path):
+    """BFL-layout files of a tool load by name and shape: flux1-kontext-dev.safetensors runs as Kontext, a Fill file as Fill."""
+    for name, file, kwargs in (("kontext", "flux1-kontext-dev.safetensors", dict(reference_images=[photo(40, 24, seed=2)])),
+                               ("fill", "flux1-fill-dev.safetensors", dict(init_image=photo(), mask=mask_image()))):
+        folder, snapshot = tmp_path / name, snapshots[name]
+        folder.mkdir()
+        save_state_dict(flux_from_diffusers(read_state_dict(snapshot / "transformer")), folder / file)
+        shutil.copy(snapshot / "transformer" / "config.json", folder)  # a tiny file needs its config (real ones: the presets)
+        single = FluxPipeline.from_single_files(folder / file, snapshot / "vae", t5=snapshot / "text_encoder_2",
+                                                t5_tokenizer=snapshot / "tokenizer_2", clip=snapshot / "text_encoder",
+                                                clip_tokenizer=snapshot / "tokenizer", **FP32)
+        assert single.variant == f"flux-{name}"
+        run = lambda pipe: ours(pipe, steps=2, height=H, width=W, **kwargs)  # noqa: E731
+        assert torch.equal(run(single), run(FluxPipeline.from_pretrained(snapshot, **FP32)))
