@@ -1,5 +1,4 @@
-"""Flow-matching sampling: sigma schedules, the Euler step, classifier-free guidance, seeded noise, img2img and the
-inpainting blend.
+"""Flow-matching sampling: sigma schedules, the Euler step, classifier-free guidance, seeded noise, img2img and the inpainting blend.
 
 Every family here is a rectified flow. A latent at noise level sigma is
 

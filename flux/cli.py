@@ -7,7 +7,7 @@ add_arguments, generate_options, load_options and load_pipeline.
 import argparse
 from pathlib import Path
 
-from zflux.common.images import load_image
+from zflux.common.images import check_mask, load_image
 from zflux.flux import convert
 from zflux.flux.pipeline import VARIANTS, FluxPipeline, check_task  # noqa: F401 (VARIANTS: the --model choices)
 
@@ -49,10 +49,13 @@ def generate_options(args: argparse.Namespace) -> dict:
         raise ValueError("--siglip goes with --redux")
     control_image = load_image(args.control_image) if args.control_image else None
     references = [load_image(path) for path in args.reference_image or []]
+    mask = load_image(args.mask) if args.mask else None
     check_task(args.model, init_image=args.init_image is not None, mask=args.mask is not None, control_image=control_image is not None,
                control_preprocess=args.control_preprocess, reference_images=len(references), outpaint=args.outpaint is not None,
                redux=args.redux is not None)
-    return dict(true_cfg=args.true_cfg, control_image=control_image, control_preprocess=args.control_preprocess,
+    if mask is not None:
+        check_mask(mask, load_image(args.init_image))
+    return dict(true_cfg=args.true_cfg, mask=mask, control_image=control_image, control_preprocess=args.control_preprocess,
                 reference_images=references or None, outpaint=args.outpaint)
 
 

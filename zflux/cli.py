@@ -13,13 +13,13 @@ Hugging Face repositories.
 
 The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
-transformer file needs beside it, add_arguments (its own flags), generate_options (what the flags
-pass to generate(), its images read and checked against --model before any weight loads),
-load_options (what its flags pass to load_pipeline) and load_pipeline. Adding a family is one import
-and one entry.
+transformer file needs beside it, add_arguments (its own flags), load_options (what its flags pass to
+load_pipeline), load_pipeline and generate_options (what its flags pass to generate(), checked before
+loading). Adding a family is one import and one entry.
 
-Inpainting, control and reference images are flags of every family (--mask, --control-image,
---control-preprocess, --reference-image); each family says which of its models take them.
+The task inputs are flags of every family (--init-image, --mask, --strength, --control-image,
+--control-preprocess, --reference-image); each family's generate_options reads the images and says
+which of its models take them.
 """
 
 import argparse
@@ -34,13 +34,14 @@ import torch
 from zflux.common import vae as vae_layouts
 from zflux.common.ops import BACKENDS
 from zflux.common.identify import identify
-from zflux.common.images import PREPROCESSORS, check_mask, load_image, save_image
+from zflux.common.images import PREPROCESSORS, load_image, save_image
 from zflux.common.pipeline import check_request, read_scheduler
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
 from zflux.flux import cli as flux
+from zflux.flux.flux2 import cli as flux2
 from zflux.zimg import cli as zimage
 
-FAMILIES = (zimage, flux)  # in --model order
+FAMILIES = (zimage, flux, flux2)  # in --model order
 VARIANTS = {name: variant for family in FAMILIES for name, variant in family.VARIANTS.items()}  # the --model choices
 MODELS = {name: family for family in FAMILIES for name in family.VARIANTS}  # --model -> its family
 LAYOUTS = {name: module for family in FAMILIES for name, module in family.LAYOUTS.items()} | {"autoencoder": vae_layouts}
@@ -68,16 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="the guidance scale (what it means and its default: see each family's options)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--init-image", help="image file to start from (image-to-image, inpainting)")
-    gen.add_argument("--mask", help="inpainting: mask image of --init-image's size, white = repaint")
-    gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; "
-                                                    "default the task's: image-to-image 0.6, FLUX.1 inpainting 0.6, Z-Image "
-                                                    "inpainting and FLUX.1 Fill 1.0)")
+    gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; default "
+                                                    "the task's, see each family's options)")
+    gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
     gen.add_argument("--control-image", help="control models: the control image (edges, depth map, ...), or a photo with "
                                              "--control-preprocess")
     gen.add_argument("--control-preprocess", "--preprocess", choices=tuple(PREPROCESSORS),
                      help="make the control image from the photo given as --control-image first (Canny 50/200)")
-    gen.add_argument("--reference-image", action="append", help="an image to condition on (editing: the image to edit; Redux: "
-                                                                "repeat for several)")
+    gen.add_argument("--reference-image", action="append", metavar="PATH",
+                     help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -113,26 +113,23 @@ def generate(args: argparse.Namespace) -> None:
     """zflux generate: check the request, load the pipeline, generate, save, report the time taken."""
     check_request(args.prompt, args.height, args.width, SIZE_MULTIPLE)  # before minutes of loading
     init_image = load_image(args.init_image) if args.init_image else None
-    mask = load_image(args.mask) if args.mask else None
-    if mask is not None:
-        if init_image is None:
-            raise ValueError("--mask needs the --init-image it masks")
-        check_mask(mask, init_image)
     if not Path(args.out).suffix:
         raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
-    family = MODELS[args.model]
-    options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                   guidance=args.guidance, seed=args.seed, init_image=init_image, mask=mask, strength=args.strength)
-    options |= family.generate_options(args)  # reads and checks the family's own images, still before loading
 
+    family = MODELS[args.model]
+    family_options = family.generate_options(args)  # its flags checked, and their files read, before minutes of loading
     start = time.perf_counter()
     pipe = load_pipeline(args, family)
     if args.backend:
         pipe.transformer.backend = args.backend
     loaded = time.perf_counter() - start
 
+    options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
+                   guidance=args.guidance, seed=args.seed, init_image=init_image)
+    if args.strength is not None:  # else the task's default, which each pipeline knows
+        options["strength"] = args.strength
     start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options)
+    image = pipe.generate(args.prompt, **options, **family_options)
     took = time.perf_counter() - start
     path = save_image(image, args.out)
     print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
@@ -171,23 +168,27 @@ def describe(args: argparse.Namespace) -> None:
         return
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
+    transformer = path / "transformer"
+    family = identify(transformer).family if any(transformer.glob("*.safetensors*")) else None
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         if folder.name == "scheduler":
-            print(f"  scheduler/: {scheduler_line(folder)}")
+            print(f"  scheduler/: {scheduler_line(folder, family)}")
         elif any(folder.glob("*.safetensors")):
             print(f"  {folder.name}/")
             print("\n".join("    " + line for line in identify(folder).lines()))
 
 
-def scheduler_line(folder: Path) -> str:
-    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these."""
+def scheduler_line(folder: Path, family: str | None = None) -> str:
+    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
+    transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
     scheduler = read_scheduler(folder)
     if scheduler.use_dynamic_shifting:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in VARIANTS.items() if variant.scheduler == scheduler]
-    return line + (f": the schedule of {', '.join(shipped)}" if shipped else "")
+    shipped = [name for name, variant in VARIANTS.items()
+               if variant.scheduler == scheduler and (family is None or family in MODELS[name].LAYOUTS)]
+    return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 
 def convert(args: argparse.Namespace) -> None:
