@@ -44,10 +44,11 @@ def test_blend_matches_flux_inpaint_loop(dtype, strength):
     known, noise = torch.randn(1, 16, h, w, generator=g).to(dtype), torch.randn(1, 16, h, w, generator=g).to(dtype)
     mask = (torch.rand(1, 1, h, w, generator=g) > 0.5).to(dtype).expand(1, 16, h, w)
     velocities = [torch.randn(1, 16, h, w, generator=g).to(dtype) for _ in timesteps]
+    model = lambda x, i: velocities[i] + 0.5 * x.flip(-1)  # noqa: E731 (a stand-in that mixes the known region into the rest)
 
     expected = sched.scale_noise(known, timesteps[:1], noise)
-    for i, t in enumerate(timesteps):  # the denoising loop of pipeline_flux_inpaint.py, model output given
-        expected = sched.step(velocities[i], t, expected, return_dict=False)[0]
+    for i, t in enumerate(timesteps):  # the denoising loop of pipeline_flux_inpaint.py, with the stand-in model
+        expected = sched.step(model(expected, i), t, expected, return_dict=False)[0]
         proper = known if i == len(timesteps) - 1 else sched.scale_noise(known, torch.tensor([timesteps[i + 1]]), noise)
         expected = (1 - mask) * proper + mask * expected
 
@@ -55,7 +56,7 @@ def test_blend_matches_flux_inpaint_loop(dtype, strength):
     start = img2img_start(sigmas, strength)
     x = noise_latent(known, noise, sigmas[start])
     for i in range(start, steps):
-        x = inpaint_blend(euler_step(x, velocities[i - start], sigmas[i], sigmas[i + 1]), known, noise, mask, sigmas[i + 1])
+        x = inpaint_blend(euler_step(x, model(x, i - start), sigmas[i], sigmas[i + 1]), known, noise, mask, sigmas[i + 1])
     assert x.dtype == dtype and torch.equal(x, expected)
 
 
