@@ -30,11 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "3.5, redux 2.5; schnell has none); --negative-prompt needs --true-cfg > 1; --mask "
                                             "inpaints with flux-dev, flux-schnell and flux-fill; --control-image is flux-canny's "
                                             "and flux-depth's (depth maps as given); --reference-image is the image flux-kontext "
-                                            "edits, or what flux-redux conditions on")
+                                            "edits, or what flux-redux conditions on; --strength defaults to 0.6 for "
+                                            "image-to-image and inpainting, 1.0 for flux-fill")
     group.add_argument("--true-cfg", type=float, default=1.0, help="real CFG scale against the negative prompt (> 1 turns it on)")
     group.add_argument("--outpaint", type=outpaint_borders, metavar="LEFT,TOP,RIGHT,BOTTOM",
                        help="flux-fill: grow --init-image by these pixels on each side and fill the new border")
-    group.add_argument("--redux", metavar="FOLDER", help="flux-redux: the FLUX.1-Redux-dev snapshot, or its flux1-redux-dev.safetensors")
+    group.add_argument("--redux", metavar="FOLDER", help="flux-redux: the FLUX.1-Redux-dev snapshot, or its flux1-redux-dev.safetensors "
+                                                         "(then with --siglip)")
     group.add_argument("--siglip", metavar="FOLDER", help="flux-redux: the SigLIP model (google/siglip-so400m-patch14-384); "
                                                           "default: the --redux snapshot's image_encoder/")
 

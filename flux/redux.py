@@ -80,6 +80,9 @@ def siglip_folders(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if (path / "model_index.json").is_file():
         path = path / "image_encoder"
+    if not path.is_dir():
+        raise CheckpointError(f"no SigLIP folder at {path}: pass the SigLIP model folder (siglip=, --siglip), "
+                              "e.g. google/siglip-so400m-patch14-384")
     for processor in (path, path.parent / "feature_extractor"):
         if (processor / "preprocessor_config.json").is_file():
             return path, processor

@@ -101,6 +101,8 @@ def test_loading_errors(folders, tmp_path):
         load_projector(tmp_path / "half.safetensors")
     with pytest.raises(CheckpointError, match="preprocessor_config.json"):
         OurEncoder.from_pretrained(folders["redux"], tmp_path)
+    with pytest.raises(CheckpointError, match="no SigLIP folder at .*half.safetensors: pass the SigLIP model folder"):
+        OurEncoder.from_pretrained(tmp_path / "half.safetensors", tmp_path / "half.safetensors")  # a file brings no SigLIP
     wide = randomize_(ReduxImageEncoder(redux_dim=24, txt_in_features=TEXT_DIM))
     save_state_dict(wide.state_dict(), tmp_path / "wide.safetensors")
     with pytest.raises(CheckpointError, match="gives 16-wide features; the Redux projector reads 24"):
