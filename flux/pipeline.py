@@ -53,7 +53,7 @@ from zflux.flux.convert import load_transformer
 from zflux.flux.model import PRESETS, Flux, FluxConfig
 from zflux.flux.redux import ReduxImageEncoder, redux_conditioning
 from zflux.flux.text import FluxPromptEncoder
-from zflux.flux.tools import (KONTEXT_MAX_AREA, REFERENCE_INDEX, SIZE_MULTIPLE, Conditioning, kontext_output_size,
+from zflux.flux.tools import (KONTEXT_MAX_AREA, REFERENCE_INDEX, Conditioning, kontext_output_size,
                               prepare_control, prepare_fill, prepare_kontext, with_conditioning)
 
 # schnell is distilled for 4 unshifted steps and has no guidance input; dev and every tool embed the
@@ -279,9 +279,9 @@ class FluxPipeline:
 
         Unset arguments take the variant's defaults (VARIANTS: dev 28 steps, guidance 3.5; schnell 4
         steps, no guidance input; ...). `true_cfg` > 1 adds real CFG against `negative_prompt`
-        (default empty), doubling the work per step. The size defaults to that of the image the task
-        starts from (init image, Fill's grown canvas, control image, Kontext reference) rounded down to
-        a multiple of 16, else 1024x1024; Kontext then rescales it to `max_area` pixels (as
+        (default empty), doubling the work per step. The size defaults to that of the init image (or
+        Fill's grown canvas) rounded down to a multiple of 16, else 1024x1024 (a control image is
+        resized to it, as in diffusers); Kontext then rescales it to `max_area` pixels (as
         FluxKontextPipeline). `latents` (unpacked) replaces the seeded initial noise. The tasks and
         their inputs: see the module docstring and check_task(); `strength` defaults to the task's
         (image to image and inpainting 0.6, Fill 1.0). Redux's tokens and pooled vector are scaled by
@@ -294,10 +294,6 @@ class FluxPipeline:
                           redux=self.redux is not None)
         if outpaint is not None:
             init_image, mask = outpaint_canvas(init_image, outpaint, mask)
-        if task in ("control", "kontext"):  # their image sets the default size, as an init image does
-            image = control_image if task == "control" else references[0]
-            height = height or image.height // SIZE_MULTIPLE * SIZE_MULTIPLE
-            width = width or image.width // SIZE_MULTIPLE * SIZE_MULTIPLE
         height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
                                                   latents=latents, output_type=output_type)
         if task == "kontext":

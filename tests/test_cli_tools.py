@@ -57,8 +57,9 @@ CASES = [  # (--model, snapshot, flags, what generate() gets for them, what it w
      (64, 48)),
     ("flux-fill", "fill", ["--init-image", "photo", "--outpaint", "16,0,0,16"], dict(init_image="photo", outpaint=(16, 0, 0, 16)),
      REFUSED, (80, 64)),
-    ("flux-canny", "control", ["--control-image", "photo", "--control-preprocess", "canny"],
-     dict(control_image="photo", control_preprocess="canny"), dict(control_image="photo"), (64, 48)),
+    ("flux-canny", "control", ["--height", 48, "--width", 64, "--control-image", "photo", "--control-preprocess", "canny"],
+     dict(height=48, width=64, control_image="photo", control_preprocess="canny"), dict(height=48, width=64, control_image="photo"),
+     (64, 48)),
     ("flux-kontext", "kontext", ["--height", 32, "--width", 48, "--reference-image", "photo"],
      dict(height=32, width=48, reference_images=["photo"]), REFUSED, (1248, 832)),  # rescaled to 1024^2 pixels
     ("flux-redux", "dev", ["--height", 32, "--width", 32, "--reference-image", "photo", "--redux", "REDUX"],
