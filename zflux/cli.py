@@ -21,6 +21,10 @@ VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the 
 (its own flags), load_options (what its flags pass to load_pipeline), load_pipeline and
 generate_options (what its flags pass to generate(), checked before loading). Adding a family is one
 import and one entry.
+
+The task inputs are flags of every family (--init-image, --mask, --strength, --control-image,
+--control-preprocess, --reference-image); each family's generate_options reads the images and says
+which of its models take them.
 """
 
 import argparse
@@ -37,7 +41,7 @@ import torch
 from zflux.common import vae as vae_layouts
 from zflux.common.ops import BACKENDS
 from zflux.common.identify import identify
-from zflux.common.images import load_image, save_image
+from zflux.common.images import PREPROCESSORS, load_image, save_image
 from zflux.common.pipeline import check_request, default_device, read_scheduler
 from zflux.common.training import AUTOENCODER_SETTINGS, train_autoencoder
 from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
@@ -75,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="default: " + ", ".join(f"{name} {v.defaults.steps}" for name, v in VARIANTS.items()))
     gen.add_argument("--guidance", type=float, help="the guidance scale (what it means and its default: see each family's options)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--init-image", help="image file to start from (image-to-image)")
-    gen.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much of the schedule to run (0-1)")
+    gen.add_argument("--init-image", help="image file to start from (image-to-image, inpainting)")
+    gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; default "
+                                                    "the task's, see each family's options)")
     gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--control-image", help="control models: the control image (edges, depth map, ...), or a photo with "
+                                             "--control-preprocess")
+    gen.add_argument("--control-preprocess", "--preprocess", choices=tuple(PREPROCESSORS),
+                     help="make the control image from the photo given as --control-image first (Canny 50/200)")
     gen.add_argument("--reference-image", action="append", metavar="PATH",
                      help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
@@ -149,7 +158,9 @@ def generate(args: argparse.Namespace) -> None:
     loaded = time.perf_counter() - start
 
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                   guidance=args.guidance, seed=args.seed, init_image=init_image, strength=args.strength)
+                   guidance=args.guidance, seed=args.seed, init_image=init_image)
+    if args.strength is not None:  # else the task's default, which each pipeline knows
+        options["strength"] = args.strength
     start = time.perf_counter()
     image = pipe.generate(args.prompt, **options, **family_options)
     took = time.perf_counter() - start
