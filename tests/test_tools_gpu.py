@@ -40,6 +40,7 @@ from zflux.zimg.convert import from_diffusers as zimage_from_diffusers
 from zflux.zimg.model import PRESETS as ZIMAGE_PRESETS, ZImageConfig, ZImageTransformer
 from zflux.zimg.pipeline import ZImagePipeline
 from zflux.zimg.text import Qwen3PromptEncoder
+from test_vae import diffusers_config
 from test_flux_gpu import bf16_errors
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 from tiny_pipelines import FLUX, SCHEDULERS, TEXT_DIM, VAE, ZIMAGE, flux_text_encoders, qwen_encoder
@@ -70,9 +71,7 @@ def diffusers_kwargs(cfg) -> dict:
 
 
 def vae_kwargs(cfg: AutoencoderConfig) -> dict:
-    n = len(cfg.block_out_channels)
-    return diffusers_kwargs(cfg) | dict(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                                        use_quant_conv=False, use_post_quant_conv=False)
+    return diffusers_config(cfg) | dict(use_quant_conv=False, use_post_quant_conv=False)
 
 
 FLUX_FULL = {k: v for k, v in diffusers_kwargs(FLUX_PRESETS["flux-dev"]).items() if k not in ("in_channels", "out_channels", "guidance_embeds")}
