@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.weights import config_from_dict, load_model
+from zflux.common.weights import check_model, config_from_dict, load_model
 
 EPS = 1e-6  # every GroupNorm
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here (BFL's and diffusers' DiagonalGaussian)
@@ -332,8 +332,17 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# How to build the model a checkpoint holds (weights.load_model / check_model).
+CHECKPOINTS = dict(build=Autoencoder, convert=from_diffusers, to_diffusers=to_diffusers, parse_config=AutoencoderConfig.from_diffusers,
+                   infer_config=lambda _: PRESETS["flux"])
+
+
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: AutoencoderConfig | None = None) -> Autoencoder:
     """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
-    return load_model(path, Autoencoder, from_diffusers, parse_config=AutoencoderConfig.from_diffusers,
-                      infer_config=lambda _: PRESETS["flux"], cfg=cfg, device=device, dtype=dtype)
+    return load_model(path, **CHECKPOINTS, cfg=cfg, device=device, dtype=dtype)
+
+
+def check_autoencoder(path: str | Path, cfg: AutoencoderConfig | None = None) -> AutoencoderConfig:
+    """What load_autoencoder checks before it reads a tensor (config, keys, shapes, from the header); the config it would use."""
+    return check_model(path, **CHECKPOINTS, cfg=cfg)

@@ -1,14 +1,15 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
-add_arguments, load_pipeline and generate_options.
+add_arguments, check_args, load_pipeline and generate_options.
 """
 
 import argparse
 from pathlib import Path
 
 from zflux.flux import convert
-from zflux.flux.pipeline import VARIANTS, FluxPipeline  # noqa: F401 (VARIANTS: the --model choices)
+from zflux.common.sampling import SamplingDefaults
+from zflux.flux.pipeline import VARIANTS, FluxPipeline, check_settings
 
 NAME = "FLUX.1"
 LAYOUTS = {"flux.1": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
@@ -20,6 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(NAME, "--guidance is flux-dev's embedded guidance (3.5; schnell has none); "
                                             "--negative-prompt needs --true-cfg > 1")
     group.add_argument("--true-cfg", type=float, default=1.0, help="real CFG scale against the negative prompt (> 1 turns it on)")
+
+
+def check_args(args: argparse.Namespace) -> SamplingDefaults:
+    """FLUX.1's checks of a request, before anything loads (zflux.cli's docstring): the sampling settings it will run with."""
+    if args.true_cfg < 1:
+        raise ValueError(f"--true-cfg {args.true_cfg}: the true CFG scale is >= 1 (1: off)")
+    return check_settings(args.model, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
+                          guidance=args.guidance)
 
 
 def load_pipeline(weights: Path, vae: Path | None = None, text_encoders: Path | None = None, **options) -> FluxPipeline:

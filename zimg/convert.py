@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, load_model
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, check_model, load_model
 from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 
 PATCH_KEY = "2-1"  # diffusers' key for spatial patch 2, frame patch 1
@@ -47,8 +47,12 @@ def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if key == "norm_final.weight":
             continue
         out[_rename(key, [(new, old) for old, new in RENAMES])] = value
-    for q_key in [k for k in out if k.endswith(QKV[0])]:
-        stem = q_key.removesuffix(QKV[0])
+    stems = {k.removesuffix(suffix) for k in out for suffix in QKV if k.endswith(suffix)}
+    for stem in sorted(stems):
+        missing = [stem + suffix for suffix in QKV if stem + suffix not in out]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}: {stem}.attention.qkv.weight fuses "
+                                  f"{', '.join(stem + suffix for suffix in QKV)}")
         out[stem + ".attention.qkv.weight"] = torch.cat([out.pop(stem + suffix) for suffix in QKV])  # (3*dim, dim)
     return out
 
@@ -65,9 +69,18 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# How to build the model a checkpoint holds (common.weights.load_model / check_model). Turbo and base share
+# every shape: a file without config.json is the full-size model.
+CHECKPOINTS = dict(build=ZImageTransformer, convert=from_diffusers, to_diffusers=to_diffusers,
+                   parse_config=ZImageConfig.from_diffusers, infer_config=lambda _: PRESETS["z-image-turbo"])
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: ZImageConfig | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer from an official single file, a diffusers `transformer/` folder, or shards."""
-    # Turbo and base share every shape: a file without config.json is the full-size model.
-    return load_model(path, ZImageTransformer, from_diffusers, parse_config=ZImageConfig.from_diffusers,
-                      infer_config=lambda _: PRESETS["z-image-turbo"], cfg=cfg, device=device, dtype=dtype)
+    return load_model(path, **CHECKPOINTS, cfg=cfg, device=device, dtype=dtype)
+
+
+def check_transformer(path: str | Path, cfg: ZImageConfig | None = None) -> ZImageConfig:
+    """What load_transformer checks before it reads a tensor (config, keys, shapes, from the header); the config it would use."""
+    return check_model(path, **CHECKPOINTS, cfg=cfg)

@@ -30,9 +30,9 @@ from zflux.common.identify import check_family
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
-from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
-from zflux.zimg.convert import load_transformer
+from zflux.zimg.convert import check_transformer, load_transformer
 from zflux.zimg.model import PRESETS, ZImageTransformer
 from zflux.zimg.text import Qwen3PromptEncoder
 
@@ -56,6 +56,14 @@ VARIANTS = {
 }
 SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_settings(variant: str, negative_prompt: str | None = None, **given) -> ZImageDefaults:
+    """The variant's sampling defaults with the `given` ones (None: unset) in their place, checked before any work."""
+    settings = VARIANTS[variant].defaults.given(**given)
+    if negative_prompt is not None and settings.guidance <= 0:
+        raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
+    return settings
 
 
 def zimage_time(sigma: Tensor) -> Tensor:
@@ -151,6 +159,8 @@ class ZImagePipeline:
         if info.variant == "z-image-omni":
             raise CheckpointError(f"{transformer} holds {info.description}")
         check_family(vae, "autoencoder")
+        check_transformer(transformer)  # every key and shape, from the headers: before any weight is read
+        check_autoencoder(vae)
         device = torch.device(device) if device is not None else default_device()
         encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
                                                      dtype=dtype)
@@ -176,11 +186,9 @@ class ZImagePipeline:
         """
         height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
                                                   latents=latents, output_type=output_type)
-        settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
-                                                         cfg_truncation=cfg_truncation)
+        settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                  cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
         use_cfg = settings.guidance > 0
-        if negative_prompt is not None and not use_cfg:
-            raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
         if init_image is None:
             latents, start = start_noise(self.vae, height=height, width=width, seed=seed, latents=latents, device=self.device,

@@ -6,13 +6,18 @@ are the hidden states of the second-to-last layer, and the mask says which token
 transformer keeps only those). The model loads from a snapshot's `text_encoder/` and `tokenizer/`.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Model
 
-from zflux.common.text import as_list, load_text_model, load_tokenizer
+from zflux.common.text import as_list, load_text_model, load_tokenizer, warn_if_cut
+
+if TYPE_CHECKING:  # transformers loads with the model (common/text.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class Qwen3PromptEncoder:
@@ -26,7 +31,7 @@ class Qwen3PromptEncoder:
     def from_pretrained(cls, text_encoder: str | Path, tokenizer: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.bfloat16) -> "Qwen3PromptEncoder":
         """Load from a Qwen3 model folder (config.json + safetensors) and a tokenizer folder."""
-        return cls(load_text_model(Qwen3Model, text_encoder, model_types=("qwen3",), device=device, dtype=dtype), load_tokenizer(tokenizer))
+        return cls(load_text_model("Qwen3Model", text_encoder, model_types=("qwen3",), device=device, dtype=dtype), load_tokenizer(tokenizer))
 
     @classmethod
     def from_snapshot(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> "Qwen3PromptEncoder":
@@ -51,8 +56,10 @@ class Qwen3PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """Features (B, max_length, hidden) in the model's dtype and mask (B, max_length) bool, True = real token."""
-        tokens = self.tokenizer([self.template(p) for p in as_list(prompts)], padding="max_length",
-                                max_length=max_length, truncation=True, return_tensors="pt")
+        prompts = as_list(prompts)
+        texts = [self.template(p) for p in prompts]
+        warn_if_cut(self.tokenizer, texts, prompts, max_length, encoder="Qwen3")
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)  # (B, L)
         mask = tokens.attention_mask.to(self.device).bool()  # (B, L)
         hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
