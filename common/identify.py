@@ -1,31 +1,48 @@
 """What a checkpoint holds, read off its tensor names and shapes alone.
 
-Only the safetensors header is read (names, dtypes, shapes), never a tensor, so naming a 24 GB file
-takes milliseconds. The pipelines use this to refuse weights of the wrong family before loading
+Only the safetensors header is read (names, dtypes, shapes), so naming a 24 GB file takes
+milliseconds; the one exception is a Z-Image ControlNet 2.x, where one tensor tells 2.0 from 2.1.
+The pipelines use this to refuse weights of the wrong family before loading
 them, and `zflux info` to describe a file. What the keys tell apart:
 
-- Z-Image (`cap_embedder`, `x_pad_token`) from FLUX.1 (`double_blocks.N.img_mod`, or diffusers'
+- Z-Image (`cap_embedder`, `x_pad_token`; Omni adds `siglip_*`) and its ControlNet Union (v1
+  `control_all_x_embedder`, 2.x 15 `control_layers`; 2.0 ships its unused `control_noise_refiner`
+  zeroed or not at all, as diffusers' single_file_utils tells them apart) from FLUX.1 (`double_blocks.N.img_mod`, or diffusers'
   `single_transformer_blocks.N.proj_mlp`) from FLUX.2 (shared `single_stream_modulation`);
 - FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
   `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
 - the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
-- the 16-channel autoencoder (`decoder.conv_in` input width) and the text encoders.
+- the 16-channel autoencoder (`decoder.conv_in` input width), the text encoders and SigLIP2 (a linear patch embedding).
 
 Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from safetensors import safe_open
 
 from zflux.common.files import COMFY_PREFIX, CheckpointError, safetensors_files
 
+if TYPE_CHECKING:  # no torch import for a header: `zflux info` stays fast (safetensors imports it for read_tensor)
+    from torch import Tensor
+
 FAMILY_NAMES = {
-    "z-image": "Z-Image", "flux.1": "FLUX.1", "flux.2": "FLUX.2", "autoencoder": "an autoencoder",
-    "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder", "unknown": "unrecognised",
+    "z-image": "Z-Image", "z-image-controlnet": "a Z-Image ControlNet", "flux.1": "FLUX.1", "flux.2": "FLUX.2",
+    "autoencoder": "an autoencoder", "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder",
+    "siglip2": "a SigLIP2 vision encoder", "unknown": "unrecognised",
 }
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+CONTROLNETS = {  # diffusers' model type -> what it is
+    "z-image-turbo-controlnet": "Z-Image-Turbo Fun ControlNet Union v1 (6 control blocks hinting layers 0, 5, ..., 25)",
+    "z-image-turbo-controlnet-2.0": "Z-Image-Turbo Fun ControlNet Union 2.0 (15 control blocks hinting layers 0, 2, ..., 28 "
+                                    "and the noise refiner)",
+    "z-image-turbo-controlnet-2.1": "Z-Image-Turbo Fun ControlNet Union 2.1 (15 control blocks hinting layers 0, 2, ..., 28, "
+                                    "2 more hinting the noise refiner)",
+}
 FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
 
 
@@ -67,7 +84,7 @@ def identify(path: str | Path) -> CheckpointInfo:
     specs = read_header(path)
     comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
     shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
-    family, variant, description, layout = _classify(shapes)
+    family, variant, description, layout = _classify(shapes, lambda key: read_tensor(path, key))
     if comfy and layout == "official":
         layout = "ComfyUI"
     dtypes: dict[str, int] = {}
@@ -75,6 +92,15 @@ def identify(path: str | Path) -> CheckpointInfo:
         name = DTYPE_NAMES.get(dtype, dtype.lower())
         dtypes[name] = dtypes.get(name, 0) + _numel(shape)
     return CheckpointInfo(family, variant, description, layout, dtypes, sum(dtypes.values()))
+
+
+def read_tensor(path: str | Path, key: str) -> Tensor:
+    """The one tensor `key` of the checkpoint at `path`."""
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    raise CheckpointError(f"{path} holds no tensor {key}")
 
 
 def check_family(path: str | Path, family: str, hint: str = "") -> CheckpointInfo:
@@ -98,13 +124,25 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str, str]:
-    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed)."""
+def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor]) -> tuple[str, str | None, str, str]:
+    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed); `tensor` reads one."""
     has = shapes.__contains__
+    if has("control_all_x_embedder.2-1.weight"):  # the published names are diffusers'
+        blocks = len({k.split(".")[1] for k in shapes if k.startswith("control_layers.")})
+        if has("control_layers.14.adaLN_modulation.0.weight"):
+            refiner = "control_noise_refiner.0.before_proj.weight"
+            variant = "z-image-turbo-controlnet-" + ("2.1" if has(refiner) and tensor(refiner).any() else "2.0")
+        elif blocks == 6:
+            variant = "z-image-turbo-controlnet"
+        else:
+            return "z-image-controlnet", None, f"a Z-Image ControlNet with {blocks} control blocks (no published variant)", "official"
+        return "z-image-controlnet", variant, CONTROLNETS[variant], "official"
     if has("cap_embedder.1.weight"):
         layout = "diffusers" if has("all_x_embedder.2-1.weight") else "official"
-        if any(k.startswith("siglip_") for k in shapes):
-            return "z-image", "z-image-omni", "Z-Image Omni (image-conditioned; not supported here)", layout
+        if has("siglip_embedder.1.weight"):
+            width = shapes["siglip_embedder.1.weight"][1]
+            what = f"Z-Image Omni (text to image and editing with condition images; SigLIP2 width {width})"
+            return "z-image", "z-image-omni", what, layout
         return "z-image", None, "a Z-Image transformer (Turbo or base: they share every shape)", layout
     if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
         return ("flux.1", *_flux_variant(shapes))
@@ -119,6 +157,8 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str | None, str,
         return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels)", layout
     if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5", None, "a T5 text encoder", "transformers"
+    if any(k.endswith("embeddings.patch_embedding.weight") and len(shape) == 2 for k, shape in shapes.items()):
+        return "siglip2", None, "a SigLIP2 vision encoder (Z-Image Omni's image features)", "transformers"  # CLIP's patches are a conv
     if any(k.endswith("embeddings.position_embedding.weight") for k in shapes):  # with or without the text_model. prefix
         return "clip", None, "a CLIP text encoder", "transformers"
     if has("model.layers.0.self_attn.q_norm.weight") or has("layers.0.self_attn.q_norm.weight"):

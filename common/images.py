@@ -1,4 +1,5 @@
-"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range.
+"""Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range;
+inpainting masks; the Canny edge preprocessor for structural control.
 
 The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 255, rounded), so the
 same decoded tensor gives the same pixels here and there.
@@ -7,15 +8,19 @@ same decoded tensor gives the same pixels here and there.
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
+from torch.nn import functional as F
 
 from zflux.common.files import atomic_write, check_writable
 
+CANNY_LOW, CANNY_HIGH = 50, 200  # hysteresis thresholds on 8-bit gradients (BFL's and the control models' documentation)
+MASK_THRESHOLD = 128  # a mask pixel at or above this 8-bit gray level repaints (diffusers binarizes at 0.5)
 PARAMETERS = "parameters"  # the PNG text chunk holding the generation settings, which image tools read
 
 
@@ -43,6 +48,11 @@ def load_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read {path} as an image: {e}") from e
+
+
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """`image` itself, or the image file at that path opened (load_image)."""
+    return image if isinstance(image, Image.Image) else load_image(image)
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -83,3 +93,23 @@ def save_image(image: Image.Image, path: str | Path, parameters: str | None = No
     with atomic_write(path) as tmp:
         image.save(tmp, format=fmt, **options)
     return Path(path)
+
+
+def mask_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
+    """A mask image (any mode) -> (1, 1, height, width) fp32, 1 = repaint and 0 = keep, as diffusers' mask processor makes it:
+    resized like an image (Lanczos), then its luminance binarized at 0.5."""
+    gray = np.asarray(fit_image(mask, width, height).convert("L"))  # (H, W) uint8
+    return torch.from_numpy(gray >= MASK_THRESHOLD).float()[None, None]  # (1, 1, H, W)
+
+
+def mask_latents(mask: Tensor, height: int, width: int) -> Tensor:
+    """A pixel mask (B, 1, H, W) -> the latent grid (B, 1, height, width), nearest neighbour (each block's top-left pixel)."""
+    return F.interpolate(mask, size=(height, width), mode="nearest")  # (B, 1, h, w)
+
+
+def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+    """OpenCV's Canny edges of the 8-bit RGB image: white edges on black, as an RGB image of the same size."""
+    if not 0 <= low <= high:
+        raise ValueError(f"Canny thresholds must satisfy 0 <= low <= high, got {low} and {high}")
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W) uint8, 0 or 255
+    return Image.fromarray(edges).convert("RGB")

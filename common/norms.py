@@ -20,10 +20,10 @@ def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: flo
 
 
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """RMSNorm(x) * (1 + scale): Z-Image's modulated pre-norm; scale (B, 1, C)."""
+    """RMSNorm(x) * (1 + scale): Z-Image's modulated pre-norm; scale (B, 1, C), or (B, S, C) per token (Omni)."""
     return rms_norm(x, weight, eps) * (1 + scale)
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C), already tanh'd."""
+    """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C) or (B, S, C), already tanh'd."""
     return x + gate * rms_norm(y, weight, eps)

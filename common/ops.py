@@ -94,6 +94,11 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
     return backend == "triton" and use_kernels(q)
 
 
+def per_sample(v: Tensor) -> bool:
+    """Whether a modulation vector is one per sample, (B, 1, C), the kernels' form; Z-Image Omni's is per token, (B, S, C)."""
+    return v.shape[-2] == 1
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """norms.rms_norm, or its fused kernel."""
     if use_kernels(x):
@@ -113,8 +118,8 @@ def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: flo
 
 
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel."""
-    if use_kernels(x):
+    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only)."""
+    if use_kernels(x) and per_sample(scale):
         from zflux.kernels.modulate import rms_norm_scale as fused
 
         return fused(x, weight, scale, eps)
@@ -122,8 +127,8 @@ def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tens
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """norms.gated_rms_residual (x + gate * RMSNorm(y)), or its fused kernel."""
-    if use_kernels(x):
+    """norms.gated_rms_residual (x + gate * RMSNorm(y)), or its fused kernel (per-sample gate only)."""
+    if use_kernels(x) and per_sample(gate):
         from zflux.kernels.modulate import gated_rms_residual as fused
 
         return fused(x, y, weight, gate, eps)

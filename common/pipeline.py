@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from zflux.common.images import fit_image, load_image, to_pil, to_tensor
+from zflux.common.images import fit_image, open_image, to_pil, to_tensor
 from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
@@ -102,8 +102,8 @@ def check_request(prompt: str, height: int | None, width: int | None, multiple: 
     """
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    if init_image is not None and not isinstance(init_image, Image.Image):
-        init_image = load_image(init_image)
+    if init_image is not None:
+        init_image = open_image(init_image)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
     if init_image is not None and latents is not None:
@@ -162,6 +162,15 @@ def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, 
     noise = initial_noise((1, vae.cfg.latent_channels, height // down, width // down), generator, device=device, dtype=vae.dtype)
     raw = vae.encode(pixels, noise).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+
+
+def encode_mode(vae: Autoencoder, pixels: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> the mode of their scaled latents (B, C, H/8, W/8) in the autoencoder's dtype.
+
+    As diffusers' control and editing pipelines take a conditioning image's latent: latent_dist.mode(),
+    then shifted and scaled in the autoencoder's dtype (no noise drawn).
+    """
+    return (vae.encode(pixels) - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
 def prepare_img2img(vae: Autoencoder, image: Image.Image, sigmas: Tensor, *, height: int, width: int, strength: float, seed: int,

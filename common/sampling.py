@@ -20,10 +20,12 @@ precision. The time each model receives for a sigma is its family's rule (its pi
 """
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from zflux.common.weights import config_from_dict
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' timestep = sigma * 1000; the models were trained on that scale
 
@@ -61,8 +63,7 @@ class SchedulerConfig:
             used.append(f"time_shift_type={config['time_shift_type']!r}")
         if used:
             raise ValueError(f"scheduler config uses options this sampler does not implement: {', '.join(used)}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return config_from_dict(cls, config)
 
     def mu(self, image_seq_len: int) -> float:
         """The dynamic shift for `image_seq_len` image tokens: the line through (base_image_seq_len, base_shift) and

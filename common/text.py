@@ -59,13 +59,9 @@ def as_list(prompts: str | list[str]) -> list[str]:
     return prompts
 
 
-def warn_if_cut(tokenizer: PreTrainedTokenizerBase, texts: list[str], prompts: list[str], max_length: int, encoder: str) -> None:
-    """Warn (warnings module) for each text the `encoder` will cut to `max_length` tokens, saying how many it drops.
-
-    `texts` are what the tokenizer sees (a chat template may wrap them), `prompts` the user's words, for the message.
-    """
-    for prompt, ids in zip(prompts, tokenizer(texts, verbose=False).input_ids):
+def warn_if_cut(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, encoder: str) -> None:
+    """Warn (warnings module) for each text the `encoder` will cut to `max_length` tokens, saying how many it drops."""
+    for ids in tokenizer(texts, verbose=False).input_ids:
         if len(ids) > max_length:
-            start = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-            warnings.warn(f"{encoder} reads {max_length} tokens: the prompt {start!r} has {len(ids)}, the last "
-                          f"{len(ids) - max_length} are dropped", stacklevel=3)
+            warnings.warn(f"{encoder} reads {max_length} tokens: the last {len(ids) - max_length} of a prompt's {len(ids)} "
+                          "are dropped", stacklevel=3)

@@ -1,14 +1,14 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
-add_arguments, check_args, load_pipeline and generate_options.
+add_arguments, check_args, load_options, load_pipeline and generate_options.
 """
 
 import argparse
 from pathlib import Path
 
-from zflux.flux import convert
 from zflux.common.sampling import SamplingDefaults
+from zflux.flux import convert
 from zflux.flux.pipeline import VARIANTS, FluxPipeline, check_settings
 
 NAME = "FLUX.1"
@@ -29,6 +29,11 @@ def check_args(args: argparse.Namespace) -> SamplingDefaults:
         raise ValueError(f"--true-cfg {args.true_cfg}: the true CFG scale is >= 1 (1: off)")
     return check_settings(args.model, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
                           guidance=args.guidance)
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of load_pipeline that only FLUX.1's flags set: none."""
+    return {}
 
 
 def load_pipeline(weights: Path, vae: Path | None = None, text_encoders: Path | None = None, **options) -> FluxPipeline:

@@ -57,7 +57,7 @@ class FluxPromptEncoder:
 
     def _ids(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device: torch.device,
              encoder: str) -> Tensor:
-        warn_if_cut(tokenizer, prompts, prompts, max_length, encoder)
+        warn_if_cut(tokenizer, prompts, max_length, encoder)
         tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         return tokens.input_ids.to(device)  # (B, max_length)
 

@@ -2,15 +2,18 @@
 
     python scripts/bench.py                      # every model, eager
     python scripts/bench.py --models zimage --compile --backend triton
+    python scripts/bench.py --models zimage-controlnet   # Z-Image-Turbo + ControlNet Union 2.1
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
 forward (one NFE) or one VAE decode: CUDA-event median over --iters runs after --warmup runs, the
-peak memory the call adds, and ours/diffusers ratios. Prints a markdown table.
+peak memory the call adds, and ours/diffusers ratios. Prints a markdown table. A case with a plain
+counterpart (the ControlNet: the same step without it) adds a row for the difference, the extra cost per step.
 """
 
 import argparse
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -25,6 +28,7 @@ class Case:
     name: str
     theirs: Callable[[], torch.Tensor]
     ours: Callable[[], torch.Tensor]
+    plain: "Case | None" = None  # the same work without the addition this case measures
 
 
 def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[float, float]:
@@ -61,7 +65,8 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> None:
         block.compile(fullgraph=True)
 
 
-def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) -> Case:
+def zimage_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """diffusers' Z-Image-Turbo transformer and ours with the same random weights (compiled with --compile)."""
     from diffusers import ZImageTransformer2DModel
 
     from zflux.zimg.convert import from_diffusers
@@ -74,6 +79,12 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) ->
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.noise_refiner, ours.context_refiner, ours.layers):
             compile_blocks(blocks)
+    return ref, ours
+
+
+def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) -> Case:
+    ref, ours = zimage_models(args)
+    cfg = ours.cfg
     B, L = len(cap_lens), max(cap_lens)
     x = torch.randn(B, 16, 128, 128, device=DEVICE, dtype=DTYPE)
     cap = torch.randn(B, L, cfg.cap_feat_dim, device=DEVICE, dtype=DTYPE)
@@ -126,7 +137,37 @@ def vae_case(args: argparse.Namespace) -> Case:
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
 
-CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "flux": flux_case, "vae": vae_case}
+def zimage_controlnet_case(args: argparse.Namespace) -> Case:
+    """Z-Image-Turbo steered by ControlNet Union 2.1 (15 control blocks + 2 refiner control blocks), scale 0.75.
+
+    With --compile only the base transformers are compiled; both ControlNets stay eager.
+    """
+    from diffusers import ZImageControlNetModel
+
+    from zflux.zimg.controlnet import PRESETS, ZImageControlNet
+    from zflux.zimg.convert import controlnet_from_diffusers
+
+    cfg = PRESETS["z-image-turbo-controlnet-2.1"]
+    ref_base, base = zimage_models(args)
+    ref = random_model(lambda: ZImageControlNetModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}))
+    ours = load_into(build_on_meta(lambda: ZImageControlNet(cfg)), controlnet_from_diffusers(ref.state_dict()))
+    ref = ZImageControlNetModel.from_transformer(ref, ref_base)
+    x = torch.randn(1, 16, 128, 128, device=DEVICE, dtype=DTYPE)
+    control = torch.randn(1, 33, 128, 128, device=DEVICE, dtype=DTYPE)
+    cap = torch.randn(1, 128, base.cfg.cap_feat_dim, device=DEVICE, dtype=DTYPE)
+    t = torch.full((1,), 0.5, device=DEVICE)
+
+    def theirs(controlled: bool) -> torch.Tensor:
+        hints = ref(list(x[:, :, None]), t, list(cap), list(control[:, :, None]), conditioning_scale=0.75) if controlled else None
+        return ref_base(list(x[:, :, None]), t, list(cap), controlnet_block_samples=hints, return_dict=False)[0][0]
+
+    return Case("Z-Image-Turbo + ControlNet Union 2.1 (4096 img + 128 caption tokens)", partial(theirs, True),
+                lambda: base(x, t, cap, control=ours.bind(base, control, scale=0.75)),
+                plain=Case("Z-Image-Turbo alone", partial(theirs, False), lambda: base(x, t, cap)))
+
+
+CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "zimage-controlnet": zimage_controlnet_case,
+         "flux": flux_case, "vae": vae_case}
 
 
 def main() -> None:
@@ -145,6 +186,11 @@ def main() -> None:
         t_ref, m_ref = time_ms(case.theirs, args.warmup, args.iters)
         t_ours, m_ours = time_ms(case.ours, args.warmup, args.iters)
         print(f"| {case.name} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {m_ref:.2f} | {m_ours:.2f} |", flush=True)
+        if case.plain is not None:
+            extra_ref = t_ref - time_ms(case.plain.theirs, args.warmup, args.iters)[0]
+            extra_ours = t_ours - time_ms(case.plain.ours, args.warmup, args.iters)[0]
+            print(f"| {case.name.split(' (')[0]}: extra per step over {case.plain.name} | {extra_ref:.1f} | {extra_ours:.1f} | "
+                  f"{extra_ref / extra_ours:.2f}x | | |", flush=True)
         del case
         torch.cuda.empty_cache()
 

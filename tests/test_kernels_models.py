@@ -1,7 +1,8 @@
 """Each model gives the same output on every backend (sdpa, triton, reference).
 
 Tiny random models with head dim 64 (the attention kernel takes 64 and 128); Z-Image with a batch
-of unequal captions, so the padded-key path runs. On the CPU the Triton kernels run through the
+of unequal captions, so the padded-key path runs, also steered by a ControlNet, and in Omni mode
+(per-token modulation, which the kernels leave to PyTorch). On the CPU the Triton kernels run through the
 interpreter, in fp32: every backend within 1e-5 relative of sdpa (summation order only). On the
 GPU, in bf16: each backend's error against the fp32 sdpa output within 1.5x that of bf16 sdpa,
 plus 2e-3 (the backends round in different places, each by one bf16 step at most).
@@ -9,6 +10,7 @@ plus 2e-3 (the backends round in different places, each by one bf16 step at most
 
 import pytest
 import torch
+from torch import nn
 
 from kernel_env import DEVICE, require_triton
 
@@ -19,7 +21,9 @@ from zflux.flux.model import Flux, FluxConfig  # noqa: E402
 from zflux.common.latents import pack_latents  # noqa: E402
 from zflux.flux.pipeline import img_ids, txt_ids  # noqa: E402
 from util import randomize_, rel_err  # noqa: E402
+from zflux.zimg.controlnet import ControlNetConfig, ZImageControlNet  # noqa: E402
 from zflux.zimg.model import ZImageConfig, ZImageTransformer  # noqa: E402
+from zflux.zimg.omni import ZImageOmniTransformer  # noqa: E402
 
 ZIMAGE = ZImageConfig(dim=128, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
                       axes_dims=(16, 24, 24), axes_lens=(256, 64, 64))
@@ -36,6 +40,45 @@ def zimage_case(device: str):
     cap = torch.randn(2, 40, 32, generator=g, device=device)
     mask = torch.arange(40, device=device)[None] < torch.tensor([7, 40], device=device)[:, None]  # (B, L)
     return model, dict(x=x, t=t, cap_feats=cap, cap_mask=mask)
+
+
+class Controlled(nn.Module):
+    """A transformer and a ControlNet as one model, so that run() can set the backend and dtype of both."""
+
+    def __init__(self, base: ZImageTransformer, controlnet: ZImageControlNet):
+        super().__init__()
+        self.base, self.controlnet = base, controlnet
+
+    @property
+    def backend(self) -> str | None:
+        return self.base.backend
+
+    @backend.setter
+    def backend(self, name: str | None):
+        self.base.backend = name  # the ControlNet runs inside the base's forward, under its backend
+
+    def forward(self, control: torch.Tensor, **inputs) -> torch.Tensor:
+        return self.base(**inputs, control=self.controlnet.bind(self.base, control, scale=0.7))
+
+
+def zimage_controlnet_case(device: str):
+    """zimage_case's model and inputs steered by a random 2.1-style ControlNet hinting both main layers and the refiner."""
+    base, inputs = zimage_case(device)
+    cfg = ControlNetConfig(control_layers_places=(0, 1), control_refiner_layers_places=(0,), dim=128, n_heads=2, n_kv_heads=2,
+                           n_refiner_layers=1)
+    controlnet = randomize_(ZImageControlNet(cfg).to(device), seed=2).eval()
+    control = torch.randn(1, 33, 6, 10, generator=torch.Generator(device).manual_seed(3), device=device)
+    return Controlled(base, controlnet), inputs | dict(control=control)
+
+
+def zimage_omni_case(device: str):
+    """A random tiny Z-Image Omni (fp32): a batch of two, one condition image with its SigLIP map."""
+    model = randomize_(ZImageOmniTransformer(ZImageConfig(**{**ZIMAGE.__dict__, "siglip_feat_dim": 24})).to(device), seed=0).eval()
+    g = torch.Generator(device).manual_seed(1)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
+    captions = [[randn(n, 32) for n in lens] for lens in ((3, 7, 4), (5, 40, 2))]
+    return model, dict(x=randn(2, 16, 6, 8), t=torch.rand(2, generator=g, device=device), captions=captions,
+                       images=[randn(16, 4, 6)], siglip=[randn(3, 5, 24)])
 
 
 def flux_case(device: str):
@@ -56,7 +99,7 @@ def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -
         return model.to(dtype)(**inputs).float()
 
 
-CASES = {"zimage": zimage_case, "flux": flux_case}
+CASES = {"zimage": zimage_case, "zimage-controlnet": zimage_controlnet_case, "zimage-omni": zimage_omni_case, "flux": flux_case}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -15,8 +15,8 @@ Hugging Face repositories.
 The command knows the model families only through families(), each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
 transformer file needs beside it, add_arguments (its own flags), check_args (its own checks),
-load_pipeline and generate_options (what its flags pass to generate()). Adding a family is one
-import and one entry.
+load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
+flags pass to generate(), their files read). Adding a family is one import and one entry.
 
 Every check before any weight is read
 -------------------------------------
@@ -29,7 +29,9 @@ Every check before any weight is read
    --init-image, the init image (opened now), the size (positive multiples of 16; args.height and
    args.width are filled in, from the init image if need be), a guidance >= 0;
 3. family.check_args(args): the chosen family's own rules (what applies to which variant, the
-   largest size its positions allow, ...); it returns the sampling settings the run will use;
+   largest size its positions allow, ...); it returns the sampling settings the run will use.
+   Then family.generate_options(args): the family's flags as generate() takes them, checked, and
+   their files (control images, masks, reference images) opened, so that they fail now;
 4. the schedule those settings make (steps >= 1, a strength that leaves a step to run), the
    device (there, with CUDA if asked, able to compute in --dtype), the backend (Triton only where
    it runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
@@ -39,10 +41,10 @@ Every check before any weight is read
 
 To add a flag, say --mask to a family: add it in the family's add_arguments with default None (so
 that "not given" shows); check it in the family's check_args, raising ValueError with one line that
-names the flag and its value (open files there, e.g. common.images.load_image, and compare sizes with
-args.height and args.width, already settled); pass it on in generate_options. With a --model of
-another family the flag is refused by name, with no code. A flag several families take goes in
-add_generate_arguments and check_generate here.
+names the flag and its value (compare sizes with args.height and args.width, already settled); pass
+it on in generate_options, opening its file there (common.images.load_image: a missing or unreadable
+file is one line) or in load_options. With a --model of another family the flag is refused by name,
+with no code. A flag several families take goes in add_generate_arguments and check_generate here.
 
 A ValueError (CheckpointError included), OSError, MemoryError (CUDA out of memory, turned into one
 with advice) or FloatingPointError (NaN latents: common.pipeline.DivergedError) ends a command with one line on
@@ -238,6 +240,7 @@ class Request:
 
     jobs: list[Job]
     settings: object  # the family's SamplingDefaults, the given flags in place
+    family_options: dict  # family.generate_options(args): its flags as generate() takes them, files opened
     init_image: object | None  # a PIL image
     strength: float | None
     device: object  # torch.device
@@ -260,7 +263,7 @@ def generate(args: argparse.Namespace) -> None:
         for job in request.jobs:
             start = time.perf_counter()
             image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
-                                  **family.generate_options(args))
+                                  **request.family_options)
             took = time.perf_counter() - start
             path = save_image(image, job.out, parameters=parameters_text(args, family, request, job))
             print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
@@ -295,6 +298,7 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
         raise ValueError(f"--guidance {args.guidance}: the guidance scale is >= 0")
 
     settings = family.check_args(args)
+    family_options = family.generate_options(args)
     sigmas = sigma_schedule(settings.steps)  # steps >= 1
     strength = None
     if init_image is not None:
@@ -309,7 +313,7 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.offload_text_encoder and device.type == "cpu":
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
     footprint = check_memory(args, family, device, dtype)
-    return Request(jobs=jobs, settings=settings, init_image=init_image, strength=strength, device=device, dtype=dtype,
+    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, strength=strength, device=device, dtype=dtype,
                    footprint=footprint)
 
 
@@ -427,7 +431,8 @@ def memory_reported(args: argparse.Namespace, request: Request) -> Iterator[None
 def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     weights, vae, encoders = components(args, family)
-    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder)
+    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder,
+                   **family.load_options(args))
     if vae is None:
         pipe = family.load_pipeline(weights, **options)
     else:
@@ -443,8 +448,8 @@ def parameters_text(args: argparse.Namespace, family: ModuleType, request: Reque
               "Size": f"{args.width}x{args.height}", "Model": args.model}
     if request.init_image is not None:
         fields["Denoising strength"] = request.strength
-    given = {dest: value for dest, value in family.generate_options(args).items() if value is not None}
-    fields |= {dest.replace("_", " ").capitalize(): value for dest, value in given.items()}
+    given = {dest: getattr(args, dest) for dest, default in family_flags(family).items() if getattr(args, dest) != default}
+    fields |= {dest.replace("_", " ").capitalize(): value for dest, value in given.items()}  # as the user gave them
     fields["Version"] = f"zflux {__version__}"
     negative = [f"Negative prompt: {args.negative_prompt}"] if args.negative_prompt else []
     return "\n".join([job.prompt, *negative, ", ".join(f"{key}: {value}" for key, value in fields.items())])

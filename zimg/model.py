@@ -10,6 +10,7 @@ The parameter names are those of the official single-file checkpoint (fused `att
 """
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from einops import rearrange
@@ -30,6 +31,11 @@ QK_NORM_EPS = 1e-5  # the official Attention's q_norm / k_norm, independent of c
 FINAL_NORM_EPS = 1e-6  # the final layer's LayerNorm (official FinalLayer)
 
 
+def adaln_width(dim: int) -> int:
+    """Width of the timestep conditioning vector for a model of width `dim`."""
+    return min(dim, ADALN_DIM)
+
+
 @dataclass(frozen=True)
 class ZImageConfig:
     """Transformer shape; field names as in diffusers' ZImageTransformer2DModel config.json."""
@@ -45,6 +51,7 @@ class ZImageConfig:
     norm_eps: float = 1e-5
     qk_norm: bool = True
     cap_feat_dim: int = 2560
+    siglip_feat_dim: int | None = None  # set for Omni (SigLIP2 image features as a third input): zimg/omni.py
     rope_theta: float = 256.0
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
@@ -64,13 +71,15 @@ class ZImageConfig:
 
     @property
     def adaln_dim(self) -> int:
-        return min(self.dim, ADALN_DIM)
+        return adaln_width(self.dim)
+
+    @property
+    def is_omni(self) -> bool:
+        return self.siglip_feat_dim is not None
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "ZImageConfig":
         """Build from a diffusers transformer config.json dict (unknown bookkeeping keys are ignored)."""
-        if config.get("siglip_feat_dim") is not None:
-            raise ValueError("this is a Z-Image Omni config (siglip_feat_dim set); only text-to-image Z-Image is supported")
         return config_from_dict(cls, config)
 
 
@@ -79,13 +88,13 @@ PRESETS = {"z-image-turbo": ZImageConfig(), "z-image": ZImageConfig()}
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ZImageConfig):
+    def __init__(self, dim: int, n_heads: int):
         super().__init__()
-        self.n_heads, head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.n_heads, head_dim = n_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm = RMSNorm(head_dim, eps=QK_NORM_EPS)
         self.k_norm = RMSNorm(head_dim, eps=QK_NORM_EPS)
-        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.n_heads)  # (B, H, S, D) each
@@ -106,25 +115,41 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class TokenTimes(NamedTuple):
+    """Omni mode's conditioning: each token is modulated by the noisy time or by the clean one (t = 1)."""
+
+    noisy: Tensor  # (B, A) embedding of the sampler's time
+    clean: Tensor  # (B, A) embedding of t = 1
+    is_noisy: Tensor  # (B, S, 1) bool: which tokens take `noisy`
+
+    def select(self, project: Callable[[Tensor], Tensor]) -> Tensor:
+        """project(c) for each token's c: (B, S, out)."""
+        return torch.where(self.is_noisy, project(self.noisy)[:, None], project(self.clean)[:, None])
+
+
 class Block(nn.Module):
     """Sandwich-norm transformer block; `modulated` blocks scale and gate both branches from `c`."""
 
-    def __init__(self, cfg: ZImageConfig, modulated: bool):
+    def __init__(self, dim: int, n_heads: int, eps: float, modulated: bool):
         super().__init__()
-        self.eps = cfg.norm_eps
-        self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg.dim, int(cfg.dim / 3 * 8))  # SwiGLU's 8/3 width, rounded as the official code
-        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eps = eps
+        self.attention = Attention(dim, n_heads)
+        self.feed_forward = FeedForward(dim, int(dim / 3 * 8))  # SwiGLU's 8/3 width, rounded as the official code
+        self.attention_norm1 = RMSNorm(dim, eps)
+        self.attention_norm2 = RMSNorm(dim, eps)
+        self.ffn_norm1 = RMSNorm(dim, eps)
+        self.ffn_norm2 = RMSNorm(dim, eps)
         self.modulated = modulated
         if modulated:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
+            self.adaLN_modulation = nn.Sequential(nn.Linear(adaln_width(dim), 4 * dim))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None, c: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None,
+                c: Tensor | TokenTimes | None = None) -> Tensor:
+        """x (B, S, dim); c (B, A) for every token alike, or TokenTimes choosing per token (Omni)."""
         if self.modulated:
-            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)  # (B, 1, dim) each
+            per_token = isinstance(c, TokenTimes)
+            mod = c.select(self.adaLN_modulation) if per_token else self.adaLN_modulation(c)[:, None]  # (B, 1 or S, 4*dim)
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)  # (B, 1 or S, dim) each
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
             h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)
             x = ops.gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
@@ -163,6 +188,19 @@ def round_up(n: int, multiple: int = SEQ_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
+class Stream(NamedTuple):
+    """The token groups one call of the transformer builds before its main layers (B samples)."""
+
+    c: Tensor  # (B, A) time embedding
+    img: Tensor  # (B, Ni, dim) embedded image tokens, padded with the pad token to Ni, a multiple of 32
+    img_refined: Tensor  # (B, Ni, dim) the same after the noise refiner
+    cap: Tensor  # (B, Lc, dim) caption tokens after the context refiner
+    img_rope: tuple[Tensor, Tensor]  # (B, Ni, D/2) cos, sin of the image tokens
+    rope: tuple[Tensor, Tensor]  # (B, Ni+Lc, D/2) cos, sin of the unified sequence [image; caption]
+    key_lens: Tensor | None  # (B,) valid keys of the unified sequence; None when no caption is padded
+    n_img: int  # real image tokens, (H/p) * (W/p)
+
+
 class ZImageTransformer(nn.Module):
     """The Z-Image transformer: latents (B, C, H, W), timestep t (B,), caption features -> velocity-like output."""
 
@@ -176,35 +214,60 @@ class ZImageTransformer(nn.Module):
         self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
-        self.noise_refiner = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_refiner_layers))
-        self.context_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
-        self.layers = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_layers))
+        self.noise_refiner = nn.ModuleList(self._block(modulated=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(self._block(modulated=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(self._block(modulated=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
+
+    def _block(self, modulated: bool) -> Block:
+        return Block(self.cfg.dim, self.cfg.n_heads, self.cfg.norm_eps, modulated)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.x_embedder.weight.dtype
 
-    def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None,
+                control: Callable[["Stream"], dict[int, Tensor]] | None = None) -> Tensor:
         """x (B, C, H, W) latents, t (B,) with 0 = pure noise, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) bool.
 
+        `control`, given the prepared token stream, returns additions to the unified sequence after the
+        main layers it names: how a ControlNet steers the model (zimg/controlnet.py).
         With a mask, its caption lengths are read on the host once (they set the padded shapes): one
         host sync per call. Without one, the forward makes none.
         """
         cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask)
         with ops.use_backend(self.backend):
-            return self._forward(x, t, cap_feats, cap_mask, cap_lens, lens)
+            stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
+            hints = control(stream) if control is not None else {}
+            seq = torch.cat([stream.img_refined, stream.cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end
+            for i, block in enumerate(self.layers):
+                seq = block(seq, stream.rope, stream.key_lens, stream.c)
+                if i in hints:
+                    seq = seq + hints[i]
+            return self.unpatchify(self.final_layer(seq[:, : stream.n_img], stream.c), x)  # (B, C, H, W)
 
-    def _forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int],
-                 lens: Tensor) -> Tensor:
+    def patchify(self, x: Tensor) -> Tensor:
+        """Latents (B, C, H, W) -> one token per p x p patch, (B, H/p * W/p, p*p*C) in the model's dtype."""
+        p = self.cfg.patch_size
+        return rearrange(x.to(self.dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)
+
+    def unpatchify(self, tokens: Tensor, like: Tensor) -> Tensor:
+        """Output tokens (B, N, p*p*C) -> latents shaped and typed like `like` (B, C, H, W)."""
+        p = self.cfg.patch_size
+        return rearrange(tokens, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=like.shape[2] // p, ph=p, pw=p).to(like.dtype)
+
+    def embed_image(self, tokens: Tensor, embedder: nn.Linear) -> Tensor:
+        """Patch tokens (B, N, width) -> `embedder`'s (B, Ni, dim), padded with the image pad token to a multiple of 32."""
+        n = tokens.shape[1]
+        return self._pad(embedder(tokens), self.x_pad_token, n, round_up(n))  # (B, Ni, dim)
+
+    def _prepare(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None, cap_lens: list[int],
+                 lens: Tensor) -> "Stream":
+        """Everything the main layers need: the time embedding, both refined token groups, RoPE tables and masks."""
         H, W = x.shape[2:]
         p, dtype = self.cfg.patch_size, self.dtype
         c = self.t_embedder(t, dtype)  # (B, A)
-
-        # Image tokens, padded with the learned pad token to a multiple of 32.
-        img = rearrange(x.to(dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p)  # (B, N, p*p*C)
-        n_img = img.shape[1]
-        img = self._pad(self.x_embedder(img), self.x_pad_token, n_img, round_up(n_img))  # (B, Ni, dim)
+        img = self.embed_image(self.patchify(x), self.x_embedder)  # (B, Ni, dim)
 
         # Caption tokens: real ones first, each caption padded to a multiple of 32 with the pad token.
         # Their lengths set shapes on the host (cap_lens) and masks and positions on the device (lens).
@@ -223,18 +286,14 @@ class ZImageTransformer(nn.Module):
         img_rope, cap_rope = (cos[:, :n], sin[:, :n]), (cos[:, n:], sin[:, n:])
         padded = min(cap_pad_lens) < n_cap  # some caption is shorter than the longest: attention masks its pad keys
         cap_key_lens = pad_lens if padded else None  # (B,)
-        seq_key_lens = n + pad_lens if padded else None  # (B,)
 
+        refined = img
         for block in self.noise_refiner:
-            img = block(img, img_rope, None, c)
+            refined = block(refined, img_rope, None, c)
         for block in self.context_refiner:
             cap = block(cap, cap_rope, cap_key_lens)
-        seq = torch.cat([img, cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end
-        for block in self.layers:
-            seq = block(seq, (cos, sin), seq_key_lens, c)
-
-        out = self.final_layer(seq[:, :n_img], c)  # (B, N, p*p*C)
-        return rearrange(out, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=H // p, ph=p, pw=p).to(x.dtype)
+        return Stream(c=c, img=img, img_refined=refined, cap=cap, img_rope=img_rope, rope=(cos, sin),
+                      key_lens=n + pad_lens if padded else None, n_img=(H // p) * (W // p))
 
     @staticmethod
     def _pad(tokens: Tensor, pad_token: Tensor, lens: Tensor | int, total: int) -> Tensor:

@@ -4,6 +4,14 @@ The prompt is wrapped in Qwen3's chat template as one user turn followed by the 
 (thinking enabled, i.e. no empty <think></think> block), padded to `max_length` tokens; the features
 are the hidden states of the second-to-last layer, and the mask says which tokens are real (the
 transformer keeps only those). The model loads from a snapshot's `text_encoder/` and `tokenizer/`.
+
+Z-Image Omni (ZImageOmniPipeline) writes its own chat strings instead, one caption segment per
+condition image plus two, each encoded on its own (no chat template, no think tags); segment j
+precedes image j in the Omni sequence, the last follows the generated image:
+
+    0 images:  "<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n"
+    K > 0:     "<|im_start|>user\\n<|vision_start|>", then K - 1 times "<|vision_end|><|vision_start|>", then
+               "<|vision_end|>{prompt}<|im_end|>\\n<|im_start|>assistant\\n<|vision_start|>", then "<|vision_end|><|im_end|>"
 """
 
 from __future__ import annotations
@@ -53,14 +61,44 @@ class Qwen3PromptEncoder:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True, enable_thinking=True)
 
-    @torch.no_grad()
     def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """Features (B, max_length, hidden) in the model's dtype and mask (B, max_length) bool, True = real token."""
-        prompts = as_list(prompts)
-        texts = [self.template(p) for p in prompts]
-        warn_if_cut(self.tokenizer, texts, prompts, max_length, encoder="Qwen3")
+        return self.encode([self.template(p) for p in as_list(prompts)], max_length)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+        """__call__ for texts already in their final form (Omni writes its own chat strings, zimg/reference.py)."""
+        warn_if_cut(self.tokenizer, texts, max_length, encoder="Qwen3")
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         ids = tokens.input_ids.to(self.device)  # (B, L)
         mask = tokens.attention_mask.to(self.device).bool()  # (B, L)
         hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         return hidden[-2], mask  # (B, L, hidden), (B, L)
+
+
+def omni_segments(prompt: str, images: int) -> list[str]:
+    """`prompt` as Z-Image Omni's caption segments for `images` condition images (see the module docstring)."""
+    if images == 0:
+        return [f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"]
+    return (["<|im_start|>user\n<|vision_start|>"] + ["<|vision_end|><|vision_start|>"] * (images - 1)
+            + [f"<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>", "<|vision_end|><|im_end|>"])
+
+
+class OmniPromptEncoder:
+    """Z-Image Omni's text conditioning: each prompt's segments (omni_segments), each segment's real-token features."""
+
+    def __init__(self, encoder: Qwen3PromptEncoder, images: int):
+        self.encoder, self.images = encoder, images
+
+    def to(self, device: torch.device | str) -> "OmniPromptEncoder":
+        """Move the Qwen3 model (for CPU offload between prompt encoding and denoising)."""
+        self.encoder.to(device)
+        return self
+
+    def __call__(self, prompts: str | list[str], max_length: int = 512) -> list[list[Tensor]]:
+        """Per prompt, its segments' features (L_j, hidden) in the model's dtype, real tokens only."""
+        segments = [omni_segments(p, self.images) for p in as_list(prompts)]
+        features, mask = self.encoder.encode([s for row in segments for s in row], max_length)  # (N, L, hidden), (N, L)
+        real = [f[m] for f, m in zip(features, mask)]  # N x (L_j, hidden)
+        n = len(segments[0])
+        return [real[i * n: (i + 1) * n] for i in range(len(segments))]
