@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--true-cfg", type=float, default=1.0, help="real CFG scale against the negative prompt (> 1 turns it on)")
 
 
-def check_args(args: argparse.Namespace) -> SamplingDefaults:
-    """FLUX.1's checks of a request, before anything loads (zflux.cli's docstring): the sampling settings it will run with."""
+def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDefaults:
+    """FLUX.1's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings it
+    will run with. Its positions are computed, not tabled: any size that fits in memory."""
     if args.true_cfg < 1:
         raise ValueError(f"--true-cfg {args.true_cfg}: the true CFG scale is >= 1 (1: off)")
     return check_settings(args.model, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,

@@ -26,10 +26,11 @@ Every check before any weight is read
 2. check_generate, the flags every family shares: numbers finite, flags of another family refused
    by name, the prompts (--prompt, or --prompts FILE), the seed, --num-images, the output files
    (a format Pillow writes, a folder that exists or can be made), --strength only with
-   --init-image, the init image (opened now), the size (positive multiples of 16; args.height and
-   args.width are filled in, from the init image if need be), a guidance >= 0;
-3. family.check_args(args): the chosen family's own rules (what applies to which variant, the
-   largest size its positions allow, ...); it returns the sampling settings the run will use.
+   --init-image, the init image (opened now), the size (positive multiples of 16: the given one,
+   else the init image's, else 1024, as the pipelines settle it), a guidance >= 0;
+3. family.check_args(args, height, width): the chosen family's own rules (what applies to which
+   variant, the largest size its positions allow, ...) for that size; it returns the sampling
+   settings the run will use.
    Then family.generate_options(args): the family's flags as generate() takes them, checked, and
    their files (control images, masks, reference images) opened, so that they fail now;
 4. the schedule those settings make (steps >= 1, a strength that leaves a step to run), the
@@ -41,7 +42,7 @@ Every check before any weight is read
 
 To add a flag, say --mask to a family: add it in the family's add_arguments with default None (so
 that "not given" shows); check it in the family's check_args, raising ValueError with one line that
-names the flag and its value (compare sizes with args.height and args.width, already settled); pass
+names the flag and its value (compare sizes with the height and width it is given); pass
 it on in generate_options, opening its file there (common.images.load_image: a missing or unreadable
 file is one line) or in load_options. With a --model of another family the flag is refused by name,
 with no code. A flag several families take goes in add_generate_arguments and check_generate here.
@@ -259,13 +260,13 @@ def generate(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args, family, request)
         loaded = f" (weights loaded in {time.perf_counter() - start:.1f} s)"
         options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                       guidance=args.guidance, init_image=request.init_image, strength=request.strength)
+                       guidance=args.guidance, init_image=request.init_image, strength=args.strength)  # unset: the pipeline's
         for job in request.jobs:
             start = time.perf_counter()
             image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
                                   **request.family_options)
             took = time.perf_counter() - start
-            path = save_image(image, job.out, parameters=parameters_text(args, family, request, job))
+            path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
             print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
             loaded = ""
 
@@ -293,11 +294,11 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
         check_image_path(job.out)
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength goes with --init-image (image to image): add one, or leave --strength out")
-    args.height, args.width, init_image = check_request(prompts[0], args.height, args.width, SIZE_MULTIPLE, init_image=args.init_image)
+    height, width, init_image = check_request(prompts[0], args.height, args.width, SIZE_MULTIPLE, init_image=args.init_image)
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance {args.guidance}: the guidance scale is >= 0")
 
-    settings = family.check_args(args)
+    settings = family.check_args(args, height, width)
     family_options = family.generate_options(args)
     sigmas = sigma_schedule(settings.steps)  # steps >= 1
     strength = None
@@ -312,7 +313,7 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
                          "leave --backend out (auto) or use sdpa")
     if args.offload_text_encoder and device.type == "cpu":
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
-    footprint = check_memory(args, family, device, dtype)
+    footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
     return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, strength=strength, device=device, dtype=dtype,
                    footprint=footprint)
 
@@ -377,7 +378,7 @@ def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path
     return weights, vae, encoders
 
 
-def check_memory(args: argparse.Namespace, family: ModuleType, device, dtype):
+def check_memory(args: argparse.Namespace, family: ModuleType, device, dtype, size: tuple[int, int]):
     """The run's Footprint, from the checkpoints' headers; ValueError with advice when `device` is clearly short of memory."""
     from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib
 
@@ -388,10 +389,11 @@ def check_memory(args: argparse.Namespace, family: ModuleType, device, dtype):
     def params(paths: list[Path]) -> int:  # what is not there, or not safetensors, the loader names
         return sum(checkpoint_numel(p) for p in paths if p.is_file() or any(p.glob("*.safetensors*")))
 
-    footprint = Footprint(model_params=params(model), text_params=params(text), pixels=args.height * args.width)
+    height, width = size
+    footprint = Footprint(model_params=params(model), text_params=params(text), pixels=height * width)
     need, free = footprint.bytes(dtype, args.offload_text_encoder), free_bytes(device)
     if free is not None and need > free:
-        raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {args.width}x{args.height} needs at least "
+        raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
                          f"{gib(need)}{memory_advice(args, footprint, need=need, room=free)}")
     return footprint
 
@@ -442,10 +444,10 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
     return pipe
 
 
-def parameters_text(args: argparse.Namespace, family: ModuleType, request: Request, job: Job) -> str:
+def parameters_text(args: argparse.Namespace, family: ModuleType, request: Request, job: Job, size: tuple[int, int]) -> str:
     """A run's settings as image tools write them into a PNG ("parameters"): prompt, negative prompt, then "Key: value, ..."."""
     fields = {"Steps": request.settings.steps, "Sampler": "Euler", "Guidance": request.settings.guidance, "Seed": job.seed,
-              "Size": f"{args.width}x{args.height}", "Model": args.model}
+              "Size": f"{size[0]}x{size[1]}", "Model": args.model}
     if request.init_image is not None:
         fields["Denoising strength"] = request.strength
     given = {dest: getattr(args, dest) for dest, default in family_flags(family).items() if getattr(args, dest) != default}

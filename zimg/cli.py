@@ -38,14 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reference-image", action="append", help="z-image-omni: an image to edit or combine (repeatable)")
 
 
-def check_args(args: argparse.Namespace) -> ZImageDefaults:
-    """Z-Image's checks of a request, before anything loads (zflux.cli's docstring): the sampling settings it will run with.
-
-    args.height and args.width are settled; each must fit the model's RoPE position table.
-    """
+def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefaults:
+    """Z-Image's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings
+    it will run with. Each side must fit the model's RoPE position table."""
     cfg = VARIANTS[args.model].model
     pixels_per_position = cfg.patch_size * AUTOENCODERS["flux"].downscale
-    for name, size, positions in (("height", args.height, cfg.axes_lens[1]), ("width", args.width, cfg.axes_lens[2])):
+    for name, size, positions in (("height", height, cfg.axes_lens[1]), ("width", width, cfg.axes_lens[2])):
         if size > positions * pixels_per_position:
             raise ValueError(f"{name} {size} is past {NAME}'s position table: at most {positions * pixels_per_position} pixels")
     return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
