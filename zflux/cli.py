@@ -72,11 +72,18 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from zflux import __version__
 from zflux.common.files import PICKLE_SUFFIXES, CheckpointError, check_writable, safetensors_files
 from zflux.common.identify import identify
+
+if TYPE_CHECKING:  # imported where a command needs them (the module's docstring says why)
+    import torch
+    from PIL import Image
+
+    from zflux.common.memory import Footprint
+    from zflux.common.sampling import SamplingDefaults
 
 DTYPES = ("bf16", "fp16", "fp32")
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
@@ -116,7 +123,7 @@ def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
@@ -240,13 +247,13 @@ class Request:
     """A checked `zflux generate`: what it will make and how, settled before anything loads."""
 
     jobs: list[Job]
-    settings: object  # the family's SamplingDefaults, the given flags in place
+    settings: SamplingDefaults  # the family's, the given flags in place
     family_options: dict  # family.generate_options(args): its flags as generate() takes them, files opened
-    init_image: object | None  # a PIL image
-    strength: float | None
-    device: object  # torch.device
-    dtype: object  # torch.dtype
-    footprint: object  # common.memory.Footprint
+    init_image: Image.Image | None
+    strength: float | None  # with an init image: the given one, else DEFAULT_STRENGTH
+    device: torch.device
+    dtype: torch.dtype
+    footprint: Footprint
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -314,8 +321,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.offload_text_encoder and device.type == "cpu":
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
     footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
-    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, strength=strength, device=device, dtype=dtype,
-                   footprint=footprint)
+    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, strength=strength,
+                   device=device, dtype=dtype, footprint=footprint)
 
 
 def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
@@ -378,7 +385,8 @@ def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path
     return weights, vae, encoders
 
 
-def check_memory(args: argparse.Namespace, family: ModuleType, device, dtype, size: tuple[int, int]):
+def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.device, dtype: torch.dtype,
+                 size: tuple[int, int]) -> Footprint:
     """The run's Footprint, from the checkpoints' headers; ValueError with advice when `device` is clearly short of memory."""
     from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib
 
@@ -398,7 +406,7 @@ def check_memory(args: argparse.Namespace, family: ModuleType, device, dtype, si
     return footprint
 
 
-def memory_advice(args: argparse.Namespace, footprint, need: int, room: int) -> str:
+def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int) -> str:
     """The flags that would bring a run needing `need` bytes (as the flags stand) within `room`, by the footprint's estimate."""
     from zflux.common.memory import gib
 
