@@ -12,13 +12,17 @@ them, and `zflux info` to describe a file. What the keys tell apart:
 - FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
   `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
 - the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
-- the 16-channel autoencoder (`decoder.conv_in` input width), the text encoders and SigLIP2 (a linear patch embedding).
+- FLUX.2 [dev] (width 6144, a guidance embedder) from [klein] 4B (3072) and 9B (4096);
+- the 16-channel autoencoder (`decoder.conv_in` input width) from FLUX.2's 32-channel one (with
+  batch-norm statistics `bn.*`), the text encoders and SigLIP2 (a linear patch embedding).
 
-Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart.
+Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler config tells them apart;
+so do FLUX.2 [klein] distilled, base and KV, which only a snapshot's model_index.json names.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -33,7 +37,7 @@ if TYPE_CHECKING:  # no torch import for a header: `zflux info` stays fast (safe
 FAMILY_NAMES = {
     "z-image": "Z-Image", "z-image-controlnet": "a Z-Image ControlNet", "flux.1": "FLUX.1", "flux.2": "FLUX.2",
     "autoencoder": "an autoencoder", "t5": "a T5 text encoder", "clip": "a CLIP text encoder", "qwen3": "a Qwen3 text encoder",
-    "siglip2": "a SigLIP2 vision encoder", "unknown": "unrecognised",
+    "siglip2": "a SigLIP2 vision encoder", "mistral3": "a Mistral 3 text encoder", "unknown": "unrecognised",
 }
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 CONTROLNETS = {  # diffusers' model type -> what it is
@@ -44,6 +48,16 @@ CONTROLNETS = {  # diffusers' model type -> what it is
                                     "2 more hinting the noise refiner)",
 }
 FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
+FLUX2_MODES = {  # flux2_mode() -> what the snapshot's model_index.json says
+    "distilled": "step-distilled: 4 steps, no CFG (model_index.json)",
+    "base": "the base model: 50 steps with CFG (model_index.json)",
+    "kv": "the KV-cache variant: reference K/V computed once (model_index.json)",
+}
+FLUX2_WIDTHS = {  # (hidden width, has a guidance embedder) -> FLUX.2 variant and what to say
+    (6144, True): ("flux2-dev", "FLUX.2 [dev] (32B, guidance-distilled; Mistral Small 3 text features)"),
+    (3072, False): ("flux2-klein-4b", "FLUX.2 [klein] 4B (Qwen3-4B text features; distilled and base share every shape)"),
+    (4096, False): ("flux2-klein-9b", "FLUX.2 [klein] 9B (Qwen3-8B text features; distilled, base and KV share every shape)"),
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,9 @@ def identify(path: str | Path) -> CheckpointInfo:
     comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
     shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
     family, variant, description, layout = _classify(shapes, lambda key: read_tensor(path, key))
+    mode = flux2_mode(path) if family == "flux.2" else None
+    if mode is not None and variant in ("flux2-klein-4b", "flux2-klein-9b"):
+        variant, description = flux2_variant(variant, mode), f"{description}; {FLUX2_MODES[mode]}"
     if comfy and layout == "official":
         layout = "ComfyUI"
     dtypes: dict[str, int] = {}
@@ -147,14 +164,15 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
     if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
         return ("flux.1", *_flux_variant(shapes))
     if has("single_stream_modulation.lin.weight") or has("single_stream_modulation.linear.weight"):
-        layout = "official" if has("single_stream_modulation.lin.weight") else "diffusers"
-        return "flux.2", None, "a FLUX.2 transformer (not supported here)", layout
+        return ("flux.2", *_flux2_variant(shapes))
     if has("decoder.conv_in.weight"):
         channels = shapes["decoder.conv_in.weight"][1]
         layout = "diffusers" if any(k.startswith("decoder.up_blocks.") for k in shapes) else "official"
         if channels == 16:
             return "autoencoder", "flux-vae", "the 16-channel FLUX.1 / Z-Image autoencoder", layout
-        return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels)", layout
+        if channels == 32 and has("bn.running_mean"):
+            return "autoencoder", "flux2-vae", "the 32-channel FLUX.2 autoencoder (with batch-norm latent statistics)", layout
+        return "autoencoder", None, f"a {channels}-channel autoencoder (FLUX.1 and Z-Image use 16 channels, FLUX.2 32)", layout
     if has("encoder.block.0.layer.0.SelfAttention.q.weight"):
         return "t5", None, "a T5 text encoder", "transformers"
     if any(k.endswith("embeddings.patch_embedding.weight") and len(shape) == 2 for k, shape in shapes.items()):
@@ -163,7 +181,9 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
         return "clip", None, "a CLIP text encoder", "transformers"
     if has("model.layers.0.self_attn.q_norm.weight") or has("layers.0.self_attn.q_norm.weight"):
         return "qwen3", None, "a Qwen3 language model (text encoder)", "transformers"
-    return "unknown", None, "no model this tool knows (not Z-Image, FLUX.1, their autoencoder or text encoders)", "unknown"
+    if any(k.startswith(("multi_modal_projector.", "model.multi_modal_projector.")) for k in shapes):
+        return "mistral3", None, "a Mistral 3 language model (FLUX.2 dev's text encoder)", "transformers"
+    return "unknown", None, "no model this tool knows (not Z-Image, FLUX.1, FLUX.2, their autoencoders or text encoders)", "unknown"
 
 
 def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:
@@ -182,3 +202,39 @@ def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, 
     if guidance:
         return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes)", layout
     return "flux-schnell", "FLUX.1 schnell (timestep-distilled, no guidance input)", layout
+
+
+def flux2_mode(path: str | Path) -> str | None:
+    """How a FLUX.2 klein checkpoint in a diffusers snapshot runs, from the snapshot's model_index.json ("distilled",
+    "base" or "kv"; None for [dev] or outside a snapshot). Looked for beside `path` and one folder up (a file inside
+    transformer/), as BFL's repositories hold both their single file and the diffusers folders."""
+    path = Path(path)
+    index = next((folder / "model_index.json" for folder in (path.parent, path.parent.parent)
+                  if (folder / "model_index.json").is_file()), None)
+    if index is None:
+        return None
+    try:
+        config = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index} is not JSON: {e}") from e
+    if config.get("_class_name") == "Flux2KleinKVPipeline":
+        return "kv"
+    if str(config.get("_class_name", "")).startswith("Flux2Klein"):
+        return "distilled" if config.get("is_distilled", False) else "base"
+    return None
+
+
+def flux2_variant(checkpoint: str, mode: str) -> str:
+    """The variant name of a klein checkpoint ("flux2-klein-4b", "flux2-klein-9b") run in `mode` (see flux2_mode)."""
+    size = checkpoint.removeprefix("flux2-klein-")
+    return {"distilled": checkpoint, "base": f"flux2-klein-base-{size}", "kv": f"{checkpoint}-kv"}[mode]
+
+
+def _flux2_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:
+    """(variant, description, layout) of a FLUX.2 transformer, from its width and the guidance embedder."""
+    official = "single_stream_modulation.lin.weight" in shapes
+    width = shapes["img_in.weight" if official else "x_embedder.weight"][0]
+    guidance = "guidance_in.in_layer.weight" in shapes or "time_guidance_embed.guidance_embedder.linear_1.weight" in shapes
+    layout = "official" if official else "diffusers"
+    variant, description = FLUX2_WIDTHS.get((width, guidance), (None, f"a FLUX.2 transformer of width {width} (no known variant)"))
+    return variant, description, layout

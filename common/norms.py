@@ -4,8 +4,18 @@ Each function is the single definition of its math; the fused kernels in `zflux.
 against it, and `ops.py` chooses between the two at run time. Statistics are accumulated in fp32.
 """
 
+from typing import NamedTuple
+
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class ModulationOut(NamedTuple):
+    """adaLN parameters for one branch, each (B, 1, C): (1 + scale) * norm(x) + shift in, x + gate * out after (FLUX.1, FLUX.2)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -149,9 +149,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D).
 
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
-    when every sequence is full, which lets SDPA use its fastest (mask-free) kernels.
+    when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
+    outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
+    only, so such calls run on SDPA.
     """
-    if use_flash_kernel(q, masked=key_lens is not None):
+    if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

@@ -12,6 +12,12 @@ from torch import Tensor
 from zflux.common.norms import rms_norm
 
 
+def check_axes_dims(axes_dims: tuple[int, ...], head_dim: int) -> None:
+    """Raise ValueError unless every axis has an even number of channels and together they fill the head dim."""
+    if sum(axes_dims) != head_dim or any(d % 2 for d in axes_dims):
+        raise ValueError(f"axes_dims_rope {axes_dims} must be even and sum to the head dim {head_dim}")
+
+
 def rope_tables(ids: Tensor, axes_dims: tuple[int, ...], theta: float, fp32_angles: bool = False) -> tuple[Tensor, Tensor]:
     """cos, sin tables (..., S, sum(axes_dims)/2) in fp32 for integer positions `ids` (..., S, n_axes)."""
     if ids.shape[-1] != len(axes_dims):

@@ -1,4 +1,4 @@
-"""Flow-matching sampling: sigma schedules, the Euler step, classifier-free guidance, seeded noise and img2img.
+"""Flow-matching sampling: sigma schedules, the Euler step, classifier-free guidance, seeded noise, img2img and the inpainting blend.
 
 Every family here is a rectified flow. A latent at noise level sigma is
 
@@ -180,3 +180,15 @@ def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | 
     start = img2img_start(sigmas, strength)
     noise = initial_noise(tuple(latent.shape), seed, device=latent.device, dtype=latent.dtype)  # (B, C, H, W)
     return noise_latent(latent, noise, sigmas[start]), start
+
+
+def inpaint_blend(latents: Tensor, known: Tensor, noise: Tensor, mask: Tensor, sigma: Tensor | float) -> Tensor:
+    """Inpainting's per-step blend: `latents` (just stepped to `sigma`) where `mask` is 1, the known image elsewhere.
+
+    The known region is the init image's clean latents `known` re-noised to `sigma` with the run's own
+    initial `noise` (noise_latent), so the model sees everywhere the noise level it expects and repaints
+    only the masked region; at the last step sigma is 0 and the known region is the clean image exactly.
+    `mask` broadcasts over the latents (1 = repaint). diffusers' FLUX.1 and Z-Image inpainting pipelines
+    blend so after every scheduler step, in the latents' dtype.
+    """
+    return (1 - mask) * noise_latent(known, noise, sigma) + mask * latents

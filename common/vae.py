@@ -1,18 +1,25 @@
-"""The 16-channel KL autoencoder of FLUX.1 and Z-Image (BFL's AutoEncoder, diffusers' AutoencoderKL).
+"""The KL autoencoders of FLUX.1 and Z-Image (16 channels; diffusers' AutoencoderKL) and of FLUX.2
+(32 channels; AutoencoderKLFlux2), BFL's AutoEncoder in both cases.
 
 Encoder: conv_in, then per resolution level `layers_per_block` ResNet blocks and, except at the
 last level, a stride-2 downsample; a mid block (ResNet, single-head self-attention over all pixels,
-ResNet); GroupNorm, SiLU, conv_out to 2 x latent_channels (mean, log-variance). The decoder mirrors
-it with one more ResNet block per level and nearest x2 upsampling. There is no quant_conv.
+ResNet); GroupNorm, SiLU, conv_out to 2 x latent_channels (mean, log-variance), and for FLUX.2 a
+1x1 quant_conv. The decoder mirrors it (FLUX.2: a 1x1 post_quant_conv first) with one more ResNet
+block per level and nearest x2 upsampling.
 
-Latents are raw, as in diffusers' AutoencoderKL: the pipelines apply `(z - shift_factor) *
-scaling_factor` after encoding and its inverse before decoding.
+`encode` and `decode` work on raw latents, as in diffusers' autoencoders. FLUX.1 and Z-Image
+pipelines apply `(z - shift_factor) * scaling_factor` after encoding and its inverse before
+decoding. FLUX.2 instead folds each 2x2 patch of the raw latent into the channels and standardizes
+the 4 x 32 = 128 channels with the running statistics of a batch norm stored with the weights:
+`normalize` / `denormalize` here, the one place that does it.
 
 The parameter names are those of BFL's `ae.safetensors`. diffusers' `vae/` layout differs in names,
 in the order of the decoder's levels, and in the attention projections (Linear, not 1x1 conv):
 
     BFL (ours)                              diffusers
     {en,de}coder.norm_out.*                 {en,de}coder.conv_norm_out.*
+    encoder.quant_conv.* (FLUX.2)           quant_conv.*
+    decoder.post_quant_conv.* (FLUX.2)      post_quant_conv.*
     encoder.down.{i}.block.{j}.*            encoder.down_blocks.{i}.resnets.{j}.*
     encoder.down.{i}.downsample.conv.*      encoder.down_blocks.{i}.downsamplers.0.conv.*
     decoder.up.{i}.block.{j}.*              decoder.up_blocks.{n-1-i}.resnets.{j}.*
@@ -50,10 +57,16 @@ class AutoencoderConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    patch_size: tuple[int, int] | None = None  # FLUX.2: latents are 2x2-patchified and batch-normalized
+    batch_norm_eps: float = 1e-4
 
     def __post_init__(self):
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups {self.norm_num_groups}")
+        if self.patch_size not in (None, (2, 2)):
+            raise ValueError(f"patch_size must be (2, 2) (FLUX.2) or None, got {self.patch_size}")
 
     @property
     def downscale(self) -> int:
@@ -62,24 +75,36 @@ class AutoencoderConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "AutoencoderConfig":
-        """Build from a diffusers vae/config.json dict; variants this module does not implement are refused."""
-        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"config is for {config['_class_name']}, not AutoencoderKL")
-        unsupported = {  # option -> whether the config asks for it; absent keys take diffusers' defaults
+        """Build from a diffusers vae/config.json dict (AutoencoderKL or AutoencoderKLFlux2); variants this module
+        does not implement are refused."""
+        class_name = config.get("_class_name", "AutoencoderKL")
+        if class_name not in CLASS_DEFAULTS:
+            raise ValueError(f"config is for {class_name}, not {' or '.join(CLASS_DEFAULTS)}")
+        config = CLASS_DEFAULTS[class_name] | config  # the diffusers class's defaults where they differ from ours
+        unsupported = {  # option -> whether the config asks for it
             f"act_fn={config.get('act_fn')!r}": config.get("act_fn", "silu") != "silu",
-            "use_quant_conv": config.get("use_quant_conv", True),
-            "use_post_quant_conv": config.get("use_post_quant_conv", True),
+            "decoder_block_out_channels": config.get("decoder_block_out_channels") not in (None, config.get("block_out_channels")),
             "mid_block_add_attention=False": not config.get("mid_block_add_attention", True),
             "down_block_types": set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"},
             "up_block_types": set(config.get("up_block_types", ["UpDecoderBlock2D"])) != {"UpDecoderBlock2D"},
         }
         if any(unsupported.values()):
-            raise ValueError(f"unsupported AutoencoderKL variant: {', '.join(k for k, on in unsupported.items() if on)}")
+            raise ValueError(f"unsupported {class_name} variant: {', '.join(k for k, on in unsupported.items() if on)}")
         return config_from_dict(cls, config)
 
 
-# FLUX.1 (dev, schnell, tools) and Z-Image ship this same autoencoder.
-PRESETS = {"flux": AutoencoderConfig()}
+# diffusers' defaults that differ from this module's, per class, for keys a config.json leaves out.
+CLASS_DEFAULTS = {
+    "AutoencoderKL": {"use_quant_conv": True, "use_post_quant_conv": True},
+    "AutoencoderKLFlux2": {"use_quant_conv": True, "use_post_quant_conv": True, "latent_channels": 32, "patch_size": (2, 2),
+                           "scaling_factor": 1.0, "shift_factor": 0.0},
+}
+# FLUX.1 (dev, schnell, tools) and Z-Image ship the 16-channel autoencoder; every FLUX.2 model the 32-channel one.
+PRESETS = {
+    "flux": AutoencoderConfig(),
+    "flux2": AutoencoderConfig(latent_channels=32, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=True,
+                               use_post_quant_conv=True, patch_size=(2, 2)),
+}
 
 
 class ResnetBlock(nn.Module):
@@ -206,6 +231,8 @@ class Encoder(nn.Module):
         self.mid = MidBlock(ch[-1], groups)
         self.norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        moments = 2 * cfg.latent_channels
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if cfg.use_quant_conv else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)  # (B, ch[0], H, W)
@@ -213,7 +240,7 @@ class Encoder(nn.Module):
             x = level(x)  # (B, ch[i], H/2^i, W/2^i), halved once more except at the last level
         x = self.mid(x)
         x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[-1], H/8, W/8)
-        return self.conv_out(x)  # (B, 2*C, H/8, W/8)
+        return self.quant_conv(self.conv_out(x))  # (B, 2*C, H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -222,7 +249,9 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         ch, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        C = cfg.latent_channels
+        self.post_quant_conv = nn.Conv2d(C, C, 1) if cfg.use_post_quant_conv else nn.Identity()
+        self.conv_in = nn.Conv2d(C, ch[-1], 3, padding=1)
         self.mid = MidBlock(ch[-1], groups)
         # up[i] works at the resolution of the encoder's down[i]: up[0] is full size and runs last.
         self.up = nn.ModuleList(
@@ -233,7 +262,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        x = self.mid(self.conv_in(z))  # (B, ch[-1], h, w)
+        x = self.mid(self.conv_in(self.post_quant_conv(z)))  # (B, ch[-1], h, w)
         for level in reversed(self.up):
             x = level(x)  # (B, ch[i], ...), doubled in size except at the last level
         x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[0], 8h, 8w)
@@ -248,6 +277,8 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.patch_size is not None:  # only the running statistics are used (and stored)
+            self.bn = nn.BatchNorm2d(4 * cfg.latent_channels, eps=cfg.batch_norm_eps, affine=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -274,6 +305,25 @@ class Autoencoder(nn.Module):
     def forward(self, image: Tensor, noise: Tensor | None = None) -> Tensor:
         """The reconstruction decode(encode(image, noise)) of a (B, 3, H, W) image."""
         return self.decode(self.encode(image, noise))
+
+    def normalize(self, latent: Tensor) -> Tensor:
+        """FLUX.2: raw latent (B, C, h, w) -> (B, 4C, h/2, w/2), each 2x2 patch in the channels (c, row, col), standardized
+        by the batch-norm running statistics, in the latent's dtype."""
+        patches = rearrange(latent, "b c (h ph) (w pw) -> b (c ph pw) h w", ph=2, pw=2)  # (B, 4C, h/2, w/2)
+        mean, std = self._latent_stats(patches)
+        return (patches - mean) / std
+
+    def denormalize(self, latent: Tensor) -> Tensor:
+        """The inverse of `normalize`: (B, 4C, h/2, w/2) standardized patches -> raw latent (B, C, h, w)."""
+        mean, std = self._latent_stats(latent)
+        return rearrange(latent * std + mean, "b (c ph pw) h w -> b c (h ph) (w pw)", ph=2, pw=2)  # (B, C, h, w)
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Running mean and sqrt(var + eps), each (1, 4C, 1, 1), computed in the weights' dtype and cast to `like`'s (as diffusers does)."""
+        if self.cfg.patch_size is None:
+            raise ValueError("this autoencoder keeps no latent statistics (FLUX.1 / Z-Image scale and shift instead)")
+        std = torch.sqrt(self.bn.running_var + self.cfg.batch_norm_eps)
+        return tuple(rearrange(t, "c -> 1 c 1 1").to(like) for t in (self.bn.running_mean, std))
 
 
 def _check_shape(x: Tensor, channels: int, multiple: int, name: str) -> None:
@@ -305,10 +355,11 @@ def _n_levels(keys, pattern: str) -> int:
 
 
 def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """diffusers AutoencoderKL keys (or keys already in BFL's layout) -> BFL's `ae.safetensors` layout."""
+    """diffusers AutoencoderKL / AutoencoderKLFlux2 keys (or keys already in BFL's layout) -> BFL's `ae.safetensors` layout."""
     n = _n_levels(state_dict, r"decoder\.up_blocks\.(\d+)\.")
     out = {}
     for key, value in state_dict.items():
+        key = re.sub(r"^(post_)?quant_conv\.", lambda m: ("decoder." if m.group(1) else "encoder.") + m.group(0), key)
         for ours, theirs in RENAMES:
             key = key.replace(theirs, ours)
         key = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", key)
@@ -318,10 +369,11 @@ def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """BFL's `ae.safetensors` layout -> diffusers AutoencoderKL keys."""
+    """BFL's `ae.safetensors` layout -> diffusers AutoencoderKL / AutoencoderKLFlux2 keys."""
     n = _n_levels(state_dict, r"decoder\.up\.(\d+)\.")
     out = {}
     for key, value in state_dict.items():
+        key = re.sub(r"^(encoder\.quant_conv|decoder\.post_quant_conv)\.", lambda m: m.group(0).split(".", 1)[1], key)
         if ATTN_WEIGHTS.search(key):
             value = rearrange(value, "o i 1 1 -> o i")
         key = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1.", key)
@@ -332,14 +384,19 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def preset_of(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
+    """The FLUX.2 autoencoder's config for a BFL-layout state dict with batch-norm statistics, else FLUX.1's."""
+    return PRESETS["flux2" if "bn.running_mean" in state_dict else "flux"]
+
+
 # How to build the model a checkpoint holds (weights.load_model / check_model).
 CHECKPOINTS = dict(build=Autoencoder, convert=from_diffusers, to_diffusers=to_diffusers, parse_config=AutoencoderConfig.from_diffusers,
-                   infer_config=lambda _: PRESETS["flux"])
+                   infer_config=preset_of)
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: AutoencoderConfig | None = None) -> Autoencoder:
-    """Load from BFL's `ae.safetensors` or a diffusers `vae/` folder (config.json + safetensors)."""
+    """Load from BFL's `ae.safetensors` (FLUX.1's or FLUX.2's) or a diffusers `vae/` folder (config.json + safetensors)."""
     return load_model(path, **CHECKPOINTS, cfg=cfg, device=device, dtype=dtype)
 
 

@@ -60,6 +60,18 @@ def read_config(path: str | Path, parse: Callable[[dict], T]) -> T | None:
         raise CheckpointError(f"{config}: {e}") from e
 
 
+def shape_of(state_dict: dict[str, Tensor], key: str, model: str) -> tuple[int, ...]:
+    """The shape of `state_dict[key]`; a CheckpointError if absent (the config of `model` cannot be read off the keys)."""
+    if key not in state_dict:
+        raise CheckpointError(f"cannot infer the {model} config: the checkpoint has no {key}")
+    return tuple(state_dict[key].shape)
+
+
+def count_blocks(state_dict: dict[str, Tensor], prefix: str) -> int:
+    """How many numbered blocks `prefix.N.*` the checkpoint holds."""
+    return len({k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
+
+
 def save_state_dict(state_dict: dict[str, Tensor], path: str | Path) -> None:
     """Write a state dict as one safetensors file, whole or not at all (see files.atomic_write)."""
     with atomic_write(path) as tmp:

@@ -28,6 +28,9 @@ def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDef
     will run with. Its positions are computed, not tabled: any size that fits in memory."""
     if args.true_cfg < 1:
         raise ValueError(f"--true-cfg {args.true_cfg}: the true CFG scale is >= 1 (1: off)")
+    if args.mask or args.reference_image:
+        raise ValueError(f"{'--mask' if args.mask else '--reference-image'} does not apply to {NAME} text and image to image "
+                         "(FLUX.2 and Z-Image take it)")
     return check_settings(args.model, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
                           guidance=args.guidance)
 

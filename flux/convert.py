@@ -14,12 +14,13 @@ ComfyUI files carry a `model.diffusion_model.` prefix, which is dropped on the w
 """
 
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, check_model, load_model
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, check_model, count_blocks, load_model, shape_of
 from zflux.flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"
@@ -144,14 +145,7 @@ def _split_fused(t: Tensor, n_parts: int) -> list[Tensor]:
 
 def config_from_state_dict(state_dict: dict[str, Tensor]) -> FluxConfig:
     """The FluxConfig a BFL-layout checkpoint was made for, read off its key names and shapes."""
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"cannot infer the FLUX config: the checkpoint has no {key}")
-        return tuple(state_dict[key].shape)
-
-    def count(prefix: str) -> int:
-        return len({k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
-
+    shape, count = partial(shape_of, state_dict, model="FLUX"), partial(count_blocks, state_dict)
     dim, in_channels = shape("img_in.weight")
     head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
     if head_dim != sum(PRESETS["flux-dev"].axes_dims_rope):

@@ -14,7 +14,6 @@ with no renaming.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -23,7 +22,8 @@ from torch.nn import functional as F
 
 from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
-from zflux.common.rope import rope_tables
+from zflux.common.norms import ModulationOut
+from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.weights import config_from_dict
 
 ROPE_THETA = 10000.0
@@ -54,8 +54,7 @@ class FluxConfig:
             object.__setattr__(self, "out_channels", self.in_channels)
         if self.patch_size != 1:
             raise ValueError(f"FLUX patchifies outside the transformer (pack_latents): patch_size must be 1, got {self.patch_size}")
-        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to the head dim {self.attention_head_dim}")
+        check_axes_dims(self.axes_dims_rope, self.attention_head_dim)
 
     @property
     def hidden_size(self) -> int:
@@ -116,14 +115,6 @@ class QKNorm(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope)
-
-
-class ModulationOut(NamedTuple):
-    """adaLN parameters for one branch, each (B, 1, dim): (1 + scale) * norm(x) + shift in, x + gate * out after."""
-
-    shift: Tensor
-    scale: Tensor
-    gate: Tensor
 
 
 class Modulation(nn.Module):

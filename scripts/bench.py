@@ -3,11 +3,13 @@
     python scripts/bench.py                      # every model, eager
     python scripts/bench.py --models zimage --compile --backend triton
     python scripts/bench.py --models zimage-controlnet   # Z-Image-Turbo + ControlNet Union 2.1
+    python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev flux2-klein-4b-pipeline
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
-forward (one NFE) or one VAE decode: CUDA-event median over --iters runs after --warmup runs, the
-peak memory the call adds, and ours/diffusers ratios. Prints a markdown table. A case with a plain
-counterpart (the ControlNet: the same step without it) adds a row for the difference, the extra cost per step.
+forward (one NFE), one VAE decode or one whole generate() call (the pipeline row): CUDA-event
+median over --iters runs after --warmup runs, the peak memory the call adds, and ours/diffusers
+ratios. Prints a markdown table. A case with a plain counterpart (the ControlNet: the same step
+without it) adds a row for the difference, the extra cost per step.
 """
 
 import argparse
@@ -27,8 +29,11 @@ DEVICE, DTYPE = "cuda", torch.bfloat16
 class Case:
     name: str
     theirs: Callable[[], torch.Tensor]
-    ours: Callable[[], torch.Tensor]
+    ours: Callable[[], torch.Tensor] | None = None
     plain: "Case | None" = None  # the same work without the addition this case measures
+    # Where both models do not fit at once (FLUX.2 [dev]): builds ours from the reference's weights after the
+    # reference is timed, releasing the reference, and returns ours' call.
+    make_ours: Callable[[], Callable[[], torch.Tensor]] | None = None
 
 
 def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[float, float]:
@@ -166,8 +171,96 @@ def zimage_controlnet_case(args: argparse.Namespace) -> Case:
                 plain=Case("Z-Image-Turbo alone", partial(theirs, False), lambda: base(x, t, cap)))
 
 
+def flux2_case(args: argparse.Namespace, variant: str) -> Case:
+    """One FLUX.2 NFE (4096 img + 512 text tokens). Ours is built from diffusers' weights after they are timed, sharing
+    every tensor but the fused double-block qkv: [dev] (64 GB in bf16) cannot hold two copies on one 80 GB GPU."""
+    from diffusers import Flux2Transformer2DModel
+
+    from zflux.flux.flux2.convert import from_diffusers
+    from zflux.flux.flux2.model import PRESETS, Flux2
+
+    cfg = PRESETS[variant]
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    held = {"ref": random_model(lambda: Flux2Transformer2DModel(**kwargs))}
+    if args.compile:
+        held["ref"].compile_repeated_blocks(fullgraph=True)
+    img = torch.randn(1, 4096, cfg.in_channels, device=DEVICE, dtype=DTYPE)
+    txt = torch.randn(1, 512, cfg.joint_attention_dim, device=DEVICE, dtype=DTYPE)
+    rows, cols = torch.meshgrid(torch.arange(64, device=DEVICE), torch.arange(64, device=DEVICE), indexing="ij")
+    i_ids = torch.stack([torch.zeros_like(rows), rows, cols, torch.zeros_like(rows)], dim=-1).reshape(1, 4096, 4)
+    t_ids = torch.zeros(1, 512, 4, dtype=torch.long, device=DEVICE)
+    t_ids[..., 3] = torch.arange(512, device=DEVICE)
+    t = torch.tensor([0.5], device=DEVICE)
+    guidance = torch.tensor([4.0], device=DEVICE) if cfg.guidance_embeds else None
+
+    def make_ours() -> Callable[[], torch.Tensor]:
+        state_dict = from_diffusers(held.pop("ref").state_dict())
+        torch.cuda.empty_cache()
+        ours = load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), state_dict)
+        if args.compile:
+            for blocks in (ours.double_blocks, ours.single_blocks):
+                compile_blocks(blocks)
+        return lambda: ours(img, i_ids, txt, t_ids, t, guidance)
+
+    return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)",
+                lambda: held["ref"](img, txt, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0], make_ours=make_ours)
+
+
+def flux2_pipeline_case(args: argparse.Namespace) -> Case:
+    """FLUX.2 klein 4B (distilled) end to end at 1024x1024: Qwen3-4B prompt encoding, 4 NFE, VAE decode, PIL image.
+
+    Random weights at the real sizes; ours shares (but the fused qkv) diffusers' transformer weights and
+    copies its Qwen3-4B, of which it runs the 28 of 36 layers whose outputs are read. The tokenizer is the tests' tiny one: the text is always 512 tokens.
+    """
+    import copy
+    import sys
+    from pathlib import Path
+
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from zflux.common.vae import PRESETS as VAE_PRESETS
+    from zflux.common.vae import Autoencoder
+    from zflux.common.vae import from_diffusers as vae_from_diffusers
+    from zflux.flux.flux2.convert import from_diffusers
+    from zflux.flux.flux2.model import PRESETS, Flux2
+    from zflux.flux.flux2.pipeline import Flux2Pipeline
+    from zflux.flux.flux2.text import Flux2PromptEncoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_text import qwen_tokenizer
+
+    cfg, tokenizer = PRESETS["flux2-klein-4b"], qwen_tokenizer()
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    with torch.device(DEVICE):  # built in place: the rotary tables and batch-norm statistics are buffers
+        qwen = Qwen3ForCausalLM(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                            num_key_value_heads=8, head_dim=128, rope_theta=1e6, tie_word_embeddings=True,
+                                            max_position_embeddings=40960)).to(DTYPE).eval()
+        vae = AutoencoderKLFlux2().to(DTYPE).eval()
+    ref = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae,
+                             text_encoder=qwen, tokenizer=tokenizer,
+                             transformer=random_model(lambda: Flux2Transformer2DModel(**kwargs)), is_distilled=True)
+    ref.set_progress_bar_config(disable=True)
+    transformer = load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), from_diffusers(ref.transformer.state_dict()))
+    ours = Flux2Pipeline(transformer, load_into(build_on_meta(lambda: Autoencoder(VAE_PRESETS["flux2"])),
+                                                vae_from_diffusers(vae.state_dict())),
+                         Flux2PromptEncoder(copy.deepcopy(qwen.model), tokenizer), "flux2-klein-4b")  # a copy: ours drops 8 layers
+    if args.compile:
+        ref.transformer.compile_repeated_blocks(fullgraph=True)
+        for blocks in (transformer.double_blocks, transformer.single_blocks):
+            compile_blocks(blocks)
+    prompt = "a photo of a red fox in the snow"
+    return Case("FLUX.2 klein 4B pipeline 1024x1024 (encode + 4 NFE + decode)",
+                lambda: ref(prompt=prompt, height=1024, width=1024, num_inference_steps=4,
+                            generator=torch.Generator().manual_seed(0)).images[0],
+                lambda: ours.generate(prompt, seed=0, height=1024, width=1024, progress=False))
+
+
 CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "zimage-controlnet": zimage_controlnet_case,
-         "flux": flux_case, "vae": vae_case}
+         "flux": flux_case, "vae": vae_case, "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"),
+         "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"), "flux2-dev": lambda args: flux2_case(args, "flux2-dev"),
+         "flux2-klein-4b-pipeline": flux2_pipeline_case}
 
 
 def main() -> None:
@@ -184,7 +277,7 @@ def main() -> None:
     for name in args.models:
         case = CASES[name](args)
         t_ref, m_ref = time_ms(case.theirs, args.warmup, args.iters)
-        t_ours, m_ours = time_ms(case.ours, args.warmup, args.iters)
+        t_ours, m_ours = time_ms(case.make_ours() if case.make_ours else case.ours, args.warmup, args.iters)
         print(f"| {case.name} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {m_ref:.2f} | {m_ours:.2f} |", flush=True)
         if case.plain is not None:
             extra_ref = t_ref - time_ms(case.plain.theirs, args.warmup, args.iters)[0]

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from zflux.common.vae import AutoencoderConfig, Autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import load_transformer as load_flux
+from zflux.flux.flux2.convert import load_transformer as load_flux2
+from zflux.flux.flux2.model import Flux2, Flux2Config
 from zflux.flux.model import Flux, FluxConfig
 from util import randomize_
 from zflux.zimg.convert import load_transformer as load_zimage
@@ -23,6 +25,8 @@ ZIMAGE = ZImageConfig(dim=64, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_lay
                       axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 FLUX = FluxConfig(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=1,
                   joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True)
+FLUX2 = Flux2Config(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                    joint_attention_dim=24, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
 VAE = AutoencoderConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)
 
 FAMILIES = {  # name: (model factory, loader, a key to drop, a key to mis-shape)
@@ -30,6 +34,8 @@ FAMILIES = {  # name: (model factory, loader, a key to drop, a key to mis-shape)
                "layers.1.attention.qkv.weight", "x_embedder.weight"),
     "flux": (lambda: Flux(FLUX), lambda p: load_flux(p, dtype=torch.float32, cfg=FLUX),
              "single_blocks.1.linear2.bias", "img_in.weight"),
+    "flux2": (lambda: Flux2(FLUX2), lambda p: load_flux2(p, dtype=torch.float32, cfg=FLUX2),
+              "double_blocks.0.txt_attn.norm.key_norm.scale", "single_blocks.1.linear1.weight"),
     "vae": (lambda: Autoencoder(VAE), lambda p: load_autoencoder(p, dtype=torch.float32, cfg=VAE),
             "decoder.up.1.block.0.nin_shortcut.weight", "encoder.conv_out.weight"),
 }
@@ -38,6 +44,7 @@ FAMILIES = {  # name: (model factory, loader, a key to drop, a key to mis-shape)
 BAD_CONFIGS = {  # name: (loader without a cfg, a config.json it refuses, the reason it gives)
     "zimage": (load_zimage, {"siglip_feat_dim": 1152}, "Z-Image Omni config"),
     "flux": (load_flux, {"patch_size": 2}, "patch_size must be 1"),
+    "flux2": (load_flux2, {"axes_dims_rope": [16, 16, 16, 16], "attention_head_dim": 128}, "must be even and sum to the head dim 128"),
     "vae": (load_autoencoder, {"_class_name": "FluxTransformer2DModel"}, "config is for FluxTransformer2DModel"),
 }
 

@@ -17,6 +17,8 @@ from kernel_env import DEVICE, require_triton
 require_triton()  # before kernels/ is imported
 
 from zflux.common.ops import BACKENDS  # noqa: E402
+from zflux.flux.flux2.model import Flux2, Flux2Config  # noqa: E402
+from zflux.flux.flux2.pipeline import grid_ids, text_ids  # noqa: E402
 from zflux.flux.model import Flux, FluxConfig  # noqa: E402
 from zflux.common.latents import pack_latents  # noqa: E402
 from zflux.flux.pipeline import img_ids, txt_ids  # noqa: E402
@@ -91,6 +93,20 @@ def flux_case(device: str):
                   guidance=torch.tensor([3.5, 1.5], device=device))
     return model, inputs
 
+FLUX2 = Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+                    joint_attention_dim=32, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False)
+
+
+def flux2_case(device: str):
+    """A random tiny FLUX.2 klein (fp32) and its inputs: 7 text tokens, a 4x6 token grid, then a 2x3 reference."""
+    model = randomize_(Flux2(FLUX2).to(device), seed=0).eval()
+    g = torch.Generator(device).manual_seed(1)
+    ids = torch.cat([grid_ids(4, 6, device=device), grid_ids(2, 3, time=10, device=device)], dim=1).expand(2, -1, -1)
+    inputs = dict(img=torch.randn(2, 30, 16, generator=g, device=device), img_ids=ids,
+                  txt=torch.randn(2, 7, 32, generator=g, device=device), txt_ids=text_ids(2, 7, device),
+                  timesteps=torch.rand(2, generator=g, device=device))
+    return model, inputs
+
 
 def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The model's output (fp32) with its weights in `dtype`; both models cast their inputs themselves."""
@@ -99,7 +115,8 @@ def run(model, inputs: dict, backend: str, dtype: torch.dtype = torch.float32) -
         return model.to(dtype)(**inputs).float()
 
 
-CASES = {"zimage": zimage_case, "zimage-controlnet": zimage_controlnet_case, "zimage-omni": zimage_omni_case, "flux": flux_case}
+CASES = {"zimage": zimage_case, "zimage-controlnet": zimage_controlnet_case, "zimage-omni": zimage_omni_case, "flux": flux_case,
+         "flux2": flux2_case}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -118,3 +135,20 @@ def test_same_output_on_every_backend_bf16(case):
     bar = 1.5 * rel_err(run(model, inputs, "sdpa", torch.bfloat16), expected) + 2e-3
     for backend in BACKENDS:
         assert rel_err(run(model, inputs, backend, torch.bfloat16), expected) <= bar, backend
+
+
+def test_flux2_kv_steps_on_every_backend_fp32():
+    """klein KV's extract step and a cached step, where the keys outnumber the queries (SDPA under every backend)."""
+    model, inputs = flux2_case(DEVICE)
+    target = {k: v[:, :24] if k.startswith("img") else v for k, v in inputs.items()}
+    refs = dict(ref=inputs["img"][:, 24:], ref_ids=inputs["img_ids"][:, 24:])
+
+    def steps(backend: str) -> torch.Tensor:
+        model.backend = backend
+        with torch.no_grad():
+            first, ref_kv = model.extract_ref_kv(**target, **refs)
+            return torch.stack([first, model(**target | dict(timesteps=target["timesteps"] / 2), ref_kv=ref_kv)])
+
+    expected = steps("sdpa")
+    for backend in BACKENDS:
+        assert rel_err(steps(backend), expected) <= 1e-5, backend

@@ -2,11 +2,13 @@
 
 Each test loads one tiny random snapshot folder (tiny_pipelines.py) twice, into our pipeline and
 into diffusers' own, gives both the same initial noise and compares the final latents.
-Tolerance: fp32 on the CPU, relative error <= 1e-4. Every step goes through the text encoder (same
+Tolerance: fp32 on the CPU, relative error <= 1e-5. Every step goes through the text encoder (same
 `transformers` modules), the transformer (our fused / reordered math: ~1e-6 per call, see
 test_zimg_model.py, test_flux_model.py), the CFG combination and the Euler update; the sigmas may sit
-one float32 step away (common/sampling.py). A few steps compound that to ~1e-6, far inside 1e-4.
-Decoded images may differ by one 8-bit level where a pixel sits at a rounding boundary.
+one float32 step away (common/sampling.py). A few steps compound that to at most 1.3e-6 (measured).
+Decoded images may differ by one 8-bit level where a pixel sits at a rounding boundary: a handful of
+values (measured: 1 of 15360), so at most 0.1% may differ, by one level; the tiny autoencoder keeps
+most pixels inside [0, 255] (about 1% clip), so the comparison sees nearly the whole image.
 """
 
 import shutil
@@ -31,7 +33,7 @@ from util import rel_err
 from zflux.zimg.convert import from_diffusers as zimage_from_diffusers
 from zflux.zimg.pipeline import ZImagePipeline, cfg_active, trim_captions
 
-TOL = 1e-4  # see the module docstring
+TOL = 1e-5  # see the module docstring
 H = W = 64  # pixels: an (8, 8) latent, 16 image tokens
 PROMPT = "a photo of a cat"
 FP32 = dict(device="cpu", dtype=torch.float32)
@@ -102,8 +104,10 @@ def test_images_match_diffusers(snapshots, variant):
     kwargs = dict(guidance_scale=0.0, latents=start) if zimage else dict(max_sequence_length=256, latents=pack(start))
     expected = ref(PROMPT, height=H, width=W + 16, num_inference_steps=2, **kwargs).images[0]
     assert isinstance(image, Image.Image) and image.size == expected.size == (W + 16, H) and image.mode == "RGB"
-    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
-    assert diff.max() <= 1
+    expected = np.asarray(expected, dtype=np.int16)
+    diff = np.abs(np.asarray(image, dtype=np.int16) - expected)
+    assert np.isin(expected, (0, 255)).mean() <= 0.05  # the comparison sees (nearly) every pixel, not clipped ones
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
 
 
 def test_seed_draws_the_documented_noise(snapshots):
@@ -229,22 +233,27 @@ def test_image_to_image(snapshots, pipeline, variant):
         pipe.generate(PROMPT, init_image=init, strength=0.0, steps=4, progress=False)
 
 
-@pytest.mark.parametrize("variant, steps, strength", [("z-image-turbo", 4, 0.5), ("z-image-turbo", 3, 1.0), ("flux-schnell", 4, 0.75)])
-def test_image_to_image_matches_diffusers(snapshots, variant, steps, strength):
-    """The seed draws the posterior sample of the init image's latent, then the noise, as diffusers' img2img pipelines do."""
+@pytest.mark.parametrize("variant, steps, strength, init_size", [
+    ("z-image-turbo", 4, 0.5, (H, W)), ("z-image-turbo", 3, 1.0, (H, W)), ("flux-schnell", 4, 0.75, (H, W)),
+    ("z-image-turbo", 4, 0.5, (50, 72)), ("flux-schnell", 4, 0.75, (90, 40)),  # resized (Lanczos) to 48 x 64, 80 x 32
+])
+def test_image_to_image_matches_diffusers(snapshots, variant, steps, strength, init_size):
+    """The seed draws the posterior sample of the init image's latent, then the noise, as diffusers' img2img pipelines do;
+    an init image whose size is not a multiple of 16 is resized to the size rounded down."""
     zimage = variant.startswith("z")
     ours_cls, base_cls, ref_cls = ((ZImagePipeline, DiffusersZImage, DiffusersZImageImg2Img) if zimage
                                    else (FluxPipeline, DiffusersFlux, DiffusersFluxImg2Img))
-    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*init_size, 3), dtype=np.uint8))
+    height, width = (size // 16 * 16 for size in init_size)
     got = ours_cls.from_pretrained(snapshots[variant], **FP32).generate(PROMPT, init_image=init, strength=strength, steps=steps, seed=3,
                                                                         output_type="latent", progress=False)
     ref = ref_cls(**base_cls.from_pretrained(snapshots[variant]).components)
     ref.set_progress_bar_config(disable=True)
     kwargs = dict(guidance_scale=0.0) if zimage else dict(max_sequence_length=256)
-    expected = ref(PROMPT, image=init, strength=strength, height=H, width=W, num_inference_steps=steps, output_type="latent",
+    expected = ref(PROMPT, image=init, strength=strength, height=height, width=width, num_inference_steps=steps, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(3), **kwargs).images
-    expected = expected if zimage else unpack(expected)
-    assert got.shape == expected.shape == (1, 16, H // 8, W // 8)
+    expected = expected if zimage else DiffusersFlux._unpack_latents(expected, height, width, 8)
+    assert got.shape == expected.shape == (1, 16, height // 8, width // 8)
     assert rel_err(got, expected) <= TOL
 
 

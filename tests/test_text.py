@@ -2,8 +2,10 @@
 
 The tests build tiny random Qwen3, T5 and CLIP models and tiny tokenizers offline, save them as a
 diffusers snapshot would, and compare our encoders with the pipelines' own encode_prompt run on the
-same folders. Both sides call the same `transformers` modules on the same token ids, so the
-tolerance is exact equality.
+same folders, each side loading its own models and tokenizers from them (diffusers' with the classes
+the real snapshots' model_index.json names), so that a loading setting of ours (the padding side,
+say) cannot reach diffusers' side. Both call the same `transformers` modules on the same token ids,
+so the tolerance is exact equality.
 """
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from diffusers import FluxPipeline, ZImagePipeline
 from tokenizers import pre_tokenizers
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM,
-                          Qwen3Model, T5Config, T5EncoderModel, T5Tokenizer)
+                          Qwen3Model, T5Config, T5EncoderModel, T5Tokenizer, T5TokenizerFast)
 
 from zflux.common.weights import CheckpointError
 from zflux.flux.text import FluxPromptEncoder
@@ -90,7 +92,8 @@ def test_qwen3_matches_zimage_pipeline(zimage_snapshot, dtype, max_length):
     features, mask = ours(PROMPTS, max_length=max_length)
 
     text_encoder = Qwen3Model.from_pretrained(zimage_snapshot / "text_encoder", dtype=dtype)
-    pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=ours.tokenizer, transformer=None)
+    tokenizer = Qwen2Tokenizer.from_pretrained(zimage_snapshot / "tokenizer")
+    pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
     expected = pipe._encode_prompt(list(PROMPTS), device="cpu", max_sequence_length=max_length)  # one (L_i, D) per prompt
 
     assert features.shape == (2, max_length, 32) and features.dtype == dtype and mask.dtype == torch.bool
@@ -113,9 +116,9 @@ def test_flux_matches_flux_pipeline(flux_snapshot, dtype, max_length):
 
     pipe = FluxPipeline(scheduler=None, vae=None, transformer=None,
                         text_encoder=CLIPTextModel.from_pretrained(flux_snapshot / "text_encoder", dtype=dtype),
-                        tokenizer=ours.clip_tokenizer,
+                        tokenizer=CLIPTokenizer.from_pretrained(flux_snapshot / "tokenizer"),
                         text_encoder_2=T5EncoderModel.from_pretrained(flux_snapshot / "text_encoder_2", dtype=dtype),
-                        tokenizer_2=ours.t5_tokenizer)
+                        tokenizer_2=T5TokenizerFast.from_pretrained(flux_snapshot / "tokenizer_2"))
     expected, expected_pooled, _ = pipe.encode_prompt(list(PROMPTS), prompt_2=None, device="cpu", max_sequence_length=max_length)
 
     assert features.shape == (2, max_length, 32) and pooled.shape == (2, 32)

@@ -31,12 +31,11 @@ FLUX_CONFIG = {
 }
 
 
-def diffusers_config(cfg: AutoencoderConfig) -> dict:
-    """The diffusers AutoencoderKL arguments for `cfg`."""
+def diffusers_config(cfg: AutoencoderConfig, dropped: tuple[str, ...] = ("patch_size", "batch_norm_eps")) -> dict:
+    """The diffusers AutoencoderKL arguments for `cfg` (without the fields its class does not take: `dropped`)."""
     n = len(cfg.block_out_channels)
-    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "use_quant_conv": False, "use_post_quant_conv": False}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items() if k not in dropped},
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
 
 def diffusers_vae(cfg: AutoencoderConfig, seed: int = 0, std: float = 0.1) -> AutoencoderKL:
@@ -76,12 +75,11 @@ def test_config_from_diffusers_and_presets():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"use_quant_conv": True}, "use_quant_conv"),
-    ({"use_post_quant_conv": None}, "use_post_quant_conv"),
+    ({"decoder_block_out_channels": [8, 8, 8, 8]}, "decoder_block_out_channels"),
     ({"act_fn": "gelu"}, "act_fn='gelu'"),
     ({"mid_block_add_attention": False}, "mid_block_add_attention=False"),
     ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"] * 2}, "up_block_types"),
-    ({"_class_name": "AutoencoderKLFlux2"}, "config is for AutoencoderKLFlux2, not AutoencoderKL"),
+    ({"_class_name": "AutoencoderTiny"}, "config is for AutoencoderTiny, not AutoencoderKL or AutoencoderKLFlux2"),
     ({"norm_num_groups": 24}, "must be multiples of norm_num_groups 24"),
 ])
 def test_unsupported_configs_are_named(change, message):

@@ -45,8 +45,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+CONV_OUT_GAIN = 0.25  # decoded pixels mostly inside [-1, 1]: at the randomize_ scale 45% clipped to 0 or 255
+
+
 def tiny_vae(seed: int) -> AutoencoderKL:
-    return randomize_(AutoencoderKL(**VAE), seed, std=0.2).eval()
+    vae = randomize_(AutoencoderKL(**VAE), seed, std=0.2).eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(CONV_OUT_GAIN)
+    return vae
 
 
 def zimage_snapshot(root: Path, variant: str = "z-image-turbo", seed: int = 0) -> Path:

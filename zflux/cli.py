@@ -90,16 +90,16 @@ SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for ev
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 RANDOM_SEEDS = 2**32  # a random seed is drawn below this: short to write down
-DEFAULT_STRENGTH = 0.6
 
 
 @cache
 def families() -> tuple[ModuleType, ...]:
     """Each family's cli.py, in --model order. Imported on first use: they bring torch and transformers (seconds)."""
     from zflux.flux import cli as flux
+    from zflux.flux.flux2 import cli as flux2
     from zflux.zimg import cli as zimage
 
-    return zimage, flux
+    return zimage, flux, flux2
 
 
 def variants() -> dict:
@@ -201,7 +201,11 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt, with seeds seed, seed+1, ... "
                                                                             "(default 1)")
     gen.add_argument("--init-image", help="image file to start from (image to image)")
-    gen.add_argument("--strength", type=float, help=f"with --init-image: how much of the schedule to run, 0-1 (default {DEFAULT_STRENGTH})")
+    gen.add_argument("--strength", type=float, help="with --init-image: how much of the schedule to run, 0-1 (default: the model's, "
+                                                    "0.6 for most)")
+    gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--reference-image", action="append", metavar="PATH",
+                     help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png (PNG keeps the settings); several images are "
                                                   "numbered: image-1.png, image-2.png, ...")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -250,7 +254,6 @@ class Request:
     settings: SamplingDefaults  # the family's, the given flags in place
     family_options: dict  # family.generate_options(args): its flags as generate() takes them, files opened
     init_image: Image.Image | None
-    strength: float | None  # with an init image: the given one, else DEFAULT_STRENGTH
     device: torch.device
     dtype: torch.dtype
     footprint: Footprint
@@ -308,10 +311,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     settings = family.check_args(args, height, width)
     family_options = family.generate_options(args)
     sigmas = sigma_schedule(settings.steps)  # steps >= 1
-    strength = None
-    if init_image is not None:
-        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-        img2img_start(sigmas, strength)  # in [0, 1], and leaving a step to run
+    if args.strength is not None:  # else the pipeline's default
+        img2img_start(sigmas, args.strength)  # in [0, 1], and leaving a step to run
     device = check_device(args.device)
     dtype = torch_dtype(args.dtype)
     check_dtype(dtype, device)
@@ -321,8 +322,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.offload_text_encoder and device.type == "cpu":
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
     footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
-    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, strength=strength,
-                   device=device, dtype=dtype, footprint=footprint)
+    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
+                   footprint=footprint)
 
 
 def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
@@ -456,8 +457,8 @@ def parameters_text(args: argparse.Namespace, family: ModuleType, request: Reque
     """A run's settings as image tools write them into a PNG ("parameters"): prompt, negative prompt, then "Key: value, ..."."""
     fields = {"Steps": request.settings.steps, "Sampler": "Euler", "Guidance": request.settings.guidance, "Seed": job.seed,
               "Size": f"{size[0]}x{size[1]}", "Model": args.model}
-    if request.init_image is not None:
-        fields["Denoising strength"] = request.strength
+    if args.strength is not None:
+        fields["Denoising strength"] = args.strength
     given = {dest: getattr(args, dest) for dest, default in family_flags(family).items() if getattr(args, dest) != default}
     fields |= {dest.replace("_", " ").capitalize(): value for dest, value in given.items()}  # as the user gave them
     fields["Version"] = f"zflux {__version__}"
@@ -491,16 +492,19 @@ def describe_image(path: Path) -> None:
 def describe_snapshot(path: Path) -> None:
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
+    transformer = path / "transformer"
+    family = identify(transformer).family if any(transformer.glob("*.safetensors*")) else None
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         if folder.name == "scheduler":
-            print(f"  scheduler/: {scheduler_line(folder)}")
+            print(f"  scheduler/: {scheduler_line(folder, family)}")
         elif any(folder.glob("*.safetensors")):
             print(f"  {folder.name}/")
             print("\n".join("    " + line for line in identify(folder).lines()))
 
 
-def scheduler_line(folder: Path) -> str:
-    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these."""
+def scheduler_line(folder: Path, family: str | None = None) -> str:
+    """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
+    transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
     from zflux.common.pipeline import read_scheduler
 
     scheduler = read_scheduler(folder)
@@ -508,7 +512,8 @@ def scheduler_line(folder: Path) -> str:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in variants().items() if variant.scheduler == scheduler]
+    shipped = [name for name, variant in variants().items()
+               if variant.scheduler == scheduler and (family is None or family in family_of(name).LAYOUTS)]
     return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 

@@ -27,15 +27,14 @@ SIGLIP_FOLDERS = ("siglip", "siglip_processor")  # what it also holds for a z-im
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Z-Image's own flags of `zflux generate`, in a group that also says what the shared ones mean for it."""
     group = parser.add_argument_group(NAME, "--guidance is the CFG scale (turbo 0, base 4, omni 5); --negative-prompt needs "
-                                            "--guidance > 0; with --control-image, --init-image is the image to inpaint")
+                                            "--guidance > 0; with --control-image, --init-image is the image to inpaint and "
+                                            "--mask (needs --control-image) says where; --reference-image is z-image-omni's")
     group.add_argument("--cfg-normalization", type=float, help="cap the guided prediction's norm at this multiple of the conditional one's")
     group.add_argument("--cfg-truncation", type=float, help="no CFG once the model time 1 - sigma exceeds this")
     group.add_argument("--controlnet", help="a ControlNet Union file (Z-Image-Turbo-Fun-Controlnet-Union*.safetensors) or folder")
     group.add_argument("--control-image", help="the control map (canny, depth, pose, ...), resized to the output size")
     group.add_argument("--control-scale", type=float, default=0.75, help="how strongly the control image steers (default 0.75)")
     group.add_argument("--control-preprocess", choices=tuple(PREPROCESSORS), help="make the control map from a photo first")
-    group.add_argument("--mask", help="ControlNet inpainting: white repaints --init-image (needs --control-image)")
-    group.add_argument("--reference-image", action="append", help="z-image-omni: an image to edit or combine (repeatable)")
 
 
 def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefaults:
