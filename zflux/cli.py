@@ -107,8 +107,23 @@ def variants() -> dict:
     return {name: variant for family in families() for name, variant in family.VARIANTS.items()}
 
 
+def layouts() -> dict[str, ModuleType]:
+    """zflux convert's layouts: identify()'s family name -> the module with its key maps (each family's, and the autoencoder's)."""
+    from zflux.common import vae
+
+    return {name: module for family in families() for name, module in family.LAYOUTS.items()} | {"autoencoder": vae}
+
+
 def family_of(model: str) -> ModuleType:
     return next(family for family in families() if model in family.VARIANTS)
+
+
+def __getattr__(name: str):
+    """FAMILIES, VARIANTS and LAYOUTS as module attributes too, made on first use (the families' import takes seconds)."""
+    lazy = {"FAMILIES": families, "VARIANTS": variants, "LAYOUTS": layouts}
+    if name not in lazy:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy[name]()
 
 
 @cache
@@ -196,8 +211,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--width", type=int, help="pixels, a positive multiple of 16 (default 1024, or the init image's width)")
     gen.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the model's, see --model)")
     gen.add_argument("--guidance", type=float, help="the guidance scale, >= 0 (its meaning and default: see each family's options)")
-    gen.add_argument("--seed", type=int, default=RANDOM_SEED, help="seed of the initial noise, 0 to 2^64-1; -1 (the default): "
-                                                                   "a random one. The seed used is printed and stored in the PNG")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise, 0 to 2^64-1; -1: a random one. The default, 0, "
+                                                         "makes the same image every run. The seed used is printed and stored in the PNG")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt, with seeds seed, seed+1, ... "
                                                                             "(default 1)")
     gen.add_argument("--init-image", help="image file to start from (image to image)")
@@ -519,7 +534,6 @@ def scheduler_line(folder: Path, family: str | None = None) -> str:
 
 def convert(args: argparse.Namespace) -> None:
     """zflux convert: detect the family from the keys, rewrite the keys, save one .safetensors file."""
-    from zflux.common import vae
     from zflux.common.weights import header_state_dict, read_state_dict, save_state_dict
 
     dst = Path(args.dst)
@@ -527,11 +541,10 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError(f"the output {dst} must be a .safetensors file")
     check_writable(dst)
     info = identify(args.src)
-    layouts = {name: module for family in families() for name, module in family.LAYOUTS.items()} | {"autoencoder": vae}
-    if info.family not in layouts:
+    if info.family not in layouts():
         names = ", ".join(family.NAME for family in families())
         raise CheckpointError(f"{args.src} holds {info.description}; zflux convert handles {names} and their autoencoder")
-    layout = layouts[info.family]
+    layout = layouts()[info.family]
     try:
         layout.from_diffusers(header_state_dict(args.src))  # a missing part of a fused tensor fails here, before any tensor is read
     except CheckpointError as e:
