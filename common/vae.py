@@ -39,7 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.weights import check_model, config_from_dict, load_model
+from zflux.common.weights import check_model, config_from_dict, config_to_dict, load_model, save_model_folder
 
 EPS = 1e-6  # every GroupNorm
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here (BFL's and diffusers' DiagonalGaussian)
@@ -92,6 +92,17 @@ class AutoencoderConfig:
             raise ValueError(f"unsupported {class_name} variant: {', '.join(k for k, on in unsupported.items() if on)}")
         return config_from_dict(cls, config)
 
+
+    def to_diffusers(self) -> dict:
+        """This config as a diffusers AutoencoderKL config.json dict (FLUX.1's and Z-Image's kind, not FLUX.2's)."""
+        if self.patch_size is not None:
+            raise ValueError("a FLUX.2 autoencoder config (patch_size set) is not an AutoencoderKL config")
+        levels = len(self.block_out_channels)
+        config = config_to_dict(self, "AutoencoderKL") | {
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "act_fn": "silu", "mid_block_add_attention": True}
+        del config["patch_size"], config["batch_norm_eps"]  # FLUX.2's, unknown to AutoencoderKL
+        return config
 
 # diffusers' defaults that differ from this module's, per class, for keys a config.json leaves out.
 CLASS_DEFAULTS = {
@@ -403,3 +414,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype
 def check_autoencoder(path: str | Path, cfg: AutoencoderConfig | None = None) -> AutoencoderConfig:
     """What load_autoencoder checks before it reads a tensor (config, keys, shapes, from the header); the config it would use."""
     return check_model(path, **CHECKPOINTS, cfg=cfg)
+
+
+def save_autoencoder(vae: Autoencoder, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `vae` as a diffusers `vae/` folder (AutoencoderKL config.json + weights in `dtype`)."""
+    return save_model_folder(folder, to_diffusers(vae.state_dict()), vae.cfg.to_diffusers(), dtype)

@@ -7,7 +7,7 @@ straight into the device and dtype they will be used in.
 """
 
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -43,6 +43,20 @@ def config_from_dict(cls: type[T], config: dict) -> T:
     bookkeeping keys (`_class_name`, `_diffusers_version`, ...) and options it does not model ignored."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+def config_to_dict(cfg, class_name: str) -> dict:
+    """A config dataclass as a diffusers config.json dict naming `class_name` (config_from_dict's inverse)."""
+    return {"_class_name": class_name, **asdict(cfg)}
+
+
+def save_model_folder(folder: str | Path, state_dict: dict[str, Tensor], config: dict, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A diffusers model folder: `config` as config.json, `state_dict` in `dtype` as diffusion_pytorch_model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_state_dict({k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}, folder / "diffusion_pytorch_model.safetensors")
+    return folder
 
 
 def read_config(path: str | Path, parse: Callable[[dict], T]) -> T | None:

@@ -1,6 +1,6 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
-zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
+zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
 add_arguments, check_args, load_options, load_pipeline and generate_options.
 """
 
@@ -9,10 +9,13 @@ from pathlib import Path
 
 from zflux.common.sampling import SamplingDefaults
 from zflux.flux import convert
-from zflux.flux.pipeline import VARIANTS, FluxPipeline, check_settings
+from zflux.flux.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, VARIANTS, FluxPipeline, check_settings
+from zflux.flux.training import SETTINGS, train_flux
 
 NAME = "FLUX.1"
 LAYOUTS = {"flux.1": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
+EMBEDDED = {"flux-dev": (EMBEDDED_MODEL, EMBEDDED_SIZE)}  # variant -> (the small model zflux ships, its size in pixels)
+TRAIN = {"flux-dev": (train_flux, SETTINGS)}  # what `zflux train` can train: (the run, its default settings)
 TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # CLIP's, then T5's
 
 

@@ -47,6 +47,9 @@ VARIANTS = {
                         defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
 }
 SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
+# zflux's own small dev-shaped model, trained on drawn scenes (flux/training.py), shipped as a snapshot folder.
+EMBEDDED_MODEL = Path(__file__).parent / "embedded"
+EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
 

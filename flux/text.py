@@ -61,14 +61,21 @@ class FluxPromptEncoder:
         tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         return tokens.input_ids.to(device)  # (B, max_length)
 
-    @torch.no_grad()
-    def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
-        """T5 features (B, max_length, 4096) and CLIP pooled (B, 768), each in its model's dtype."""
+    def tokens(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+        """T5 ids (B, max_length) and CLIP ids (B, 77), each on its model's device."""
         prompts = as_list(prompts)
         # 77 for CLIP-L; capped by the position table in case a tokenizer config leaves model_max_length unset (huge)
         clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
-        clip_ids = self._ids(self.clip_tokenizer, prompts, max_length=clip_length, device=self.clip.device, encoder="CLIP")  # (B, 77)
-        t5_ids = self._ids(self.t5_tokenizer, prompts, max_length=max_length, device=self.t5.device, encoder="T5")  # (B, L)
-        pooled = self.clip(clip_ids).pooler_output  # (B, 768)
-        features = self.t5(t5_ids).last_hidden_state  # (B, L, 4096)
-        return features, pooled
+        return (self._ids(self.t5_tokenizer, prompts, max_length=max_length, device=self.t5.device, encoder="T5"),
+                self._ids(self.clip_tokenizer, prompts, max_length=clip_length, device=self.clip.device, encoder="CLIP"))
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+        """T5 features (B, max_length, 4096) and CLIP pooled (B, 768), each in its model's dtype."""
+        return flux_features(self.t5, self.clip, *self.tokens(prompts, max_length))
+
+
+def flux_features(t5: PreTrainedModel, clip: PreTrainedModel, t5_ids: Tensor, clip_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """FLUX.1's text conditioning from token ids: T5's last hidden states (B, L, 4096) and CLIP's pooled vector (B, 768),
+    with gradients if enabled."""
+    return t5(t5_ids).last_hidden_state, clip(clip_ids).pooler_output

@@ -1,11 +1,12 @@
-"""The `zflux` command: generate (snapshot folders and single files), info (checkpoint identification from
-headers), convert (layout round trips), and the named errors. Runs `main([...])` in-process on tiny
-random snapshots (tiny_pipelines.py), on the CPU in fp32."""
+"""The `zflux` command: generate (snapshot folders and single files; the small model zflux ships), info (checkpoint
+identification from headers), convert (layout round trips), train (each flag reaching the run), and the named errors.
+Runs `main([...])` in-process on tiny random snapshots (tiny_pipelines.py), on the CPU in fp32."""
 
 import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import zflux.cli as cli
+import zflux.common.training as training
 from zflux.cli import main
 from zflux.common.identify import identify, read_header
 from zflux.common.vae import from_diffusers as vae_from_diffusers
@@ -241,3 +244,62 @@ def test_console_script(snapshots):
     with pytest.raises(SystemExit) as exit_info:  # in-process: one interpreter start (seconds) is enough
         main(["generate", "--model", "flux-dev"])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`zflux train` at 32 pixels for a step or two: the autoencoder, then the small Z-Image (its grid cut to one picture)."""
+    out = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "SHOWCASE", training.SHOWCASE[:1])
+        run("train", "autoencoder", "--out", out, "--size", 32, "--max-steps", 2, "--batch-size", 2, "--device", "cpu")
+        run("train", "z-image-turbo", "--out", out, "--size", 32, "--max-steps", 1, "--batch-size", 2, "--device", "cpu")
+    return out
+
+
+def test_train(runs, capsys):
+    """Each run leaves its folder; a second call resumes the run (here: already at --max-steps, so it only saves)."""
+    assert (runs / "autoencoder" / "model" / "config.json").is_file()
+    assert {"model", "grid.png", "loss.png", "state.safetensors"} <= {p.name for p in (runs / "z-image-turbo").iterdir()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "SHOWCASE", training.SHOWCASE[:1])
+        run("train", "z-image-turbo", "--out", runs, "--size", 32, "--max-steps", 1, "--device", "cpu")
+    assert f"{runs / 'z-image-turbo' / 'model'}: z-image-turbo (diffusers folder)" in capsys.readouterr().out
+
+
+def test_train_needs_the_autoencoder(tmp_path, capsys):
+    message = fails(capsys, "train", "flux-dev", "--out", tmp_path, "--device", "cpu")
+    assert "no trained autoencoder at" in message and "zflux train autoencoder" in message
+
+
+def test_generate_runs_the_small_model_without_weights(runs, tmp_path, capsys, monkeypatch):
+    """No --model and no --weights: the small Z-Image zflux ships, at its size, and the command says so."""
+    monkeypatch.setitem(cli.EMBEDDED, "z-image-turbo", (runs / "z-image-turbo" / "model", 32))
+    run("generate", "--prompt", "a red circle on a blue background", "--out", tmp_path / "circle.png", "--device", "cpu")
+    out = capsys.readouterr().out
+    assert "model: zflux's small z-image-turbo-shaped model, trained on 32x32 pictures" in out and "32x32, z-image-turbo" in out
+
+
+def test_small_model_errors(tmp_path, capsys, monkeypatch):
+    assert "--model z-image needs --weights" in fails(capsys, "generate", "--model", "z-image", "--prompt", "a cat", "--out", "a.png")
+    monkeypatch.setitem(cli.EMBEDDED, "flux-dev", (tmp_path / "nothing", 128))
+    message = fails(capsys, "generate", "--model", "flux-dev", "--prompt", "a cat", "--out", "a.png")
+    assert "zflux's small flux-dev is not in this installation" in message and "zflux train flux-dev" in message
+
+
+def test_train_flags_reach_the_run(tmp_path, capsys, monkeypatch):
+    """Every flag of `zflux train` reaches the run: its settings over the run's defaults, the folders, size, device, workers."""
+    calls = []
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    record = lambda folder, vae, settings, **options: calls.append((folder, vae, settings, options)) or folder / "model"
+    defaults = cli.TRAIN["z-image-turbo"][1]
+    monkeypatch.setitem(cli.TRAIN, "z-image-turbo", (record, defaults))
+    run("train", "z-image-turbo", "--out", tmp_path / "runs", "--minutes", 3, "--max-steps", 5, "--batch-size", 8, "--lr", 2e-4,
+        "--size", 64, "--vae", vae, "--init", tmp_path / "shipped", "--device", "cpu", "--workers", 3, "--seed", 2)
+    ((folder, given_vae, settings, options),) = calls
+    assert folder == tmp_path / "runs" / "z-image-turbo" and given_vae == vae
+    assert settings == replace(defaults, minutes=3.0, max_steps=5, batch_size=8, lr=2e-4, seed=2)
+    assert options == dict(size=64, device=torch.device("cpu"), workers=3, init=tmp_path / "shipped")
+    assert "--init and --vae go with a transformer's run" in fails(capsys, "train", "autoencoder", "--init", tmp_path, "--out", tmp_path)

@@ -44,12 +44,19 @@ def test_hugging_face_kernels_beside_zflux():
 
 @pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source tree")
 def test_wheel_holds_only_zflux(tmp_path):
-    """A built wheel installs no top-level package but `zflux` (and the folders under it)."""
+    """A built wheel installs no top-level package but `zflux` (and the folders under it), and carries the small
+    models' snapshot folders (stand-in files where the copy has none)."""
     source = tmp_path / "src"  # a copy: setuptools writes build/ into the tree it builds
     source.mkdir()
     for name in ("pyproject.toml", "README.md", *FOLDERS):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    shipped = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+    for family, name in ((f, n) for f in ("zimg", "flux") for n in shipped):
+        path = source / family / "embedded" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
                            str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -59,6 +66,7 @@ def test_wheel_holds_only_zflux(tmp_path):
     assert top == {"zflux"}
     for folder in FOLDERS[1:]:
         assert f"zflux/{folder}/__init__.py" in names
+    assert {f"zflux/{family}/embedded/{name}" for family in ("zimg", "flux") for name in shipped} <= set(names)
 
 
 def test_every_module_has_a_forward():

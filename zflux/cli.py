@@ -1,20 +1,25 @@
-"""The `zflux` command: generate images, say what a checkpoint or an image holds, convert between checkpoint layouts.
+"""The `zflux` command: generate images, say what a checkpoint or an image holds, convert between checkpoint layouts,
+train zflux's own small models.
 
+    zflux generate --prompt "a red circle on a blue background" --out circle.png   (zflux's small model, on the CPU)
     zflux generate --model z-image-turbo --weights Z-Image-Turbo --prompt "a red fox in snow" --out fox.png
     zflux generate --model flux-dev --weights FLUX.1-dev/flux1-dev.safetensors --prompt "a red fox in snow" --out fox.png
     zflux generate --model flux-schnell --weights FLUX.1-schnell --prompts prompts.txt --num-images 4 --out foxes/fox.png
     zflux info FLUX.1-dev/flux1-dev.safetensors          (or a snapshot folder, or an image zflux wrote)
     zflux convert Z-Image-Turbo/transformer z_image_turbo.safetensors --to original
+    zflux train autoencoder --minutes 2 && zflux train z-image-turbo --minutes 3
 
 `--weights` is a diffusers snapshot folder (model_index.json + subfolders) or a transformer
-.safetensors file; with a file, the autoencoder is `--vae` (default: ae.safetensors beside the file)
+.safetensors file; without it, z-image-turbo and flux-dev run the small models zflux ships (128x128
+pictures of coloured shapes, trained by `zflux train`); with a file, the autoencoder is `--vae` (default: ae.safetensors beside the file)
 and the text encoders come from `--text-encoders` (default: the file's folder), a folder holding
 text_encoder/ and tokenizer/ (FLUX.1: also text_encoder_2/ and tokenizer_2/), as in the models'
 Hugging Face repositories.
 
 The command knows the model families only through families(), each family's cli.py: its NAME, its
-VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the TEXT_FOLDERS a
-transformer file needs beside it, add_arguments (its own flags), check_args (its own checks),
+VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the small models it ships
+(EMBEDDED) and can train (TRAIN), the TEXT_FOLDERS a transformer file needs beside it, add_arguments
+(its own flags), check_args (its own checks),
 load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
 flags pass to generate(), their files read). Adding a family is one import and one entry.
 
@@ -54,8 +59,9 @@ cut to its encoder's limit, say) print one line each. Anything else is a bug and
 Outputs are written whole or not at all (common/files.py: atomic_write).
 
 This module imports no torch: `zflux --help` and `zflux info CHECKPOINT` (headers only) take well
-under a second; the families (torch, transformers: seconds) are imported when generate's flags are
-parsed or a command needs them.
+under a second; the families (torch, transformers: seconds) are imported when generate's or train's
+flags are parsed or a command needs them. FAMILIES, VARIANTS, LAYOUTS, EMBEDDED and TRAIN are made
+on first use (module __getattr__), each once.
 """
 
 from __future__ import annotations
@@ -63,12 +69,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import secrets
 import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -102,11 +109,27 @@ def families() -> tuple[ModuleType, ...]:
     return zimage, flux, flux2
 
 
+@cache
 def variants() -> dict:
     """Every --model choice: name -> its family's Variant."""
     return {name: variant for family in families() for name, variant in family.VARIANTS.items()}
 
 
+@cache
+def embedded() -> dict[str, tuple[Path, int]]:
+    """The small models zflux ships: --model -> (snapshot folder, picture size), run when --weights is not given."""
+    return {name: shipped for family in families() for name, shipped in family.EMBEDDED.items()}
+
+
+@cache
+def trainable() -> dict:
+    """What `zflux train` trains: name -> (the run, its default settings); the autoencoder first."""
+    from zflux.common.training import AUTOENCODER_SETTINGS, train_autoencoder
+
+    return {"autoencoder": (train_autoencoder, AUTOENCODER_SETTINGS)} | {n: t for family in families() for n, t in family.TRAIN.items()}
+
+
+@cache
 def layouts() -> dict[str, ModuleType]:
     """zflux convert's layouts: identify()'s family name -> the module with its key maps (each family's, and the autoencoder's)."""
     from zflux.common import vae
@@ -119,8 +142,9 @@ def family_of(model: str) -> ModuleType:
 
 
 def __getattr__(name: str):
-    """FAMILIES, VARIANTS and LAYOUTS as module attributes too, made on first use (the families' import takes seconds)."""
-    lazy = {"FAMILIES": families, "VARIANTS": variants, "LAYOUTS": layouts}
+    """FAMILIES, VARIANTS, LAYOUTS, EMBEDDED and TRAIN as module attributes too, made on first use (the families' import
+    takes seconds), each once: a test may patch their entries."""
+    lazy = {"FAMILIES": families, "VARIANTS": variants, "LAYOUTS": layouts, "EMBEDDED": embedded, "TRAIN": trainable}
     if name not in lazy:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return lazy[name]()
@@ -190,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", choices=("original", "diffusers"), default="original",
                       help="original: the official single-file layout each model was released in (default: %(default)s)")
     conv.set_defaults(run=convert)
+
+    commands.add_parser("train", help="train zflux's small models on drawn scenes (a run resumes where the last stopped)",
+                        description="Train zflux's small models on drawn scenes (a run resumes where the last stopped).",
+                        fill=add_train_arguments)
     return parser
 
 
@@ -198,8 +226,10 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     from zflux.common.ops import BACKENDS
 
     models = "; ".join(f"{name}: {v.defaults.steps} steps, guidance {v.defaults.guidance}" for name, v in variants().items())
-    gen.add_argument("--model", required=True, choices=tuple(variants()), help=f"the model variant ({models})")
-    gen.add_argument("--weights", required=True, help="snapshot folder (model_index.json + subfolders) or transformer .safetensors file")
+    gen.add_argument("--model", default="z-image-turbo", choices=tuple(variants()),
+                     help=f"the model variant (default: %(default)s; {models})")
+    gen.add_argument("--weights", help="snapshot folder (model_index.json + subfolders) or transformer .safetensors file; default: "
+                                       f"the small model zflux ships ({', '.join(embedded())} only)")
     gen.add_argument("--vae", help="with a transformer file: the autoencoder file (default: ae.safetensors beside it)")
     gen.add_argument("--text-encoders", help="with a transformer file: folder holding the text encoders' subfolders as the model's "
                                              "snapshot does (text_encoder/, tokenizer/, ...); default: the file's folder")
@@ -207,8 +237,10 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     prompts.add_argument("--prompt", help="what the image should show")
     prompts.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line: an image (or --num-images) each")
     gen.add_argument("--negative-prompt", help="what to steer away from, with classifier-free guidance (see each family's options)")
-    gen.add_argument("--height", type=int, help="pixels, a positive multiple of 16 (default 1024, or the init image's height)")
-    gen.add_argument("--width", type=int, help="pixels, a positive multiple of 16 (default 1024, or the init image's width)")
+    gen.add_argument("--height", type=int, help="pixels, a positive multiple of 16 (default 1024, the small models' 128, or the "
+                                                "init image's)")
+    gen.add_argument("--width", type=int, help="pixels, a positive multiple of 16 (default 1024, the small models' 128, or the "
+                                               "init image's)")
     gen.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the model's, see --model)")
     gen.add_argument("--guidance", type=float, help="the guidance scale, >= 0 (its meaning and default: see each family's options)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise, 0 to 2^64-1; -1: a random one. The default, 0, "
@@ -224,13 +256,32 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png (PNG keeps the settings); several images are "
                                                   "numbered: image-1.png, image-2.png, ...")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    gen.add_argument("--dtype", choices=DTYPES, default="bf16",
-                     help="precision of the weights and the model's compute (default: %(default)s; fp16 can overflow)")
+    gen.add_argument("--dtype", choices=DTYPES, help="precision of the weights and the model's compute (default: bf16; fp32 for the "
+                                                     "small models, faster on the CPU; fp16 can overflow)")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     for family in families():
         family.add_arguments(gen)
     gen.set_defaults(run=generate)
+
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """`zflux train`'s flags."""
+    train.add_argument("what", choices=tuple(trainable()), help="the autoencoder first: the transformers learn its latents")
+    train.add_argument("--out", default="out/train", help="runs folder: <out>/<what>/ gets the checkpoint, loss.png, sample "
+                                                          "pictures, grid.png and model/ (the diffusers folder); default out/train")
+    train.add_argument("--minutes", type=float, help="stop this chunk after so many minutes of training, then save (default 8)")
+    train.add_argument("--max-steps", type=int, help="the step at which the run ends for good")
+    train.add_argument("--batch-size", type=int, help="default: autoencoder 64, transformers 128")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    train.add_argument("--size", type=int, default=128, help="picture size in pixels (default 128, the shipped models')")
+    train.add_argument("--vae", help="a transformer's trained autoencoder, a vae/ folder (default <out>/autoencoder/model)")
+    train.add_argument("--init", help="a transformer's starting weights: a snapshot of the same model (e.g. the shipped one, to "
+                                      "train it further on a fresh machine); a checkpoint in the run folder wins")
+    train.add_argument("--device", help="default: cuda when available, else cpu")
+    train.add_argument("--workers", type=int, help="processes drawing pictures (default: 0 on the CPU, up to 8 with a GPU)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=train_model)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,6 +330,14 @@ def generate(args: argparse.Namespace) -> None:
     from zflux.common.images import save_image
 
     family = family_of(args.model)
+    if args.weights is None:
+        args.weights, size = embedded_model(args.model)
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
+        args.dtype = args.dtype or "fp32"
+        print(f"model: zflux's small {args.model}-shaped model, trained on {size}x{size} pictures of coloured shapes "
+              f"({args.weights}); pass --weights for the real one")
+    args.dtype = args.dtype or "bf16"
     request = check_generate(args, family)
     start = time.perf_counter()
     with memory_reported(args, request):
@@ -294,6 +353,17 @@ def generate(args: argparse.Namespace) -> None:
             path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
             print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
             loaded = ""
+
+
+def embedded_model(model: str) -> tuple[Path, int]:
+    """The snapshot folder and picture size of the small model zflux ships for `model`, run when --weights is not given."""
+    if model not in embedded():
+        raise ValueError(f"--model {model} needs --weights: zflux ships small models for {', '.join(embedded())} only")
+    folder, size = embedded()[model]
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"zflux's small {model} is not in this installation ({folder} is missing): pass --weights, "
+                              f"or train it (zflux train autoencoder, then zflux train {model})")
+    return folder, size
 
 
 def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
@@ -553,6 +623,35 @@ def convert(args: argparse.Namespace) -> None:
     converted = layout.to_diffusers(original) if args.to == "diffusers" else original
     save_state_dict(converted, dst)
     print(f"{dst}: {len(converted)} tensors of {info.description}, {args.to} layout (read as {info.layout})")
+
+
+def train_model(args: argparse.Namespace) -> None:
+    """zflux train: one chunk of a run (it resumes from <out>/<what>/), then where its results are."""
+    import torch
+
+    from zflux.common.memory import check_device
+
+    device = check_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 work outside autocast
+        torch.backends.cudnn.benchmark = True  # the autoencoder's convolutions, at one fixed size
+    run, defaults = trainable()[args.what]
+    given = dict(minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0)
+    folder = Path(args.out) / args.what
+    options = dict(size=args.size, device=device, workers=workers)
+    if args.what == "autoencoder":
+        if args.init or args.vae:
+            raise ValueError("--init and --vae go with a transformer's run (the autoencoder is trained from scratch)")
+        model = run(folder, settings, **options)
+    else:
+        vae = Path(args.vae) if args.vae else Path(args.out) / "autoencoder" / "model"
+        if not (vae / "config.json").is_file():
+            raise CheckpointError(f"no trained autoencoder at {vae}: run `zflux train autoencoder` first, or pass --vae")
+        model = run(folder, vae, settings, init=Path(args.init) if args.init else None, **options)
+    print(f"{model}: {args.what} (diffusers folder); {folder}: checkpoint, loss.png, sample pictures"
+          + ("" if args.what == "autoencoder" else ", grid.png"))
 
 
 if __name__ == "__main__":  # python -m zflux.cli (torchrun launches it this way)

@@ -1,6 +1,6 @@
 """Z-Image's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
-zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
+zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
 add_arguments, check_args, load_options, load_pipeline and generate_options.
 
     zflux generate --model z-image-turbo --weights Z-Image-Turbo --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors \
@@ -16,10 +16,13 @@ from zflux.common.images import load_image
 from zflux.common.vae import PRESETS as AUTOENCODERS
 from zflux.zimg import convert
 from zflux.zimg.control import PREPROCESSORS
-from zflux.zimg.pipeline import OMNI, VARIANTS, ZImageDefaults, ZImagePipeline, check_settings
+from zflux.zimg.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, OMNI, VARIANTS, ZImageDefaults, ZImagePipeline, check_settings
+from zflux.zimg.training import SETTINGS, train_zimage
 
 NAME = "Z-Image"
 LAYOUTS = {"z-image": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
+EMBEDDED = {"z-image-turbo": (EMBEDDED_MODEL, EMBEDDED_SIZE)}  # variant -> (the small model zflux ships, its size in pixels)
+TRAIN = {"z-image-turbo": (train_zimage, SETTINGS)}  # what `zflux train` can train: (the run, its default settings)
 TEXT_FOLDERS = ("text_encoder", "tokenizer")  # what --text-encoders holds for a transformer file
 SIGLIP_FOLDERS = ("siglip", "siglip_processor")  # what it also holds for a z-image-omni transformer file
 

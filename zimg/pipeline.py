@@ -82,6 +82,9 @@ VARIANTS = {
 OMNI = "z-image-omni"
 SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline",
                       "ZImageOmniPipeline")
+# zflux's own small Turbo-shaped model, trained on drawn scenes (zimg/training.py), shipped as a snapshot folder.
+EMBEDDED_MODEL = Path(__file__).parent / "embedded"
+EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 EXTRA_SUBFOLDERS = {"ZImageControlNetPipeline": ("controlnet",), "ZImageControlNetInpaintPipeline": ("controlnet",),
                     "ZImageOmniPipeline": ("siglip", "siglip_processor")}

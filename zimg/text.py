@@ -65,15 +65,25 @@ class Qwen3PromptEncoder:
         """Features (B, max_length, hidden) in the model's dtype and mask (B, max_length) bool, True = real token."""
         return self.encode([self.template(p) for p in as_list(prompts)], max_length)
 
+    def tokens(self, texts: list[str], max_length: int = 512, padding: str = "max_length") -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) and mask (B, L) bool (True = real token) of texts in their final form, on the model's device.
+
+        L is `max_length` with padding "max_length" (the pipelines), the longest text's with "longest" (training).
+        """
+        tokens = self.tokenizer(texts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()  # (B, L) each
+
     @torch.no_grad()
     def encode(self, texts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """__call__ for texts already in their final form (Omni writes its own chat strings, zimg/reference.py)."""
         warn_if_cut(self.tokenizer, texts, max_length, encoder="Qwen3")
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.device)  # (B, L)
-        mask = tokens.attention_mask.to(self.device).bool()  # (B, L)
-        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        return hidden[-2], mask  # (B, L, hidden), (B, L)
+        ids, mask = self.tokens(texts, max_length)
+        return qwen3_features(self.model, ids, mask), mask
+
+
+def qwen3_features(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
+    """Z-Image's caption features: the hidden states of Qwen3's second-to-last layer (B, L, hidden), with gradients if enabled."""
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
 
 
 def omni_segments(prompt: str, images: int) -> list[str]:

@@ -1,6 +1,6 @@
 """FLUX.2's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
-zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, TEXT_FOLDERS,
+zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
 add_arguments, check_args, load_options, load_pipeline and generate_options (called before any weight is
 loaded, so the reference images and the mask are read and checked first). --reference-image and
 --mask are shared flags (Z-Image uses them too).
@@ -16,6 +16,8 @@ from zflux.flux.flux2.pipeline import VARIANTS, Flux2Pipeline, check_inputs, che
 
 NAME = "FLUX.2"
 LAYOUTS = {"flux.2": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
+EMBEDDED: dict = {}  # zflux ships no small FLUX.2 (zimg/ and flux/ hold the small models)
+TRAIN: dict = {}  # nor trains one
 TEXT_FOLDERS = ("text_encoder", "tokenizer")  # Mistral 3 ([dev]) or Qwen3 (klein), as in the models' repositories
 
 
