@@ -10,7 +10,9 @@ them, and `zflux info` to describe a file. What the keys tell apart:
   zeroed or not at all, as diffusers' single_file_utils tells them apart) from FLUX.1 (`double_blocks.N.img_mod`, or diffusers'
   `single_transformer_blocks.N.proj_mlp`) from FLUX.2 (shared `single_stream_modulation`);
 - FLUX.1 dev (a `guidance_in` embedder) from schnell (none); the tools by the input width of
-  `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth); Kontext has dev's shapes exactly;
+  `img_in` (64 text-to-image, 384 Fill, 128 Canny or Depth). Kontext has dev's shapes exactly and
+  Canny Depth's: only a name tells those apart, a word in the file name (`flux1-kontext-dev.safetensors`)
+  or the pipeline class in the model_index.json of the snapshot a `transformer/` folder sits in;
 - the layout: official single file, ComfyUI (official plus a `model.diffusion_model.` prefix) or diffusers;
 - FLUX.2 [dev] (width 6144, a guidance embedder) from [klein] 4B (3072) and 9B (4096);
 - the 16-channel autoencoder (`decoder.conv_in` input width) from FLUX.2's 32-channel one (with
@@ -48,6 +50,8 @@ CONTROLNETS = {  # diffusers' model type -> what it is
                                     "2 more hinting the noise refiner)",
 }
 FLUX_TOOLS = {64: None, 384: "flux-fill", 128: "flux-canny-or-depth"}  # img_in input width -> variant (None: dev or schnell)
+NAME_WORDS = {"kontext": "flux-kontext", "canny": "flux-canny", "depth": "flux-depth"}  # a word in a file name -> its variant
+SNAPSHOT_CLASSES = {"FluxKontextPipeline": "flux-kontext"}  # a snapshot's pipeline class that names a variant the shapes cannot
 FLUX2_MODES = {  # flux2_mode() -> what the snapshot's model_index.json says
     "distilled": "step-distilled: 4 steps, no CFG (model_index.json)",
     "base": "the base model: 50 steps with CFG (model_index.json)",
@@ -98,7 +102,7 @@ def identify(path: str | Path) -> CheckpointInfo:
     specs = read_header(path)
     comfy = any(k.startswith(COMFY_PREFIX) for k in specs)
     shapes = {k.removeprefix(COMFY_PREFIX): shape for k, (_, shape) in specs.items()}
-    family, variant, description, layout = _classify(shapes, lambda key: read_tensor(path, key))
+    family, variant, description, layout = _classify(shapes, lambda key: read_tensor(path, key), named_variant(path))
     mode = flux2_mode(path) if family == "flux.2" else None
     if mode is not None and variant in ("flux2-klein-4b", "flux2-klein-9b"):
         variant, description = flux2_variant(variant, mode), f"{description}; {FLUX2_MODES[mode]}"
@@ -109,6 +113,17 @@ def identify(path: str | Path) -> CheckpointInfo:
         name = DTYPE_NAMES.get(dtype, dtype.lower())
         dtypes[name] = dtypes.get(name, 0) + _numel(shape)
     return CheckpointInfo(family, variant, description, layout, dtypes, sum(dtypes.values()))
+
+
+def named_variant(path: str | Path) -> str | None:
+    """The FLUX.1 variant that the name of `path`, or the snapshot its folder sits in, gives (None: nothing names one)."""
+    path = Path(path)
+    index = path.parent / "model_index.json"
+    if path.is_dir() and index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name in SNAPSHOT_CLASSES:
+            return SNAPSHOT_CLASSES[class_name]
+    return next((variant for word, variant in NAME_WORDS.items() if word in path.name.lower()), None)
 
 
 def read_tensor(path: str | Path, key: str) -> Tensor:
@@ -141,8 +156,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor]) -> tuple[str, str | None, str, str]:
-    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed); `tensor` reads one."""
+def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor],
+              named: str | None = None) -> tuple[str, str | None, str, str]:
+    """(family, variant, description, layout) from key names and shapes (any ComfyUI prefix removed); `tensor` reads
+    one; `named` is the variant the checkpoint's name gives, if any."""
     has = shapes.__contains__
     if has("control_all_x_embedder.2-1.weight"):  # the published names are diffusers'
         blocks = len({k.split(".")[1] for k in shapes if k.startswith("control_layers.")})
@@ -162,7 +179,7 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
             return "z-image", "z-image-omni", what, layout
         return "z-image", None, "a Z-Image transformer (Turbo or base: they share every shape)", layout
     if has("double_blocks.0.img_mod.lin.weight") or has("single_transformer_blocks.0.proj_mlp.weight"):
-        return ("flux.1", *_flux_variant(shapes))
+        return ("flux.1", *_flux_variant(shapes, named))
     if has("single_stream_modulation.lin.weight") or has("single_stream_modulation.linear.weight"):
         return ("flux.2", *_flux2_variant(shapes))
     if has("decoder.conv_in.weight"):
@@ -186,8 +203,8 @@ def _classify(shapes: dict[str, tuple[int, ...]], tensor: Callable[[str], Tensor
     return "unknown", None, "no model this tool knows (not Z-Image, FLUX.1, FLUX.2, their autoencoders or text encoders)", "unknown"
 
 
-def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, str]:
-    """(variant, description, layout) of a FLUX.1 transformer."""
+def _flux_variant(shapes: dict[str, tuple[int, ...]], named: str | None) -> tuple[str | None, str, str]:
+    """(variant, description, layout) of a FLUX.1 transformer; `named` tells the variants that share shapes apart."""
     official = shapes.__contains__("img_in.weight")
     in_channels = shapes["img_in.weight" if official else "x_embedder.weight"][1]
     guidance = "guidance_in.in_layer.weight" in shapes or "time_text_embed.guidance_embedder.linear_1.weight" in shapes
@@ -197,10 +214,15 @@ def _flux_variant(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str, 
     tool = FLUX_TOOLS[in_channels]
     if tool == "flux-fill":
         return tool, "FLUX.1 Fill (inpainting: 64 noise + 64 masked-image + 256 mask input channels)", layout
+    if tool and named in ("flux-canny", "flux-depth"):
+        return named, f"FLUX.1 {named.removeprefix('flux-').title()} (64 noise + 64 control input channels; named so)", layout
     if tool:
-        return tool, "FLUX.1 Canny or Depth (64 noise + 64 control input channels; the two share every shape)", layout
+        return tool, ("FLUX.1 Canny or Depth (64 noise + 64 control input channels; the two share every shape and "
+                      "nothing here names either)"), layout
+    if guidance and named == "flux-kontext":
+        return named, "FLUX.1 Kontext (in-context editing; dev's shapes, named Kontext)", layout
     if guidance:
-        return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes)", layout
+        return "flux-dev", "FLUX.1 dev (guidance-distilled; Kontext has the same shapes and nothing here names it Kontext)", layout
     return "flux-schnell", "FLUX.1 schnell (timestep-distilled, no guidance input)", layout
 
 

@@ -1,5 +1,6 @@
 """Images in and out of the pipelines: PIL images <-> (B, 3, H, W) tensors in [-1, 1], the autoencoder's range;
-inpainting masks; the Canny edge preprocessor for structural control.
+inpainting masks (pixels -> a binary tensor -> the latent grid; outpainting's grown canvas); the Canny edge
+preprocessor for structural control.
 
 The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 255, rounded), so the
 same decoded tensor gives the same pixels here and there.
@@ -26,8 +27,10 @@ PARAMETERS = "parameters"  # the PNG text chunk holding the generation settings,
 
 def to_tensor(image: Image.Image) -> Tensor:
     """An image (any mode) -> (1, 3, H, W) fp32 in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
-    return rearrange(pixels, "h w c -> 1 c h w") * 2 - 1  # (1, 3, H, W)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0)  # (1, H, W, 3)
+    # Left channels-last in memory, exactly as diffusers' image processor leaves it: convolutions take another
+    # path on another layout and round differently (~1e-4 relative through a randomly initialised autoencoder).
+    return rearrange(pixels, "b h w c -> b c h w") * 2 - 1  # (1, 3, H, W)
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -50,9 +53,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read {path} as an image: {e}") from e
 
 
-def open_image(image: Image.Image | str | Path) -> Image.Image:
-    """`image` itself, or the image file at that path opened (load_image)."""
-    return image if isinstance(image, Image.Image) else load_image(image)
+def open_image(image: Image.Image | str | Path | None) -> Image.Image | None:
+    """`image` itself, or the image file at that path opened (load_image); None stays None."""
+    return image if image is None or isinstance(image, Image.Image) else load_image(image)
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -107,9 +110,43 @@ def mask_latents(mask: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(mask, size=(height, width), mode="nearest")  # (B, 1, h, w)
 
 
+def check_mask(mask: Image.Image, image: Image.Image) -> None:
+    """Refuse a mask whose size differs from its image's (resizing either would silently move the masked region)."""
+    if mask.size != image.size:
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}: "
+                         "they must have the same size")
+
+
+OUTPAINT_FILL = (128, 128, 128)  # the new border's color: mid-gray, about 0 in the autoencoder's [-1, 1] range
+
+
+def outpaint_canvas(image: Image.Image, borders: tuple[int, int, int, int],
+                    mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image]:
+    """Grow `image` by (left, top, right, bottom) pixels of mid-gray; return it with its mask (new border white = repaint).
+
+    A given `mask` (same size as the image) is kept inside the border, so inpainting and outpainting combine.
+    """
+    if len(borders) != 4 or any(not isinstance(b, int) or b < 0 for b in borders):
+        raise ValueError(f"outpaint must be four non-negative pixel counts (left, top, right, bottom), got {borders}")
+    if not any(borders):
+        raise ValueError("outpaint (0, 0, 0, 0) adds no border: give at least one side a width")
+    if mask is not None:
+        check_mask(mask, image)
+    left, top, right, bottom = borders
+    size = (image.width + left + right, image.height + top + bottom)
+    canvas = Image.new("RGB", size, OUTPAINT_FILL)
+    canvas.paste(image.convert("RGB"), (left, top))
+    canvas_mask = Image.new("L", size, 255)
+    canvas_mask.paste(Image.new("L", image.size, 0) if mask is None else mask.convert("L"), (left, top))
+    return canvas, canvas_mask
+
+
 def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
     """OpenCV's Canny edges of the 8-bit RGB image: white edges on black, as an RGB image of the same size."""
     if not 0 <= low <= high:
         raise ValueError(f"Canny thresholds must satisfy 0 <= low <= high, got {low} and {high}")
     edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W) uint8, 0 or 255
     return Image.fromarray(edges).convert("RGB")
+
+
+PREPROCESSORS = {"canny": canny}  # what may turn a photo into a control image first (depth maps are taken as given)

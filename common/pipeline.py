@@ -7,6 +7,7 @@ A pipeline's generate() is a short list of steps, each one call:
     schedule             scheduler.schedule()        the sigmas
     start latents        start_noise()               text to image: seeded noise (or given latents) at step 0
                          prepare_img2img()           image to image: the init image's latent, noised
+                         prepare_inpaint()           inpainting: image to image's start, and the per-step blend
     encode the prompt    encode_prompts()
     build predict        the family's closure        predict(latents, i) -> the velocity at sigmas[i]: the
                                                      model call, CFG, the family's time rule and sign
@@ -29,15 +30,15 @@ roughly unit variance like the noise they start from.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from zflux.common.images import fit_image, open_image, to_pil, to_tensor
-from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise
+from zflux.common.images import check_mask, fit_image, mask_latents, mask_tensor, open_image, to_pil, to_tensor
+from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise, inpaint_blend
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
 
@@ -137,9 +138,10 @@ def encode_prompts(encoder, prompt: str, negative_prompt: str | None, *, cfg: bo
             encoder.to("cpu")
 
 
-def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int, latents: Tensor | None, device: torch.device,
-                dtype: torch.dtype) -> Tensor:
-    """Text to image's start latents (1, C, h, w) for a height x width image: `latents` if given, else noise seeded `seed`."""
+def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int | torch.Generator, latents: Tensor | None,
+                device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Text to image's start latents (1, C, h, w) for a height x width image: `latents` if given, else noise seeded `seed`
+    (or the next draw of a CPU generator, when a task draws from it first)."""
     down = vae.cfg.downscale
     shape = (1, vae.cfg.latent_channels, height // down, width // down)
     if latents is None:
@@ -149,18 +151,16 @@ def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int, latents
     return latents.to(device, dtype)
 
 
-def encode_image(vae: Autoencoder, image: Image.Image, height: int, width: int, device: torch.device,
-                 generator: torch.Generator) -> Tensor:
-    """An init image, resized to height x width -> a sample of its scaled latent (1, C, height/8, width/8) fp32.
+def encode_sample(vae: Autoencoder, pixels: Tensor, generator: torch.Generator) -> Tensor:
+    """Pixels (1, 3, H, W) in [-1, 1] -> a posterior sample of their scaled latent (1, C, H/8, W/8) fp32.
 
-    The latent is drawn from the autoencoder's posterior, mean + std * noise, with the noise drawn in
-    the autoencoder's dtype from the CPU `generator`, as diffusers' img2img pipelines do
-    (retrieve_latents(vae.encode(image), generator), sample_mode "sample").
+    The sample is mean + std * noise, the noise drawn in the autoencoder's dtype from the CPU
+    `generator`, as diffusers' image-conditioned pipelines sample (retrieve_latents(vae.encode(image),
+    generator)).
     """
     down = vae.cfg.downscale
-    pixels = to_tensor(fit_image(image, width, height)).to(device)  # (1, 3, H, W)
-    noise = initial_noise((1, vae.cfg.latent_channels, height // down, width // down), generator, device=device, dtype=vae.dtype)
-    raw = vae.encode(pixels, noise).float()  # (1, C, H/8, W/8)
+    shape = (1, vae.cfg.latent_channels, pixels.shape[2] // down, pixels.shape[3] // down)
+    raw = vae.encode(pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype)).float()  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
@@ -173,16 +173,66 @@ def encode_mode(vae: Autoencoder, pixels: Tensor) -> Tensor:
     return (vae.encode(pixels) - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
+def image_pixels(image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
+    """An image resized to height x width (Lanczos, as diffusers' image processor) -> (1, 3, H, W) fp32 in [-1, 1] on `device`."""
+    return to_tensor(fit_image(image, width, height)).to(device)
+
+
+class InitLatents(NamedTuple):
+    """Where a run that starts from an init image begins, and what that start is made of."""
+
+    latents: Tensor  # (1, C, h, w): `known` noised with `noise` to sigmas[start]
+    start: int  # index in sigmas of the first step: the last `strength` fraction of the steps remain
+    known: Tensor  # (1, C, h, w): a posterior sample of the init image's scaled latent
+    noise: Tensor  # (1, C, h, w): the run's noise
+
+
+def noised_init(vae: Autoencoder, pixels: Tensor, sigmas: Tensor, *, strength: float, generator: torch.Generator,
+                dtype: torch.dtype) -> InitLatents:
+    """The init image's pixels (1, 3, H, W) -> the latents a run starts from at the step `strength` leaves.
+
+    Draws twice from the CPU `generator`: the posterior sample's noise, then the noise it is mixed
+    with; diffusers' img2img, inpainting and Fill pipelines draw the same two in the same order.
+    """
+    known = encode_sample(vae, pixels, generator).to(dtype)  # (1, C, h, w)
+    latents, noise, start = img2img_latent(known, sigmas, strength=strength, seed=generator)
+    return InitLatents(latents, start, known, noise)
+
+
 def prepare_img2img(vae: Autoencoder, image: Image.Image, sigmas: Tensor, *, height: int, width: int, strength: float, seed: int,
                     device: torch.device, dtype: torch.dtype) -> tuple[Tensor, int]:
     """Image to image's start: the init image's latent (1, C, h, w) noised to the step `strength` leaves, and that step's index.
 
-    Draws twice from one CPU generator seeded `seed`: the posterior sample's noise, then the noise it
-    is mixed with; diffusers' img2img pipelines draw the same two in the same order.
+    Both draws (noised_init) come from one CPU generator seeded `seed`.
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
-    image_latents = encode_image(vae, image, height, width, device=device, generator=generator).to(dtype)  # (1, C, h, w)
-    return img2img_latent(image_latents, sigmas, strength=strength, seed=generator)
+    init = noised_init(vae, image_pixels(image, height, width, device), sigmas, strength=strength,
+                       generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+    return init.latents, init.start
+
+
+def prepare_inpaint(vae: Autoencoder, image: Image.Image, mask: Image.Image, sigmas: Tensor, *, height: int, width: int,
+                    strength: float, seed: int, device: torch.device, dtype: torch.dtype,
+                    layout: Callable[[Tensor], Tensor] = lambda x: x) -> tuple[Tensor, int, Blend]:
+    """Inpainting with a base model: the start latents (1, C, h, w), the first step's index and the per-step blend.
+
+    The start is image to image's (same draws from one CPU generator seeded `seed`). After every
+    step, blend(latents, i) puts back the known region (mask 0): the init image's latent re-noised to
+    sigmas[i + 1] with the run's own noise (inpaint_blend); the mask, white (1) = repaint, is
+    binarized at 0.5 and taken to the latent grid as diffusers' FLUX.1 and Z-Image inpainting
+    pipelines take it. `layout` maps a (1, C, h, w) latent to the layout the loop runs in (FLUX.1:
+    its packed tokens), so that the blend works on the loop's latents directly.
+    """
+    check_mask(mask, image)
+    init = noised_init(vae, image_pixels(image, height, width, device), sigmas, strength=strength,
+                       generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+    grid = mask_latents(mask_tensor(mask, width, height), *init.known.shape[2:]).to(device, dtype)  # (1, 1, h, w)
+    known, noise, repaint = layout(init.known), layout(init.noise), layout(grid.expand_as(init.known))
+    sigmas = sigmas.to(device)  # indexed on the latents' device: no host sync per step
+
+    def blend(latents: Tensor, i: int) -> Tensor:
+        return inpaint_blend(latents, known, noise, repaint, sigmas[i + 1])
+
+    return init.latents, init.start, blend
 
 
 def image_seq_len(vae: Autoencoder, height: int, width: int) -> int:

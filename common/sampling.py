@@ -172,14 +172,15 @@ def noise_latent(latent: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor
     return sigma * noise + (1.0 - sigma) * latent
 
 
-def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | torch.Generator) -> tuple[Tensor, int]:
-    """The starting latent for img2img and the index of its sigma: the init image's (scaled) latent noised to sigmas[start].
+def img2img_latent(latent: Tensor, sigmas: Tensor, strength: float, seed: int | torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """The starting latent for img2img, the noise in it and the index of its sigma: the init image's (scaled) latent
+    noised to sigmas[start]. Inpainting re-noises the known region with that same noise at every step.
 
     The noise is drawn as initial_noise draws it, from `seed` or from the generator the posterior sample came from.
     """
     start = img2img_start(sigmas, strength)
     noise = initial_noise(tuple(latent.shape), seed, device=latent.device, dtype=latent.dtype)  # (B, C, H, W)
-    return noise_latent(latent, noise, sigmas[start]), start
+    return noise_latent(latent, noise, sigmas[start]), noise, start
 
 
 def inpaint_blend(latents: Tensor, known: Tensor, noise: Tensor, mask: Tensor, sigma: Tensor | float) -> Tensor:

@@ -68,9 +68,7 @@ class FluxConfig:
 
 # The guidance-distilled models (dev and its tools) embed the guidance scale; schnell does not.
 # Fill takes 64 noise + 64 masked-image + 256 mask channels, Canny/Depth 64 noise + 64 control
-# channels; all predict 64. Kontext has dev's shape: its reference image only adds tokens.
-# The tools' presets load and name their checkpoints (`zflux info`, `load_transformer`, the tests)
-# ahead of their pipelines, which the FLUX.1 tools work adds; the variant tables offer only what runs.
+# channels; all predict 64. Kontext has dev's shape: its reference image only adds tokens (flux/tools.py).
 PRESETS = {
     "flux-schnell": FluxConfig(),
     "flux-dev": FluxConfig(guidance_embeds=True),

@@ -1,7 +1,10 @@
-"""FLUX.1 text-to-image (and image-to-image) without diffusers: prompt -> PIL image.
+"""FLUX.1 and its tools without diffusers: prompt (and images) -> PIL image.
 
     pipe = FluxPipeline.from_pretrained("FLUX.1-schnell")
     pipe.generate("a red fox in snow", seed=0).save("fox.png")
+    pipe.generate("a red fox in snow", init_image="photo.png", mask="mask.png")    # inpainting
+    FluxPipeline.from_pretrained("FLUX.1-Fill-dev").generate("a cup", init_image=photo, outpaint=(0, 0, 256, 0))
+    FluxPipeline.from_pretrained("FLUX.1-Kontext-dev").generate("make it winter", reference_images=[photo])
 
 The steps, as diffusers' FluxPipeline takes them:
 1. Latents (1, 16, H/8, W/8) start as noise in the transformer's dtype at sigma 1 (or as the noised
@@ -17,6 +20,18 @@ The steps, as diffusers' FluxPipeline takes them:
 
 The schedule: schnell's even sigmas unshifted (4 steps); dev's shifted by the scheduler's mu, which
 grows with the number of image tokens (28 steps, guidance 3.5).
+
+The tasks, each a keyword argument of generate() (check_task() says which one a call asks for):
+- image to image (dev, schnell): init_image= and strength= (0.6) crop the schedule;
+- inpainting (dev, schnell): init_image= and mask= (white = repaint); after every step the known
+  region is put back, re-noised to the next sigma (common.pipeline.prepare_inpaint);
+- Fill (flux-fill): init_image= with mask= or outpaint=(left, top, right, bottom) pixels; the masked
+  image and the mask enter as extra input channels (flux/tools.py); 50 steps, guidance 30;
+- Canny / Depth (flux-canny, flux-depth): control_image= (optionally control_preprocess="canny") enters as
+  extra input channels;
+- Kontext (flux-kontext): reference_images=[image] become extra image tokens at positions (1, row, col);
+- Redux (after load_redux(), any variant but Kontext): reference_images=[...] become extra text tokens
+  (flux/redux.py).
 """
 
 from pathlib import Path
@@ -27,30 +42,57 @@ from PIL import Image
 from torch import Tensor
 
 from zflux.common.identify import check_family
+from zflux.common.images import PREPROCESSORS, open_image, outpaint_canvas
 from zflux.common.latents import pack_latents, unpack_latents
-from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
-                                   image_seq_len, open_snapshot, prepare_img2img, read_scheduler, start_noise)
+from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
+                                   image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import check_transformer, load_transformer
-from zflux.flux.model import PRESETS, Flux
+from zflux.flux.model import PRESETS, Flux, FluxConfig
+from zflux.flux.redux import ReduxImageEncoder, redux_conditioning
 from zflux.flux.text import FluxPromptEncoder
+from zflux.flux.tools import (KONTEXT_MAX_AREA, REFERENCE_INDEX, Conditioning, kontext_output_size,
+                              prepare_control, prepare_fill, prepare_kontext, with_conditioning)
 
-# The variants this pipeline runs (the tools in PRESETS need pipelines of their own). schnell is distilled
-# for 4 unshifted steps and has no guidance input; dev embeds its guidance scale as a model input and
-# shifts its sigmas by the scheduler's mu, which grows with the number of image tokens.
+# schnell is distilled for 4 unshifted steps and has no guidance input; dev and every tool embed the
+# guidance scale as a model input and shift their sigmas by the scheduler's mu, which grows with the
+# number of image tokens (they ship dev's scheduler config). The tools' defaults: Fill as
+# FluxFillPipeline; Canny and Depth as BFL's reference code (guidance 30 and 10, 50 steps); Kontext as
+# FluxKontextPipeline; Redux (dev with reference images) as diffusers' and BFL's examples.
+DEV_SCHEDULER = SchedulerConfig(shift=3.0, use_dynamic_shifting=True)  # shift unused: mu decides
+
+
+def guidance_distilled(preset: str, steps: int, guidance: float) -> Variant:
+    """A variant of dev's kind: the transformer preset `preset`, dev's scheduler, 512 T5 tokens and these defaults."""
+    return Variant(model=PRESETS[preset], scheduler=DEV_SCHEDULER,
+                   defaults=SamplingDefaults(steps=steps, guidance=guidance, max_sequence_length=512))
+
+
 VARIANTS = {
     "flux-schnell": Variant(model=PRESETS["flux-schnell"], scheduler=SchedulerConfig(shift=1.0),
                             defaults=SamplingDefaults(steps=4, guidance=0.0, max_sequence_length=256)),
-    "flux-dev": Variant(model=PRESETS["flux-dev"], scheduler=SchedulerConfig(shift=3.0, use_dynamic_shifting=True),  # mu decides
-                        defaults=SamplingDefaults(steps=28, guidance=3.5, max_sequence_length=512)),
+    "flux-dev": guidance_distilled("flux-dev", steps=28, guidance=3.5),
+    "flux-fill": guidance_distilled("flux-fill", steps=50, guidance=30.0),
+    "flux-canny": guidance_distilled("flux-canny", steps=50, guidance=30.0),
+    "flux-depth": guidance_distilled("flux-depth", steps=50, guidance=10.0),
+    "flux-kontext": guidance_distilled("flux-kontext", steps=28, guidance=3.5),
+    "flux-redux": guidance_distilled("flux-dev", steps=50, guidance=2.5),
 }
-SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
+# What identify() reads off a FLUX.1 transformer -> the variants it can run as: dev's shapes are also Kontext's
+# (unless a name says Kontext) and Redux runs on dev; Canny's shapes are Depth's (unless a name says which).
+RUNS_AS = {"flux-schnell": ("flux-schnell",), "flux-dev": ("flux-dev", "flux-kontext", "flux-redux"), "flux-kontext": ("flux-kontext",),
+           "flux-fill": ("flux-fill",), "flux-canny-or-depth": ("flux-canny", "flux-depth"), "flux-canny": ("flux-canny",),
+           "flux-depth": ("flux-depth",)}
+SNAPSHOT_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline", "FluxControlPipeline",
+                      "FluxKontextPipeline")
 # zflux's own small dev-shaped model, trained on drawn scenes (flux/training.py), shipped as a snapshot folder.
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+TOOL_TASKS = {"flux-fill": "fill", "flux-canny": "control", "flux-depth": "control", "flux-kontext": "kontext"}
+STRENGTH = {"img2img": 0.6, "inpaint": 0.6, "fill": 1.0}  # each task's default, as its diffusers pipeline's
 
 
 def check_settings(variant: str, negative_prompt: str | None = None, true_cfg: float = 1.0, **given) -> SamplingDefaults:
@@ -63,10 +105,11 @@ def check_settings(variant: str, negative_prompt: str | None = None, true_cfg: f
     return variant_cfg.defaults.given(**given)
 
 
-def img_ids(batch: int, h: int, w: int, device: torch.device | str | None = None) -> Tensor:
-    """(B, h*w, 3) RoPE positions (0, row, col) of an h x w grid of packed tokens (h, w = latent H/2, W/2)."""
+def img_ids(batch: int, h: int, w: int, device: torch.device | str | None = None, index: int = 0) -> Tensor:
+    """(B, h*w, 3) RoPE positions (index, row, col) of an h x w grid of packed tokens (h, w = latent H/2, W/2);
+    `index` is 0 for the image generated, REFERENCE_INDEX for a Kontext reference."""
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")  # (h, w) each
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)  # (h, w, 3)
+    ids = torch.stack([torch.full_like(rows, index), rows, cols], dim=-1)  # (h, w, 3)
     return rearrange(ids, "h w n -> 1 (h w) n").repeat(batch, 1, 1)  # (B, h*w, 3)
 
 
@@ -90,46 +133,106 @@ def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cp
 
 
 def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tuple[int, int], sigmas: Tensor, guidance: float,
-              true_cfg: float, device: torch.device) -> Predict:
+              true_cfg: float, device: torch.device, conditioning: Conditioning = Conditioning()) -> Predict:
     """predict(tokens, i) for denoise over the packed tokens (1, S, 64) of an h x w latent (`size`): one transformer call per step.
 
     `features` and `pooled` hold the prompt's text, or with true CFG the prompt's and the negative
-    prompt's (one batch of 2). dev reads `guidance` as a model input; schnell has none. Times and
-    positions are settled here, so that the loop adds no host sync.
+    prompt's (one batch of 2). dev reads `guidance` as a model input; schnell has none. A tool's
+    `conditioning` joins the tokens on the way in (flux.tools.with_conditioning); only the S
+    predictions for the image being generated come out. Times and positions are settled here, so
+    that the loop adds no host sync.
     """
     n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
+    S = size[0] // 2 * size[1] // 2
     times = flux_time(sigmas, transformer.dtype).to(device)  # (steps + 1,) rounded like the latents (transformer's dtype)
     image_ids = img_ids(n, size[0] // 2, size[1] // 2, device=device)  # (n, S, 3)
+    if conditioning.reference is not None:
+        reference_ids = img_ids(n, *conditioning.reference_grid, device=device, index=REFERENCE_INDEX)  # (n, S_ref, 3)
+        image_ids = torch.cat([image_ids, reference_ids], dim=1)  # (n, S + S_ref, 3)
     text_ids = txt_ids(n, L, device)  # (n, L, 3)
     guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t = times[i].expand(n)  # (n,)
-        out = transformer(tokens.expand(n, -1, -1), img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
-                          guidance=guidance_vec)  # (n, S, 64)
+        x = with_conditioning(tokens.expand(n, -1, -1), conditioning)  # (n, S (+ S_ref), in_channels)
+        out = transformer(x, img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
+                          guidance=guidance_vec)[:, :S]  # (n, S, 64)
         return cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
 
     return predict
 
 
+def check_task(variant: str, *, init_image: bool, mask: bool, control_image: bool, control_preprocess: str | None,
+               reference_images: int, outpaint: bool, redux: bool) -> str:
+    """The task a generate() call asks of `variant` ("text", "img2img", "inpaint", "fill", "control", "kontext" or
+    "redux"), given which inputs it has (`reference_images`: how many; `redux`: Redux is loaded), or a ValueError
+    naming the first input that does not fit. Reads no image, so the CLI checks its flags with it before loading."""
+    task = TOOL_TASKS.get(variant) or ("inpaint" if mask else "img2img" if init_image else "text")
+    if mask and not init_image:
+        raise ValueError("a mask needs the image it masks (init_image=, --init-image)")
+    if mask and task not in ("inpaint", "fill"):
+        raise ValueError(f"{variant} takes no mask: inpaint with flux-dev, flux-schnell or flux-fill")
+    if outpaint and task != "fill":
+        raise ValueError(f"outpainting needs FLUX.1 Fill (flux-fill), not {variant}")
+    if task == "fill" and not (init_image and (mask or outpaint)):
+        raise ValueError("FLUX.1 Fill needs an init image and a mask, or outpaint (left, top, right, bottom) to grow it")
+    if control_image != (task == "control"):
+        raise ValueError(f"{variant} needs a control image (control_image=, --control-image): edges or a depth map"
+                         if task == "control" else f"a control image goes with FLUX.1 Canny or Depth (flux-canny, flux-depth), not {variant}")
+    if control_preprocess is not None and (variant != "flux-canny" or control_preprocess not in PREPROCESSORS):
+        raise ValueError(f"control_preprocess {control_preprocess!r}: the one preprocessor is 'canny', for flux-canny's control image")
+    if task in ("control", "kontext") and init_image:
+        image = "the control image" if task == "control" else "a reference image"
+        raise ValueError(f"{variant} starts from noise: give its image as {image}, not as an init image")
+    if task == "kontext":
+        if reference_images != 1:
+            raise ValueError(f"FLUX.1 Kontext edits one reference image (reference_images=[image], --reference-image); got {reference_images}")
+        return task
+    if variant == "flux-redux" and not reference_images:
+        raise ValueError("flux-redux needs one or more reference images to condition on (reference_images=, --reference-image)")
+    if reference_images and not redux:
+        raise ValueError(f"{variant} takes reference images through FLUX.1 Redux: load it first (load_redux(), or --model flux-redux "
+                         "--redux FOLDER); to edit an image use flux-kontext")
+    return "redux" if task == "text" and reference_images else task
+
+
+def shape_of(cfg: FluxConfig) -> tuple[int, bool]:
+    """What tells the variants' transformers apart: the input width and whether guidance is a model input."""
+    return cfg.in_channels, cfg.guidance_embeds
+
+
+def variant_of(cfg: FluxConfig) -> str:
+    """The variant a transformer of these shapes runs as by default (dev for dev's shapes, which Kontext shares)."""
+    defaults = {shape_of(VARIANTS[name].model): name for name in ("flux-fill", "flux-dev", "flux-schnell")}
+    if shape_of(cfg) not in defaults:
+        raise ValueError(f"no default FLUX.1 variant for {cfg.in_channels} input channels (Canny and Depth share their shapes): "
+                         "pass variant=")
+    return defaults[shape_of(cfg)]
+
+
 class FluxPipeline:
-    """FLUX.1 dev or schnell: the transformer, the autoencoder and the T5 + CLIP prompt encoder."""
+    """FLUX.1 dev, schnell or a tool (Fill, Canny, Depth, Kontext): the transformer, the autoencoder, the T5 + CLIP prompt
+    encoder, and FLUX.1 Redux once load_redux() has run."""
 
     def __init__(self, transformer: Flux, vae: Autoencoder, text_encoder: FluxPromptEncoder,
-                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False):
+                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False, variant: str | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.variant = "flux-dev" if transformer.cfg.guidance_embeds else "flux-schnell"
-        if transformer.cfg.in_channels != 4 * vae.cfg.latent_channels:
-            raise ValueError(f"the transformer takes {transformer.cfg.in_channels} input channels; text-to-image needs "
-                             f"{4 * vae.cfg.latent_channels} (the Fill, Canny and Depth tools are not supported)")
+        self.variant = variant or variant_of(transformer.cfg)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown FLUX.1 variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if shape_of(VARIANTS[self.variant].model) != shape_of(transformer.cfg):
+            raise ValueError(f"the transformer takes {transformer.cfg.in_channels} input channels"
+                             f"{'' if transformer.cfg.guidance_embeds else ' and no guidance'}; {self.variant} does not")
         self.scheduler = scheduler or VARIANTS[self.variant].scheduler
         self.offload_text_encoder = offload_text_encoder
+        self.redux: ReduxImageEncoder | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                         offload_text_encoder: bool = False, variant: str | None = None) -> "FluxPipeline":
-        """Load a diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ (CLIP),
-        text_encoder_2/ + tokenizer_2/ (T5), scheduler/); `variant`, if given, must match the weights."""
+        """Load a diffusers snapshot folder of FluxPipeline or a tool's pipeline (model_index.json, transformer/, vae/,
+        text_encoder/ + tokenizer/ (CLIP), text_encoder_2/ + tokenizer_2/ (T5), scheduler/); `variant`, if given, must
+        fit the weights (see from_single_files)."""
         root = open_snapshot(path, SNAPSHOT_PIPELINES, SUBFOLDERS)
         return cls.from_single_files(root / "transformer", root / "vae", t5=root / "text_encoder_2", t5_tokenizer=root / "tokenizer_2",
                                      clip=root / "text_encoder", clip_tokenizer=root / "tokenizer", variant=variant, device=device,
@@ -141,12 +244,18 @@ class FluxPipeline:
                           device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                           offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None) -> "FluxPipeline":
         """Load from a transformer file (BFL `flux1-dev.safetensors`, ComfyUI or diffusers layout), a VAE file
-        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU)."""
+        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU).
+
+        The variant is what the weights say (common.identify): their shapes, and where shapes are shared
+        (dev and Kontext, Canny and Depth) a name; a given `variant` must be one the weights can run as.
+        """
         info = check_family(transformer, "flux.1", " (for Z-Image use zflux.zimg.pipeline.ZImagePipeline)")
-        if info.variant not in VARIANTS:
-            raise CheckpointError(f"{transformer} holds {info.description}; this pipeline runs FLUX.1 dev and schnell")
-        if variant is not None and variant != info.variant:
-            raise CheckpointError(f"{transformer} holds {info.description}, not {variant}")
+        runs_as = RUNS_AS.get(info.variant, ())
+        variant = variant or info.variant
+        if variant not in runs_as:
+            told = f", not {variant}" if variant != info.variant else ""
+            raise CheckpointError(f"{transformer} holds {info.description}{told}; run it as {' or '.join(runs_as or VARIANTS)} "
+                                  "(variant=, --model)")
         check_family(vae, "autoencoder")
         check_transformer(transformer)  # every key and shape, from the headers: before any weight is read
         check_autoencoder(vae)
@@ -154,7 +263,19 @@ class FluxPipeline:
         encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip=clip, clip_tokenizer=clip_tokenizer,
                                                     device="cpu" if offload_text_encoder else device, dtype=dtype)
         return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder,
-                   scheduler=scheduler, offload_text_encoder=offload_text_encoder)
+                   scheduler=scheduler, offload_text_encoder=offload_text_encoder, variant=variant)
+
+    def load_redux(self, redux: str | Path, siglip: str | Path | None = None) -> None:
+        """Load FLUX.1 Redux: its projector (BFL's flux1-redux-dev.safetensors, a diffusers image_embedder/ folder or the
+        FLUX.1-Redux-dev snapshot) and SigLIP (google/siglip-so400m-patch14-384; default: the snapshot's image_encoder/).
+        generate(prompt, reference_images=[...]) then conditions on those images."""
+        if self.variant == "flux-kontext":
+            raise ValueError("FLUX.1 Kontext takes its reference images itself; Redux goes with dev, schnell or their tools")
+        encoder = ReduxImageEncoder.from_pretrained(redux, siglip or redux, device=self.device, dtype=self.transformer.dtype)
+        if encoder.projector.cfg.txt_in_features != self.transformer.cfg.joint_attention_dim:
+            raise CheckpointError(f"the Redux projector gives {encoder.projector.cfg.txt_in_features}-wide tokens; this transformer "
+                                  f"reads {self.transformer.cfg.joint_attention_dim}")
+        self.redux = encoder
 
     @property
     def device(self) -> torch.device:
@@ -163,31 +284,73 @@ class FluxPipeline:
     @torch.inference_mode()
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, true_cfg: float = 1.0, seed: int = 0,
-                 latents: Tensor | None = None, init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
+                 latents: Tensor | None = None, init_image: Image.Image | str | Path | None = None,
+                 mask: Image.Image | str | Path | None = None, strength: float | None = None,
+                 control_image: Image.Image | str | Path | None = None, control_preprocess: str | None = None,
+                 reference_images: list[Image.Image | str | Path] | None = None, outpaint: tuple[int, int, int, int] | None = None,
+                 max_area: int = KONTEXT_MAX_AREA, redux_prompt_scale: float = 1.0, redux_pooled_scale: float = 1.0,
                  output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
         """Generate one image (output_type "pil") or its final latents (1, 16, H/8, W/8) ("latent").
 
-        Unset arguments take the variant's defaults (dev: 28 steps, guidance 3.5; schnell: 4 steps,
-        no guidance input). `true_cfg` > 1 adds real CFG against `negative_prompt` (default empty),
-        doubling the work per step. Size defaults to 1024x1024, or to the init image's size rounded
-        down to a multiple of 16. `latents` (unpacked) replaces the seeded initial noise;
-        `init_image` + `strength` runs image-to-image.
+        Unset arguments take the variant's defaults (VARIANTS: dev 28 steps, guidance 3.5; schnell 4
+        steps, no guidance input; ...). `true_cfg` > 1 adds real CFG against `negative_prompt`
+        (default empty), doubling the work per step. The size defaults to that of the init image (or
+        Fill's grown canvas) rounded down to a multiple of 16, else 1024x1024 (a control image is
+        resized to it, as in diffusers); Kontext then rescales it to `max_area` pixels (as
+        FluxKontextPipeline). `latents` (unpacked) replaces the seeded initial noise. The tasks and
+        their inputs: see the module docstring and check_task(); `strength` defaults to the task's
+        (image to image and inpainting 0.6, Fill 1.0). Redux's tokens and pooled vector are scaled by
+        `redux_prompt_scale` and `redux_pooled_scale`.
         """
+        init_image, mask, control_image = open_image(init_image), open_image(mask), open_image(control_image)
+        references = [open_image(image) for image in reference_images or []]
+        task = check_task(self.variant, init_image=init_image is not None, mask=mask is not None, control_image=control_image is not None,
+                          control_preprocess=control_preprocess, reference_images=len(references), outpaint=outpaint is not None,
+                          redux=self.redux is not None)
+        if outpaint is not None:
+            init_image, mask = outpaint_canvas(init_image, outpaint, mask)
         height, width, init_image = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=init_image,
                                                   latents=latents, output_type=output_type)
+        if task == "kontext":
+            height, width = kontext_output_size(height, width, max_area)
         settings = check_settings(self.variant, negative_prompt=negative_prompt, true_cfg=true_cfg, steps=steps, guidance=guidance)
         use_cfg = true_cfg > 1
+        if use_cfg and references and task != "kontext":
+            raise ValueError("FLUX.1 Redux runs without true CFG: leave true_cfg at 1")
+        strength = STRENGTH.get(task, 1.0) if strength is None else strength
+
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
-        if init_image is None:
-            latents, start = start_noise(self.vae, height=height, width=width, seed=seed, latents=latents, device=self.device,
-                                         dtype=self.transformer.dtype), 0
-        else:
-            latents, start = prepare_img2img(self.vae, init_image, sigmas, height=height, width=width, strength=strength, seed=seed,
-                                             device=self.device, dtype=self.transformer.dtype)
+        latents, start, conditioning, blend = self._start(task, sigmas, height=height, width=width, seed=seed, latents=latents,
+                                                          init_image=init_image, mask=mask, strength=strength,
+                                                          control_image=control_image, control_preprocess=control_preprocess,
+                                                          references=references)
         features, pooled = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                                           device=self.device, offload=self.offload_text_encoder)
+        if references and task != "kontext":
+            features, pooled = redux_conditioning(features, pooled, self.redux(references), prompt_scale=redux_prompt_scale,
+                                                  pooled_scale=redux_pooled_scale)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
-                            guidance=settings.guidance, true_cfg=true_cfg, device=self.device)
-        tokens = denoise(predict, pack_latents(latents), sigmas, start, progress=progress, desc=self.variant)  # (1, S, 64)
+                            guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning)
+        tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
         latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+
+    def _start(self, task: str, sigmas: Tensor, *, height: int, width: int, seed: int, latents: Tensor | None,
+               init_image: Image.Image | None, mask: Image.Image | None, strength: float, control_image: Image.Image | None,
+               control_preprocess: str | None, references: list[Image.Image]) -> tuple[Tensor, int, Conditioning, Blend | None]:
+        """The task's start latents (1, C, h, w), first step, model-input conditioning and per-step blend."""
+        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=self.transformer.dtype)
+        if task == "img2img":
+            return *prepare_img2img(self.vae, init_image, sigmas, strength=strength, **where), Conditioning(), None
+        if task == "inpaint":
+            latents, start, blend = prepare_inpaint(self.vae, init_image, mask, sigmas, strength=strength, layout=pack_latents, **where)
+            return latents, start, Conditioning(), blend
+        if task == "fill":
+            return *prepare_fill(self.vae, init_image, mask, sigmas, strength=strength, **where), None
+        if task == "control":
+            latents, conditioning = prepare_control(self.vae, control_image, preprocess=control_preprocess, latents=latents, **where)
+            return latents, 0, conditioning, None
+        noise = start_noise(self.vae, latents=latents, **where)
+        conditioning = prepare_kontext(self.vae, references[0], device=self.device, dtype=self.transformer.dtype) \
+            if task == "kontext" else Conditioning()
+        return noise, 0, conditioning, None

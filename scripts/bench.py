@@ -102,27 +102,34 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) ->
                 lambda: ours(x, t, cap, None if B == 1 else mask))
 
 
-def flux_case(args: argparse.Namespace) -> Case:
+def flux_case(args: argparse.Namespace, tool: str = "flux-dev") -> Case:
+    """One FLUX.1 forward at 1024x1024: dev, or a tool's input (Fill: 384 channels per token; Kontext: a 1024x1024
+    reference's 4096 tokens after the image's, twice the image tokens)."""
     from diffusers import FluxTransformer2DModel
 
     from zflux.flux.convert import from_diffusers
     from zflux.flux.model import PRESETS, Flux
     from zflux.flux.pipeline import img_ids, txt_ids
+    from zflux.flux.tools import REFERENCE_INDEX
 
-    cfg = PRESETS["flux-dev"]
-    ref = random_model(lambda: FluxTransformer2DModel(guidance_embeds=True))
+    cfg = PRESETS[tool]
+    ref = random_model(lambda: FluxTransformer2DModel(in_channels=cfg.in_channels, out_channels=cfg.out_channels, guidance_embeds=True))
     ours = load_into(build_on_meta(lambda: Flux(cfg, backend=args.backend)), from_diffusers(ref.state_dict()))
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.double_blocks, ours.single_blocks):
             compile_blocks(blocks)
-    img = torch.randn(1, 4096, 64, device=DEVICE, dtype=DTYPE)
+    reference = 64 if tool == "flux-kontext" else 0  # packed tokens per side of the reference
+    img = torch.randn(1, 4096 + reference**2, cfg.in_channels, device=DEVICE, dtype=DTYPE)
     txt = torch.randn(1, 512, 4096, device=DEVICE, dtype=DTYPE)
     y = torch.randn(1, 768, device=DEVICE, dtype=DTYPE)
     t, guidance = torch.tensor([0.5], device=DEVICE), torch.tensor([3.5], device=DEVICE)
-    i_ids, t_ids = img_ids(1, 64, 64, DEVICE), txt_ids(1, 512, DEVICE)
-    return Case("FLUX.1-dev transformer (4096 img + 512 text tokens)",
-                lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
+    i_ids = torch.cat([img_ids(1, 64, 64, DEVICE), img_ids(1, reference, reference, DEVICE, index=REFERENCE_INDEX)], dim=1)
+    t_ids = txt_ids(1, 512, DEVICE)
+    what = {"flux-dev": "FLUX.1-dev transformer (4096 img + 512 text tokens)",
+            "flux-fill": "FLUX.1 Fill transformer (384 input channels; 4096 img + 512 text tokens)",
+            "flux-kontext": "FLUX.1 Kontext transformer (4096 img + 4096 reference + 512 text tokens)"}[tool]
+    return Case(what, lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
                 lambda: ours(img, i_ids, txt, t_ids, t, y, guidance))
 
 
@@ -258,9 +265,10 @@ def flux2_pipeline_case(args: argparse.Namespace) -> Case:
 
 
 CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "zimage-controlnet": zimage_controlnet_case,
-         "flux": flux_case, "vae": vae_case, "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"),
-         "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"), "flux2-dev": lambda args: flux2_case(args, "flux2-dev"),
-         "flux2-klein-4b-pipeline": flux2_pipeline_case}
+         "flux": flux_case, "flux-fill": lambda args: flux_case(args, "flux-fill"),
+         "flux-kontext": lambda args: flux_case(args, "flux-kontext"), "vae": vae_case,
+         "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"), "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"),
+         "flux2-dev": lambda args: flux2_case(args, "flux2-dev"), "flux2-klein-4b-pipeline": flux2_pipeline_case}
 
 
 def main() -> None:

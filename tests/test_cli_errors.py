@@ -70,6 +70,7 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     (pickled / "text_encoder" / "pytorch_model.bin").write_bytes(b"never unpickled")
     (root / "model.bin").write_bytes(b"never unpickled")
     Image.new("RGB", (48, 32), (200, 30, 30)).save(root / "init.png")
+    Image.new("L", (16, 16), 255).save(root / "small.png")
     (root / "not_an_image.png").write_text("text")
     (root / "empty.txt").write_text("\n  \n")
     (root / "folder.png").mkdir()
@@ -119,8 +120,23 @@ BAD_INPUTS = {  # id: (argv, what the one line says)
     "guidance-with-schnell": (generate_argv(model="flux-schnell", weights="{dev}", guidance="2"), "flux-schnell has no guidance input"),
     "negative-prompt-without-true-cfg": (generate_argv(model="flux-dev", weights="{dev}", negative_prompt="blurry"),
                                          "only with true CFG"),
-    "mask-with-flux1": (generate_argv(model="flux-dev", weights="{dev}", init_image="{root}/init.png", mask="{root}/init.png"),
-                        "--mask does not apply to FLUX.1"),
+    "mask-without-init-flux1": (generate_argv(model="flux-dev", weights="{dev}", mask="{root}/init.png"),
+                                "a mask needs the image it masks"),
+    "mask-with-kontext": (generate_argv(model="flux-kontext", weights="{dev}", init_image="{root}/init.png", mask="{root}/init.png"),
+                          "flux-kontext takes no mask"),
+    "mask-size-flux1": (generate_argv(model="flux-dev", weights="{dev}", init_image="{root}/init.png", mask="{root}/small.png"),
+                        "the mask is 16x16 but the image is 48x32"),
+    "outpaint-with-dev": (generate_argv(model="flux-dev", weights="{dev}", init_image="{root}/init.png", outpaint="0,0,16,0"),
+                          "outpainting needs FLUX.1 Fill"),
+    "reference-image-without-redux": (generate_argv(model="flux-dev", weights="{dev}", reference_image="{root}/init.png"),
+                                      "flux-dev takes reference images through FLUX.1 Redux"),
+    "redux-without-folder": (generate_argv(model="flux-redux", weights="{dev}", reference_image="{root}/init.png"),
+                             "--model flux-redux needs --redux FOLDER"),
+    "redux-with-true-cfg": (generate_argv(model="flux-redux", weights="{dev}", redux="{root}", reference_image="{root}/init.png",
+                                          true_cfg="2"), "FLUX.1 Redux (--reference-image) runs without true CFG"),
+    "canny-without-control-image": (generate_argv(model="flux-canny", weights="{dev}"), "flux-canny needs a control image"),
+    "control-image-with-flux2": (generate_argv(model="flux2-dev", weights="{dev}", control_image="{root}/init.png"),
+                                 "--control-image does not apply to FLUX.2"),
     "true-cfg-below-1": (generate_argv(model="flux-dev", weights="{dev}", true_cfg="0.5"), "--true-cfg 0.5: the true CFG scale is >= 1"),
     "device-gpu0": (generate_argv(device="gpu0"), "device 'gpu0' is not a device"),
     "device-cuda": (generate_argv(device="cuda"), "device 'cuda': this PyTorch"),

@@ -5,7 +5,9 @@ Python API given the setting it stands for; that image must differ from the one 
 without the setting, so the comparison would see the flag dropped. Flags that leave the image
 alone (--device, --offload-text-encoder, --backend) are checked by what they change instead.
 --model, --weights, --vae, --text-encoders, --prompt, --height, --width and --out: test_cli.py; --controlnet and
---reference-image: test_zimg_pipelines.py::test_cli_controlnet_and_omni.
+--reference-image: test_zimg_pipelines.py::test_cli_controlnet_and_omni; the FLUX.1 tools' and base-model inpainting's
+(--mask, --control-image, --control-preprocess, --outpaint, --reference-image, --redux, --siglip):
+test_cli_tools.py::test_tool_flags_reach_generate.
 """
 
 import re

@@ -21,25 +21,29 @@ from diffusers import FluxTransformer2DModel
 from zflux.flux.convert import from_diffusers
 from zflux.flux.model import PRESETS, Flux, FluxConfig
 from zflux.flux.pipeline import img_ids, txt_ids
+from zflux.flux.tools import REFERENCE_INDEX
 from util import bf16_vs_fp32, randomize_
 
 TINY = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                   joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
-def bf16_errors(cfg: FluxConfig, latent: int, txt_len: int, device: str, t: float = 0.5, guidance: float = 4.0) -> tuple[float, float]:
-    """(diffusers bf16 error, our bf16 error) against diffusers fp32, random weights at `cfg`."""
+def bf16_errors(cfg: FluxConfig, latent: int, txt_len: int, device: str, t: float = 0.5, guidance: float = 4.0,
+                reference: int = 0) -> tuple[float, float]:
+    """(diffusers bf16 error, our bf16 error) against diffusers fp32, random weights at `cfg`; with a `reference` latent
+    side, a Kontext reference's tokens follow the image's at positions (1, row, col)."""
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
     with torch.device("meta"):
         ref = FluxTransformer2DModel(**kwargs)
     ref = randomize_(ref.to_empty(device=device), std=0.02).eval()  # no default init: every parameter is set here
     g = torch.Generator(device).manual_seed(1)
-    n = latent // 2  # packed tokens per side
-    img = torch.randn(1, n * n, cfg.in_channels, generator=g, device=device)
+    n, m = latent // 2, reference // 2  # packed tokens per side: the image, the reference (0: none)
+    img = torch.randn(1, n * n + m * m, cfg.in_channels, generator=g, device=device)
     txt = torch.randn(1, txt_len, cfg.joint_attention_dim, generator=g, device=device)
     y = torch.randn(1, cfg.pooled_projection_dim, generator=g, device=device)
     t, guidance = torch.tensor([t], device=device), torch.tensor([guidance], device=device)
-    ids_img, ids_txt = img_ids(1, n, n, device), txt_ids(1, txt_len, device)
+    ids_img = torch.cat([img_ids(1, n, n, device), img_ids(1, m, m, device, index=REFERENCE_INDEX)], dim=1)  # (1, n*n + m*m, 3)
+    ids_txt = txt_ids(1, txt_len, device)
 
     def run_ref(model):
         dtype = next(model.parameters()).dtype

@@ -177,7 +177,7 @@ def test_img2img_latent_matches_flux_prepare_latents(dtype):
     latent = torch.randn(2, 16, 16, 12, generator=torch.Generator().manual_seed(0))
     expected, _ = FluxImg2ImgPipeline.prepare_latents(pipe, latent, timesteps[:1].repeat(2), 2, 16, 128, 96, dtype, "cpu",
                                                       torch.Generator("cpu").manual_seed(7))
-    got, start = img2img_latent(latent.to(dtype), sched.sigmas, 0.6, seed=7)
+    got, noise, start = img2img_latent(latent.to(dtype), sched.sigmas, 0.6, seed=7)
     assert start == 28 - len(timesteps)
     assert torch.equal(rearrange(got, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2), expected)
 

@@ -164,7 +164,7 @@ def test_canny_preprocess(snapshots):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(control_image=picture(64, 64, 1), mask=picture(64, 64, 2)), "mask is ControlNet inpainting: it needs init_image"),
+    (dict(control_image=picture(64, 64, 1), mask=picture(64, 64, 2)), "a mask needs the image it masks"),
     (dict(control_image=picture(64, 64, 1), init_image=picture(64, 64, 2)), "give its mask too"),
     (dict(control_image=picture(64, 64, 1), control_preprocess="depth"), r"control_preprocess \(canny\)"),
     (dict(reference_images=[picture(64, 64, 1)]), "reference images are Z-Image Omni's"),
@@ -215,7 +215,7 @@ def test_cli_controlnet_and_omni(snapshots, tmp_path, capsys):
     (["--model", "z-image-turbo", "--controlnet", "{turbo}/transformer", "--control-image", "{image}"],
      "holds a Z-Image transformer .*, not a Z-Image ControlNet"),
     (["--model", "z-image-turbo", "--controlnet", "{controlnet}/controlnet", "--control-image", "{image}", "--mask", "{image}"],
-     "--mask is ControlNet inpainting: it needs --init-image"),
+     "--mask needs the --init-image it masks"),
     (["--model", "z-image-omni", "--control-image", "{image}"], "z-image-omni edits through --reference-image"),
     (["--model", "z-image-turbo", "--controlnet", "{controlnet}/controlnet", "--control-image", "{tmp}/missing.png"],
      "no image file at"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, ZImagePipeline,
                        ZImageTransformer2DModel)
-from transformers import CLIPTextConfig, CLIPTextModel, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, Qwen2Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from test_text import clip_tokenizer, qwen_tokenizer, t5_tokenizer
 from util import randomize_
@@ -55,15 +55,32 @@ def tiny_vae(seed: int) -> AutoencoderKL:
     return vae
 
 
+def qwen_encoder(dim: int = TEXT_DIM) -> tuple[Qwen3Model, Qwen2Tokenizer]:
+    """A tiny random Qwen3 text encoder of hidden size `dim` (Z-Image's cap_feat_dim) and the test tokenizer."""
+    tokenizer = qwen_tokenizer()
+    qwen = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=640,
+                                  pad_token_id=tokenizer.pad_token_id))
+    return qwen.eval(), tokenizer
+
+
+def flux_text_encoders(t5_dim: int = TEXT_DIM, clip_dim: int = TEXT_DIM) -> dict:
+    """Tiny random CLIP (pooled width `clip_dim`) and T5 (width `t5_dim`) with the test tokenizers, as FLUX.1 pipeline components."""
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=clip_dim, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=clip_dim,
+                                        eos_token_id=clip_tok.eos_token_id, bos_token_id=0, pad_token_id=clip_tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=t5_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    return dict(text_encoder=clip.eval(), tokenizer=clip_tok, text_encoder_2=t5.eval(), tokenizer_2=t5_tok)
+
+
 def zimage_snapshot(root: Path, variant: str = "z-image-turbo", seed: int = 0) -> Path:
     """Save a tiny random Z-Image snapshot (Turbo or base: only the scheduler differs) to `root`."""
     torch.manual_seed(seed)
-    tokenizer = qwen_tokenizer()
-    qwen = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=640,
-                                  pad_token_id=tokenizer.pad_token_id))
+    qwen, tokenizer = qwen_encoder()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]), vae=tiny_vae(seed + 1),
-                          text_encoder=qwen.eval(), tokenizer=tokenizer,
+                          text_encoder=qwen, tokenizer=tokenizer,
                           transformer=randomize_(ZImageTransformer2DModel(**ZIMAGE), seed + 2).eval())
     pipe.save_pretrained(root)
     return root
@@ -72,15 +89,8 @@ def zimage_snapshot(root: Path, variant: str = "z-image-turbo", seed: int = 0) -
 def flux_snapshot(root: Path, variant: str = "flux-schnell", seed: int = 0) -> Path:
     """Save a tiny random FLUX.1 snapshot (dev: with a guidance embedder) to `root`."""
     torch.manual_seed(seed)
-    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
-                                        eos_token_id=clip_tok.eos_token_id, bos_token_id=0, pad_token_id=clip_tok.pad_token_id))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
     transformer = FluxTransformer2DModel(**FLUX, guidance_embeds=variant == "flux-dev")
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant]), vae=tiny_vae(seed + 1),
-                        text_encoder=clip.eval(), tokenizer=clip_tok, text_encoder_2=t5.eval(), tokenizer_2=t5_tok,
-                        transformer=randomize_(transformer, seed + 2).eval())
+                        **flux_text_encoders(), transformer=randomize_(transformer, seed + 2).eval())
     pipe.save_pretrained(root)
     return root

@@ -23,6 +23,10 @@ VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the 
 load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
 flags pass to generate(), their files read). Adding a family is one import and one entry.
 
+The task inputs are flags of every family (--init-image, --mask, --strength, --control-image,
+--control-preprocess, --reference-image); each family's check_args (or generate_options) says which
+of its models take them, and its generate_options reads the images.
+
 Every check before any weight is read
 -------------------------------------
 `zflux generate` reads no weight until the whole request has passed these, in this order:
@@ -223,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """`zflux generate`'s flags: the shared ones, then each family's group."""
+    from zflux.common.images import PREPROCESSORS
     from zflux.common.ops import BACKENDS
 
     models = "; ".join(f"{name}: {v.defaults.steps} steps, guidance {v.defaults.guidance}" for name, v in variants().items())
@@ -247,10 +252,14 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                                                          "makes the same image every run. The seed used is printed and stored in the PNG")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt, with seeds seed, seed+1, ... "
                                                                             "(default 1)")
-    gen.add_argument("--init-image", help="image file to start from (image to image)")
-    gen.add_argument("--strength", type=float, help="with --init-image: how much of the schedule to run, 0-1 (default: the model's, "
-                                                    "0.6 for most)")
+    gen.add_argument("--init-image", help="image file to start from (image to image, inpainting)")
+    gen.add_argument("--strength", type=float, help="with --init-image: how much of the schedule to run, 0-1 (default: the task's, "
+                                                    "see each family's options)")
     gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
+    gen.add_argument("--control-image", help="control models: the control image (edges, depth map, ...), or a photo with "
+                                             "--control-preprocess")
+    gen.add_argument("--control-preprocess", "--preprocess", choices=tuple(PREPROCESSORS),
+                     help="make the control image from the photo given as --control-image first (Canny 50/200)")
     gen.add_argument("--reference-image", action="append", metavar="PATH",
                      help="an image to edit or take subjects from (repeatable; see each family's options)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png (PNG keeps the settings); several images are "

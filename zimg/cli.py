@@ -12,10 +12,9 @@ import argparse
 from pathlib import Path
 
 from zflux.common.identify import check_family
-from zflux.common.images import load_image
+from zflux.common.images import check_mask, load_image
 from zflux.common.vae import PRESETS as AUTOENCODERS
 from zflux.zimg import convert
-from zflux.zimg.control import PREPROCESSORS
 from zflux.zimg.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, OMNI, VARIANTS, ZImageDefaults, ZImagePipeline, check_settings
 from zflux.zimg.training import SETTINGS, train_zimage
 
@@ -30,14 +29,13 @@ SIGLIP_FOLDERS = ("siglip", "siglip_processor")  # what it also holds for a z-im
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Z-Image's own flags of `zflux generate`, in a group that also says what the shared ones mean for it."""
     group = parser.add_argument_group(NAME, "--guidance is the CFG scale (turbo 0, base 4, omni 5); --negative-prompt needs "
-                                            "--guidance > 0; with --control-image, --init-image is the image to inpaint and "
-                                            "--mask (needs --control-image) says where; --reference-image is z-image-omni's")
+                                            "--guidance > 0; --init-image with --mask inpaints (with --control-image too: "
+                                            "ControlNet inpainting); --control-image needs --controlnet; --reference-image is "
+                                            "z-image-omni's; --strength defaults to 0.6 for image-to-image, 1.0 for inpainting")
     group.add_argument("--cfg-normalization", type=float, help="cap the guided prediction's norm at this multiple of the conditional one's")
     group.add_argument("--cfg-truncation", type=float, help="no CFG once the model time 1 - sigma exceeds this")
     group.add_argument("--controlnet", help="a ControlNet Union file (Z-Image-Turbo-Fun-Controlnet-Union*.safetensors) or folder")
-    group.add_argument("--control-image", help="the control map (canny, depth, pose, ...), resized to the output size")
     group.add_argument("--control-scale", type=float, default=0.75, help="how strongly the control image steers (default 0.75)")
-    group.add_argument("--control-preprocess", choices=tuple(PREPROCESSORS), help="make the control map from a photo first")
 
 
 def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefaults:
@@ -87,10 +85,13 @@ def generate_options(args: argparse.Namespace) -> dict:
         check_family(args.controlnet, "z-image-controlnet")
     if args.control_preprocess and not args.control_image:
         raise ValueError("--control-preprocess makes the control map from --control-image: pass the photo there")
-    if args.mask and not (args.control_image and args.init_image):
-        raise ValueError("--mask is ControlNet inpainting: it needs --init-image (the image to inpaint) and --control-image")
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs the --init-image it masks")
     image = lambda path: load_image(path) if path else None  # noqa: E731
+    mask = image(args.mask)
+    if mask is not None:
+        check_mask(mask, load_image(args.init_image))
     return dict(cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
                 control_image=image(args.control_image), control_scale=args.control_scale,
-                control_preprocess=args.control_preprocess, mask=image(args.mask),
+                control_preprocess=args.control_preprocess, mask=mask,
                 reference_images=[load_image(path) for path in args.reference_image or []] or None)

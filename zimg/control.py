@@ -14,11 +14,9 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from zflux.common.images import canny, fit_image, mask_latents, mask_tensor, to_tensor
+from zflux.common.images import fit_image, mask_latents, mask_tensor, to_tensor
 from zflux.common.pipeline import encode_mode
 from zflux.common.vae import Autoencoder
-
-PREPROCESSORS = {"canny": canny}  # what may turn a photo into a control image first
 
 
 def pixels(image: Image.Image, height: int, width: int, vae: Autoencoder, device: torch.device) -> Tensor:

@@ -43,13 +43,13 @@ from PIL import Image
 from torch import Tensor
 
 from zflux.common.identify import check_family
-from zflux.common.images import open_image
+from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
-                                   image_seq_len, open_snapshot, prepare_img2img, read_scheduler, start_noise)
+                                   image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
-from zflux.zimg.control import PREPROCESSORS, prepare_control, prepare_control_inpaint
+from zflux.zimg.control import prepare_control, prepare_control_inpaint
 from zflux.zimg.controlnet import ZImageControlNet
 from zflux.zimg.convert import check_transformer, load_controlnet, load_omni_transformer, load_transformer
 from zflux.zimg.model import PRESETS, Stream, ZImageTransformer
@@ -80,14 +80,15 @@ VARIANTS = {
                             defaults=ZImageDefaults(steps=50, guidance=5.0, max_sequence_length=512)),
 }
 OMNI = "z-image-omni"
-SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline",
-                      "ZImageOmniPipeline")
+SNAPSHOT_PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
+                      "ZImageControlNetInpaintPipeline", "ZImageOmniPipeline")
 # zflux's own small Turbo-shaped model, trained on drawn scenes (zimg/training.py), shipped as a snapshot folder.
 EMBEDDED_MODEL = Path(__file__).parent / "embedded"
 EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 EXTRA_SUBFOLDERS = {"ZImageControlNetPipeline": ("controlnet",), "ZImageControlNetInpaintPipeline": ("controlnet",),
                     "ZImageOmniPipeline": ("siglip", "siglip_processor")}
+STRENGTH = {"img2img": 0.6, "inpaint": 1.0}  # each task's default, as its diffusers pipeline's
 
 
 def check_settings(variant: str, negative_prompt: str | None = None, **given) -> ZImageDefaults:
@@ -256,7 +257,7 @@ class ZImagePipeline:
     @torch.inference_mode()
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0, latents: Tensor | None = None,
-                 init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
+                 init_image: Image.Image | str | Path | None = None, strength: float | None = None,
                  cfg_normalization: float | None = None, cfg_truncation: float | None = None,
                  control_image: Image.Image | str | Path | None = None, control_scale: float = 0.75,
                  control_preprocess: str | None = None, mask: Image.Image | str | Path | None = None,
@@ -268,7 +269,10 @@ class ZImagePipeline:
         guidance 4; Omni: 50 steps, guidance 5). guidance > 0 turns on CFG against `negative_prompt`
         (default empty). Size defaults to 1024x1024, or to the init image's size rounded down to a
         multiple of 16 (image to image), or the last reference image's (Omni). `latents` replaces the
-        seeded initial noise; `init_image` + `strength` runs image to image.
+        seeded initial noise; `init_image` + `strength` runs image to image, and with a `mask` (white =
+        repaint) inpainting: after every step the known region is put back, re-noised to the next sigma
+        (common.pipeline.prepare_inpaint). `strength` defaults to the task's (image to image 0.6,
+        inpainting 1.0, as diffusers' pipelines).
         With a ControlNet loaded: `control_image` (a canny, depth, pose... map, or a photo with
         `control_preprocess="canny"`) steers the image, its hints scaled by `control_scale`; adding
         `init_image` and `mask` (white = repaint) inpaints. Omni: `reference_images` (one or more) to edit or combine.
@@ -285,12 +289,16 @@ class ZImagePipeline:
                                                latents=latents, output_type=output_type)
         use_cfg = settings.guidance > 0
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
-        if img2img is None:
-            latents, start = start_noise(self.vae, height=height, width=width, seed=seed, latents=latents, device=self.device,
-                                         dtype=torch.float32), 0
+        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=torch.float32)
+        blend = None
+        if img2img is not None and mask is not None:
+            latents, start, blend = prepare_inpaint(self.vae, img2img, open_image(mask), sigmas, strength=STRENGTH["inpaint"]
+                                                    if strength is None else strength, **where)
+        elif img2img is not None:
+            latents, start = prepare_img2img(self.vae, img2img, sigmas, strength=STRENGTH["img2img"] if strength is None else strength,
+                                             **where)
         else:
-            latents, start = prepare_img2img(self.vae, img2img, sigmas, height=height, width=width, strength=strength, seed=seed,
-                                             device=self.device, dtype=torch.float32)
+            latents, start = start_noise(self.vae, latents=latents, **where), 0
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                               device=self.device, offload=self.offload_text_encoder)
@@ -306,7 +314,7 @@ class ZImagePipeline:
             features, cap_mask = text
             predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
                                 device=self.device, control=control)
-        latents = denoise(predict, latents, sigmas, start, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
+        latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
 
     def _control(self, control_image: Image.Image | str | Path, *, control_preprocess: str | None,
@@ -337,7 +345,7 @@ class ZImagePipeline:
         if control_preprocess is not None and (control_image is None or control_preprocess not in PREPROCESSORS):
             raise ValueError(f"control_preprocess ({', '.join(PREPROCESSORS)}) turns a given control_image into the control "
                              f"map, got {control_preprocess!r}" + ("" if control_image is not None else " without a control_image"))
-        if mask is not None and (control_image is None or init_image is None):
-            raise ValueError("mask is ControlNet inpainting: it needs init_image (the image to inpaint) and control_image")
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs the image it masks (init_image=, --init-image)")
         if control_image is not None and init_image is not None and mask is None:
             raise ValueError("with a control_image, init_image is the image to inpaint: give its mask too (white = repaint)")

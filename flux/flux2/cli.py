@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDefaults:
     """FLUX.2's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings it
     will run with. Its positions are computed, not tabled: any size that fits in memory."""
+    if args.control_image or args.control_preprocess:
+        raise ValueError(f"{'--control-image' if args.control_image else '--control-preprocess'} does not apply to {NAME} "
+                         "(FLUX.1 Canny and Depth, and Z-Image with --controlnet, take it)")
     return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
 
 
