@@ -22,15 +22,19 @@ Z-Image-Turbo and Z-Image base share every shape: only a snapshot's scheduler co
 so do FLUX.2 [klein] distilled, base and KV, which only a snapshot's model_index.json names.
 """
 
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from safetensors import safe_open
-from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, safetensors_files
+from zflux.common.files import COMFY_PREFIX, CheckpointError, safetensors_files
+
+if TYPE_CHECKING:  # no torch import for a header: `zflux info` stays fast (safetensors imports it for read_tensor)
+    from torch import Tensor
 
 FAMILY_NAMES = {
     "z-image": "Z-Image", "z-image-controlnet": "a Z-Image ControlNet", "flux.1": "FLUX.1", "flux.2": "FLUX.2",
@@ -76,7 +80,7 @@ class CheckpointInfo:
         shares = sorted(self.dtypes.items(), key=lambda kv: -kv[1])
         dtypes = ", ".join(name if len(shares) == 1 else f"{name} ({count / self.params:.1%})" for name, count in shares) or "none"
         return [f"family:     {FAMILY_NAMES[self.family]}", f"what:       {self.description}",
-                f"layout:     {self.layout}", f"dtype:      {dtypes}", f"parameters: {self.params:,} ({self.params / 1e9:.2f} B)"]
+                f"layout:     {self.layout}", f"dtype:      {dtypes}", f"parameters: {parameters(self.params)}"]
 
 
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -84,7 +88,7 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     specs = {}
     for file in safetensors_files(path):
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="numpy") as f:  # numpy, not torch: headers in milliseconds, no torch import
                 for key in f.keys():
                     tensor = f.get_slice(key)
                     specs[key] = (tensor.get_dtype(), tuple(tensor.get_shape()))
@@ -137,6 +141,12 @@ def check_family(path: str | Path, family: str, hint: str = "") -> CheckpointInf
     if info.family != family:
         raise CheckpointError(f"{path} holds {info.description}, not {FAMILY_NAMES[family]}{hint}")
     return info
+
+
+def parameters(n: int) -> str:
+    """A parameter count in words: 590,816 (0.59 M), 6,154,908,736 (6.15 B)."""
+    unit, scale = ("B", 1e9) if n >= 1e9 else ("M", 1e6)
+    return f"{n:,} ({n / scale:.2f} {unit})"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -6,6 +6,7 @@ The conversions are diffusers' VaeImageProcessor's (x / 2 + 0.5, clamped, times 
 same decoded tensor gives the same pixels here and there.
 """
 
+import io
 from pathlib import Path
 
 import cv2
@@ -13,11 +14,15 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 from torch.nn import functional as F
 
+from zflux.common.files import atomic_write, check_writable
+
 CANNY_LOW, CANNY_HIGH = 50, 200  # hysteresis thresholds on 8-bit gradients (BFL's and the control models' documentation)
 MASK_THRESHOLD = 128  # a mask pixel at or above this 8-bit gray level repaints (diffusers binarizes at 0.5)
+PARAMETERS = "parameters"  # the PNG text chunk holding the generation settings, which image tools read
 
 
 def to_tensor(image: Image.Image) -> Tensor:
@@ -58,17 +63,39 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save `image` (format from the suffix, e.g. .png), creating the parent folder; return the path."""
+def image_format(path: str | Path) -> str:
+    """The Pillow format its suffix gives `path` (.png: "PNG"), checked to write an RGB image: ValueError if none does."""
     path = Path(path)
     if not path.suffix:
         raise ValueError(f"{path} has no file extension (e.g. .png) to choose the image format")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
     try:
-        image.save(path)
-    except (KeyError, ValueError) as e:  # PIL: unknown extension
-        raise ValueError(f"cannot save an image as {path}: unknown format {path.suffix!r}") from e
-    return path
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)  # a missing plugin or a mode the format cannot hold fails here
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"cannot write an image as {path}: Pillow writes no RGB {path.suffix} file (use .png, .jpg or .webp)") from e
+    return fmt
+
+
+def check_image_path(path: str | Path) -> Path:
+    """Raise ValueError unless an image can be written at `path`: a format Pillow writes, a folder that exists or can be made."""
+    image_format(path)
+    return check_writable(path)
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Save `image` (format from the suffix, e.g. .png) whole or not at all, creating the folder; return the path.
+
+    `parameters` (PNG only) is stored as the PARAMETERS text chunk.
+    """
+    fmt = image_format(path)
+    options = {}
+    if parameters is not None and fmt == "PNG":
+        options["pnginfo"] = PngInfo()
+        options["pnginfo"].add_text(PARAMETERS, parameters)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format=fmt, **options)
+    return Path(path)
 
 
 def mask_tensor(mask: Image.Image, width: int, height: int) -> Tensor:

@@ -64,12 +64,17 @@ def use_backend(name: str | None) -> Iterator[None]:
         _scoped = previous
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: a CUDA GPU, or the CPU under Triton's interpreter."""
+    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def use_kernels(x: Tensor) -> bool:
     """Whether a norm/RoPE/modulation op on `x` runs its Triton kernel under the current backend."""
     backend = current_backend()
     if backend == "auto":
         return x.is_cuda and HAS_TRITON
-    return backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return backend == "triton" and triton_runs_on(x.device)
 
 
 def use_flash_kernel(q: Tensor, masked: bool) -> bool:

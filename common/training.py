@@ -12,6 +12,8 @@ and a checkpoint (weights, EMA, optimizer moments, losses) in one safetensors fi
 resumes from. It stops at a wall-clock budget, so that each chunk of a long run fits a time slot.
 """
 
+from __future__ import annotations
+
 import copy
 import json
 import math
@@ -20,7 +22,7 @@ import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -29,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zflux.common.data import SceneDataset, batches, to_signed
 from zflux.common.images import to_pil
@@ -37,6 +38,9 @@ from zflux.common.sampling import SchedulerConfig, shift_sigmas
 from zflux.common.shapes import HELD_OUT, Scene, caption
 from zflux.common.vae import LOGVAR_RANGE, Autoencoder, AutoencoderConfig, save_autoencoder
 from zflux.common.weights import config_to_dict, save_model_folder
+
+if TYPE_CHECKING:  # transformers loads when a run builds its models (common/text.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STATE_FILE = "state.safetensors"
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers whose classes the saved snapshots name (and were tested with)

@@ -39,7 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.weights import config_from_dict, config_to_dict, load_model, save_model_folder
+from zflux.common.weights import check_model, config_from_dict, config_to_dict, load_model, save_model_folder
 
 EPS = 1e-6  # every GroupNorm
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here (BFL's and diffusers' DiagonalGaussian)
@@ -400,11 +400,20 @@ def preset_of(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
     return PRESETS["flux2" if "bn.running_mean" in state_dict else "flux"]
 
 
+# How to build the model a checkpoint holds (weights.load_model / check_model).
+CHECKPOINTS = dict(build=Autoencoder, convert=from_diffusers, to_diffusers=to_diffusers, parse_config=AutoencoderConfig.from_diffusers,
+                   infer_config=preset_of)
+
+
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: AutoencoderConfig | None = None) -> Autoencoder:
     """Load from BFL's `ae.safetensors` (FLUX.1's or FLUX.2's) or a diffusers `vae/` folder (config.json + safetensors)."""
-    return load_model(path, Autoencoder, from_diffusers, parse_config=AutoencoderConfig.from_diffusers,
-                      infer_config=preset_of, cfg=cfg, device=device, dtype=dtype)
+    return load_model(path, **CHECKPOINTS, cfg=cfg, device=device, dtype=dtype)
+
+
+def check_autoencoder(path: str | Path, cfg: AutoencoderConfig | None = None) -> AutoencoderConfig:
+    """What load_autoencoder checks before it reads a tensor (config, keys, shapes, from the header); the config it would use."""
+    return check_model(path, **CHECKPOINTS, cfg=cfg)
 
 
 def save_autoencoder(vae: Autoencoder, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

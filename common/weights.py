@@ -16,43 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from zflux.common.files import COMFY_PREFIX, CheckpointError, atomic_write, safetensors_files  # noqa: F401 (re-exported)
+from zflux.common.identify import identify, parameters, read_header
+
 T = TypeVar("T")
 M = TypeVar("M", bound=nn.Module)
-COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's prefix on every transformer key of an official-layout file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose keys or shapes do not fit the model."""
-
-
-def safetensors_files(path: str | Path) -> list[Path]:
-    """The .safetensors files that make up the checkpoint at `path` (file, index file or folder)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        files = sorted(path.glob("*.safetensors"))
-        if len(indexes) == 1:
-            path = indexes[0]
-        elif len(indexes) > 1:
-            raise CheckpointError(f"{path} holds several index files: {', '.join(p.name for p in indexes)}")
-        elif len(files) == 1:
-            return files
-        else:
-            found = ", ".join(p.name for p in files) or "none"
-            raise CheckpointError(f"{path} must hold one .safetensors file or an index; found {found}")
-    if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{path} is not a safetensors index (no readable 'weight_map')") from e
-        shards = [path.parent / name for name in sorted(set(weight_map.values()))]
-        missing = [str(s) for s in shards if not s.exists()]
-        if missing:
-            raise CheckpointError(f"{path} names shards that are not there: {', '.join(missing)}")
-        return shards
-    return [path]
+MAX_KEYS_NAMED = 10  # per list of missing, unexpected or mis-shaped keys in an error; the count says how many more
 
 
 def read_state_dict(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -118,27 +87,74 @@ def count_blocks(state_dict: dict[str, Tensor], prefix: str) -> int:
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: str | Path) -> None:
-    """Write a state dict as one safetensors file."""
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    """Write a state dict as one safetensors file, whole or not at all (see files.atomic_write)."""
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+
+
+def header_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The checkpoint at `path` as meta tensors of its shapes, from its header alone: what key maps and config inference need."""
+    return {key: torch.empty(shape, device="meta") for key, (_, shape) in read_header(path).items()}
+
+
+def _named(title: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_NAMED])
+    return f"{title} ({len(keys)}): {shown}" + (f" and {len(keys) - MAX_KEYS_NAMED} more" if len(keys) > MAX_KEYS_NAMED else "")
+
+
+def key_problems(expected: dict[str, Tensor], found: dict[str, Tensor], tolerated: Callable[[str], bool] = lambda key: False) -> str:
+    """The missing, unexpected (unless `tolerated`) and mis-shaped keys of `found` against `expected`, in one line ("" if none)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and not tolerated(k)]
+    misshaped = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}"
+                 for k in expected if k in found and found[k].shape != expected[k].shape]
+    problems = [("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)]
+    return "; ".join(_named(title, keys) for title, keys in problems if keys)
 
 
 def check_keys(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in expected.keys() & state_dict.keys()
-        if state_dict[k].shape != expected[k].shape
-    )
-    problems = [
-        f"{title} ({len(keys)}): " + ", ".join(keys)
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
-        if keys
-    ]
+    """Raise CheckpointError naming the missing, unexpected and mis-shaped keys (the first few of each, and their counts)."""
+    problems = key_problems(model.state_dict(), state_dict)
     if problems:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {problems}")
+
+
+def _in_layout_of(found: dict[str, Tensor], ours: dict[str, Tensor],
+                  to_diffusers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None) -> dict[str, Tensor]:
+    """`ours` (a state dict in our layout) rewritten in the layout of `found`: ours, ComfyUI's or diffusers', whichever shares most keys."""
+    layouts = [ours, {COMFY_PREFIX + k: v for k, v in ours.items()}] + ([to_diffusers(ours)] if to_diffusers else [])
+    return max(layouts, key=lambda layout: len(layout.keys() & found.keys()))
+
+
+def _dropped_by(convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], found: dict[str, Tensor]) -> Callable[[str], bool]:
+    """Whether `convert` drops a key of `found` on its own (an unused tensor some files carry)."""
+    def dropped(key: str) -> bool:
+        try:
+            return not convert({key: found[key]})
+        except CheckpointError:  # one part of a fused tensor: not dropped, and named as missing its other parts
+            return False
+    return dropped
+
+
+def check_header(model: nn.Module, path: str | Path, convert: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                 to_diffusers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                 found: dict[str, Tensor] | None = None) -> None:
+    """Raise CheckpointError unless the checkpoint at `path` holds exactly `model`'s tensors, reading only its header.
+
+    Keys are named as they are (or would be) in the file: in its own layout, whichever of ours,
+    ComfyUI's or diffusers' (`to_diffusers`) it is; tensors that `convert` drops on its own are no
+    error. A file whose size is off by more than a tenth says what it looks like instead.
+    """
+    found = header_state_dict(path) if found is None else found
+    expected = _in_layout_of(found, model.state_dict(), to_diffusers)
+    problems = key_problems(expected, found, tolerated=_dropped_by(convert, found))
+    if not problems:
+        return
+    name = type(model).__name__
+    have, want = sum(t.numel() for t in found.values()), sum(t.numel() for t in expected.values())
+    if abs(have - want) > want / 10:
+        name = f"{name} ({parameters(want)} parameters): it holds {identify(path).description}, {parameters(have)} parameters"
+    raise CheckpointError(f"{path} does not fit {name}; {problems}")
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -159,16 +175,31 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "ch
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: str | Path, build: Callable[[T], M], convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], *,
-               parse_config: Callable[[dict], T], infer_config: Callable[[dict[str, Tensor]], T], cfg: T | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> M:
-    """Load the model `build(cfg)` from the checkpoint at `path` (file, index or folder), in any layout `convert` accepts.
+def check_model(path: str | Path, build: Callable[[T], M], convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], *,
+                parse_config: Callable[[dict], T], infer_config: Callable[[dict[str, Tensor]], T],
+                to_diffusers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None, cfg: T | None = None) -> T:
+    """The config `load_model` would build the model with, after checking the checkpoint's header against it: reads no tensor.
 
-    The config is `cfg`, else the config.json beside the weights (read by `parse_config`, before the
-    weights, so that a bad one fails fast), else `infer_config` of the converted state dict. The
-    model is built on the meta device and takes the checkpoint's tensors, read once onto `device` in `dtype`.
+    The config is `cfg`, else the config.json beside the weights (read by `parse_config`), else
+    `infer_config` of the header's shapes in our layout.
     """
     cfg = cfg or read_config(path, parse_config)
+    found = header_state_dict(path)
+    cfg = cfg or infer_config(convert(found))
+    check_header(build_on_meta(lambda: build(cfg)), path, convert, to_diffusers=to_diffusers, found=found)
+    return cfg
+
+
+def load_model(path: str | Path, build: Callable[[T], M], convert: Callable[[dict[str, Tensor]], dict[str, Tensor]], *,
+               parse_config: Callable[[dict], T], infer_config: Callable[[dict[str, Tensor]], T], cfg: T | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+               to_diffusers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> M:
+    """Load the model `build(cfg)` from the checkpoint at `path` (file, index or folder), in any layout `convert` accepts.
+
+    check_model first settles the config and checks the header (a bad config.json or a missing,
+    unexpected or mis-shaped key fails before any tensor is read); the model is then built on the
+    meta device and takes the checkpoint's tensors, read once onto `device` in `dtype`.
+    """
+    cfg = check_model(path, build, convert, parse_config=parse_config, infer_config=infer_config, to_diffusers=to_diffusers, cfg=cfg)
     state_dict = convert(read_state_dict(path, device, dtype))
-    cfg = cfg or infer_config(state_dict)
     return load_into(build_on_meta(lambda: build(cfg)), state_dict, source=str(path))

@@ -1,15 +1,16 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, generate_options, load_options and load_pipeline.
+add_arguments, check_args, load_options, load_pipeline and generate_options.
 """
 
 import argparse
 from pathlib import Path
 
 from zflux.common.images import check_mask, load_image
+from zflux.common.sampling import SamplingDefaults
 from zflux.flux import convert
-from zflux.flux.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, VARIANTS, FluxPipeline, check_task  # noqa: F401 (VARIANTS: --model)
+from zflux.flux.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, VARIANTS, FluxPipeline, check_settings, check_task  # noqa: F401
 from zflux.flux.training import SETTINGS, train_flux
 
 NAME = "FLUX.1"
@@ -44,20 +45,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "default: the --redux snapshot's image_encoder/")
 
 
-def generate_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of FluxPipeline.generate that FLUX.1's flags set, their images read and the whole request
-    checked against --model (check_task), before any weight loads."""
+def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDefaults:
+    """FLUX.1's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings it
+    will run with. The task's inputs are checked against --model by check_task (no image read: generate_options reads
+    them). Its positions are computed, not tabled: any size that fits in memory."""
+    if args.true_cfg < 1:
+        raise ValueError(f"--true-cfg {args.true_cfg}: the true CFG scale is >= 1 (1: off)")
     if (args.redux is not None) != (args.model == "flux-redux"):
         raise ValueError("--model flux-redux needs --redux FOLDER (FLUX.1-Redux-dev)" if args.redux is None else
                          f"--redux goes with --model flux-redux, not {args.model}")
     if args.siglip is not None and args.redux is None:
         raise ValueError("--siglip goes with --redux")
+    task = check_task(args.model, init_image=args.init_image is not None, mask=args.mask is not None,
+                      control_image=args.control_image is not None, control_preprocess=args.control_preprocess,
+                      reference_images=len(args.reference_image or []), outpaint=args.outpaint is not None,
+                      redux=args.redux is not None)
+    if args.true_cfg > 1 and args.reference_image and task != "kontext":
+        raise ValueError(f"--true-cfg {args.true_cfg}: FLUX.1 Redux (--reference-image) runs without true CFG; leave --true-cfg at 1")
+    return check_settings(args.model, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
+                          guidance=args.guidance)
+
+
+def generate_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of FluxPipeline.generate that FLUX.1's flags set, their images read (and the mask checked
+    against the init image) before any weight loads; check_args has checked the task."""
     control_image = load_image(args.control_image) if args.control_image else None
     references = [load_image(path) for path in args.reference_image or []]
     mask = load_image(args.mask) if args.mask else None
-    check_task(args.model, init_image=args.init_image is not None, mask=args.mask is not None, control_image=control_image is not None,
-               control_preprocess=args.control_preprocess, reference_images=len(references), outpaint=args.outpaint is not None,
-               redux=args.redux is not None)
     if mask is not None:
         check_mask(mask, load_image(args.init_image))
     return dict(true_cfg=args.true_cfg, mask=mask, control_image=control_image, control_preprocess=args.control_preprocess,

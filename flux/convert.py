@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, count_blocks, load_model, shape_of
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, check_model, count_blocks, load_model, shape_of
 from zflux.flux.model import MLP_RATIO, PRESETS, Flux, FluxConfig
 
 FINAL_MOD = "final_layer.adaLN_modulation.1"
@@ -63,9 +63,9 @@ SINGLE = {
 }
 # (ours, diffusers) key prefix before the block index, and the table for what follows it.
 SCOPES = [("double_blocks", "transformer_blocks", DOUBLE), ("single_blocks", "single_transformer_blocks", SINGLE), ("", "", TOP)]
-# Per scope: diffusers module -> (our module, part index, number of parts).
-INVERSE = [{d: (ours, i, len(parts)) for ours, parts in ((o, p if isinstance(p, tuple) else (p,)) for o, p in table.items())
-            for i, d in enumerate(parts)} for _, _, table in SCOPES]
+# Per scope: diffusers module -> (our module, number of parts it is one of).
+INVERSE = [{d: (ours, len(parts)) for ours, parts in ((o, p if isinstance(p, tuple) else (p,)) for o, p in table.items())
+            for d in parts} for _, _, table in SCOPES]
 
 
 def _parse(key: str, side: int) -> tuple[int, str, str, str]:
@@ -101,16 +101,19 @@ def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if module not in INVERSE[scope]:
             out[key] = value
             continue
-        ours, index, n_parts = INVERSE[scope][module]
+        ours, n_parts = INVERSE[scope][module]
         ours_key = _key(scope, 0, number, ours, "scale" if _is_norm(ours) else param)
         if n_parts > 1:
-            fused.setdefault(ours_key, [None] * n_parts)[index] = value
+            fused.setdefault(ours_key, {})[key] = value  # by its diffusers key
         else:
             out[ours_key] = _swap_halves(value) if ours == FINAL_MOD else value
     for ours_key, parts in fused.items():
-        if any(p is None for p in parts):
-            raise CheckpointError(f"{ours_key}: the diffusers checkpoint holds only {sum(p is not None for p in parts)} of its {len(parts)} parts")
-        out[ours_key] = torch.cat(parts)  # rows of q, k, v (, mlp) in order
+        scope, number, module, param = _parse(ours_key, side=0)
+        names = [_key(scope, 1, number, name, param) for name in SCOPES[scope][2][module]]  # the parts, in order
+        missing = [name for name in names if name not in parts]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}: {ours_key} fuses {', '.join(names)}")
+        out[ours_key] = torch.cat([parts[name] for name in names])  # rows of q, k, v (, mlp) in order
     return out
 
 
@@ -154,6 +157,11 @@ def config_from_state_dict(state_dict: dict[str, Tensor]) -> FluxConfig:
                       guidance_embeds="guidance_in.in_layer.weight" in state_dict)
 
 
+# How to build the model a checkpoint holds (common.weights.load_model / check_model).
+CHECKPOINTS = dict(build=Flux, convert=from_diffusers, to_diffusers=to_diffusers, parse_config=FluxConfig.from_diffusers,
+                   infer_config=config_from_state_dict)
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: FluxConfig | None = None) -> Flux:
     """Load a FLUX.1 transformer from a BFL single file (plain or ComfyUI-prefixed), a diffusers `transformer/` folder, or shards.
@@ -161,5 +169,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     Without `cfg`, the config comes from the folder's config.json, else from the checkpoint's keys
     (dev vs schnell from the guidance embedder, tools from the input channels).
     """
-    return load_model(path, Flux, from_diffusers, parse_config=FluxConfig.from_diffusers, infer_config=config_from_state_dict,
-                      cfg=cfg, device=device, dtype=dtype)
+    return load_model(path, **CHECKPOINTS, cfg=cfg, device=device, dtype=dtype)
+
+
+def check_transformer(path: str | Path, cfg: FluxConfig | None = None) -> FluxConfig:
+    """What load_transformer checks before it reads a tensor (config, keys, shapes, from the header); the config it would use."""
+    return check_model(path, **CHECKPOINTS, cfg=cfg)

@@ -47,9 +47,9 @@ from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
-from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
-from zflux.flux.convert import load_transformer
+from zflux.flux.convert import check_transformer, load_transformer
 from zflux.flux.model import PRESETS, Flux, FluxConfig
 from zflux.flux.redux import ReduxImageEncoder, redux_conditioning
 from zflux.flux.text import FluxPromptEncoder
@@ -93,6 +93,16 @@ EMBEDDED_SIZE = 128  # pixels, both sides: the size it was trained at
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 TOOL_TASKS = {"flux-fill": "fill", "flux-canny": "control", "flux-depth": "control", "flux-kontext": "kontext"}
 STRENGTH = {"img2img": 0.6, "inpaint": 0.6, "fill": 1.0}  # each task's default, as its diffusers pipeline's
+
+
+def check_settings(variant: str, negative_prompt: str | None = None, true_cfg: float = 1.0, **given) -> SamplingDefaults:
+    """The variant's sampling defaults with the `given` ones (None: unset) in their place, checked before any work."""
+    variant_cfg = VARIANTS[variant]
+    if given.get("guidance") is not None and not variant_cfg.model.guidance_embeds:
+        raise ValueError(f"{variant} has no guidance input: leave guidance unset")
+    if negative_prompt is not None and true_cfg <= 1:
+        raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
+    return variant_cfg.defaults.given(**given)
 
 
 def img_ids(batch: int, h: int, w: int, device: torch.device | str | None = None, index: int = 0) -> Tensor:
@@ -247,6 +257,8 @@ class FluxPipeline:
             raise CheckpointError(f"{transformer} holds {info.description}{told}; run it as {' or '.join(runs_as or VARIANTS)} "
                                   "(variant=, --model)")
         check_family(vae, "autoencoder")
+        check_transformer(transformer)  # every key and shape, from the headers: before any weight is read
+        check_autoencoder(vae)
         device = torch.device(device) if device is not None else default_device()
         encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip=clip, clip_tokenizer=clip_tokenizer,
                                                     device="cpu" if offload_text_encoder else device, dtype=dtype)
@@ -301,12 +313,8 @@ class FluxPipeline:
                                                   latents=latents, output_type=output_type)
         if task == "kontext":
             height, width = kontext_output_size(height, width, max_area)
-        if guidance is not None and not self.transformer.cfg.guidance_embeds:
-            raise ValueError("FLUX.1 schnell has no guidance input: leave guidance unset")
-        settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance)
+        settings = check_settings(self.variant, negative_prompt=negative_prompt, true_cfg=true_cfg, steps=steps, guidance=guidance)
         use_cfg = true_cfg > 1
-        if negative_prompt is not None and not use_cfg:
-            raise ValueError("FLUX.1 uses a negative prompt only with true CFG: set true_cfg > 1")
         if use_cfg and references and task != "kontext":
             raise ValueError("FLUX.1 Redux runs without true CFG: leave true_cfg at 1")
         strength = STRENGTH.get(task, 1.0) if strength is None else strength

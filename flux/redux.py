@@ -12,16 +12,19 @@ hold the same four tensors under the same names, so one layout loads both.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import SiglipImageProcessor, SiglipVisionModel
 
 from zflux.common.identify import read_header
 from zflux.common.text import load_text_model
 from zflux.common.weights import CheckpointError, config_from_dict, load_model
+
+if TYPE_CHECKING:  # transformers is imported where SigLIP loads (its processor's import warns that torchvision is missing)
+    from transformers import SiglipImageProcessor, SiglipVisionModel
 
 UP_FACTOR = 3  # redux_up widens to 3x the T5 width
 
@@ -92,7 +95,7 @@ def siglip_folders(path: str | Path) -> tuple[Path, Path]:
 class ReduxImageEncoder:
     """Images -> Redux tokens: SigLIP's image processor and vision tower (from `transformers`), then the projector."""
 
-    def __init__(self, siglip: SiglipVisionModel, processor: SiglipImageProcessor, projector: ReduxProjector):
+    def __init__(self, siglip: "SiglipVisionModel", processor: "SiglipImageProcessor", projector: ReduxProjector):
         if siglip.config.hidden_size != projector.cfg.redux_dim:
             raise CheckpointError(f"the SigLIP model gives {siglip.config.hidden_size}-wide features; the Redux projector "
                                   f"reads {projector.cfg.redux_dim}")
@@ -102,8 +105,10 @@ class ReduxImageEncoder:
     def from_pretrained(cls, redux: str | Path, siglip: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.bfloat16) -> "ReduxImageEncoder":
         """Load the projector (see load_projector) and SigLIP (see siglip_folders) onto `device` in `dtype`."""
+        from transformers import SiglipImageProcessor
+
         model, processor = siglip_folders(siglip)
-        return cls(load_text_model(SiglipVisionModel, model, ("siglip", "siglip_vision_model"), device, dtype),
+        return cls(load_text_model("SiglipVisionModel", model, ("siglip", "siglip_vision_model"), device, dtype),
                    SiglipImageProcessor.from_pretrained(processor), load_projector(redux, device, dtype))
 
     @property

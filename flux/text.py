@@ -7,13 +7,18 @@ end-of-text token) over 77 tokens. The models load from a snapshot's `text_encod
 `tokenizer_2/` (T5) and `text_encoder/` and `tokenizer/` (CLIP).
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
 
-from zflux.common.text import as_list, load_text_model, load_tokenizer
+from zflux.common.text import as_list, load_text_model, load_tokenizer, warn_if_cut
+
+if TYPE_CHECKING:  # transformers loads with the models (common/text.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class FluxPromptEncoder:
@@ -28,9 +33,9 @@ class FluxPromptEncoder:
     def from_pretrained(cls, t5: str | Path, t5_tokenizer: str | Path, clip: str | Path, clip_tokenizer: str | Path,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> "FluxPromptEncoder":
         """Load from T5 encoder, T5 tokenizer, CLIP text model and CLIP tokenizer folders."""
-        return cls(t5=load_text_model(T5EncoderModel, t5, model_types=("t5", "umt5"), device=device, dtype=dtype),
+        return cls(t5=load_text_model("T5EncoderModel", t5, model_types=("t5", "umt5"), device=device, dtype=dtype),
                    t5_tokenizer=load_tokenizer(t5_tokenizer),
-                   clip=load_text_model(CLIPTextModel, clip, model_types=("clip_text_model", "clip"), device=device, dtype=dtype),
+                   clip=load_text_model("CLIPTextModel", clip, model_types=("clip_text_model", "clip"), device=device, dtype=dtype),
                    clip_tokenizer=load_tokenizer(clip_tokenizer))
 
     @classmethod
@@ -50,7 +55,9 @@ class FluxPromptEncoder:
         self.clip.to(device)
         return self
 
-    def _ids(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device: torch.device) -> Tensor:
+    def _ids(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device: torch.device,
+             encoder: str) -> Tensor:
+        warn_if_cut(tokenizer, prompts, max_length, encoder)
         tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         return tokens.input_ids.to(device)  # (B, max_length)
 
@@ -59,8 +66,8 @@ class FluxPromptEncoder:
         prompts = as_list(prompts)
         # 77 for CLIP-L; capped by the position table in case a tokenizer config leaves model_max_length unset (huge)
         clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
-        return (self._ids(self.t5_tokenizer, prompts, max_length=max_length, device=self.t5.device),
-                self._ids(self.clip_tokenizer, prompts, max_length=clip_length, device=self.clip.device))
+        return (self._ids(self.t5_tokenizer, prompts, max_length=max_length, device=self.t5.device, encoder="T5"),
+                self._ids(self.clip_tokenizer, prompts, max_length=clip_length, device=self.clip.device, encoder="CLIP"))
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:

@@ -18,14 +18,16 @@ sampling uses at the training size. The guidance input sees random scales from 1
 with no guidance distillation it has no effect, and any scale a user passes is one it has seen.
 """
 
+from __future__ import annotations
+
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from tokenizers import processors
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
 from zflux.common.latents import pack_latents, unpack_latents
@@ -36,6 +38,9 @@ from zflux.flux.convert import from_diffusers, to_diffusers
 from zflux.flux.model import Flux, FluxConfig
 from zflux.flux.pipeline import VARIANTS, FluxPipeline, flux_time, img_ids, txt_ids
 from zflux.flux.text import FluxPromptEncoder, flux_features
+
+if TYPE_CHECKING:  # transformers loads when a run builds its models (common/text.py says why)
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast, T5EncoderModel
 
 VARIANT = "flux-dev"
 TEXT_DIM = 128
@@ -50,6 +55,8 @@ SETTINGS = TrainSettings(batch_size=128, lr=1e-3, minutes=8.0)  # `zflux train f
 
 def build_tokenizers() -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
     """(T5's, CLIP's): the grammar's byte-level BPE, T5's ending each text with </s>, CLIP's wrapping it in start and end tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     t5 = byte_level_bpe(["<pad>", "</s>", "<unk>"])
     t5.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", t5.token_to_id("</s>"))])
     clip = byte_level_bpe(["<|startoftext|>", "<|endoftext|>"])
@@ -85,6 +92,8 @@ def build_denoiser(t5_tokenizer: PreTrainedTokenizerFast, clip_tokenizer: PreTra
     """A Denoiser holding the weights of the snapshot `init` (a warm start), or fresh ones: PyTorch's and
     transformers' default initialisation, except that every modulation and the output projection start at zero,
     so that each block starts as the identity and the first prediction is 0."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
     torch.manual_seed(seed)
     transformer = Flux(cfg, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
     mods = [m for block in transformer.double_blocks for m in (block.img_mod.lin, block.txt_mod.lin)]

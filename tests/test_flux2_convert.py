@@ -96,8 +96,10 @@ def test_incomplete_diffusers_qkv_is_named(tmp_path, small_sd):
     d = to_diffusers(small_sd)
     del d["transformer_blocks.1.attn.to_v.weight"]
     save_file(d, tmp_path / "bad.safetensors")
-    with pytest.raises(CheckpointError, match="double_blocks.1.img_attn.qkv.weight: the diffusers checkpoint holds only 2 of its 3"):
+    with pytest.raises(CheckpointError, match="missing keys \\(1\\): transformer_blocks.1.attn.to_v.weight"):  # as the file names it
         load_transformer(tmp_path / "bad.safetensors", cfg=SMALL)
+    with pytest.raises(CheckpointError, match="double_blocks.1.img_attn.qkv.weight: the diffusers checkpoint holds only 2 of its 3"):
+        from_diffusers(d)
 
 
 def test_config_cannot_be_read_off_foreign_file(tmp_path):

@@ -209,7 +209,9 @@ def test_dev_checkpoint_with_schnell_config_is_named(tmp_path, small_sd):
 def test_incomplete_diffusers_qkv_is_named(tmp_path, small_sd):
     d = to_diffusers(small_sd)
     del d["transformer_blocks.0.attn.add_k_proj.weight"]
-    assert "double_blocks.0.txt_attn.qkv.weight: the diffusers checkpoint holds only 2 of its 3 parts" in _load_error(tmp_path, d)
+    assert "missing keys (1): transformer_blocks.0.attn.add_k_proj.weight" in _load_error(tmp_path, d)  # as the file names it
+    with pytest.raises(CheckpointError, match="lacks transformer_blocks.0.attn.add_k_proj.weight: double_blocks.0.txt_attn.qkv"):
+        from_diffusers(d)
 
 
 def test_config_cannot_be_read_off_foreign_file(tmp_path):

@@ -1,10 +1,11 @@
-"""The `zflux` command: generate an image, say what a checkpoint is, convert between checkpoint layouts, train
-zflux's own small models.
+"""The `zflux` command: generate images, say what a checkpoint or an image holds, convert between checkpoint layouts,
+train zflux's own small models.
 
     zflux generate --prompt "a red circle on a blue background" --out circle.png   (zflux's small model, on the CPU)
     zflux generate --model z-image-turbo --weights Z-Image-Turbo --prompt "a red fox in snow" --out fox.png
     zflux generate --model flux-dev --weights FLUX.1-dev/flux1-dev.safetensors --prompt "a red fox in snow" --out fox.png
-    zflux info FLUX.1-dev/flux1-dev.safetensors
+    zflux generate --model flux-schnell --weights FLUX.1-schnell --prompts prompts.txt --num-images 4 --out foxes/fox.png
+    zflux info FLUX.1-dev/flux1-dev.safetensors          (or a snapshot folder, or an image zflux wrote)
     zflux convert Z-Image-Turbo/transformer z_image_turbo.safetensors --to original
     zflux train autoencoder --minutes 2 && zflux train z-image-turbo --minutes 3
 
@@ -15,73 +16,245 @@ and the text encoders come from `--text-encoders` (default: the file's folder), 
 text_encoder/ and tokenizer/ (FLUX.1: also text_encoder_2/ and tokenizer_2/), as in the models'
 Hugging Face repositories.
 
-The command knows the model families only through FAMILIES, each family's cli.py: its NAME, its
+The command knows the model families only through families(), each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the small models it ships
 (EMBEDDED) and can train (TRAIN), the TEXT_FOLDERS a transformer file needs beside it, add_arguments
-(its own flags), load_options (what its flags pass to load_pipeline), load_pipeline and
-generate_options (what its flags pass to generate(), checked before loading). Adding a family is one
-import and one entry.
+(its own flags), check_args (its own checks),
+load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
+flags pass to generate(), their files read). Adding a family is one import and one entry.
 
 The task inputs are flags of every family (--init-image, --mask, --strength, --control-image,
---control-preprocess, --reference-image); each family's generate_options reads the images and says
-which of its models take them.
+--control-preprocess, --reference-image); each family's check_args (or generate_options) says which
+of its models take them, and its generate_options reads the images.
+
+Every check before any weight is read
+-------------------------------------
+`zflux generate` reads no weight until the whole request has passed these, in this order:
+
+1. argparse: types and choices (Parser.error: one line, no usage dump);
+2. check_generate, the flags every family shares: numbers finite, flags of another family refused
+   by name, the prompts (--prompt, or --prompts FILE), the seed, --num-images, the output files
+   (a format Pillow writes, a folder that exists or can be made), --strength only with
+   --init-image, the init image (opened now), the size (positive multiples of 16: the given one,
+   else the init image's, else 1024, as the pipelines settle it), a guidance >= 0;
+3. family.check_args(args, height, width): the chosen family's own rules (what applies to which
+   variant, the largest size its positions allow, ...) for that size; it returns the sampling
+   settings the run will use.
+   Then family.generate_options(args): the family's flags as generate() takes them, checked, and
+   their files (control images, masks, reference images) opened, so that they fail now;
+4. the schedule those settings make (steps >= 1, a strength that leaves a step to run), the
+   device (there, with CUDA if asked, able to compute in --dtype), the backend (Triton only where
+   it runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
+   with advice when the device is clearly short;
+5. loading: the snapshot's folders, each checkpoint's family, then every key and shape against the
+   model, from the headers (the pipelines' from_single_files); only then are weights read.
+
+To add a flag, say --mask to a family: add it in the family's add_arguments with default None (so
+that "not given" shows); check it in the family's check_args, raising ValueError with one line that
+names the flag and its value (compare sizes with the height and width it is given); pass
+it on in generate_options, opening its file there (common.images.load_image: a missing or unreadable
+file is one line) or in load_options. With a --model of another family the flag is refused by name,
+with no code. A flag several families take goes in add_generate_arguments and check_generate here.
+
+A ValueError (CheckpointError included), OSError, MemoryError (CUDA out of memory, turned into one
+with advice) or FloatingPointError (NaN latents: common.pipeline.DivergedError) ends a command with one line on
+stderr and exit status 1 (2: a usage error; 130: Ctrl-C); warnings (the `warnings` module: a prompt
+cut to its encoder's limit, say) print one line each. Anything else is a bug and keeps its traceback.
+Outputs are written whole or not at all (common/files.py: atomic_write).
+
+This module imports no torch: `zflux --help` and `zflux info CHECKPOINT` (headers only) take well
+under a second; the families (torch, transformers: seconds) are imported when generate's or train's
+flags are parsed or a command needs them. FAMILIES, VARIANTS, LAYOUTS, EMBEDDED and TRAIN are made
+on first use (module __getattr__), each once.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import secrets
 import sys
 import time
-from dataclasses import replace
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
-
-from zflux.common import vae as vae_layouts
-from zflux.common.ops import BACKENDS
+from zflux import __version__
+from zflux.common.files import PICKLE_SUFFIXES, CheckpointError, check_writable, safetensors_files
 from zflux.common.identify import identify
-from zflux.common.images import PREPROCESSORS, load_image, save_image
-from zflux.common.pipeline import check_request, default_device, read_scheduler
-from zflux.common.training import AUTOENCODER_SETTINGS, train_autoencoder
-from zflux.common.weights import CheckpointError, read_state_dict, save_state_dict
-from zflux.flux import cli as flux
-from zflux.flux.flux2 import cli as flux2
-from zflux.zimg import cli as zimage
 
-FAMILIES = (zimage, flux, flux2)  # in --model order
-VARIANTS = {name: variant for family in FAMILIES for name, variant in family.VARIANTS.items()}  # the --model choices
-MODELS = {name: family for family in FAMILIES for name in family.VARIANTS}  # --model -> its family
-LAYOUTS = {name: module for family in FAMILIES for name, module in family.LAYOUTS.items()} | {"autoencoder": vae_layouts}
-EMBEDDED = {name: shipped for family in FAMILIES for name, shipped in family.EMBEDDED.items()}  # --model -> (folder, size)
-TRAIN = {"autoencoder": (train_autoencoder, AUTOENCODER_SETTINGS)} | {n: t for family in FAMILIES for n, t in family.TRAIN.items()}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if TYPE_CHECKING:  # imported where a command needs them (the module's docstring says why)
+    import torch
+    from PIL import Image
+
+    from zflux.common.memory import Footprint
+    from zflux.common.sampling import SamplingDefaults
+
+DTYPES = ("bf16", "fp16", "fp32")
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
+RANDOM_SEED = -1
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this: short to write down
+
+
+@cache
+def families() -> tuple[ModuleType, ...]:
+    """Each family's cli.py, in --model order. Imported on first use: they bring torch and transformers (seconds)."""
+    from zflux.flux import cli as flux
+    from zflux.flux.flux2 import cli as flux2
+    from zflux.zimg import cli as zimage
+
+    return zimage, flux, flux2
+
+
+@cache
+def variants() -> dict:
+    """Every --model choice: name -> its family's Variant."""
+    return {name: variant for family in families() for name, variant in family.VARIANTS.items()}
+
+
+@cache
+def embedded() -> dict[str, tuple[Path, int]]:
+    """The small models zflux ships: --model -> (snapshot folder, picture size), run when --weights is not given."""
+    return {name: shipped for family in families() for name, shipped in family.EMBEDDED.items()}
+
+
+@cache
+def trainable() -> dict:
+    """What `zflux train` trains: name -> (the run, its default settings); the autoencoder first."""
+    from zflux.common.training import AUTOENCODER_SETTINGS, train_autoencoder
+
+    return {"autoencoder": (train_autoencoder, AUTOENCODER_SETTINGS)} | {n: t for family in families() for n, t in family.TRAIN.items()}
+
+
+@cache
+def layouts() -> dict[str, ModuleType]:
+    """zflux convert's layouts: identify()'s family name -> the module with its key maps (each family's, and the autoencoder's)."""
+    from zflux.common import vae
+
+    return {name: module for family in families() for name, module in family.LAYOUTS.items()} | {"autoencoder": vae}
+
+
+def family_of(model: str) -> ModuleType:
+    return next(family for family in families() if model in family.VARIANTS)
+
+
+def __getattr__(name: str):
+    """FAMILIES, VARIANTS, LAYOUTS, EMBEDDED and TRAIN as module attributes too, made on first use (the families' import
+    takes seconds), each once: a test may patch their entries."""
+    lazy = {"FAMILIES": families, "VARIANTS": variants, "LAYOUTS": layouts, "EMBEDDED": embedded, "TRAIN": trainable}
+    if name not in lazy:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy[name]()
+
+
+@cache
+def family_flags(family: ModuleType) -> dict[str, object]:
+    """A family's own flags of `zflux generate`, dest -> default, read off a parser that holds only them."""
+    probe = argparse.ArgumentParser(add_help=False)
+    family.add_arguments(probe)
+    return vars(probe.parse_args([]))
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line, and arguments that may be added on first use (`fill`), so that a
+    command that does not need them (`zflux --help`, `zflux info`) never imports what they are made from."""
+
+    def __init__(self, *args, fill: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fill = fill
+
+    def _filled(self) -> None:
+        if self.fill is not None:
+            fill, self.fill = self.fill, None
+            fill(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._filled()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._filled()
+        return super().format_help()
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `zflux` and its three subcommands."""
-    names = [family.NAME for family in FAMILIES]
-    parser = argparse.ArgumentParser(prog="zflux", description=f"{' and '.join(names)} text-to-image without diffusers.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """The argument parser of `zflux` and its three subcommands (generate's flags are added when it is used)."""
+    parser = Parser(prog="zflux", description="Z-Image and FLUX text-to-image diffusion transformers in plain PyTorch, "
+                                              "without diffusers.")
+    parser.add_argument("--version", action="version", version=f"zflux {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.add_parser("generate", help="generate images from prompts", description="Generate images from prompts.",
+                        fill=add_generate_arguments)
 
-    gen = commands.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("--model", default="z-image-turbo", choices=tuple(VARIANTS), help="default: z-image-turbo")
+    info = commands.add_parser("info", help="say what a checkpoint (file, folder, snapshot) or an image zflux wrote holds",
+                               description="Say what a checkpoint holds (reading headers only), or an image's generation settings.")
+    info.add_argument("path", help="a .safetensors file, index or folder, a diffusers snapshot folder, or an image")
+    info.set_defaults(run=describe)
+
+    conv = commands.add_parser("convert", help="convert a transformer or the autoencoder between checkpoint layouts",
+                               description="Convert a transformer or the autoencoder between checkpoint layouts.")
+    conv.add_argument("src", help="checkpoint file, index or folder (any layout)")
+    conv.add_argument("dst", help="output .safetensors file")
+    conv.add_argument("--to", choices=("original", "diffusers"), default="original",
+                      help="original: the official single-file layout each model was released in (default: %(default)s)")
+    conv.set_defaults(run=convert)
+
+    commands.add_parser("train", help="train zflux's small models on drawn scenes (a run resumes where the last stopped)",
+                        description="Train zflux's small models on drawn scenes (a run resumes where the last stopped).",
+                        fill=add_train_arguments)
+    return parser
+
+
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """`zflux generate`'s flags: the shared ones, then each family's group."""
+    from zflux.common.images import PREPROCESSORS
+    from zflux.common.ops import BACKENDS
+
+    models = "; ".join(f"{name}: {v.defaults.steps} steps, guidance {v.defaults.guidance}" for name, v in variants().items())
+    gen.add_argument("--model", default="z-image-turbo", choices=tuple(variants()),
+                     help=f"the model variant (default: %(default)s; {models})")
     gen.add_argument("--weights", help="snapshot folder (model_index.json + subfolders) or transformer .safetensors file; default: "
-                                       f"the small model zflux ships ({', '.join(EMBEDDED)} only)")
+                                       f"the small model zflux ships ({', '.join(embedded())} only)")
     gen.add_argument("--vae", help="with a transformer file: the autoencoder file (default: ae.safetensors beside it)")
     gen.add_argument("--text-encoders", help="with a transformer file: folder holding the text encoders' subfolders as the model's "
                                              "snapshot does (text_encoder/, tokenizer/, ...); default: the file's folder")
-    gen.add_argument("--prompt", required=True)
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="what the image should show")
+    prompts.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line: an image (or --num-images) each")
     gen.add_argument("--negative-prompt", help="what to steer away from, with classifier-free guidance (see each family's options)")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024, the small models' 128, or the init image's)")
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024, the small models' 128, or the init image's)")
-    gen.add_argument("--steps", type=int, help="default: " + ", ".join(f"{name} {v.defaults.steps}" for name, v in VARIANTS.items()))
-    gen.add_argument("--guidance", type=float, help="the guidance scale (what it means and its default: see each family's options)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--init-image", help="image file to start from (image-to-image, inpainting)")
-    gen.add_argument("--strength", type=float, help="image-to-image and inpainting: how much of the schedule to run (0-1; default "
-                                                    "the task's, see each family's options)")
+    gen.add_argument("--height", type=int, help="pixels, a positive multiple of 16 (default 1024, the small models' 128, or the "
+                                                "init image's)")
+    gen.add_argument("--width", type=int, help="pixels, a positive multiple of 16 (default 1024, the small models' 128, or the "
+                                               "init image's)")
+    gen.add_argument("--steps", type=int, help="denoising steps, at least 1 (default: the model's, see --model)")
+    gen.add_argument("--guidance", type=float, help="the guidance scale, >= 0 (its meaning and default: see each family's options)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise, 0 to 2^64-1; -1: a random one. The default, 0, "
+                                                         "makes the same image every run. The seed used is printed and stored in the PNG")
+    gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt, with seeds seed, seed+1, ... "
+                                                                            "(default 1)")
+    gen.add_argument("--init-image", help="image file to start from (image to image, inpainting)")
+    gen.add_argument("--strength", type=float, help="with --init-image: how much of the schedule to run, 0-1 (default: the task's, "
+                                                    "see each family's options)")
     gen.add_argument("--mask", help="with --init-image: the inpainting mask, white = repaint, the image's size (see each family's options)")
     gen.add_argument("--control-image", help="control models: the control image (edges, depth map, ...), or a photo with "
                                              "--control-preprocess")
@@ -89,28 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make the control image from the photo given as --control-image first (Canny 50/200)")
     gen.add_argument("--reference-image", action="append", metavar="PATH",
                      help="an image to edit or take subjects from (repeatable; see each family's options)")
-    gen.add_argument("--out", required=True, help="output image file, e.g. image.png")
-    gen.add_argument("--device", help="default: cuda when available, else cpu")
-    gen.add_argument("--dtype", choices=DTYPES, help="default: bf16; fp32 for the small models (faster on the CPU)")
+    gen.add_argument("--out", required=True, help="output image file, e.g. image.png (PNG keeps the settings); several images are "
+                                                  "numbered: image-1.png, image-2.png, ...")
+    gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    gen.add_argument("--dtype", choices=DTYPES, help="precision of the weights and the model's compute (default: bf16; fp32 for the "
+                                                     "small models, faster on the CPU; fp16 can overflow)")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
-    for family in FAMILIES:
+    for family in families():
         family.add_arguments(gen)
     gen.set_defaults(run=generate)
 
-    info = commands.add_parser("info", help="say what a checkpoint file, folder or snapshot holds (reads headers only)")
-    info.add_argument("path")
-    info.set_defaults(run=describe)
 
-    conv = commands.add_parser("convert", help=f"convert a {' / '.join(names)} transformer or their autoencoder between layouts")
-    conv.add_argument("src", help="checkpoint file, index or folder (any layout)")
-    conv.add_argument("dst", help="output .safetensors file")
-    conv.add_argument("--to", choices=("original", "diffusers"), default="original",
-                      help="original: the official single-file layout each model was released in")
-    conv.set_defaults(run=convert)
-
-    train = commands.add_parser("train", help="train zflux's small models on drawn scenes (a run resumes where the last stopped)")
-    train.add_argument("what", choices=tuple(TRAIN), help="the autoencoder first: the transformers learn its latents")
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """`zflux train`'s flags."""
+    train.add_argument("what", choices=tuple(trainable()), help="the autoencoder first: the transformers learn its latents")
     train.add_argument("--out", default="out/train", help="runs folder: <out>/<what>/ gets the checkpoint, loss.png, sample "
                                                           "pictures, grid.png and model/ (the diffusers folder); default out/train")
     train.add_argument("--minutes", type=float, help="stop this chunk after so many minutes of training, then save (default 8)")
@@ -125,72 +291,183 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="processes drawing pictures (default: 0 on the CPU, up to 8 with a GPU)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=train_model)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `zflux` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return
     try:
-        args.run(args)
-    except ValueError as e:  # CheckpointError included: bad input, named by the code that found it
+        with warnings.catch_warnings():  # restores the warnings module's state on the way out (main may run in-process)
+            warnings.simplefilter("always")  # each prompt cut short is worth its own line
+            warnings.showwarning = lambda message, *_, **__: print(f"zflux {args.command}: warning: {message}", file=sys.stderr)
+            args.run(args)
+    except KeyboardInterrupt:
+        print(f"zflux {args.command}: interrupted (nothing half-written is left)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, MemoryError, FloatingPointError) as e:  # named by the code that found it, in one line
         sys.exit(f"zflux {args.command}: error: {e}")
 
 
-def generate(args: argparse.Namespace) -> None:
-    """zflux generate: check the request, load the pipeline, generate, save, report the time taken."""
-    check_request(args.prompt, args.height, args.width, SIZE_MULTIPLE)  # before minutes of loading
-    init_image = load_image(args.init_image) if args.init_image else None
-    if not Path(args.out).suffix:
-        raise ValueError(f"--out {args.out} has no file extension (e.g. .png) to choose the image format")
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
 
-    family = MODELS[args.model]
+    prompt: str
+    seed: int
+    out: Path
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked `zflux generate`: what it will make and how, settled before anything loads."""
+
+    jobs: list[Job]
+    settings: SamplingDefaults  # the family's, the given flags in place
+    family_options: dict  # family.generate_options(args): its flags as generate() takes them, files opened
+    init_image: Image.Image | None
+    device: torch.device
+    dtype: torch.dtype
+    footprint: Footprint
+
+
+def generate(args: argparse.Namespace) -> None:
+    """zflux generate: check the request, load the pipeline, generate and save each image, report the seed and time of each."""
+    from zflux.common.images import save_image
+
+    family = family_of(args.model)
     if args.weights is None:
         args.weights, size = embedded_model(args.model)
-        args.height, args.width, args.dtype = args.height or size, args.width or size, args.dtype or "fp32"
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
+        args.dtype = args.dtype or "fp32"
         print(f"model: zflux's small {args.model}-shaped model, trained on {size}x{size} pictures of coloured shapes "
               f"({args.weights}); pass --weights for the real one")
-    family_options = family.generate_options(args)  # its flags checked, and their files read, before minutes of loading
+    args.dtype = args.dtype or "bf16"
+    request = check_generate(args, family)
     start = time.perf_counter()
-    pipe = load_pipeline(args, family)
-    if args.backend:
-        pipe.transformer.backend = args.backend
-    loaded = time.perf_counter() - start
-
-    options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                   guidance=args.guidance, seed=args.seed, init_image=init_image)
-    if args.strength is not None:  # else the task's default, which each pipeline knows
-        options["strength"] = args.strength
-    start = time.perf_counter()
-    image = pipe.generate(args.prompt, **options, **family_options)
-    took = time.perf_counter() - start
-    path = save_image(image, args.out)
-    print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {args.seed}; generated in {took:.2f} s "
-          f"(weights loaded in {loaded:.1f} s)")
+    with memory_reported(args, request):
+        pipe = load_pipeline(args, family, request)
+        loaded = f" (weights loaded in {time.perf_counter() - start:.1f} s)"
+        options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
+                       guidance=args.guidance, init_image=request.init_image, strength=args.strength)  # unset: the pipeline's
+        for job in request.jobs:
+            start = time.perf_counter()
+            image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
+                                  **request.family_options)
+            took = time.perf_counter() - start
+            path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
+            print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
+            loaded = ""
 
 
 def embedded_model(model: str) -> tuple[Path, int]:
     """The snapshot folder and picture size of the small model zflux ships for `model`, run when --weights is not given."""
-    if model not in EMBEDDED:
-        raise ValueError(f"--model {model} needs --weights: zflux ships small models for {', '.join(EMBEDDED)} only")
-    folder, size = EMBEDDED[model]
+    if model not in embedded():
+        raise ValueError(f"--model {model} needs --weights: zflux ships small models for {', '.join(embedded())} only")
+    folder, size = embedded()[model]
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"zflux's small {model} is not in this installation ({folder} is missing): pass --weights, "
                               f"or train it (zflux train autoencoder, then zflux train {model})")
     return folder, size
 
 
-def load_pipeline(args: argparse.Namespace, family: ModuleType):
-    """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
-    options = dict(variant=args.model, device=args.device, dtype=DTYPES[args.dtype or "bf16"],
-                   offload_text_encoder=args.offload_text_encoder, **family.load_options(args))
+def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
+    """Every check of a generate request that needs no weight (steps 2 to 4 of the module's docstring); the request, settled."""
+    from zflux.common.images import check_image_path
+    from zflux.common.memory import check_device, check_dtype
+    from zflux.common.ops import triton_runs_on
+    from zflux.common.pipeline import check_request
+    from zflux.common.sampling import img2img_start, sigma_schedule
+
+    for dest, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(dest)} {value}: give a finite number")
+    check_other_families_flags(args, family)
+    prompts = read_prompts(args)
+    seed = check_seed(args.seed)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: make at least 1")
+    count = len(prompts) * args.num_images
+    jobs = [Job(prompt, seed + k, numbered(Path(args.out), i * args.num_images + k, count))
+            for i, prompt in enumerate(prompts) for k in range(args.num_images)]
+    for job in jobs:
+        check_image_path(job.out)
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength goes with --init-image (image to image): add one, or leave --strength out")
+    height, width, init_image = check_request(prompts[0], args.height, args.width, SIZE_MULTIPLE, init_image=args.init_image)
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"--guidance {args.guidance}: the guidance scale is >= 0")
+
+    settings = family.check_args(args, height, width)
+    family_options = family.generate_options(args)
+    sigmas = sigma_schedule(settings.steps)  # steps >= 1
+    if args.strength is not None:  # else the pipeline's default
+        img2img_start(sigmas, args.strength)  # in [0, 1], and leaving a step to run
+    device = check_device(args.device)
+    dtype = torch_dtype(args.dtype)
+    check_dtype(dtype, device)
+    if args.backend == "triton" and not triton_runs_on(device):
+        raise ValueError(f"--backend triton: the Triton kernels run on a CUDA GPU with triton installed, not on {device}; "
+                         "leave --backend out (auto) or use sdpa")
+    if args.offload_text_encoder and device.type == "cpu":
+        warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
+    footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
+    return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
+                   footprint=footprint)
+
+
+def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
+    """Refuse, by name, a flag of another family than --model's: it would do nothing."""
+    for other in families():
+        given = [dest for dest, default in family_flags(other).items() if other is not family and getattr(args, dest) != default]
+        if given:
+            raise ValueError(f"{flag(given[0])} is a {other.NAME} option ({', '.join(other.VARIANTS)}); {args.model} does not take it")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, or the lines of --prompts FILE that hold some text."""
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompts {args.prompts}: {getattr(e, 'strerror', None) or e}") from e
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts} holds no prompt (one a line)")
+    return prompts
+
+
+def check_seed(seed: int) -> int:
+    """The seed to use: `seed`, or a random one for RANDOM_SEED."""
+    if seed == RANDOM_SEED:
+        return secrets.randbelow(RANDOM_SEEDS)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed {seed}: use 0 to {MAX_SEED}, or {RANDOM_SEED} for a random seed")
+    return seed
+
+
+def numbered(out: Path, index: int, count: int) -> Path:
+    """The file of image `index` (from 0) of `count`: `out` itself for one image, else out-1.png, out-2.png, ... (zero-padded)."""
+    if count == 1:
+        return out
+    return out.with_name(f"{out.stem}-{index + 1:0{len(str(count))}d}{out.suffix}")
+
+
+def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path | None, Path | None]:
+    """(--weights, its autoencoder file, its text-encoder folder), checked to be there; (folder, None, None) for a snapshot."""
     weights = Path(args.weights)
     if weights.is_dir():
         if args.vae or args.text_encoders:
             raise ValueError("--vae and --text-encoders go with a transformer file; --weights is a folder (a snapshot brings its own)")
-        return family.load_pipeline(weights, **options)
+        return weights, None, None
     if not weights.is_file():
         raise CheckpointError(f"no weights at {weights}")
+    safetensors_files(weights)  # a pickle (.bin, .ckpt, ...) is refused, with how to convert it
     vae = Path(args.vae) if args.vae else weights.parent / "ae.safetensors"
     if not vae.exists():
         raise CheckpointError(f"no autoencoder at {vae}: pass --vae (the ae.safetensors file)")
@@ -200,16 +477,113 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType):
     if missing:
         raise CheckpointError(f"{encoders} lacks the text-encoder subfolder(s) {', '.join(missing)}: pass --text-encoders, a folder "
                               f"holding {', '.join(n + '/' for n in needed)} (e.g. the model's diffusers snapshot)")
-    return family.load_pipeline(weights, vae=vae, text_encoders=encoders, **options)
+    return weights, vae, encoders
+
+
+def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.device, dtype: torch.dtype,
+                 size: tuple[int, int]) -> Footprint:
+    """The run's Footprint, from the checkpoints' headers; ValueError with advice when `device` is clearly short of memory."""
+    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib
+
+    weights, vae, encoders = components(args, family)
+    model = [weights / "transformer", weights / "vae"] if vae is None else [weights, vae]
+    text = [(encoders or weights) / name for name in family.TEXT_FOLDERS]
+
+    def params(paths: list[Path]) -> int:  # what is not there, or not safetensors, the loader names
+        return sum(checkpoint_numel(p) for p in paths if p.is_file() or any(p.glob("*.safetensors*")))
+
+    height, width = size
+    footprint = Footprint(model_params=params(model), text_params=params(text), pixels=height * width)
+    need, free = footprint.bytes(dtype, args.offload_text_encoder), free_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
+                         f"{gib(need)}{memory_advice(args, footprint, need=need, room=free)}")
+    return footprint
+
+
+def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int) -> str:
+    """The flags that would bring a run needing `need` bytes (as the flags stand) within `room`, by the footprint's estimate."""
+    from zflux.common.memory import gib
+
+    dtype = torch_dtype(args.dtype)
+    current = footprint.bytes(dtype, args.offload_text_encoder)
+    choices = [("--offload-text-encoder", dtype, True)] if not args.offload_text_encoder else []
+    if args.dtype == "fp32":
+        choices += [("--dtype bf16", torch_dtype("bf16"), args.offload_text_encoder)]
+        choices += [("--dtype bf16 --offload-text-encoder", torch_dtype("bf16"), True)] if not args.offload_text_encoder else []
+    fits = [f"{flags} (about {gib(scaled)})" for flags, alt_dtype, offload in choices
+            if (scaled := need * footprint.bytes(alt_dtype, offload) // current) <= room]
+    if fits:
+        return "; this would fit: " + ", or ".join(fits)
+    return "; try a smaller --height / --width, a device with more memory, or --device cpu"
+
+
+@contextmanager
+def memory_reported(args: argparse.Namespace, request: Request) -> Iterator[None]:
+    """Turn CUDA running out of memory into one MemoryError line: what the run needed at least, and the flags that would fit."""
+    import torch
+
+    from zflux.common.memory import gib, out_of_memory_need
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        need, total = out_of_memory_need(e, request.device)
+        advice = memory_advice(args, request.footprint, need=need, room=total)
+        raise MemoryError(f"out of memory on {request.device} ({gib(total)}): the run needed more than {gib(need)}{advice}") from None
+
+
+def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request):
+    """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
+    weights, vae, encoders = components(args, family)
+    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder,
+                   **family.load_options(args))
+    if vae is None:
+        pipe = family.load_pipeline(weights, **options)
+    else:
+        pipe = family.load_pipeline(weights, vae=vae, text_encoders=encoders, **options)
+    if args.backend:
+        pipe.transformer.backend = args.backend
+    return pipe
+
+
+def parameters_text(args: argparse.Namespace, family: ModuleType, request: Request, job: Job, size: tuple[int, int]) -> str:
+    """A run's settings as image tools write them into a PNG ("parameters"): prompt, negative prompt, then "Key: value, ..."."""
+    fields = {"Steps": request.settings.steps, "Sampler": "Euler", "Guidance": request.settings.guidance, "Seed": job.seed,
+              "Size": f"{size[0]}x{size[1]}", "Model": args.model}
+    if args.strength is not None:
+        fields["Denoising strength"] = args.strength
+    given = {dest: getattr(args, dest) for dest, default in family_flags(family).items() if getattr(args, dest) != default}
+    fields |= {dest.replace("_", " ").capitalize(): value for dest, value in given.items()}  # as the user gave them
+    fields["Version"] = f"zflux {__version__}"
+    negative = [f"Negative prompt: {args.negative_prompt}"] if args.negative_prompt else []
+    return "\n".join([job.prompt, *negative, ", ".join(f"{key}: {value}" for key, value in fields.items())])
 
 
 def describe(args: argparse.Namespace) -> None:
-    """zflux info: a snapshot folder component by component, or one checkpoint."""
+    """zflux info: an image's generation settings, a snapshot folder component by component, or one checkpoint."""
     path = Path(args.path)
-    if not (path / "model_index.json").is_file():
+    if path.is_file() and path.suffix.lower() not in (".safetensors", ".json", *PICKLE_SUFFIXES):
+        describe_image(path)
+    elif (path / "model_index.json").is_file():
+        describe_snapshot(path)
+    else:
         print(path)
         print("\n".join("  " + line for line in identify(path).lines()))
-        return
+
+
+def describe_image(path: Path) -> None:
+    from PIL import Image
+
+    from zflux.common.images import PARAMETERS
+
+    with Image.open(path) as image:
+        print(f"{path}: {image.format} image, {image.width}x{image.height}")
+        settings = image.info.get(PARAMETERS)
+    print("\n".join("  " + line for line in settings.splitlines()) if settings else "  no generation settings stored")
+
+
+def describe_snapshot(path: Path) -> None:
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
     print(f"{path}: a diffusers {class_name} snapshot")
     transformer = path / "transformer"
@@ -225,40 +599,52 @@ def describe(args: argparse.Namespace) -> None:
 def scheduler_line(folder: Path, family: str | None = None) -> str:
     """The sampler settings of a snapshot's scheduler/ in words, with the variants that ship exactly these (of the
     transformer's `family`, identify()'s name, where known: FLUX.1 dev and FLUX.2 ship the same config)."""
+    from zflux.common.pipeline import read_scheduler
+
     scheduler = read_scheduler(folder)
     if scheduler.use_dynamic_shifting:
         line = f"shift growing with the image size (mu from {scheduler.base_shift} to {scheduler.max_shift})"
     else:
         line = f"static shift {scheduler.shift}"
-    shipped = [name for name, variant in VARIANTS.items()
-               if variant.scheduler == scheduler and (family is None or family in MODELS[name].LAYOUTS)]
+    shipped = [name for name, variant in variants().items()
+               if variant.scheduler == scheduler and (family is None or family in family_of(name).LAYOUTS)]
     return line + (f": {' or '.join(shipped)}'s schedule" if shipped else "")
 
 
 def convert(args: argparse.Namespace) -> None:
     """zflux convert: detect the family from the keys, rewrite the keys, save one .safetensors file."""
+    from zflux.common.weights import header_state_dict, read_state_dict, save_state_dict
+
     dst = Path(args.dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"the output {dst} must be a .safetensors file")
+    check_writable(dst)
     info = identify(args.src)
-    if info.family not in LAYOUTS:
-        names = ", ".join(family.NAME for family in FAMILIES)
+    if info.family not in layouts():
+        names = ", ".join(family.NAME for family in families())
         raise CheckpointError(f"{args.src} holds {info.description}; zflux convert handles {names} and their autoencoder")
-    layouts = LAYOUTS[info.family]
-    original = layouts.from_diffusers(read_state_dict(args.src))  # accepts every layout
-    converted = layouts.to_diffusers(original) if args.to == "diffusers" else original
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    layout = layouts()[info.family]
+    try:
+        layout.from_diffusers(header_state_dict(args.src))  # a missing part of a fused tensor fails here, before any tensor is read
+    except CheckpointError as e:
+        raise CheckpointError(f"{args.src}: {e}") from e
+    original = layout.from_diffusers(read_state_dict(args.src))  # accepts every layout
+    converted = layout.to_diffusers(original) if args.to == "diffusers" else original
     save_state_dict(converted, dst)
     print(f"{dst}: {len(converted)} tensors of {info.description}, {args.to} layout (read as {info.layout})")
 
 
 def train_model(args: argparse.Namespace) -> None:
     """zflux train: one chunk of a run (it resumes from <out>/<what>/), then where its results are."""
-    device = torch.device(args.device) if args.device else default_device()
+    import torch
+
+    from zflux.common.memory import check_device
+
+    device = check_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 work outside autocast
         torch.backends.cudnn.benchmark = True  # the autoencoder's convolutions, at one fixed size
-    run, defaults = TRAIN[args.what]
+    run, defaults = trainable()[args.what]
     given = dict(minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     settings = replace(defaults, **{k: v for k, v in given.items() if v is not None})
     workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0)

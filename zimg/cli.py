@@ -1,7 +1,7 @@
 """Z-Image's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, load_options, load_pipeline and generate_options.
+add_arguments, check_args, load_options, load_pipeline and generate_options.
 
     zflux generate --model z-image-turbo --weights Z-Image-Turbo --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors \
         --control-image pose.png --control-scale 0.75 --prompt "a dancer" --out dancer.png
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from zflux.common.identify import check_family
 from zflux.common.images import check_mask, load_image
+from zflux.common.vae import PRESETS as AUTOENCODERS
 from zflux.zimg import convert
-from zflux.zimg.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, OMNI, VARIANTS, ZImagePipeline  # noqa: F401 (VARIANTS: --model)
+from zflux.zimg.pipeline import EMBEDDED_MODEL, EMBEDDED_SIZE, OMNI, VARIANTS, ZImageDefaults, ZImagePipeline, check_settings
 from zflux.zimg.training import SETTINGS, train_zimage
 
 NAME = "Z-Image"
@@ -35,6 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-truncation", type=float, help="no CFG once the model time 1 - sigma exceeds this")
     group.add_argument("--controlnet", help="a ControlNet Union file (Z-Image-Turbo-Fun-Controlnet-Union*.safetensors) or folder")
     group.add_argument("--control-scale", type=float, default=0.75, help="how strongly the control image steers (default 0.75)")
+
+
+def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefaults:
+    """Z-Image's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings
+    it will run with. Each side must fit the model's RoPE position table."""
+    cfg = VARIANTS[args.model].model
+    pixels_per_position = cfg.patch_size * AUTOENCODERS["flux"].downscale
+    for name, size, positions in (("height", height, cfg.axes_lens[1]), ("width", width, cfg.axes_lens[2])):
+        if size > positions * pixels_per_position:
+            raise ValueError(f"{name} {size} is past {NAME}'s position table: at most {positions * pixels_per_position} pixels")
+    return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                          cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation)
 
 
 def load_options(args: argparse.Namespace) -> dict:

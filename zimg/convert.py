@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from zflux.common.identify import check_family, read_header
-from zflux.common.weights import COMFY_PREFIX, CheckpointError, load_model, read_config
+from zflux.common.weights import COMFY_PREFIX, CheckpointError, check_model, load_model, read_config
 from zflux.zimg.controlnet import ControlNetConfig, ZImageControlNet
 from zflux.zimg.model import PRESETS, ZImageConfig, ZImageTransformer
 from zflux.zimg.omni import ZImageOmniTransformer
@@ -61,8 +61,12 @@ def from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if key == "norm_final.weight":
             continue
         out[_rename(key, [(new, old) for old, new in RENAMES])] = value
-    for q_key in [k for k in out if k.endswith(QKV[0])]:
-        stem = q_key.removesuffix(QKV[0])
+    stems = {k.removesuffix(suffix) for k in out for suffix in QKV if k.endswith(suffix)}
+    for stem in sorted(stems):
+        missing = [stem + suffix for suffix in QKV if stem + suffix not in out]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}: {stem}.attention.qkv.weight fuses "
+                                  f"{', '.join(stem + suffix for suffix in QKV)}")
         out[stem + ".attention.qkv.weight"] = torch.cat([out.pop(stem + suffix) for suffix in QKV])  # (3*dim, dim)
     return out
 
@@ -82,18 +86,24 @@ def to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      cfg: ZImageConfig | None = None) -> ZImageTransformer:
     """Load a Z-Image transformer (Turbo or base) from an official single file, a diffusers `transformer/` folder, or shards."""
-    return _load_transformer(path, omni=False, device=device, dtype=dtype, cfg=cfg)
+    return load_model(path, **_checkpoint(path, omni=False, cfg=cfg), device=device, dtype=dtype)
 
 
 def load_omni_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                           cfg: ZImageConfig | None = None) -> ZImageOmniTransformer:
     """Load a Z-Image Omni transformer (zimg/omni.py) from a single file, a diffusers `transformer/` folder, or shards."""
-    return _load_transformer(path, omni=True, device=device, dtype=dtype, cfg=cfg)
+    return load_model(path, **_checkpoint(path, omni=True, cfg=cfg), device=device, dtype=dtype)
 
 
-def _load_transformer(path: str | Path, omni: bool, device: str | torch.device, dtype: torch.dtype,
-                      cfg: ZImageConfig | None) -> ZImageTransformer:
-    """The plain or the Omni transformer; a checkpoint or config of the other kind is refused before any weight is read."""
+def check_transformer(path: str | Path, omni: bool = False, cfg: ZImageConfig | None = None) -> ZImageConfig:
+    """What load_transformer (omni: load_omni_transformer) checks before it reads a tensor (config, keys and shapes, from
+    the header); the config it would use."""
+    return check_model(path, **_checkpoint(path, omni=omni, cfg=cfg))
+
+
+def _checkpoint(path: str | Path, omni: bool, cfg: ZImageConfig | None) -> dict:
+    """load_model's arguments for the plain or the Omni transformer at `path`; a checkpoint or config of the other kind is
+    refused here, before any weight is read."""
     use = "load_omni_transformer (ZImageOmniPipeline)" if not omni else "load_transformer (ZImagePipeline)"
 
     def parse(config: dict) -> ZImageConfig:
@@ -111,8 +121,8 @@ def _load_transformer(path: str | Path, omni: bool, device: str | torch.device, 
         width = next(shape[1] for key, (_, shape) in read_header(path).items() if key.endswith("siglip_embedder.1.weight"))
         cfg = replace(PRESETS["z-image-turbo"], siglip_feat_dim=width)
     # Turbo and base share every shape: a file without config.json is the full-size model.
-    return load_model(path, ZImageOmniTransformer if omni else ZImageTransformer, from_diffusers, parse_config=parse,
-                      infer_config=lambda _: PRESETS["z-image-turbo"], cfg=cfg, device=device, dtype=dtype)
+    return dict(build=ZImageOmniTransformer if omni else ZImageTransformer, convert=from_diffusers, to_diffusers=to_diffusers,
+                parse_config=parse, infer_config=lambda _: PRESETS["z-image-turbo"], cfg=cfg)
 
 
 def controlnet_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -149,4 +159,4 @@ def load_controlnet(path: str | Path, base: ZImageConfig, device: str | torch.de
         return controlnet_from_diffusers({k: v for k, v in state_dict.items() if not k.startswith(unused)})
 
     return load_model(path, ZImageControlNet, convert, parse_config=ControlNetConfig.from_diffusers, infer_config=lambda _: cfg,
-                      cfg=cfg, device=device, dtype=dtype)
+                      to_diffusers=controlnet_to_diffusers, cfg=cfg, device=device, dtype=dtype)

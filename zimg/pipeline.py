@@ -47,11 +47,11 @@ from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
-from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.control import prepare_control, prepare_control_inpaint
 from zflux.zimg.controlnet import ZImageControlNet
-from zflux.zimg.convert import load_controlnet, load_omni_transformer, load_transformer
+from zflux.zimg.convert import check_transformer, load_controlnet, load_omni_transformer, load_transformer
 from zflux.zimg.model import PRESETS, Stream, ZImageTransformer
 from zflux.zimg.omni import ZImageOmniTransformer
 from zflux.zimg.reference import SiglipEncoder, fit_reference, prepare_references
@@ -89,6 +89,14 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 EXTRA_SUBFOLDERS = {"ZImageControlNetPipeline": ("controlnet",), "ZImageControlNetInpaintPipeline": ("controlnet",),
                     "ZImageOmniPipeline": ("siglip", "siglip_processor")}
 STRENGTH = {"img2img": 0.6, "inpaint": 1.0}  # each task's default, as its diffusers pipeline's
+
+
+def check_settings(variant: str, negative_prompt: str | None = None, **given) -> ZImageDefaults:
+    """The variant's sampling defaults with the `given` ones (None: unset) in their place, checked before any work."""
+    settings = VARIANTS[variant].defaults.given(**given)
+    if negative_prompt is not None and settings.guidance <= 0:
+        raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
+    return settings
 
 
 def zimage_time(sigma: Tensor) -> Tensor:
@@ -227,6 +235,8 @@ class ZImagePipeline:
         if omni and (siglip is None or not all(Path(folder).is_dir() for folder in siglip)):
             raise CheckpointError(f"Z-Image Omni needs its SigLIP2 encoder: siglip=(model folder, processor folder), got {siglip}")
         check_family(vae, "autoencoder")
+        check_transformer(transformer, omni=omni)  # every key and shape, from the headers: before any weight is read
+        check_autoencoder(vae)
         device = torch.device(device) if device is not None else default_device()
         encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
                                                      dtype=dtype)
@@ -269,8 +279,8 @@ class ZImagePipeline:
         """
         self._check_task(init_image=init_image, control_image=control_image, control_preprocess=control_preprocess, mask=mask,
                          reference_images=reference_images)
-        settings = VARIANTS[self.variant].defaults.given(steps=steps, guidance=guidance, cfg_normalization=cfg_normalization,
-                                                         cfg_truncation=cfg_truncation)
+        settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                  cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
         fitted = [fit_reference(open_image(image), height, width) for image in reference_images or []]
         if fitted:  # Omni's size defaults to the last reference image's
             height, width = height or fitted[-1][1].height, width or fitted[-1][1].width
@@ -278,8 +288,6 @@ class ZImagePipeline:
         height, width, img2img = check_request(prompt, height, width, multiple=2 * self.vae.cfg.downscale, init_image=img2img,
                                                latents=latents, output_type=output_type)
         use_cfg = settings.guidance > 0
-        if negative_prompt is not None and not use_cfg:
-            raise ValueError("a negative prompt needs classifier-free guidance: set guidance > 0 (Turbo runs without it)")
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
         where = dict(height=height, width=width, seed=seed, device=self.device, dtype=torch.float32)
         blend = None

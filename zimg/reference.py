@@ -8,18 +8,23 @@ reference pipeline casts it so), as the mode of its scaled latent. The output si
 last condition image's cropped size.
 """
 
+from __future__ import annotations
+
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import BaseImageProcessor, PreTrainedModel, Siglip2VisionModel
 
 from zflux.common.images import to_tensor
 from zflux.common.pipeline import encode_mode
 from zflux.common.text import load_text_model
 from zflux.common.vae import Autoencoder
+
+if TYPE_CHECKING:  # transformers loads with the model (common/text.py says why)
+    from transformers import BaseImageProcessor, PreTrainedModel
 
 MAX_AREA = 1024 * 1024  # pixels: larger condition images are scaled down to this area
 MIN_SIDE, MAX_ASPECT = 64, 8  # the reference pipeline's limits on a condition image
@@ -51,7 +56,7 @@ class SiglipEncoder:
         """Load from a Siglip2VisionModel folder and a Siglip2ImageProcessor folder (a snapshot's siglip/, siglip_processor/)."""
         from transformers import Siglip2ImageProcessor  # here: without torchvision, transformers warns as the name is imported
 
-        encoder = load_text_model(Siglip2VisionModel, model, model_types=("siglip2_vision_model",), device=device, dtype=dtype)
+        encoder = load_text_model("Siglip2VisionModel", model, model_types=("siglip2_vision_model",), device=device, dtype=dtype)
         return cls(encoder, Siglip2ImageProcessor.from_pretrained(processor))
 
     @torch.no_grad()

@@ -14,13 +14,18 @@ precedes image j in the Omni sequence, the last follows the generated image:
                "<|vision_end|>{prompt}<|im_end|>\\n<|im_start|>assistant\\n<|vision_start|>", then "<|vision_end|><|im_end|>"
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Model
 
-from zflux.common.text import as_list, load_text_model, load_tokenizer
+from zflux.common.text import as_list, load_text_model, load_tokenizer, warn_if_cut
+
+if TYPE_CHECKING:  # transformers loads with the model (common/text.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class Qwen3PromptEncoder:
@@ -34,7 +39,7 @@ class Qwen3PromptEncoder:
     def from_pretrained(cls, text_encoder: str | Path, tokenizer: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.bfloat16) -> "Qwen3PromptEncoder":
         """Load from a Qwen3 model folder (config.json + safetensors) and a tokenizer folder."""
-        return cls(load_text_model(Qwen3Model, text_encoder, model_types=("qwen3",), device=device, dtype=dtype), load_tokenizer(tokenizer))
+        return cls(load_text_model("Qwen3Model", text_encoder, model_types=("qwen3",), device=device, dtype=dtype), load_tokenizer(tokenizer))
 
     @classmethod
     def from_snapshot(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> "Qwen3PromptEncoder":
@@ -71,6 +76,7 @@ class Qwen3PromptEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """__call__ for texts already in their final form (Omni writes its own chat strings, zimg/reference.py)."""
+        warn_if_cut(self.tokenizer, texts, max_length, encoder="Qwen3")
         ids, mask = self.tokens(texts, max_length)
         return qwen3_features(self.model, ids, mask), mask
 

@@ -16,12 +16,14 @@ Z-Image's conventions: the transformer is given t = 1 - sigma (0 = noise) and pr
 sigmas are shifted by Turbo's 3.0 in training as in sampling, which takes 8 steps without CFG.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from zflux.common.data import SceneDataset, batches, byte_level_bpe
 from zflux.common.training import FlowRule, TrainSettings, flow_loss, picture_latents, prompt_grid, save_snapshot, train
@@ -31,6 +33,9 @@ from zflux.zimg.convert import from_diffusers, to_diffusers
 from zflux.zimg.model import ZImageConfig, ZImageTransformer
 from zflux.zimg.pipeline import VARIANTS, ZImagePipeline, zimage_time
 from zflux.zimg.text import Qwen3PromptEncoder, qwen3_features
+
+if TYPE_CHECKING:  # transformers loads when a run builds its models (common/text.py says why)
+    from transformers import PreTrainedTokenizerFast, Qwen3Model
 
 VARIANT = "z-image-turbo"
 TEXT_DIM = 128
@@ -52,6 +57,8 @@ RULE = FlowRule(time=zimage_time, sign=-1.0, shift=VARIANTS[VARIANT].scheduler.s
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The byte-level BPE of the caption grammar with Qwen3's special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(SPECIAL_TOKENS), pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>", model_max_length=TEXT_ENCODER["max_position_embeddings"])
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -76,6 +83,8 @@ def build_denoiser(tokenizer: PreTrainedTokenizerFast, seed: int, cfg: ZImageCon
     """A Denoiser holding the weights of the snapshot `init` (a warm start), or fresh ones: PyTorch's default
     initialisation, except that every modulation and the output projection start at zero, so that each block
     starts as the identity and the first prediction is 0 (as DiT does)."""
+    from transformers import Qwen3Config, Qwen3Model
+
     torch.manual_seed(seed)
     transformer = ZImageTransformer(cfg, backend="sdpa")  # sdpa: the Triton norm kernels have no backward
     for module in [*(b.adaLN_modulation[0] for b in [*transformer.noise_refiner, *transformer.layers]),

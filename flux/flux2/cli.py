@@ -1,7 +1,7 @@
 """FLUX.2's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, load_options, load_pipeline and generate_options (called before any weight is
+add_arguments, check_args, load_options, load_pipeline and generate_options (called before any weight is
 loaded, so the reference images and the mask are read and checked first). --reference-image and
 --mask are shared flags (Z-Image uses them too).
 """
@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 
 from zflux.common.images import load_image
+from zflux.common.sampling import SamplingDefaults
 from zflux.flux.flux2 import convert
-from zflux.flux.flux2.pipeline import VARIANTS, Flux2Pipeline, check_inputs  # noqa: F401 (VARIANTS: the --model choices)
+from zflux.flux.flux2.pipeline import VARIANTS, Flux2Pipeline, check_inputs, check_settings
 
 NAME = "FLUX.2"
 LAYOUTS = {"flux.2": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
@@ -26,6 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "klein takes none); --reference-image (repeatable, any variant) edits or combines images, the "
                                     "size defaulting to the first one's; --init-image with --mask (white = repaint) inpaints with "
                                     "klein")
+
+
+def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDefaults:
+    """FLUX.2's checks of a height x width request, before anything loads (zflux.cli's docstring): the sampling settings it
+    will run with. Its positions are computed, not tabled: any size that fits in memory."""
+    if args.control_image or args.control_preprocess:
+        raise ValueError(f"{'--control-image' if args.control_image else '--control-preprocess'} does not apply to {NAME} "
+                         "(FLUX.1 Canny and Depth, and Z-Image with --controlnet, take it)")
+    return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
 
 
 def load_options(args: argparse.Namespace) -> dict:

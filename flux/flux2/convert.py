@@ -144,4 +144,4 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     and shapes ([dev] vs klein from the guidance embedder and the widths).
     """
     return load_model(path, Flux2, from_diffusers, parse_config=Flux2Config.from_diffusers, infer_config=config_from_state_dict,
-                      cfg=cfg, device=device, dtype=dtype)
+                      to_diffusers=to_diffusers, cfg=cfg, device=device, dtype=dtype)

@@ -40,7 +40,7 @@ from zflux.common.pipeline import (Blend, Predict, Variant, check_request, defau
                                    read_scheduler)
 from zflux.common.sampling import (NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, img2img_start,
                                    initial_noise, inpaint_blend, noise_latent, sigma_schedule)
-from zflux.common.vae import Autoencoder, load_autoencoder
+from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.flux2.convert import load_transformer
 from zflux.flux.flux2.model import PRESETS, Flux2
@@ -74,6 +74,16 @@ VARIANTS = {
 }
 SNAPSHOT_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline")
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_settings(variant: str, negative_prompt: str | None = None, **given) -> SamplingDefaults:
+    """The variant's sampling defaults with the `given` ones (None: unset) in their place, checked before any work."""
+    entry = VARIANTS[variant]
+    if given.get("guidance") is not None and variant != "flux2-dev" and not entry.cfg:
+        raise ValueError(f"{variant} is distilled and takes no guidance: leave guidance unset (klein base runs CFG)")
+    if negative_prompt is not None and not entry.cfg:
+        raise ValueError(f"{variant} takes no negative prompt: only klein base runs CFG")
+    return entry.defaults.given(**given)
 
 
 def empirical_mu(image_seq_len: int, steps: int) -> float:
@@ -280,6 +290,7 @@ class Flux2Pipeline:
             raise CheckpointError(f"{transformer} holds {info.description}: it cannot run as {variant}")
         if check_family(vae, "autoencoder").variant == "flux-vae":
             raise CheckpointError(f"{vae} is the 16-channel FLUX.1 autoencoder; FLUX.2 needs its 32-channel one (its ae.safetensors)")
+        check_autoencoder(vae)  # every key and shape, from the header; the transformer's are checked as it loads, before any read
         device = torch.device(device) if device is not None else default_device()
         model = load_transformer(transformer, device, dtype)
         variant = variant or info.variant or ("flux2-dev" if model.cfg.guidance_embeds else "flux2-klein-4b")
@@ -308,11 +319,7 @@ class Flux2Pipeline:
         """
         entry = VARIANTS[self.variant]
         check_inputs(self.variant, reference_images, init_image, mask, latents)
-        if guidance is not None and self.variant != "flux2-dev" and not entry.cfg:
-            raise ValueError(f"{self.variant} is distilled and takes no guidance: leave guidance unset (klein base runs CFG)")
-        if negative_prompt is not None and not entry.cfg:
-            raise ValueError(f"{self.variant} takes no negative prompt: only klein base runs CFG")
-        settings = entry.defaults.given(steps=steps, guidance=guidance)
+        settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance)
         refs = [reference_pixels(image, j) for j, image in enumerate(reference_images or [])]
         original = None if init_image is None else checked_image(init_image, "init image")
         if original is not None:

@@ -16,16 +16,21 @@ folders. Only the language model runs (Qwen3Model, Mistral3Model), and only up t
 no logits, no later layers.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
 from torch import Tensor
-from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from zflux.common.text import load_text_model, load_tokenizer
 from zflux.common.weights import CheckpointError
+
+if TYPE_CHECKING:  # transformers loads with the model (common/text.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_LENGTH = 512  # text tokens, always (FLUX.2 was trained on padded 512-token sequences)
 # BFL's system message for [dev] (flux2 system_messages.py; diffusers' SYSTEM_MESSAGE), line break included.
@@ -70,7 +75,7 @@ class Flux2PromptEncoder:
         """Load from a Qwen3 or Mistral 3 model folder (config.json + safetensors) and a tokenizer folder."""
         # AutoModel builds the bare language model (Qwen3Model, Mistral3Model) from the checkpoints' *ForCausalLM /
         # *ForConditionalGeneration weights: no logits head.
-        return cls(load_text_model(AutoModel, text_encoder, tuple(TEXT_MODELS), device, dtype), load_tokenizer(tokenizer))
+        return cls(load_text_model("AutoModel", text_encoder, tuple(TEXT_MODELS), device, dtype), load_tokenizer(tokenizer))
 
     @property
     def device(self) -> torch.device:
