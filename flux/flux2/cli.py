@@ -12,7 +12,7 @@ from pathlib import Path
 from zflux.common.images import load_image
 from zflux.common.sampling import SamplingDefaults
 from zflux.flux.flux2 import convert
-from zflux.flux.flux2.pipeline import VARIANTS, Flux2Pipeline, check_inputs, check_settings
+from zflux.flux.flux2.pipeline import VARIANTS, Flux2Pipeline, check_inputs, check_settings  # noqa: F401 (VARIANTS: the --model choices)
 
 NAME = "FLUX.2"
 LAYOUTS = {"flux.2": convert}  # identify()'s family name -> the module with its key maps, for zflux convert
