@@ -364,7 +364,7 @@ def main() -> None:
             extra_ours = t_ours - time_ms(case.plain.ours, args.warmup, args.iters)[0]
             print(f"| {case.name.split(' (')[0]}: extra per step over {case.plain.name} | {extra_ref:.1f} | {extra_ours:.1f} | "
                   f"{extra_ref / extra_ours:.2f}x | | |", flush=True)
-        del case
+        del case, ours  # before the next case is built: FLUX.2 [dev] needs the whole GPU
         torch.cuda.empty_cache()
 
 
