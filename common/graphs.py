@@ -24,6 +24,7 @@ buffer of the module has moved (offloaded to the CPU and back, a parameter repla
 is dropped and captured again.
 """
 
+import weakref
 from typing import Callable, Hashable
 
 import torch
@@ -88,10 +89,16 @@ class GraphedForward:
     device_type = "cuda"  # where graphs are captured; the CPU tests stand a fake capture in for Captured
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
+        # A weak reference: the module keeps this wrapper (graphed()), and a cycle would hold a deleted model's
+        # weights on the GPU until the next garbage collection.
+        self._module = weakref.ref(module)
         self.graphs: dict[Key, Captured | None] = {}  # None: capturing failed, run eagerly
         self.addresses = weight_addresses(module)
         self.pool = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
 
     def __call__(self, *args, **kwargs) -> Tensor:
         key = signature(args, kwargs, self.device_type)

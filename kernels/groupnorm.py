@@ -49,7 +49,7 @@ def _group_sum(t, G: tl.constexpr, C: tl.constexpr, BLOCK_S: tl.constexpr):
 @triton.jit
 def _group_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
                         C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
-    b, tile, n_tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    tile, b, n_tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     x, rows = _tile(x_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S)
     count = tl.minimum(HW - tile * BLOCK_S, BLOCK_S) * (C // G)  # elements of each group in this tile
     rough = _group_sum(x, G, C, BLOCK_S) / count  # (G,)
@@ -67,7 +67,7 @@ def _group_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
 @triton.jit
 def _group_norm_silu_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, HW, x_sb, x_sc, x_ss, o_sb, o_sc, o_ss,
                             C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
-    b, tile = tl.program_id(0), tl.program_id(1)
+    tile, b = tl.program_id(0), tl.program_id(1)
     x, rows = _tile(x_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S)
     groups = b.to(tl.int64) * G + tl.arange(0, G)  # (G,) into (B, G)
     mean = _per_channel(tl.load(mean_ptr + groups), G, C)  # (C,)
@@ -108,7 +108,7 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     HW = H * W
     block_s = max(1, min(triton.next_power_of_2(HW), 8192 // C))
     n_tiles = triton.cdiv(HW, block_s)
-    grid = (B, n_tiles)
+    grid = (n_tiles, B)  # tiles on the first axis: the second allows only 65535 programs (2048x2048 makes 65536 tiles)
     means = torch.empty(B, n_tiles, groups, device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     _group_stats_kernel[grid](x, means, m2s, HW, x.stride(0), x.stride(1), _spatial_stride(x), C=C, G=groups, BLOCK_S=block_s,
