@@ -5,13 +5,13 @@ the GPU the whole forward in one launch, so the GPU never waits for the CPU betw
 
 `graphed(transformer)` is called like the transformer. The first call with a new signature (every
 tensor argument's shape, dtype and device, every other argument's value, the backend in force,
-inference mode or not) runs
-the forward eagerly (the warm-up: Triton autotuning, cuBLAS workspaces, a torch.compile of the
-blocks all happen there, outside the capture), returns that result, and captures
-one forward into a graph that reads static copies of the inputs. Every later call with that signature
-copies its tensors into those copies, replays the graph and returns a copy of its output. The time
-step is a tensor input like the latents, so every step of a run, and every later run of the same
-size and prompt length, replays the same graph; the graphs of one module share one memory pool.
+inference mode or not) runs the forward eagerly (the warm-up: Triton autotuning, cuBLAS workspaces,
+a torch.compile of the blocks all happen there, outside the capture), returns that result, and
+captures one forward into a graph that reads static copies of the inputs. Every later call with that
+signature copies its tensors into those copies, replays the graph and returns a copy of its output.
+The time step is a tensor input like the latents, so every step of a run, and every later run of the
+same size and prompt length, replays the same graph; the graphs of one module share one memory pool,
+which stays reserved while they live (about one forward's activations).
 
 The forward runs eagerly instead (and nothing is captured) when an argument is a CPU tensor, when an
 argument is neither a tensor nor None nor a plain number or string (a ControlNet's closure, cached
