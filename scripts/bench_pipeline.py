@@ -226,7 +226,7 @@ def load(impl: str, spec: Spec, name: str, root: Path, device: torch.device, dty
     if impl == "diffusers":
         import diffusers
 
-        pipe = getattr(diffusers, spec.diffusers_class).from_pretrained(root, torch_dtype=dtype).to(device)
+        pipe = getattr(diffusers, spec.diffusers_class).from_pretrained(root, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         if compiled:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
