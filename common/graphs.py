@@ -14,10 +14,11 @@ same size and prompt length, replays the same graph; the graphs of one module sh
 which stays reserved while they live (about one forward's activations).
 
 The forward runs eagerly instead (and nothing is captured) when an argument is a CPU tensor, when an
-argument is neither a tensor nor None nor a plain number or string (a ControlNet's closure, cached
-reference K/V), when autograd records, or when capturing fails (the forward synchronises with the
-host: `.item()`, `.tolist()`, `nonzero`, a shape read from a tensor's values); the last is remembered
-per signature. Callers pass calls they know sync (Z-Image's caption mask) to the module directly.
+argument is neither a tensor nor None nor a plain number or string or a tuple of them (a
+ControlNet's closure, cached reference K/V), when autograd records, or when capturing fails (the
+forward synchronises with the host: `.item()`, `.tolist()`, `nonzero`, a shape read from a tensor's
+values); the last is remembered per signature. Host values that set shapes (Z-Image's caption
+lengths) are passed as plain arguments: they enter the key, and the forward need not read them.
 
 A graph reads the weights at the addresses they had when it was captured: when any parameter or
 buffer of the module has moved (offloaded to the CPU and back, a parameter replaced), every graph
@@ -39,8 +40,8 @@ PLAIN = (bool, int, float, str)  # non-tensor arguments that enter the key by va
 def signature(args: tuple, kwargs: dict, device_type: str = "cuda") -> Key | None:
     """The key a graph is captured under for these arguments, or None when the call must run eagerly.
 
-    Tensors count by shape, dtype and device (not by value); None and plain numbers and strings by
-    value; anything else (a callable, a list of tensors), or a tensor off `device_type`, makes the call eager.
+    Tensors count by shape, dtype and device (not by value); None, plain numbers and strings, and tuples of
+    them by value; anything else (a callable, a list of tensors), or a tensor off `device_type`, makes the call eager.
     """
     parts = []
     for name, value in [*enumerate(args), *sorted(kwargs.items())]:
@@ -48,7 +49,7 @@ def signature(args: tuple, kwargs: dict, device_type: str = "cuda") -> Key | Non
             if value.device.type != device_type:
                 return None
             parts.append((name, tuple(value.shape), value.dtype, value.device))
-        elif value is None or isinstance(value, PLAIN):
+        elif value is None or isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value)):
             parts.append((name, value))
         else:
             return None

@@ -151,19 +151,18 @@ def predictor(transformer: ZImageTransformer, *, features: Tensor, mask: Tensor,
     """predict(latents, i) for Turbo and base (guided()): `features` and `mask` hold the prompt's caption, or with CFG
     the prompt's and the negative prompt's; `control` is a ControlNet's (ZImageControlNet.bind), for every call.
 
-    The transformer makes one host sync per step only when given a caption mask (CFG rows of unequal length);
-    the other calls replay CUDA graphs with `cuda_graphs` (common/graphs.py).
+    The captions' lengths are read here once, so that the transformer makes no host sync per step even with a
+    caption mask (CFG rows of unequal length); with `cuda_graphs` its calls replay CUDA graphs (common/graphs.py).
     """
     captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
     if settings.guidance > 0:
         captions[2] = trim_captions(features, mask)
-
-    graphs = forward_of(transformer, cuda_graphs and control is None)
+    lens = {n: None if m is None else tuple(m.sum(dim=1).tolist()) for n, (_, m) in captions.items()}  # host copies
+    forward = forward_of(transformer, cuda_graphs and control is None)
 
     def call(x: Tensor, t: Tensor, n: int) -> Tensor:
         cap_feats, cap_mask = captions[n]
-        forward = transformer if cap_mask is not None else graphs
-        return forward(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control)
+        return forward(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control, cap_lens=lens[n])
 
     return guided(call, sigmas=sigmas, settings=settings, device=device, dtype=transformer.dtype)
 
