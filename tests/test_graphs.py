@@ -146,13 +146,16 @@ def random_transformer(factory, device: str, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
+def setup(factory, variants: dict, variant: str, device: str, dtype: torch.dtype):
+    """The variant's entry, a random model, and the generator of the run's inputs."""
+    return variants[variant], random_transformer(factory, device, dtype), torch.Generator(device).manual_seed(1)
+
+
 def zimage_run(cfg, variant: str, cap_lens: tuple[int, ...], latent: int, device: str, dtype: torch.dtype):
     from zflux.zimg.model import ZImageTransformer
     from zflux.zimg.pipeline import VARIANTS, predictor
 
-    v = VARIANTS[variant]
-    model = random_transformer(lambda: ZImageTransformer(cfg), device, dtype)
-    g = torch.Generator(device).manual_seed(1)
+    v, model, g = setup(lambda: ZImageTransformer(cfg), VARIANTS, variant, device, dtype)
     L = max(cap_lens)
     features = torch.randn(len(cap_lens), L, cfg.cap_feat_dim, generator=g, device=device).to(dtype)
     mask = torch.arange(L, device=device) < torch.tensor(cap_lens, device=device)[:, None]  # (B, L)
@@ -170,9 +173,7 @@ def flux_run(cfg, variant: str, latent: int, text_len: int, device: str, dtype: 
     from zflux.flux.model import Flux
     from zflux.flux.pipeline import VARIANTS, predictor
 
-    v = VARIANTS[variant]
-    model = random_transformer(lambda: Flux(cfg), device, dtype)
-    g = torch.Generator(device).manual_seed(1)
+    v, model, g = setup(lambda: Flux(cfg), VARIANTS, variant, device, dtype)
     features = torch.randn(1, text_len, cfg.joint_attention_dim, generator=g, device=device).to(dtype)
     pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g, device=device).to(dtype)
     sigmas = v.scheduler.schedule(v.defaults.steps, (latent // 2) ** 2)
@@ -189,9 +190,7 @@ def flux2_run(cfg, variant: str, grid: int, text_len: int, device: str, dtype: t
     from zflux.flux.flux2.model import Flux2
     from zflux.flux.flux2.pipeline import VARIANTS, flux2_sigmas, predictor
 
-    v = VARIANTS[variant]
-    model = random_transformer(lambda: Flux2(cfg), device, dtype)
-    g = torch.Generator(device).manual_seed(1)
+    v, model, g = setup(lambda: Flux2(cfg), VARIANTS, variant, device, dtype)
     text = torch.randn(1, text_len, cfg.joint_attention_dim, generator=g, device=device).to(dtype)
     sigmas = flux2_sigmas(v.scheduler, v.defaults.steps, grid * grid)
     tokens = torch.randn(1, grid * grid, cfg.in_channels, generator=g, device=device)
