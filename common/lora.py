@@ -22,9 +22,9 @@ diffusers' (`transformer_blocks.0.attn.to_q`: rows 0..dim of our fused `double_b
 or of an alias, in any mix of dots and underscores: `KeyMap` resolves each to rows of one of our Linears.
 Everything is checked against the model from the file's header, before a tensor is read or a weight touched.
 
-Fused, the update is computed in fp32 and rounded once into the weight; unfusing recomputes it, subtracts,
-and puts back the few elements where that does not round to the original (recorded at fusing), so the
-weights come back bit for bit. Unfused, a forward hook on the Linear adds x @ A^T @ B^T * scale to its
+Fused, the update is computed in fp32 and rounded once into the weight; unfusing recomputes it the same way,
+subtracts, and puts back the few elements where that does not round to the original (found and recorded
+at fusing), so the weights come back bit for bit with no copy of them kept. Unfused, a forward hook on the Linear adds x @ A^T @ B^T * scale to its
 output rows: scales switch between calls at no cost.
 """
 
@@ -59,12 +59,12 @@ SKIPPED = {  # what diffusers drops with a warning (key part -> what it is)
 }
 NORM_SCALES = (".query_norm.scale", ".key_norm.scale")  # BFL control LoRAs replace these QK-norm weights whole
 METADATA_KEY = "lora_adapter_metadata"  # PEFT's adapter config, as diffusers saves it in the safetensors header
-FAMILY_MARKERS = [  # (family, substrings of module names only its LoRAs carry), the most specific first
-    ("z-image", ("refiner", "feed_forward", "attention_to_", "attention.to", "attention.qkv", "attention_qkv", "cap_embedder",
-                 "t_embedder", "layers.", "layers_")),
-    ("flux.2", ("stream_modulation", "to_qkv_mlp_proj", "linear_in", "linear_out", "time_guidance_embed")),
-    ("flux.1", ("img_mod", "txt_mod", "modulation_lin", "modulation.lin", "norm1", "proj_mlp", "ff.net", "ff_net", "processor",
-                "time_text_embed", "vector_in", "query_norm")),
+FAMILY_MARKERS = [  # (family, words of module names (dots as underscores, "_" before) only its LoRAs carry), most specific first
+    ("z-image", ("_layers_", "_noise_refiner", "_context_refiner", "_feed_forward", "_attention_to_", "_attention_qkv",
+                 "_cap_embedder", "_t_embedder")),
+    ("flux.2", ("_stream_modulation", "_to_qkv_mlp_proj", "_linear_in", "_linear_out", "_time_guidance_embed")),
+    ("flux.1", ("_img_mod", "_txt_mod", "_modulation_lin", "_norm1", "_proj_mlp", "_ff_net", "_processor", "_time_text_embed",
+                "_vector_in", "_query_norm")),
 ]
 MAX_NAMED = 5  # unmatched module names an error lists
 
@@ -155,7 +155,8 @@ class LoraFile:
     @property
     def family(self) -> str:
         """The family the module names look like: a key of identify.FAMILY_NAMES ("unknown" if none)."""
-        names = [m.name for m in self.modules if m.part == "transformer"] + list(self.replacements)
+        names = ["_" + _underscored(m.name) for m in self.modules if m.part == "transformer"]
+        names += ["_" + _underscored(name) for name in self.replacements]
         for family, markers in FAMILY_MARKERS:
             if any(marker in name for name in names for marker in markers):
                 return family
@@ -491,18 +492,17 @@ def _drop_copies(todo: list[tuple[LoraModule, list[Target]]], linears: dict[str,
     return kept
 
 
-def _delta(u: Update, scale: float) -> Tensor:
-    return (u.up.float() @ u.down.float()) * (scale * u.factor)  # (rows, in) fp32
+def _moved(weight: Tensor, u: Update, scale: float) -> Tensor:
+    """weight + scale * factor * up @ down, computed in fp32 (one addmm) and rounded once to the weight's dtype."""
+    return torch.addmm(weight.float(), u.up.float(), u.down.float(), alpha=scale * u.factor).to(weight.dtype)
 
 
 def _fuse_one(linear: nn.Linear, u: Update, scale: float) -> Fused:
-    """weight[rows] += scale * factor * up @ down in fp32, rounded once; records what unfusing needs."""
+    """Fuse one update into weight[rows]; record the elements that moving back (the same addmm, -scale) would not restore."""
     weight = linear.weight[u.rows]  # a view
-    delta = _delta(u, scale)
-    new = (weight.float() + delta).to(weight.dtype)
-    back = (new.float() - delta).to(weight.dtype)
-    off = back != weight
-    fused = Fused(where=off.nonzero(), values=weight[off].clone(), bias=None)
+    new = _moved(weight, u, scale)
+    off = _moved(new, u, -scale) != weight  # (rows, in) bool
+    fused = Fused(where=off.nonzero(), values=weight[off], bias=None)
     weight.copy_(new)
     if u.bias is not None:
         bias = linear.bias[u.rows]
@@ -513,7 +513,7 @@ def _fuse_one(linear: nn.Linear, u: Update, scale: float) -> Fused:
 
 def _unfuse_one(linear: nn.Linear, u: Update, scale: float, fused: Fused) -> None:
     weight = linear.weight[u.rows]
-    back = (weight.float() - _delta(u, scale)).to(weight.dtype)
+    back = _moved(weight, u, -scale)
     back[fused.where[:, 0], fused.where[:, 1]] = fused.values
     weight.copy_(back)
     if fused.bias is not None:

@@ -1,0 +1,328 @@
+"""LoRA files (common/lora.py): every format diffusers converts, on each family, against diffusers' load_lora_weights.
+
+Each test writes a random LoRA file in one format, loads it into diffusers (its pipeline's
+load_lora_weights, then set_adapters at the same scale) and into our model, fused and unfused, and
+compares the transformer outputs (fp32, relative error <= 1e-5: the LoRA adds its own summation
+order, fused in one fp32 matmul against PEFT's two, around 1e-7 measured). Unloading must give back
+the exact weights. Formats whose diffusers converter assumes FLUX.1's full widths (kohya single
+blocks, BFL control and fal Kontext LoRAs, which name all 19 + 38 blocks) run a full-width
+transformer with one single block; diffusers is handed the file for the full model, whose other
+blocks it skips, ours the same LoRA for the blocks the model has.
+"""
+
+import warnings
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline as DiffusersFlux2
+from diffusers import FluxControlPipeline as DiffusersFluxControl
+from diffusers import FluxPipeline as DiffusersFlux
+from diffusers import FluxTransformer2DModel
+from diffusers import ZImagePipeline as DiffusersZImage
+from safetensors.torch import save_file
+
+import test_flux2_model as flux2_model
+import test_flux_model as flux_model
+import test_zimg_model as zimg_model
+from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
+from util import rel_err
+from zflux.common.lora import KeyMap, LoraSet, read_lora
+from zflux.common.weights import CheckpointError
+from zflux.flux import convert as flux_convert
+from zflux.flux.flux2 import convert as flux2_convert
+from zflux.flux.lora import XLABS
+from zflux.flux.model import Flux, FluxConfig
+from zflux.zimg import convert as zimg_convert
+
+TOL = 1e-5
+SCALE = 0.8
+RANK = 4
+NO_PARTS = dict(scheduler=None, vae=None, text_encoder=None, tokenizer=None)
+# FLUX.1 at full width (24 heads of 128) with one single block: what converters that assume FLUX.1-dev's widths need.
+FULL_WIDTH = FluxConfig(num_layers=0, num_single_layers=1, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True)
+
+
+def linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def lora_file(path: Path, modules: dict[str, tuple[int, int]], down: str, up: str, alpha: str | None = None, seed: int = 0,
+              rank: int = RANK) -> Path:
+    """A random LoRA for `modules` (file name -> (out, in)) with keys name + down / up (/ alpha) suffixes; alphas differ
+    from the rank, so that alpha / rank matters: per module in kohya-style files (diffusers folds each into its module),
+    one for all in lora_A / lora_B files (PEFT's alpha_pattern, a suffix match, would give `proj_out`'s alpha to
+    every `*.proj_out`)."""
+    tensors = {}
+    for i, (name, (rows, cols)) in enumerate(modules.items()):
+        g = generator(name, seed)
+        tensors[name + down] = torch.randn(rank, cols, generator=g) / cols ** 0.5
+        tensors[name + up] = torch.randn(rows, rank, generator=g) * 0.3
+        if alpha is not None:
+            tensors[name + alpha] = torch.tensor(float(rank + 1 + (i % 3 if down == ".lora_down.weight" else 0)))
+    save_file(tensors, path)
+    return path
+
+
+def generator(name: str, seed: int = 0) -> torch.Generator:
+    """Random numbers of their own for each module: a file for more blocks holds the same tensors for the shared ones."""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed)
+
+
+def kohya(names: dict[str, tuple[int, int]], prefix: str = "lora_unet_") -> dict[str, tuple[int, int]]:
+    return {prefix + name.replace(".", "_"): shape for name, shape in names.items()}
+
+
+def prefixed(names: dict[str, tuple[int, int]], prefix: str) -> dict[str, tuple[int, int]]:
+    return {prefix + name: shape for name, shape in names.items()}
+
+
+def ours_with(model: torch.nn.Module, family: str, path: Path, fuse: bool, scale: float = SCALE) -> LoraSet:
+    keys = {"flux.1": lambda: KeyMap(model, flux_convert.to_diffusers, aliases=XLABS),
+            "flux.2": lambda: KeyMap(model, flux2_convert.to_diffusers), "z-image": lambda: KeyMap(model, zimg_convert.to_diffusers)}
+    loras = LoraSet({"transformer": keys[family]()}, family)
+    loras.load(path, scale=scale, fuse=fuse)
+    return loras
+
+
+def check_both_ways(ours: torch.nn.Module, family: str, path: Path, run_ours, expected: torch.Tensor) -> None:
+    """Fused and unfused, our output matches diffusers'; unloading restores the exact weights."""
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for fuse in (True, False):
+        loras = ours_with(ours, family, path, fuse)
+        assert rel_err(run_ours(), expected) <= TOL, f"fuse={fuse}"
+        loras.unload()
+        after = ours.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def diffusers_output(pipe, path: Path, run, scale: float = SCALE) -> torch.Tensor:
+    pipe.load_lora_weights(path, adapter_name="a")
+    pipe.set_adapters(["a"], [scale])
+    return run()
+
+
+# -- FLUX.1 at tiny widths --
+
+def flux_case():
+    ref, ours = flux_model.make_pair(flux_model.DEV)
+    inputs = flux_model.make_inputs(flux_model.DEV, 1, 4, 6, 5)
+    pipe = DiffusersFlux(**NO_PARTS, text_encoder_2=None, tokenizer_2=None, transformer=ref)
+    return ref, ours, pipe, lambda: flux_model.run_diffusers(ref, inputs), lambda: ours(**inputs)
+
+
+def flux_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The blocks' Linears but single blocks' linear1."""
+    return {k: v for k, v in linears(model).items() if "blocks" in k and not k.endswith("linear1")}
+
+
+FLUX_FORMATS = {  # format -> (module names the file uses, from (diffusers model, ours) -> file keys (down, up, alpha))
+    "diffusers": (lambda ref, ours: prefixed(linears(ref), "transformer."), (".lora_A.weight", ".lora_B.weight", ".alpha")),
+    "diffusers, no alpha": (lambda ref, ours: prefixed(linears(ref), "transformer."), (".lora_A.weight", ".lora_B.weight", None)),
+    # kohya and ComfyUI: diffusers' converter drops the top-level modules (no `transformer.` prefix) and splits
+    # single blocks' linear1 at full widths: the blocks' other modules here, linear1 at full width below.
+    "kohya": (lambda ref, ours: kohya(flux_blocks(ours)), (".lora_down.weight", ".lora_up.weight", ".alpha")),
+    "ComfyUI": (lambda ref, ours: prefixed(flux_blocks(ours), "diffusion_model."),
+                (".lora_down.weight", ".lora_up.weight", ".alpha")),
+    # mixture: diffusers' converter reads the blocks' attention projections and the top-level modules only
+    "mixture": (lambda ref, ours: kohya({k: v for k, v in linears(ref).items() if ".attn." in k or "blocks" not in k}, "lora_transformer_"),
+                (".lora_down.weight", ".lora_up.weight", ".alpha")),
+    "XLabs": (lambda ref, ours: xlabs_names(ours), (".down.weight", ".up.weight", None)),
+}
+
+
+def xlabs_names(ours: Flux) -> dict[str, tuple[int, int]]:
+    dim = ours.cfg.hidden_size
+    names = {}
+    for i in range(ours.cfg.num_layers):
+        for n in (1, 2):
+            names[f"double_blocks.{i}.processor.qkv_lora{n}"] = (3 * dim, dim)
+            names[f"double_blocks.{i}.processor.proj_lora{n}"] = (dim, dim)
+    for i in range(ours.cfg.num_single_layers):
+        names[f"single_blocks.{i}.processor.qkv_lora"] = (3 * dim, dim)
+        names[f"single_blocks.{i}.processor.proj_lora"] = (dim, dim + ours.single_blocks[i].mlp_hidden)
+    return names
+
+
+@pytest.mark.parametrize("fmt", FLUX_FORMATS)
+@torch.no_grad()
+def test_flux_formats_match_diffusers(tmp_path, fmt):
+    ref, ours, pipe, run_ref, run_ours = flux_case()
+    names, suffixes = FLUX_FORMATS[fmt]
+    path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
+    assert read_lora(path).format == fmt.split(",")[0] and read_lora(path).family == "flux.1"
+    expected = diffusers_output(pipe, path, run_ref)
+    check_both_ways(ours, "flux.1", path, run_ours, expected)
+
+
+# -- FLUX.1 at full width --
+
+@pytest.fixture(scope="module")
+def full_width():
+    """The full-width transformer's diffusers weights (random), built once."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(**flux_model.diffusers_kwargs(FULL_WIDTH))
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=g) * (0.02 if v.ndim > 1 else 0.1) for k, v in ref.state_dict().items()}
+
+
+def full_width_case(weights: dict, in_channels: int = 64):
+    with torch.device("meta"):
+        ref, ours = FluxTransformer2DModel(**flux_model.diffusers_kwargs(FULL_WIDTH)), Flux(FULL_WIDTH)
+    ref.load_state_dict({k: v.clone() for k, v in weights.items()}, assign=True)  # clones: LoRAs change weights in place
+    ours.load_state_dict({k: v.clone() for k, v in flux_convert.from_diffusers(weights).items()}, assign=True)
+    cfg = FluxConfig(**{**FULL_WIDTH.__dict__, "in_channels": in_channels})
+    inputs = flux_model.make_inputs(cfg, 1, 2, 4, 3)
+    pipe = DiffusersFlux(**NO_PARTS, text_encoder_2=None, tokenizer_2=None, transformer=ref.eval())
+    return ref, ours.eval(), pipe, lambda: flux_model.run_diffusers(ref, inputs), lambda: ours(**inputs)
+
+
+def full_flux_linears(in_channels: int = 64) -> dict[str, tuple[int, int]]:
+    """Every Linear of FLUX.1-dev's 19 + 38 blocks at the test's text widths (BFL names), img_in with `in_channels` inputs."""
+    cfg = FluxConfig(**{**FULL_WIDTH.__dict__, "in_channels": in_channels, "num_layers": 19, "num_single_layers": 38})
+    with torch.device("meta"):
+        return linears(Flux(cfg))
+
+
+@torch.no_grad()
+def test_flux_kohya_linear1_at_full_width(tmp_path, full_width):
+    ref, ours, pipe, run_ref, run_ours = full_width_case(full_width)
+    names = kohya({k: v for k, v in linears(ours).items() if k.endswith("linear1")})
+    path = lora_file(tmp_path / "kohya.safetensors", names, ".lora_down.weight", ".lora_up.weight", ".alpha")
+    check_both_ways(ours, "flux.1", path, run_ours, diffusers_output(pipe, path, run_ref))
+
+
+def with_bias_and_norms(path: Path, model_names: dict[str, tuple[int, int]], prefix: str = "") -> Path:
+    """Add lora_B biases and the QK-norm scales a BFL control LoRA carries."""
+    from safetensors.torch import load_file
+    tensors = load_file(path)
+    for name, (rows, _) in model_names.items():
+        tensors[f"{prefix}{name}.lora_B.bias"] = torch.randn(rows, generator=generator(name, 9)) * 0.1
+    blocks = {".".join(k.split(".")[:2]) for k in model_names if k.startswith(("double_blocks.", "single_blocks."))}
+    # diffusers 0.42.1's control converter swaps the halves of the final adaLN's lora_A as well as lora_B's (its
+    # rank halves: a wrong product); with equal halves that swap changes nothing, and the rest is compared.
+    down = tensors["final_layer.adaLN_modulation.1.lora_A.weight"]
+    tensors["final_layer.adaLN_modulation.1.lora_A.weight"] = down[: len(down) // 2].repeat(2, 1)
+    for block in sorted(blocks):
+        for norm in ("img_attn.norm", "txt_attn.norm") if block.startswith("double") else ("norm",):
+            for which in ("query_norm", "key_norm"):
+                key = f"{block}.{norm}.{which}.scale"
+                tensors[key] = 1 + 0.1 * torch.randn(128, generator=generator(key))
+    save_file(tensors, path)
+    return path
+
+
+CONTROL_WIDTH = 128
+
+
+@pytest.mark.parametrize("fmt", ["BFL control", "fal Kontext"])
+@torch.no_grad()
+def test_flux_full_size_formats_at_full_width(tmp_path, full_width, fmt):
+    """BFL control (norm scales replaced, img_in widened to 128 inputs, lora_B biases) and fal Kontext LoRAs: diffusers'
+    converters read all 19 + 38 blocks of FLUX.1-dev; ours gets the same LoRA for the blocks the model has."""
+    control = fmt == "BFL control"
+    ref, ours, pipe, run_ref, run_ours = full_width_case(full_width, CONTROL_WIDTH if control else 64)
+    if control:
+        pipe = DiffusersFluxControl(**NO_PARTS, text_encoder_2=None, tokenizer_2=None, transformer=ref)
+    prefix = "" if control else "base_model.model."
+    width = CONTROL_WIDTH if control else 64
+    everything = full_flux_linears(width)
+    if not control:  # fal's converter reads the blocks and final_layer.linear only
+        everything = {k: v for k, v in everything.items() if "blocks" in k or k == "final_layer.linear"}
+    present = {k: v for k, v in everything.items() if not k.startswith(("double_blocks", "single_blocks.")) or k.startswith("single_blocks.0.")}
+    files = []
+    for name, names in (("full", everything), ("ours", present)):
+        path = lora_file(tmp_path / f"{name}.safetensors", prefixed(names, prefix), ".lora_A.weight", ".lora_B.weight", rank=2)
+        files.append(with_bias_and_norms(path, names) if control else path)
+    assert read_lora(files[1]).format == fmt
+    expected = diffusers_output(pipe, files[0], run_ref)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for fuse in (True, False):
+        loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers)}, "flux.1",
+                        widen=("img_in", lambda path, width: widen(ours, width)))
+        loras.load(files[1], scale=SCALE, fuse=fuse)
+        assert ours.img_in.in_features == width
+        assert rel_err(run_ours(), expected) <= TOL, f"fuse={fuse}"
+        loras.unload()
+        assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items()) and ours.img_in.in_features == 64
+
+
+def widen(model: Flux, width: int):
+    from zflux.flux.lora import widen_input
+    return widen_input(model, width)
+
+
+# -- Z-Image --
+
+def zimage_case():
+    ref, ours = zimg_model.make_pair(zimg_model.TINY)
+    g = torch.Generator().manual_seed(1)
+    x, t, cap = torch.randn(1, 16, 4, 6, generator=g), torch.rand(1, generator=g), torch.randn(1, 9, 32, generator=g)
+    pipe = DiffusersZImage(**NO_PARTS, transformer=ref)
+    return ref, ours, pipe, lambda: torch.stack(ref([x[0][:, None]], t, [cap[0]], return_dict=False)[0])[:, :, 0], \
+        lambda: ours(x, t, cap)
+
+
+def zimage_dot(ours) -> dict[str, tuple[int, int]]:
+    """Dot-format names: the fused qkv of layer 0 (split by diffusers), to.q / to.k / to.v and a bare out elsewhere."""
+    names = {}
+    for name, shape in linears(ours).items():
+        if ".attention.qkv" in name and name.startswith("layers.0."):
+            names[name] = shape
+        elif ".attention.qkv" in name:
+            names.update({name.replace("qkv", f"to.{p}"): (shape[0] // 3, shape[1]) for p in "qkv"})
+        elif "feed_forward" in name or ".attention.out" in name:
+            names[name] = shape
+    return names
+
+
+ZIMAGE_FORMATS = {  # diffusers: with the `transformer.` prefix and no alphas, or alphas and no prefix (its converter adds one)
+    "diffusers": (lambda ref, ours: prefixed(linears(ref), "transformer."), (".lora_A.weight", ".lora_B.weight", None)),
+    "diffusers, alphas": (lambda ref, ours: linears(ref), (".lora_A.weight", ".lora_B.weight", ".alpha")),
+    "kohya": (lambda ref, ours: kohya({k: v for k, v in linears(ref).items() if "embedder" not in k and "final" not in k}),
+              (".lora_down.weight", ".lora_up.weight", ".alpha")),
+    "ComfyUI": (lambda ref, ours: prefixed({k.replace("to_out.0", "out"): v for k, v in linears(ref).items() if "attention" in k},
+                                          "diffusion_model."), (".lora_down.weight", ".lora_up.weight", ".alpha")),
+    "Z-Image dot": (lambda ref, ours: prefixed(zimage_dot(ours), "diffusion_model."), (".lora.down.weight", ".lora.up.weight", ".alpha")),
+}
+
+
+@pytest.mark.parametrize("fmt", ZIMAGE_FORMATS)
+@torch.no_grad()
+def test_zimage_formats_match_diffusers(tmp_path, fmt):
+    ref, ours, pipe, run_ref, run_ours = zimage_case()
+    names, suffixes = ZIMAGE_FORMATS[fmt]
+    path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
+    assert read_lora(path).format == fmt.split(",")[0] and read_lora(path).family == "z-image"
+    check_both_ways(ours, "z-image", path, run_ours, diffusers_output(pipe, path, run_ref))
+
+
+# -- FLUX.2 --
+
+def flux2_case():
+    ref, ours = flux2_model.make_pair(flux2_model.KLEIN)
+    inputs = flux2_model.make_inputs(flux2_model.KLEIN, 1, 2, 3, 5)
+    pipe = DiffusersFlux2(**NO_PARTS, transformer=ref)
+    return ref, ours, pipe, lambda: flux2_model.run_diffusers(ref, inputs), lambda: ours(**inputs)
+
+
+FLUX2_FORMATS = {
+    "diffusers": (lambda ref, ours: prefixed(linears(ref), "transformer."), (".lora_A.weight", ".lora_B.weight", None)),
+    "ai-toolkit": (lambda ref, ours: prefixed(linears(ours), "diffusion_model."), (".lora_A.weight", ".lora_B.weight", None)),
+    "fal Kontext": (lambda ref, ours: prefixed(linears(ours), "base_model.model."), (".lora_A.weight", ".lora_B.weight", None)),
+    "kohya": (lambda ref, ours: kohya({k: v for k, v in linears(ours).items() if "blocks" in k}),
+              (".lora_down.weight", ".lora_up.weight", ".alpha")),
+}
+
+
+@pytest.mark.parametrize("fmt", FLUX2_FORMATS)
+@torch.no_grad()
+def test_flux2_formats_match_diffusers(tmp_path, fmt):
+    """fal Kontext's spelling (a PEFT `base_model.model.` prefix) is how PEFT saves FLUX.2 LoRAs too."""
+    ref, ours, pipe, run_ref, run_ours = flux2_case()
+    names, suffixes = FLUX2_FORMATS[fmt]
+    path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
+    assert read_lora(path).format == fmt and read_lora(path).family == "flux.2"
+    check_both_ways(ours, "flux.2", path, run_ours, diffusers_output(pipe, path, run_ref))
