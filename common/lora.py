@@ -160,7 +160,17 @@ class LoraFile:
         for family, markers in FAMILY_MARKERS:
             if any(marker in name for name in names for marker in markers):
                 return family
-        return "flux.1" if self.format in ("XLabs", "BFL control", "fal Kontext") else "unknown"
+        return self._flux_generation() or ("flux.1" if self.format in ("XLabs", "BFL control", "fal Kontext") else "unknown")
+
+    def _flux_generation(self) -> str | None:
+        """FLUX.1 or FLUX.2 from the MLP widths of BFL-named blocks: linear1 gives 7 (FLUX.1: q, k, v, 4x MLP) or 9
+        (FLUX.2: q, k, v, 2 x 3x SwiGLU) times its inputs, a double block's first MLP layer 4 or 6."""
+        ratios = {"_linear1": {7: "flux.1", 9: "flux.2"}, "_mlp_0": {4: "flux.1", 6: "flux.2"}}
+        for m in self.modules:
+            for ending, families in ratios.items():
+                if _underscored(m.name).endswith(ending):
+                    return families.get(self.shapes[m.keys["up"]][0] // self.shapes[m.keys["down"]][1])
+        return None
 
     @property
     def ranks(self) -> list[int]:

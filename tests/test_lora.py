@@ -285,7 +285,7 @@ ZIMAGE_FORMATS = {  # diffusers: with the `transformer.` prefix and no alphas, o
               (".lora_down.weight", ".lora_up.weight", ".alpha")),
     "ComfyUI": (lambda ref, ours: prefixed({k.replace("to_out.0", "out"): v for k, v in linears(ref).items() if "attention" in k},
                                           "diffusion_model."), (".lora_down.weight", ".lora_up.weight", ".alpha")),
-    "Z-Image dot": (lambda ref, ours: prefixed(zimage_dot(ours), "diffusion_model."), (".lora.down.weight", ".lora.up.weight", ".alpha")),
+    "Z-Image dot": (lambda ref, ours: prefixed(zimage_dot(ours), "diffusion_model."), (".lora.down.weight", ".lora.up.weight", None)),
 }
 
 
@@ -308,10 +308,16 @@ def flux2_case():
     return ref, ours, pipe, lambda: flux2_model.run_diffusers(ref, inputs), lambda: ours(**inputs)
 
 
+def flux2_official(ours) -> dict[str, tuple[int, int]]:
+    """Our Linears but the final adaLN projection: diffusers 0.42.1's FLUX.2 converter renames it to norm_out.linear without
+    swapping its (shift, scale) halves into diffusers' (scale, shift) order, so diffusers applies such a LoRA halves swapped."""
+    return {k: v for k, v in linears(ours).items() if k != "final_layer.adaLN_modulation.1"}
+
+
 FLUX2_FORMATS = {
     "diffusers": (lambda ref, ours: prefixed(linears(ref), "transformer."), (".lora_A.weight", ".lora_B.weight", None)),
-    "ai-toolkit": (lambda ref, ours: prefixed(linears(ours), "diffusion_model."), (".lora_A.weight", ".lora_B.weight", None)),
-    "fal Kontext": (lambda ref, ours: prefixed(linears(ours), "base_model.model."), (".lora_A.weight", ".lora_B.weight", None)),
+    "ai-toolkit": (lambda ref, ours: prefixed(flux2_official(ours), "diffusion_model."), (".lora_A.weight", ".lora_B.weight", None)),
+    "fal Kontext": (lambda ref, ours: prefixed(flux2_official(ours), "base_model.model."), (".lora_A.weight", ".lora_B.weight", None)),
     "kohya": (lambda ref, ours: kohya({k: v for k, v in linears(ours).items() if "blocks" in k}),
               (".lora_down.weight", ".lora_up.weight", ".alpha")),
 }
