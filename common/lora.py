@@ -423,15 +423,15 @@ class LoraSet:
         """The file module's updates in our layout: B split over several targets, rows reordered where a name orders them."""
         linear = self.parts[part].linears[targets[0].module]
         weight = linear.weight
-        down = tensors[module.keys["down"]].to(weight.device, weight.dtype)
-        up = tensors[module.keys["up"]].to(weight.device, weight.dtype)
+        down = tensors[module.keys["down"]].to(weight.device)  # the file's precision: fusing computes in fp32
+        up = tensors[module.keys["up"]].to(weight.device)
         bias = tensors.get(module.keys.get("bias"))
         factor = self._alpha(module, tensors, metadata) / down.shape[0]
         out, start = [], 0
         for target in targets:
             n = target.rows.stop - target.rows.start
             piece = up[start:start + n]
-            piece_bias = None if bias is None else bias[start:start + n].to(weight.device, weight.dtype)
+            piece_bias = None if bias is None else bias[start:start + n].to(weight.device)
             if target.order is not None:
                 piece = torch.empty_like(piece).index_copy_(0, target.order, piece)  # row j -> our row order[j]
                 piece_bias = None if piece_bias is None else torch.empty_like(piece_bias).index_copy_(0, target.order, piece_bias)
@@ -475,14 +475,16 @@ class LoraSet:
                     _unfuse_one(self.parts[part].linears[u.module], u, lora.scale, lora.undo.pop(id(u)))
 
     def _attach(self, lora: Lora) -> None:
-        """Unfused: each changed Linear keeps a list of (lora, update) its forward hook adds."""
+        """Unfused: each changed Linear keeps a list of (lora, update in its dtype) its forward hook adds."""
         for part, updates in lora.updates.items():
             for u in updates:
                 linear = self.parts[part].linears[u.module]
                 if (part, u.module) not in self.hooks:
                     linear.lora_updates = []
                     self.hooks[part, u.module] = linear.register_forward_hook(_side_path)
-                linear.lora_updates.append((lora, u))
+                dtype = linear.weight.dtype
+                bias = None if u.bias is None else u.bias.to(dtype)
+                linear.lora_updates.append((lora, replace(u, down=u.down.to(dtype), up=u.up.to(dtype), bias=bias)))
 
 
 def _drop_copies(todo: list[tuple[LoraModule, list[Target]]], linears: dict[str, nn.Linear]) -> list[tuple[LoraModule, list[Target]]]:

@@ -21,13 +21,20 @@ from diffusers import FluxControlPipeline as DiffusersFluxControl
 from diffusers import FluxPipeline as DiffusersFlux
 from diffusers import FluxTransformer2DModel
 from diffusers import ZImagePipeline as DiffusersZImage
-from safetensors.torch import save_file
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import test_flux2_model as flux2_model
 import test_flux_model as flux_model
 import test_zimg_model as zimg_model
-from tiny_pipelines import one_thread  # noqa: F401 (autouse: one CPU thread for this module)
+from test_pipelines import FP32, H, PROMPT, W, noise, pack, unpack
+from tiny_flux2 import flux2_snapshot
+from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse, one CPU thread)
 from util import rel_err
+from zflux.flux.flux2.pipeline import Flux2Pipeline
+from zflux.flux.pipeline import FluxPipeline
+from zflux.zimg.pipeline import ZImagePipeline
 from zflux.common.lora import KeyMap, LoraSet, read_lora
 from zflux.common.weights import CheckpointError
 from zflux.flux import convert as flux_convert
@@ -194,12 +201,11 @@ def test_flux_kohya_linear1_at_full_width(tmp_path, full_width):
     check_both_ways(ours, "flux.1", path, run_ours, diffusers_output(pipe, path, run_ref))
 
 
-def with_bias_and_norms(path: Path, model_names: dict[str, tuple[int, int]], prefix: str = "") -> Path:
+def with_bias_and_norms(path: Path, model_names: dict[str, tuple[int, int]], head_dim: int = 128) -> Path:
     """Add lora_B biases and the QK-norm scales a BFL control LoRA carries."""
-    from safetensors.torch import load_file
     tensors = load_file(path)
     for name, (rows, _) in model_names.items():
-        tensors[f"{prefix}{name}.lora_B.bias"] = torch.randn(rows, generator=generator(name, 9)) * 0.1
+        tensors[f"{name}.lora_B.bias"] = torch.randn(rows, generator=generator(name, 9)) * 0.1
     blocks = {".".join(k.split(".")[:2]) for k in model_names if k.startswith(("double_blocks.", "single_blocks."))}
     # diffusers 0.42.1's control converter swaps the halves of the final adaLN's lora_A as well as lora_B's (its
     # rank halves: a wrong product); with equal halves that swap changes nothing, and the rest is compared.
@@ -209,7 +215,7 @@ def with_bias_and_norms(path: Path, model_names: dict[str, tuple[int, int]], pre
         for norm in ("img_attn.norm", "txt_attn.norm") if block.startswith("double") else ("norm",):
             for which in ("query_norm", "key_norm"):
                 key = f"{block}.{norm}.{which}.scale"
-                tensors[key] = 1 + 0.1 * torch.randn(128, generator=generator(key))
+                tensors[key] = 1 + 0.1 * torch.randn(head_dim, generator=generator(key))
     save_file(tensors, path)
     return path
 
@@ -332,3 +338,169 @@ def test_flux2_formats_match_diffusers(tmp_path, fmt):
     path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
     assert read_lora(path).format == fmt and read_lora(path).family == "flux.2"
     check_both_ways(ours, "flux.2", path, run_ours, diffusers_output(pipe, path, run_ref))
+
+
+# -- pipelines: final latents against diffusers' pipelines, text-encoder parts included --
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("snapshots")
+    return {"flux-dev": flux_snapshot(root / "dev", "flux-dev"), "z-image-turbo": zimage_snapshot(root / "turbo"),
+            "flux2-klein": flux2_snapshot(root / "klein", "flux2-klein")}
+
+
+def flux_pipeline_lora(path: Path, pipe: FluxPipeline) -> Path:
+    """kohya: the transformer's blocks (but linear1) and CLIP's Linears as lora_te1_."""
+    names = kohya(flux_blocks(pipe.transformer)) | kohya(linears(pipe.text_encoder.clip), "lora_te1_")
+    return lora_file(path, names, ".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_flux_pipeline_with_clip_lora_matches_diffusers(snapshots, tmp_path, fuse):
+    ours = FluxPipeline.from_pretrained(snapshots["flux-dev"], **FP32)
+    path = flux_pipeline_lora(tmp_path / "style.safetensors", ours)
+    assert read_lora(path).text_encoder_modules
+    ours.load_lora(path, scale=SCALE, fuse=fuse)
+    got = ours.generate(PROMPT, height=H, width=W, steps=2, latents=noise(), output_type="latent", progress=False)
+    ref = DiffusersFlux.from_pretrained(snapshots["flux-dev"])
+    ref.set_progress_bar_config(disable=True)
+    expected = unpack(diffusers_output(ref, path, lambda: ref(PROMPT, height=H, width=W, num_inference_steps=2, latents=pack(noise()),
+                                                              max_sequence_length=512, output_type="latent").images))
+    assert rel_err(got, expected) <= TOL
+    clip = {k: v.clone() for k, v in ours.text_encoder.clip.state_dict().items()}
+    ours.unload_lora()
+    plain = ours.generate(PROMPT, height=H, width=W, steps=2, latents=noise(), output_type="latent", progress=False)
+    assert rel_err(plain, got) > 1e-3 and all(torch.equal(v, clip[k]) for k, v in ours.text_encoder.clip.state_dict().items()) != fuse
+
+
+def test_zimage_and_flux2_pipelines_match_diffusers(snapshots, tmp_path):
+    zimage = ZImagePipeline.from_pretrained(snapshots["z-image-turbo"], **FP32)
+    ref = DiffusersZImage.from_pretrained(snapshots["z-image-turbo"])
+    ref.set_progress_bar_config(disable=True)
+    names, suffixes = ZIMAGE_FORMATS["kohya"]
+    path = lora_file(tmp_path / "z.safetensors", names(ref.transformer, None), *suffixes)
+    zimage.load_lora(path, scale=SCALE)
+    got = zimage.generate(PROMPT, height=H, width=W, steps=2, latents=noise(), output_type="latent", progress=False)
+    expected = diffusers_output(ref, path, lambda: ref(PROMPT, height=H, width=W, num_inference_steps=2, guidance_scale=0.0,
+                                                       latents=noise(), output_type="latent").images)
+    assert rel_err(got, expected) <= TOL
+
+    klein = Flux2Pipeline.from_pretrained(snapshots["flux2-klein"], **FP32)
+    path = lora_file(tmp_path / "k.safetensors", prefixed(flux2_official(klein.transformer), "diffusion_model."), ".lora_A.weight",
+                     ".lora_B.weight")
+    klein.load_lora(path, scale=SCALE, fuse=False)
+    got = klein.generate(PROMPT, seed=3, steps=2, height=48, width=64, output_type="latent", progress=False)
+    ref = DiffusersFlux2.from_pretrained(snapshots["flux2-klein"]).to(torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = diffusers_output(ref, path, lambda: ref(prompt=PROMPT, generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                                                       height=48, width=64, output_type="latent").images)
+    assert rel_err(got, expected) <= TOL
+
+
+# -- several LoRAs, scales, unloading --
+
+@torch.no_grad()
+def test_several_loras_switchable_scales_and_exact_unload(tmp_path):
+    """Two LoRAs (one fused, one side path), each at its own scale, equal diffusers' two adapters at those weights; new
+    scales for both match too; unloading gives back the exact weights. The side path at scale 0 is the plain model."""
+    ref, ours, pipe, run_ref, run_ours = flux_case()
+    plain = run_ours()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    first = lora_file(tmp_path / "first.safetensors", prefixed(linears(ref), "transformer."), ".lora_A.weight", ".lora_B.weight")
+    second = lora_file(tmp_path / "second.safetensors", kohya(flux_blocks(ours)), ".lora_down.weight", ".lora_up.weight", ".alpha", seed=1)
+    loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers, aliases=XLABS)}, "flux.1")
+    loras.load(first, scale=0.5, fuse=True)
+    loras.load(second, scale=1.2, fuse=False)
+    pipe.load_lora_weights(first, adapter_name="first")
+    pipe.load_lora_weights(second, adapter_name="second")
+    for scales in ([0.5, 1.2], [-0.7, 0.3]):
+        loras.set_scale(scales)
+        pipe.set_adapters(["first", "second"], scales)
+        assert rel_err(run_ours(), run_ref()) <= TOL
+    loras.set_scale(0.0)
+    assert torch.equal(run_ours(), plain)
+    loras.unload()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items()) and not loras.hooks
+    assert torch.equal(run_ours(), plain)
+
+
+@torch.no_grad()
+def test_fused_lora_in_bf16_rounds_once_and_unfuses_exactly(tmp_path):
+    """bf16 weights: fused = round(W + scale * B @ A) computed in fp32; unfusing restores every bit, including the elements
+    where subtracting the update again would round elsewhere."""
+    _, ours = flux_model.make_pair(flux_model.DEV)
+    ours = ours.to(torch.bfloat16)
+    path = lora_file(tmp_path / "l.safetensors", prefixed(linears(ours), "diffusion_model."), ".lora_A.weight", ".lora_B.weight")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    loras = ours_with(ours, "flux.1", path, fuse=True, scale=3.0)
+    tensors = load_file(path)
+    key = "diffusion_model.single_blocks.0.linear1"
+    exact = before["single_blocks.0.linear1.weight"].double() + 3.0 * tensors[key + ".lora_B.weight"].double() @ tensors[key + ".lora_A.weight"].double()
+    fused = ours.single_blocks[0].linear1.weight
+    assert (fused == exact.to(torch.bfloat16)).float().mean() > 0.999  # rounded once (off only where fp32 sits at a tie)
+    assert ((fused.double() - exact).abs() <= exact.abs() * 2 ** -8).all()  # within one bf16 step everywhere
+    undo = loras.loras[0].undo
+    assert sum(len(f.where) for f in undo.values()) > 0  # the record is needed: without it some elements would not come back
+    loras.unload()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items())
+
+
+# -- control LoRA on the pipeline --
+
+def test_control_lora_makes_dev_a_control_pipeline(snapshots, tmp_path):
+    """A BFL control LoRA (here at the tiny dev's widths) widens img_in to 128 inputs: the pipeline runs as flux-depth (the
+    file's name says which tool) and takes a control image; unloading makes it dev again."""
+    pipe = FluxPipeline.from_pretrained(snapshots["flux-dev"], **FP32)
+    names = linears(pipe.transformer) | {"img_in": (pipe.transformer.cfg.hidden_size, CONTROL_WIDTH)}
+    path = with_bias_and_norms(lora_file(tmp_path / "flux1-depth-dev-lora.safetensors", names, ".lora_A.weight", ".lora_B.weight"),
+                               names, head_dim=pipe.transformer.cfg.attention_head_dim)
+    pipe.load_lora(path)
+    assert pipe.variant == "flux-depth" and pipe.transformer.img_in.in_features == CONTROL_WIDTH
+    control = Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    out = pipe.generate(PROMPT, height=H, width=W, steps=1, control_image=control, output_type="latent", progress=False)
+    assert out.shape == (1, 16, H // 8, W // 8) and torch.isfinite(out).all()
+    pipe.unload_lora()
+    assert pipe.variant == "flux-dev" and pipe.transformer.img_in.in_features == 64
+
+
+# -- what a file holds, and errors before any weight is touched --
+
+def test_info_lines(tmp_path):
+    _, ours = flux_model.make_pair(flux_model.DEV)
+    names = kohya(flux_blocks(ours)) | {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}
+    lines = read_lora(lora_file(tmp_path / "l.safetensors", names, ".lora_down.weight", ".lora_up.weight", ".alpha")).describe()
+    assert lines[0] == "LoRA, kohya format, for FLUX.1"
+    assert lines[1].startswith("rank 4; ") and "double_blocks_N_img_attn_qkv" in lines[1]
+    assert lines[2] == "text encoder: 1 modules"
+
+
+def test_errors_are_named_before_weights_change(tmp_path):
+    ref, ours, *_ = flux_case()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers, aliases=XLABS)}, "flux.1")
+    zimage = lora_file(tmp_path / "z.safetensors", kohya(linears(zimg_model.make_pair(zimg_model.TINY)[1])), ".lora_down.weight",
+                       ".lora_up.weight")
+    with pytest.raises(CheckpointError, match=r"z\.safetensors: \d+ of \d+ LoRA modules match nothing in this FLUX.1 model "
+                                              r"\(cap_embedder_1, .*\); the file looks like a Z-Image LoRA"):
+        loras.load(zimage)
+    wider = {k: (v[0], v[1] * 2) if k.endswith("img_attn.proj") else v for k, v in flux_blocks(ours).items()}
+    with pytest.raises(CheckpointError, match=r"double_blocks_0_img_attn_proj \(our double_blocks.0.img_attn.proj\): the LoRA takes "
+                                              r"64 inputs, the module 32: a LoRA for another model size\?"):
+        loras.load(lora_file(tmp_path / "w.safetensors", kohya(wider), ".lora_down.weight", ".lora_up.weight"))
+    save_file({"img_in.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors is not a LoRA file: img_in.weight is no LoRA tensor"):
+        loras.load(tmp_path / "model.safetensors")
+    save_file({"x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "half.safetensors")
+    with pytest.raises(CheckpointError, match="x has x.lora_A.weight but not both halves"):
+        loras.load(tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match="no LoRA is loaded"):
+        loras.set_scale(1.0)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items())
+
+
+def test_text_encoder_parts_without_a_text_encoder_warn(tmp_path):
+    _, ours = zimg_model.make_pair(zimg_model.TINY)
+    names = kohya(linears(ours)) | {"lora_te_model_layers_0_self_attn_q_proj": (32, 32)}
+    path = lora_file(tmp_path / "l.safetensors", names, ".lora_down.weight", ".lora_up.weight")
+    with pytest.warns(UserWarning, match="1 text-encoder LoRA modules skipped \\(model_layers_0_self_attn_q_proj, ...\\): Z-Image's"):
+        ours_with(ours, "z-image", path, fuse=True)
