@@ -227,7 +227,8 @@ CONTROL_WIDTH = 128
 @torch.no_grad()
 def test_flux_full_size_formats_at_full_width(tmp_path, full_width, fmt):
     """BFL control (norm scales replaced, img_in widened to 128 inputs, lora_B biases) and fal Kontext LoRAs: diffusers'
-    converters read all 19 + 38 blocks of FLUX.1-dev; ours gets the same LoRA for the blocks the model has."""
+    converters read all 19 + 38 blocks of FLUX.1-dev; ours gets the same LoRA for the blocks the model has. Fusing at
+    this width takes seconds on the CPU: the control LoRA is fused, fal's runs as a side path."""
     control = fmt == "BFL control"
     ref, ours, pipe, run_ref, run_ours = full_width_case(full_width, CONTROL_WIDTH if control else 64)
     if control:
@@ -245,14 +246,12 @@ def test_flux_full_size_formats_at_full_width(tmp_path, full_width, fmt):
     assert read_lora(files[1]).format == fmt
     expected = diffusers_output(pipe, files[0], run_ref)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    for fuse in (True, False):
-        loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers)}, "flux.1",
-                        widen=("img_in", lambda path, width: widen(ours, width)))
-        loras.load(files[1], scale=SCALE, fuse=fuse)
-        assert ours.img_in.in_features == width
-        assert rel_err(run_ours(), expected) <= TOL, f"fuse={fuse}"
-        loras.unload()
-        assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items()) and ours.img_in.in_features == 64
+    loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers)}, "flux.1", widen=("img_in", lambda path, width: widen(ours, width)))
+    loras.load(files[1], scale=SCALE, fuse=control)
+    assert ours.img_in.in_features == width
+    assert rel_err(run_ours(), expected) <= TOL
+    loras.unload()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items()) and ours.img_in.in_features == 64
 
 
 def widen(model: Flux, width: int):
