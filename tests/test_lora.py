@@ -10,7 +10,6 @@ transformer with one single block; diffusers is handed the file for the full mod
 blocks it skips, ours the same LoRA for the blocks the model has.
 """
 
-import warnings
 import zlib
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from safetensors.torch import load_file, save_file
 import test_flux2_model as flux2_model
 import test_flux_model as flux_model
 import test_zimg_model as zimg_model
+from test_cli import CPU, fails
+from test_cli import run as run_cli
 from test_pipelines import FP32, H, PROMPT, W, noise, pack, unpack
 from tiny_flux2 import flux2_snapshot
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse, one CPU thread)
@@ -503,3 +504,31 @@ def test_text_encoder_parts_without_a_text_encoder_warn(tmp_path):
     path = lora_file(tmp_path / "l.safetensors", names, ".lora_down.weight", ".lora_up.weight")
     with pytest.warns(UserWarning, match="1 text-encoder LoRA modules skipped \\(model_layers_0_self_attn_q_proj, ...\\): Z-Image's"):
         ours_with(ours, "z-image", path, fuse=True)
+
+
+# -- the command line --
+
+def test_cli_lora_flag_and_info(snapshots, tmp_path, capsys):
+    """--lora FILE:SCALE gives the image load_lora(FILE, SCALE) gives; another family's LoRA is refused before loading;
+    `zflux info` describes a LoRA file."""
+    pipe = FluxPipeline.from_pretrained(snapshots["flux-dev"], **FP32)
+    path = flux_pipeline_lora(tmp_path / "style.safetensors", pipe)
+    out = tmp_path / "cat.png"
+    run_cli("generate", "--model", "flux-dev", "--weights", snapshots["flux-dev"], "--prompt", PROMPT, "--height", 32, "--width", 32,
+            "--steps", 1, "--lora", f"{path}:{SCALE}", "--out", out, *CPU)
+    pipe.load_lora(path, scale=SCALE)
+    expected = np.asarray(pipe.generate(PROMPT, height=32, width=32, steps=1, progress=False), dtype=np.int16)
+    with Image.open(out) as image:
+        assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+        assert "Lora: style.safetensors:0.8" in image.info["parameters"]
+
+    zimage = lora_file(tmp_path / "z.safetensors", kohya(linears(zimg_model.make_pair(zimg_model.TINY)[1])), ".lora_down.weight",
+                       ".lora_up.weight")
+    message = fails(capsys, "generate", "--model", "flux-dev", "--weights", tmp_path / "not-read", "--prompt", PROMPT, "--lora",
+                    zimage, "--out", out, *CPU)
+    assert f"--lora {zimage}: a Z-Image LoRA; --model FLUX.1 needs one of its own" in message
+
+    capsys.readouterr()
+    run_cli("info", path)
+    report = capsys.readouterr().out
+    assert "LoRA, kohya format, for FLUX.1" in report and "text encoder: 12 modules" in report
