@@ -153,17 +153,6 @@ def xlabs_names(ours: Flux) -> dict[str, tuple[int, int]]:
     return names
 
 
-@pytest.mark.parametrize("fmt", FLUX_FORMATS)
-@torch.no_grad()
-def test_flux_formats_match_diffusers(tmp_path, fmt):
-    ref, ours, pipe, run_ref, run_ours = flux_case()
-    names, suffixes = FLUX_FORMATS[fmt]
-    path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
-    assert read_lora(path).format == fmt.split(",")[0] and read_lora(path).family == "flux.1"
-    expected = diffusers_output(pipe, path, run_ref)
-    check_both_ways(ours, "flux.1", path, run_ours, expected)
-
-
 # -- FLUX.1 at full width --
 
 @pytest.fixture(scope="module")
@@ -295,16 +284,6 @@ ZIMAGE_FORMATS = {  # diffusers: with the `transformer.` prefix and no alphas, o
 }
 
 
-@pytest.mark.parametrize("fmt", ZIMAGE_FORMATS)
-@torch.no_grad()
-def test_zimage_formats_match_diffusers(tmp_path, fmt):
-    ref, ours, pipe, run_ref, run_ours = zimage_case()
-    names, suffixes = ZIMAGE_FORMATS[fmt]
-    path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
-    assert read_lora(path).format == fmt.split(",")[0] and read_lora(path).family == "z-image"
-    check_both_ways(ours, "z-image", path, run_ours, diffusers_output(pipe, path, run_ref))
-
-
 # -- FLUX.2 --
 
 def flux2_case():
@@ -329,15 +308,20 @@ FLUX2_FORMATS = {
 }
 
 
-@pytest.mark.parametrize("fmt", FLUX2_FORMATS)
+FORMATS = {"flux.1": (flux_case, FLUX_FORMATS), "z-image": (zimage_case, ZIMAGE_FORMATS), "flux.2": (flux2_case, FLUX2_FORMATS)}
+
+
+@pytest.mark.parametrize("family, fmt", [(family, fmt) for family, (_, formats) in FORMATS.items() for fmt in formats])
 @torch.no_grad()
-def test_flux2_formats_match_diffusers(tmp_path, fmt):
-    """fal Kontext's spelling (a PEFT `base_model.model.` prefix) is how PEFT saves FLUX.2 LoRAs too."""
-    ref, ours, pipe, run_ref, run_ours = flux2_case()
-    names, suffixes = FLUX2_FORMATS[fmt]
+def test_formats_match_diffusers(tmp_path, family, fmt):
+    """Each family's formats at tiny widths (FLUX.2's fal Kontext spelling, a PEFT `base_model.model.` prefix, is how PEFT
+    saves FLUX.2 LoRAs too)."""
+    case, formats = FORMATS[family]
+    ref, ours, pipe, run_ref, run_ours = case()
+    names, suffixes = formats[fmt]
     path = lora_file(tmp_path / "lora.safetensors", names(ref, ours), *suffixes)
-    assert read_lora(path).format == fmt and read_lora(path).family == "flux.2"
-    check_both_ways(ours, "flux.2", path, run_ours, diffusers_output(pipe, path, run_ref))
+    assert read_lora(path).format == fmt.split(",")[0] and read_lora(path).family == family
+    check_both_ways(ours, family, path, run_ours, diffusers_output(pipe, path, run_ref))
 
 
 # -- pipelines: final latents against diffusers' pipelines, text-encoder parts included --
