@@ -45,6 +45,7 @@ from zflux.common.files import CheckpointError
 from zflux.common.identify import FAMILY_NAMES
 from zflux.common.lora_files import MAX_NAMED, LoraFile, LoraModule, read_lora, underscored
 
+
 @dataclass(frozen=True)
 class Target:
     """Rows `rows` of our Linear `module`; `order` (a permutation of them) when a name holds them in another order."""
