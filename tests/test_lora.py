@@ -218,7 +218,8 @@ CONTROL_WIDTH = 128
 def test_flux_full_size_formats_at_full_width(tmp_path, full_width, fmt):
     """BFL control (norm scales replaced, img_in widened to 128 inputs, lora_B biases) and fal Kontext LoRAs: diffusers'
     converters read all 19 + 38 blocks of FLUX.1-dev; ours gets the same LoRA for the blocks the model has. Fusing at
-    this width takes seconds on the CPU: the control LoRA is fused, fal's runs as a side path."""
+    this width takes seconds on the CPU: both run as side paths here (fusing a control LoRA, biases included, is
+    test_control_lora_makes_dev_a_control_pipeline's; fusing at full width test_flux_kohya_linear1_at_full_width's)."""
     control = fmt == "BFL control"
     ref, ours, pipe, run_ref, run_ours = full_width_case(full_width, CONTROL_WIDTH if control else 64)
     if control:
@@ -237,7 +238,7 @@ def test_flux_full_size_formats_at_full_width(tmp_path, full_width, fmt):
     expected = diffusers_output(pipe, files[0], run_ref)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers)}, "flux.1", widen=("img_in", lambda path, width: widen(ours, width)))
-    loras.load(files[1], scale=SCALE, fuse=control)
+    loras.load(files[1], scale=SCALE, fuse=False)
     assert ours.img_in.in_features == width
     assert rel_err(run_ours(), expected) <= TOL
     loras.unload()
