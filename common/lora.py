@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common.files import CheckpointError
+from zflux.common.graphs import drop_graphs
 from zflux.common.identify import FAMILY_NAMES
 from zflux.common.lora_files import MAX_NAMED, LoraFile, LoraModule, read_lora, underscored
 
@@ -191,6 +192,7 @@ class LoraSet:
             lora.scale = float(s)
         for lora in fused:
             self._fuse(lora)
+        self._drop_graphs()
 
     def unload(self) -> None:
         """Remove every LoRA: fused ones unfused (the weights bit for bit as before), side paths detached, norms and
@@ -203,6 +205,7 @@ class LoraSet:
         for part, name in self.hooks:
             del self.parts[part].linears[name].lora_updates
         self.hooks.clear()
+        self._drop_graphs()
         with torch.no_grad():
             for restore in reversed(self.restores):
                 restore()
@@ -335,6 +338,12 @@ class LoraSet:
                 dtype = linear.weight.dtype
                 bias = None if u.bias is None else u.bias.to(dtype)
                 linear.lora_updates.append((lora, replace(u, down=u.down.to(dtype), up=u.up.to(dtype), bias=bias)))
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """CUDA graphs (common/graphs.py) replay the forward as captured, side paths and their scales included: recapture."""
+        for keys in self.parts.values():
+            drop_graphs(keys.model)
 
 
 def _drop_copies(todo: list[tuple[LoraModule, list[Target]]], linears: dict[str, nn.Linear]) -> list[tuple[LoraModule, list[Target]]]:

@@ -29,6 +29,7 @@ import test_flux2_model as flux2_model
 import test_flux_model as flux_model
 import test_zimg_model as zimg_model
 from test_cli import CPU, fails
+from test_graphs import fake  # noqa: F401 (fixture: CUDA graph capture faked on the CPU)
 from test_cli import run as run_cli
 from test_pipelines import FP32, H, PROMPT, W, noise, pack, unpack
 from tiny_flux2 import flux2_snapshot
@@ -37,6 +38,7 @@ from util import rel_err
 from zflux.flux.flux2.pipeline import Flux2Pipeline
 from zflux.flux.pipeline import FluxPipeline
 from zflux.zimg.pipeline import ZImagePipeline
+from zflux.common.graphs import graphed
 from zflux.common.lora import KeyMap, LoraSet, read_lora
 from zflux.common.weights import CheckpointError
 from zflux.flux import convert as flux_convert
@@ -546,3 +548,21 @@ def test_fusing_a_rank_64_lora_into_full_size_flux_dev_is_fast_and_exact(tmp_pat
         loras.unload()
         assert fingerprint() == before
     assert took < 2.0, f"fusing took {took:.2f} s"
+
+
+@torch.inference_mode()
+def test_side_path_changes_drop_cuda_graphs(fake, tmp_path):
+    """A captured CUDA graph replays the forward as it was: attaching, rescaling or removing a side path must drop it
+    (fusing changes weights in place, which graphs read anew). The fake capture of test_graphs.py stands in on the CPU."""
+    ref, ours, pipe, run_ref, run_ours = flux_case()
+    inputs = flux_model.make_inputs(flux_model.DEV, 1, 4, 6, 5)
+    forward = graphed(ours)
+    path = lora_file(tmp_path / "l.safetensors", prefixed(linears(ref), "transformer."), ".lora_A.weight", ".lora_B.weight")
+    loras = LoraSet({"transformer": KeyMap(ours, flux_convert.to_diffusers)}, "flux.1")
+    plain = forward(**inputs)
+    for change in (lambda: loras.load(path, fuse=False), lambda: loras.set_scale(0.5), loras.unload):
+        assert forward.graphs
+        change()
+        assert not forward.graphs
+        forward(**inputs)
+    assert torch.equal(forward(**inputs), plain)
