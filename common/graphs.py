@@ -137,3 +137,9 @@ def graphed(module: nn.Module) -> GraphedForward:
 def forward_of(module: nn.Module, cuda_graphs: bool) -> Callable[..., Tensor]:
     """What a predict closure calls: the module through its graphs (`cuda_graphs`), or the module itself."""
     return graphed(module) if cuda_graphs else module
+
+
+def drop_graphs(module: nn.Module) -> None:
+    """Forget the module's graphs: its forward changed with no weight moving (a LoRA side path attached, rescaled or removed)."""
+    if "_graphed" in module.__dict__:
+        module.__dict__["_graphed"].graphs.clear()

@@ -35,6 +35,7 @@ The tasks, each a keyword argument of generate() (check_task() says which one a 
 """
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from einops import rearrange
@@ -42,15 +43,17 @@ from PIL import Image
 from torch import Tensor
 
 from zflux.common.graphs import forward_of
-from zflux.common.identify import check_family
+from zflux.common.identify import check_family, named_variant
 from zflux.common.images import PREPROCESSORS, open_image, outpaint_canvas
 from zflux.common.latents import pack_latents, unpack_latents
+from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
-from zflux.flux.convert import check_transformer, load_transformer
+from zflux.flux.convert import check_transformer, load_transformer, to_diffusers
+from zflux.flux.lora import CONTROL_INPUT, XLABS, widen_input
 from zflux.flux.model import PRESETS, Flux, FluxConfig
 from zflux.flux.redux import ReduxImageEncoder, redux_conditioning
 from zflux.flux.text import FluxPromptEncoder
@@ -212,9 +215,9 @@ def variant_of(cfg: FluxConfig) -> str:
     return defaults[shape_of(cfg)]
 
 
-class FluxPipeline:
+class FluxPipeline(LoraPipeline):
     """FLUX.1 dev, schnell or a tool (Fill, Canny, Depth, Kontext): the transformer, the autoencoder, the T5 + CLIP prompt
-    encoder, and FLUX.1 Redux once load_redux() has run."""
+    encoder, FLUX.1 Redux once load_redux() has run, and LoRAs (load_lora: common/lora.py)."""
 
     def __init__(self, transformer: Flux, vae: Autoencoder, text_encoder: FluxPromptEncoder,
                  scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False, variant: str | None = None):
@@ -279,6 +282,21 @@ class FluxPipeline:
             raise CheckpointError(f"the Redux projector gives {encoder.projector.cfg.txt_in_features}-wide tokens; this transformer "
                                   f"reads {self.transformer.cfg.joint_attention_dim}")
         self.redux = encoder
+
+    def lora_set(self) -> LoraSet:
+        """LoRAs change the transformer and CLIP; a BFL Canny / Depth LoRA widens img_in and makes dev that tool."""
+        return LoraSet({"transformer": KeyMap(self.transformer, to_diffusers, aliases=XLABS), "text_encoder": KeyMap(self.text_encoder.clip)},
+                       family="flux.1", widen=(CONTROL_INPUT, self._control_lora))
+
+    def _control_lora(self, path: Path, width: int) -> Callable[[], None]:
+        undo_input, variant = widen_input(self.transformer, width), self.variant
+        self.variant = "flux-depth" if named_variant(path) == "flux-depth" else "flux-canny"
+
+        def undo() -> None:
+            undo_input()
+            self.variant = variant
+
+        return undo
 
     @property
     def device(self) -> torch.device:

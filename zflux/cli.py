@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from zflux import __version__
 from zflux.common.files import PICKLE_SUFFIXES, CheckpointError, check_writable, safetensors_files
 from zflux.common.identify import identify
+from zflux.common.lora_files import is_lora, read_lora
 
 if TYPE_CHECKING:  # imported where a command needs them (the module's docstring says why)
     import torch
@@ -262,6 +263,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="make the control image from the photo given as --control-image first (Canny 50/200)")
     gen.add_argument("--reference-image", action="append", metavar="PATH",
                      help="an image to edit or take subjects from (repeatable; see each family's options)")
+    gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                     help="a LoRA .safetensors file for the model, at SCALE (default 1.0), fused into the weights; repeatable: "
+                          "the LoRAs add up (see README: LoRA)")
     gen.add_argument("--out", required=True, help="output image file, e.g. image.png (PNG keeps the settings); several images are "
                                                   "numbered: image-1.png, image-2.png, ...")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -334,6 +338,7 @@ class Request:
     device: torch.device
     dtype: torch.dtype
     footprint: Footprint
+    loras: list[tuple[Path, float]]  # --lora files and scales, their headers checked
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -406,6 +411,7 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
 
     settings = family.check_args(args, height, width)
     family_options = family.generate_options(args)
+    loras = check_loras(args.lora or [], family)
     sigmas = sigma_schedule(settings.steps)  # steps >= 1
     if args.strength is not None:  # else the pipeline's default
         img2img_start(sigmas, args.strength)  # in [0, 1], and leaving a step to run
@@ -419,7 +425,20 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
     footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
     return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
-                   footprint=footprint)
+                   footprint=footprint, loras=loras)
+
+
+def check_loras(flags: list[str], family: ModuleType) -> list[tuple[Path, float]]:
+    """--lora FILE[:SCALE] flags: each file a LoRA (from its header) that does not look made for another family."""
+    from zflux.common.identify import FAMILY_NAMES
+    from zflux.common.lora_files import lora_flag
+
+    loras = [lora_flag(text) for text in flags]
+    for path, _ in loras:
+        looks = read_lora(path).family
+        if looks != "unknown" and looks not in family.LAYOUTS:
+            raise ValueError(f"--lora {path}: a {FAMILY_NAMES[looks]} LoRA; --model {family.NAME} needs one of its own")
+    return loras
 
 
 def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
@@ -547,6 +566,10 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
     if args.backend:
         pipe.transformer.backend = args.backend
     pipe.cuda_graphs = args.cuda_graphs == "on"
+    for path, _ in request.loras:  # every file against the model's modules and shapes before the first is applied
+        pipe.loras.check(path)
+    for path, scale in request.loras:
+        pipe.load_lora(path, scale=scale)
     return pipe
 
 
@@ -556,6 +579,8 @@ def parameters_text(args: argparse.Namespace, family: ModuleType, request: Reque
               "Size": f"{size[0]}x{size[1]}", "Model": args.model}
     if args.strength is not None:
         fields["Denoising strength"] = args.strength
+    if request.loras:
+        fields["Lora"] = " ".join(f"{path.name}:{scale}" for path, scale in request.loras)
     given = {dest: getattr(args, dest) for dest, default in family_flags(family).items() if getattr(args, dest) != default}
     fields |= {dest.replace("_", " ").capitalize(): value for dest, value in given.items()}  # as the user gave them
     fields["Version"] = f"zflux {__version__}"
@@ -570,6 +595,9 @@ def describe(args: argparse.Namespace) -> None:
         describe_image(path)
     elif (path / "model_index.json").is_file():
         describe_snapshot(path)
+    elif path.suffix == ".safetensors" and is_lora(path):
+        print(path)
+        print("\n".join("  " + line for line in read_lora(path).describe()))
     else:
         print(path)
         print("\n".join("  " + line for line in identify(path).lines()))

@@ -45,6 +45,7 @@ from torch import Tensor
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family
 from zflux.common.images import PREPROCESSORS, open_image
+from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
@@ -52,7 +53,7 @@ from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.control import prepare_control, prepare_control_inpaint
 from zflux.zimg.controlnet import ZImageControlNet
-from zflux.zimg.convert import check_transformer, load_controlnet, load_omni_transformer, load_transformer
+from zflux.zimg.convert import check_transformer, load_controlnet, load_omni_transformer, load_transformer, to_diffusers
 from zflux.zimg.model import PRESETS, Stream, ZImageTransformer
 from zflux.zimg.omni import ZImageOmniTransformer
 from zflux.zimg.reference import SiglipEncoder, fit_reference, prepare_references
@@ -175,9 +176,9 @@ def omni_predictor(transformer: ZImageOmniTransformer, *, captions: list[list[Te
     return guided(call, sigmas=sigmas, settings=settings, device=device, dtype=transformer.dtype)
 
 
-class ZImagePipeline:
-    """Z-Image-Turbo, Z-Image base or Z-Image Omni: the transformer, the autoencoder, the Qwen3 prompt encoder, and
-    optionally a ControlNet Union (Turbo, base) or the SigLIP2 image encoder (Omni)."""
+class ZImagePipeline(LoraPipeline):
+    """Z-Image-Turbo, Z-Image base or Z-Image Omni: the transformer, the autoencoder, the Qwen3 prompt encoder,
+    optionally a ControlNet Union (Turbo, base) or the SigLIP2 image encoder (Omni), and LoRAs (load_lora)."""
 
     def __init__(self, transformer: ZImageTransformer, vae: Autoencoder, text_encoder: Qwen3PromptEncoder, variant: str,
                  scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False,
@@ -255,6 +256,10 @@ class ZImagePipeline:
         """Add a ControlNet Union (a published Z-Image-Turbo-Fun-Controlnet-Union*.safetensors file or a diffusers
         folder) for generate(control_image=...); one that does not fit this transformer is refused before loading."""
         self.controlnet = load_controlnet(path, self.transformer.cfg, device=self.device, dtype=self.transformer.dtype)
+
+    def lora_set(self) -> LoraSet:
+        """LoRAs change the transformer only (a file's Qwen3 parts are skipped, as diffusers does)."""
+        return LoraSet({"transformer": KeyMap(self.transformer, to_diffusers)}, family="z-image")
 
     @property
     def device(self) -> torch.device:

@@ -37,13 +37,14 @@ from torch.nn import functional as F
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family, flux2_mode, flux2_variant
 from zflux.common.images import fit_image, mask_tensor, open_image, to_pil, to_tensor
+from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, default_device, denoise, encode_prompts, open_snapshot,
                                    read_scheduler)
 from zflux.common.sampling import (NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, img2img_start,
                                    initial_noise, inpaint_blend, noise_latent, sigma_schedule)
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
-from zflux.flux.flux2.convert import load_transformer
+from zflux.flux.flux2.convert import load_transformer, to_diffusers
 from zflux.flux.flux2.model import PRESETS, Flux2
 from zflux.flux.flux2.text import MAX_LENGTH, Flux2PromptEncoder
 
@@ -238,8 +239,9 @@ def predictor(transformer: Flux2, *, text: Tensor, size: tuple[int, int], sigmas
     return predict
 
 
-class Flux2Pipeline:
-    """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder.
+class Flux2Pipeline(LoraPipeline):
+    """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder;
+    LoRAs through load_lora (common/lora.py).
 
     With `offload_text_encoder` the LLM lives on the CPU and visits the GPU for each prompt, the
     transformer stepping aside to the CPU meanwhile (so that [dev] runs on one 80 GB GPU).
@@ -299,6 +301,10 @@ class Flux2Pipeline:
         variant = variant or info.variant or ("flux2-dev" if model.cfg.guidance_embeds else "flux2-klein-4b")
         encoder = Flux2PromptEncoder.from_pretrained(text_encoder, tokenizer, "cpu" if offload_text_encoder else device, dtype)
         return cls(model, load_autoencoder(vae, device, dtype), encoder, variant, scheduler, offload_text_encoder)
+
+    def lora_set(self) -> LoraSet:
+        """LoRAs change the transformer only (a file's text-encoder parts are skipped, as diffusers does)."""
+        return LoraSet({"transformer": KeyMap(self.transformer, to_diffusers)}, family="flux.2")
 
     @property
     def device(self) -> torch.device:
