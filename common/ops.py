@@ -31,7 +31,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from zflux.common import attention as attention_math
-from zflux.common import norms, rope
+from zflux.common import norms, quant, rope
+from zflux.common.quant import Fp8Tensor
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 HAS_TRITON = find_spec("triton") is not None
@@ -108,22 +109,35 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return norms.rms_norm(x, weight, eps)
 
 
-def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
-    """norms.layer_norm_modulate ((1 + scale) * LayerNorm(x) + shift), or its fused kernel."""
+def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """norms.layer_norm_modulate ((1 + scale) * LayerNorm(x) + shift), or its fused kernel; fp8: quantized per token."""
     if use_kernels(x):
-        from zflux.kernels.modulate import layer_norm_modulate as fused
+        from zflux.kernels import modulate
 
-        return fused(x, shift, scale, eps)
-    return norms.layer_norm_modulate(x, shift, scale, eps)
+        return Fp8Tensor(*modulate.layer_norm_modulate_fp8(x, shift, scale, eps)) if fp8 else \
+            modulate.layer_norm_modulate(x, shift, scale, eps)
+    y = norms.layer_norm_modulate(x, shift, scale, eps)
+    return quant.quantize(y) if fp8 else y
 
 
-def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only)."""
+def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only); fp8: quantized per token."""
     if use_kernels(x) and per_sample(scale):
-        from zflux.kernels.modulate import rms_norm_scale as fused
+        from zflux.kernels import modulate
 
-        return fused(x, weight, scale, eps)
-    return norms.rms_norm_scale(x, weight, scale, eps)
+        return Fp8Tensor(*modulate.rms_norm_scale_fp8(x, weight, scale, eps)) if fp8 else \
+            modulate.rms_norm_scale(x, weight, scale, eps)
+    y = norms.rms_norm_scale(x, weight, scale, eps)
+    return quant.quantize(y) if fp8 else y
+
+
+def quantize_fp8(x: Tensor, granularity: str) -> Fp8Tensor:
+    """quant.quantize (e4m3 and fp32 scales), or, per row, its fused kernel."""
+    if granularity == "per-row" and use_kernels(x):
+        from zflux.kernels.quantize import quantize_rows
+
+        return Fp8Tensor(*quantize_rows(x))
+    return quant.quantize(x, granularity)
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:

@@ -35,7 +35,9 @@ from torch.nn import functional as F
 
 from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
+from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
+from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.weights import config_from_dict
 
@@ -230,7 +232,7 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = self._joint_qkv(img, txt, img_mod[0], txt_mod[0], rope)  # (B, H, L+S, D) each
         step = None
         if refs is not None:
-            ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0]), refs.rope)  # (B, H, R, D) each
+            ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0], self.img_attn.qkv), refs.rope)  # (B, H, R, D) each
             ref_kv = (ref_k, ref_v)
             ref_out = self._residuals(refs.x, ops.attention(ref_q, ref_k, ref_v), refs.mod, self.img_attn, self.img_mlp)
             step = RefStep(ref_out, ref_kv)
@@ -244,19 +246,20 @@ class DoubleStreamBlock(nn.Module):
         """q, k, v (B, H, L+S, D) over [text; image]; each stream's own projections die on return."""
         L = txt.shape[1]
         cos, sin = rope
-        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod), (cos[:, :L], sin[:, :L]))
-        img_qkv = self.img_attn(self._modulated(img, img_mod), (cos[:, L:], sin[:, L:]))
+        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv), (cos[:, :L], sin[:, :L]))
+        img_qkv = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv), (cos[:, L:], sin[:, L:]))
         return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
 
-    def _modulated(self, x: Tensor, mod: ModulationOut) -> Tensor:
-        return ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps)
+    def _modulated(self, x: Tensor, mod: ModulationOut, into: nn.Module) -> Tensor | Fp8Tensor:
+        """The modulated norm of x, quantized to fp8 where the linear it goes `into` takes that."""
+        return ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(into))
 
     def _residuals(self, x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
                    ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
         x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(self._modulated(x, mlp_mod)))
+        return torch.addcmul(x, mlp_mod.gate, ffn(self._modulated(x, mlp_mod, ffn[0])))
 
 
 class SingleStreamBlock(nn.Module):
@@ -289,7 +292,7 @@ class SingleStreamBlock(nn.Module):
 
     def _project(self, x: Tensor, mod: ModulationOut, rope: Rope) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v (B, H, S, D), normalized and rotated, and the SwiGLU activation (B, S, mlp_hidden)."""
-        h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps)
+        h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(self.linear1))
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
