@@ -28,7 +28,7 @@ e4m3 weights with one fp32 scale each, named `<layer>.scale_weight` (ComfyUI's f
 a root `scaled_fp8` tensor) or `<layer>.weight_scale` (its newer one, with `<layer>.comfy_quant` JSON
 configs); ComfyUI computes with weight * scale. They may also carry a static activation scale
 (`scale_input` / `input_scale`), which zflux does not need: it scales activations per token at run
-time, as finely as the kernel allows. `dequantize_checkpoint` turns such a file's tensors into plain
+time, as finely as the kernel allows. `load_tensor` turns such a file's tensors into plain
 weights (weight * scale, in the load dtype) as it is read, so every precision loads them; under fp8
 they are quantized again, per output channel (a per-tensor-scaled weight re-scaled per row: each
 channel gets a finer grid or the same one).
@@ -106,6 +106,11 @@ def quantize_model(model: nn.Module, granularity: str = "per-row") -> nn.Module:
     return model
 
 
+def apply_precision(model: nn.Module, precision: str | None) -> nn.Module:
+    """The loaded `model` as `precision` asks: its blocks' linears in fp8 (per-row scales) for "fp8", else as it is."""
+    return quantize_model(model) if check_precision(precision) == "fp8" else model
+
+
 def wants_fp8(linear: nn.Module) -> bool:
     """Whether the norm before `linear` should hand it e4m3 rows with per-token scales (what the fused kernels make)."""
     return isinstance(linear, FP8Linear) and linear.granularity == "per-row"
@@ -116,22 +121,19 @@ def is_quant_key(key: str) -> bool:
     return key.endswith(QUANT_KEYS) or key.rpartition(".")[2] == FP8_MARKER
 
 
-def dequantize_checkpoint(state_dict: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """A checkpoint's tensors with every fp8 weight multiplied by its scale (if it has one) in fp32, then cast to
-    `dtype` (None: bf16 for fp8 tensors, the others left as they are), and the scale and config tensors dropped."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if is_quant_key(key):
-            continue
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            layer = key.removesuffix(".weight")
-            scale = next((state_dict[layer + s] for s in WEIGHT_SCALES if layer + s in state_dict), None)
-            tensor = tensor.float() if scale is None else tensor.float() * _broadcast(scale.float(), tensor)
-            tensor = tensor.to(dtype or torch.bfloat16)
-        elif dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        out[key] = tensor
-    return out
+def weight_scale_key(key: str, keys: set[str]) -> str | None:
+    """The key of the scale `key`'s weight is stored with in an fp8 file holding `keys`, if it has one."""
+    layer = key.removesuffix(".weight")
+    return next((layer + s for s in WEIGHT_SCALES if layer + s in keys), None)
+
+
+def load_tensor(tensor: Tensor, scale: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+    """A checkpoint tensor as the model takes it: an fp8 one times its scale (if any) in fp32, then in `dtype` (None:
+    bf16); another floating-point one cast to `dtype` (None: as it is)."""
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.float() if scale is None else tensor.float() * _broadcast(scale.float(), tensor)
+        return tensor.to(dtype or torch.bfloat16)
+    return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
 def _broadcast(scale: Tensor, weight: Tensor) -> Tensor:
