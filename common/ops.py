@@ -36,9 +36,10 @@ from zflux.common.quant import Fp8Tensor
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 HAS_TRITON = find_spec("triton") is not None
-# A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
+# Plain module globals rather than ContextVars: torch.compile traces global reads (and guards on
 # them), but not ContextVar.get.
 _scoped: str | None = None
+_fp8_attention = False
 
 
 def check_backend(name: str) -> str:
@@ -54,15 +55,17 @@ def current_backend() -> str:
 
 
 @contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Run the enclosed code with backend `name` (None leaves the current choice)."""
-    global _scoped
-    previous = _scoped
-    _scoped = check_backend(name) if name else previous
+def use_backend(name: str | None, fp8_attention: bool | None = None) -> Iterator[None]:
+    """Run the enclosed code with backend `name` and, if `fp8_attention`, the fp8 flash kernel where it runs (None leaves
+    the current choices)."""
+    global _scoped, _fp8_attention
+    previous = _scoped, _fp8_attention
+    _scoped = check_backend(name) if name else _scoped
+    _fp8_attention = _fp8_attention if fp8_attention is None else fp8_attention
     try:
         yield
     finally:
-        _scoped = previous
+        _scoped, _fp8_attention = previous
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -93,6 +96,17 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
 
         return q.shape[-1] in HEAD_DIMS
     return backend == "triton" and use_kernels(q)
+
+
+def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether attention on q, k runs the fp8 flash kernel: inside an fp8 model's forward (use_backend(fp8_attention=True)),
+    unless $ZFLUX_FP8_ATTENTION is 0, where the Triton kernels run (a GPU with fp8 tensor cores: compute capability 8.9+,
+    or the interpreter under `triton`) at a head dim it takes, with as many keys as queries."""
+    if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") == "0" or not use_kernels(q) or k.shape != q.shape:
+        return False
+    from zflux.kernels.attention import HEAD_DIMS
+
+    return q.shape[-1] in HEAD_DIMS and (not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 9))
 
 
 def per_sample(v: Tensor) -> bool:
@@ -165,9 +179,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
     outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
-    only, so such calls run on SDPA.
+    only, so such calls run on SDPA. In an fp8 model's forward, the fp8 flash kernel where it runs (see
+    use_fp8_attention); elsewhere fp8 models attend as the others do.
     """
-    if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
+    if use_fp8_attention(q, k):
+        from zflux.kernels.attention import flash_attention_fp8
+
+        out = flash_attention_fp8(q, k, v, key_lens)
+    elif use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

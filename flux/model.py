@@ -243,6 +243,7 @@ class Flux(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         dim, heads = cfg.hidden_size, cfg.num_attention_heads
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)
@@ -263,7 +264,7 @@ class Flux(nn.Module):
         """img (B, S, in_channels) packed latents, ids (B, S|L, 3), txt (B, L, 4096), timesteps (B,) in [0, 1]
         with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only)."""
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

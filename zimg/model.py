@@ -212,6 +212,7 @@ class ZImageTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         p = cfg.patch_size
         self.t_embedder = TimestepEmbedder(cfg)
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
@@ -240,7 +241,7 @@ class ZImageTransformer(nn.Module):
         host sync per call. Without one, the forward makes none.
         """
         cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
             hints = control(stream) if control is not None else {}
             seq = torch.cat([stream.img_refined, stream.cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end

@@ -323,6 +323,7 @@ class Flux2(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         dim, heads, hidden, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.mlp_hidden, cfg.eps
         self.img_in = nn.Linear(cfg.in_channels, dim, bias=False)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, dim, bias=False)
@@ -354,7 +355,7 @@ class Flux2(nn.Module):
         if ref_kv is not None and (len(ref_kv.double), len(ref_kv.single)) != (self.cfg.num_layers, self.cfg.num_single_layers):
             raise ValueError(f"ref_kv holds {len(ref_kv.double)} + {len(ref_kv.single)} blocks' K/V, this model has "
                              f"{self.cfg.num_layers} + {self.cfg.num_single_layers}: make it with this model's extract_ref_kv")
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, ref_kv=ref_kv)[0]
 
     def extract_ref_kv(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, ref: Tensor,
@@ -367,7 +368,7 @@ class Flux2(nn.Module):
         """
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, guidance)
         self._check_inputs(ref, ref_ids, txt, txt_ids, timesteps, guidance)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, refs=(ref, ref_ids))
 
     def _vec(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:
