@@ -55,9 +55,11 @@ def check_precision(precision: str | None) -> str | None:
     return precision
 
 
-def scaled_mm_runs(x: Tensor) -> bool:
-    """Whether `torch._scaled_mm` can multiply fp8 `x` here: an fp8-capable GPU, and not the reference backend."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and ops.current_backend() != "reference"
+def scaled_mm_runs(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether `torch._scaled_mm` can multiply fp8 `x` into `dtype` here: an fp8-capable GPU, not the reference backend,
+    and bf16 out (the only output its rowwise-scaled kernels write in every torch version zflux supports)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and ops.current_backend() != "reference"
+            and dtype == torch.bfloat16)
 
 
 class FP8Linear(nn.Module):
@@ -81,8 +83,9 @@ class FP8Linear(nn.Module):
         lead, N = x.data.shape[:-1], self.weight.shape[0]
         rows = x.data.reshape(-1, x.data.shape[-1])  # (M, K)
         scale = x.scale.reshape(-1, 1) if x.scale.ndim else x.scale  # (M, 1) or ()
-        if scaled_mm_runs(rows):
-            out = torch._scaled_mm(rows, self.weight.T, scale_a=scale, scale_b=self.weight_scale.T, bias=self.bias,
+        if scaled_mm_runs(rows, self.dtype):
+            weight_scale = self.weight_scale.reshape(1, -1) if self.weight_scale.ndim else self.weight_scale  # (1, N) or ()
+            out = torch._scaled_mm(rows, self.weight.T, scale_a=scale, scale_b=weight_scale, bias=self.bias,
                                    out_dtype=self.dtype)  # (M, N)
         else:
             out = reference_linear(Fp8Tensor(rows, scale), Fp8Tensor(self.weight, self.weight_scale), self.bias, self.dtype)

@@ -39,6 +39,7 @@ SCHEMES = {  # name: (scale granularity, fp8 attention)
     "per-tensor": ("per-tensor", False),
 }
 PROMPTS = 4  # small models: captions of scenes drawn as in training
+EMBEDDED_SIZE = zimage.EMBEDDED_SIZE  # both small models' training size
 
 
 @contextmanager
@@ -122,16 +123,22 @@ def image_metrics(image, reference) -> tuple[float, float]:
     return structural_similarity(a, b, channel_axis=-1, data_range=255), peak_signal_noise_ratio(b, a, data_range=255)
 
 
-def small_model_quality(pipeline: type, folder: str, device: str, dtype: torch.dtype, granularity: str,
-                        prompts: list[str]) -> tuple[float, float]:
-    """Mean (SSIM, PSNR) over `prompts` of the trained small model in `folder` with fp8 linears at `granularity`
-    against the same model unquantized (in `dtype`), same seeds."""
+def small_model_quality(pipeline: type, folder: str, device: str, dtype: torch.dtype, prompts: list[str]) -> list[str]:
+    """Per scheme, mean SSIM / PSNR over `prompts` of the trained small model in `folder` with fp8 linears against the
+    same model unquantized (in `dtype`), same seeds."""
     pipe = pipeline.from_pretrained(folder, device=device, dtype=dtype)
-    reference = [pipe.generate(p, seed=i, progress=False) for i, p in enumerate(prompts)]
-    pipe.transformer.fp8_attention = True
-    quantize_model(pipe.transformer, granularity)
-    metrics = [image_metrics(pipe.generate(p, seed=i, progress=False), ref) for i, (p, ref) in enumerate(zip(prompts, reference))]
-    return tuple(np.mean(metrics, axis=0))
+    where = dict(height=EMBEDDED_SIZE, width=EMBEDDED_SIZE, progress=False)
+    reference = [pipe.generate(p, seed=i, **where) for i, p in enumerate(prompts)]
+    original = pipe.transformer
+    cells = []
+    for granularity, attention in SCHEMES.values():
+        with scheme_env(attention):
+            pipe.transformer = quantized_copy(original, lambda: type(original)(original.cfg), granularity)
+            metrics = [image_metrics(pipe.generate(p, seed=i, **where), ref)
+                       for i, (p, ref) in enumerate(zip(prompts, reference))]
+        ssim, psnr = np.mean(metrics, axis=0)
+        cells.append(f"{ssim:.4f} / {psnr:.1f} dB")
+    return cells
 
 
 def training_prompts(n: int = PROMPTS) -> list[str]:
@@ -147,11 +154,7 @@ def bench_small(device: str) -> None:
     print("|---" * (len(SCHEMES) + 1) + "|")
     for name, pipeline, folder in [("Z-Image-Turbo-shaped", zimage.ZImagePipeline, zimage.EMBEDDED_MODEL),
                                    ("FLUX.1-dev-shaped", flux.FluxPipeline, flux.EMBEDDED_MODEL)]:
-        cells = []
-        for granularity, attention in SCHEMES.values():
-            with scheme_env(attention):
-                ssim, psnr = small_model_quality(pipeline, folder, device, dtype, granularity, training_prompts())
-            cells.append(f"{ssim:.4f} / {psnr:.1f} dB")
+        cells = small_model_quality(pipeline, folder, device, dtype, training_prompts())
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
