@@ -273,6 +273,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                                                             "Hopper; a slow fp32 reference elsewhere); --dtype stays the dtype "
                                                             "of everything else")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
+    gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                     help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     for family in families():
         family.add_arguments(gen)
@@ -564,6 +566,7 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
         pipe = family.load_pipeline(weights, vae=vae, text_encoders=encoders, **options)
     if args.backend:
         pipe.transformer.backend = args.backend
+    pipe.cuda_graphs = args.cuda_graphs == "on"
     return pipe
 
 

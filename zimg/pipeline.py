@@ -43,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from zflux.common.fp8 import apply_precision, check_precision
+from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family
 from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
@@ -146,19 +147,23 @@ def guided(call: Callable[[Tensor, Tensor, int], Tensor], *, sigmas: Tensor, set
 
 
 def predictor(transformer: ZImageTransformer, *, features: Tensor, mask: Tensor, sigmas: Tensor, settings: ZImageDefaults,
-              device: torch.device, control: Callable[[Stream], dict[int, Tensor]] | None = None) -> Predict:
+              device: torch.device, control: Callable[[Stream], dict[int, Tensor]] | None = None,
+              cuda_graphs: bool = False) -> Predict:
     """predict(latents, i) for Turbo and base (guided()): `features` and `mask` hold the prompt's caption, or with CFG
     the prompt's and the negative prompt's; `control` is a ControlNet's (ZImageControlNet.bind), for every call.
 
-    The transformer makes one host sync per step only when given a caption mask (CFG rows of unequal length).
+    The captions' lengths are read here once, so that the transformer makes no host sync per step even with a
+    caption mask (CFG rows of unequal length); with `cuda_graphs` its calls replay CUDA graphs (common/graphs.py).
     """
     captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
     if settings.guidance > 0:
         captions[2] = trim_captions(features, mask)
+    lens = {n: None if m is None else tuple(m.sum(dim=1).tolist()) for n, (_, m) in captions.items()}  # host copies
+    forward = forward_of(transformer, cuda_graphs and control is None)
 
     def call(x: Tensor, t: Tensor, n: int) -> Tensor:
         cap_feats, cap_mask = captions[n]
-        return transformer(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control)
+        return forward(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control, cap_lens=lens[n])
 
     return guided(call, sigmas=sigmas, settings=settings, device=device, dtype=transformer.dtype)
 
@@ -187,6 +192,7 @@ class ZImagePipeline:
         self.scheduler = scheduler or VARIANTS[variant].scheduler
         self.offload_text_encoder = offload_text_encoder
         self.controlnet, self.siglip = controlnet, siglip
+        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -293,16 +299,20 @@ class ZImagePipeline:
                                                latents=latents, output_type=output_type)
         use_cfg = settings.guidance > 0
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
-        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=torch.float32)
+        # Text to image draws its noise in fp32; an init image's run draws and noises it in the transformer's dtype and
+        # steps on in fp32 (diffusers' Z-Image img2img and inpainting), which .float() of the start makes exact.
+        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=self.transformer.dtype)
         blend = None
         if img2img is not None and mask is not None:
             latents, start, blend = prepare_inpaint(self.vae, img2img, open_image(mask), sigmas, strength=STRENGTH["inpaint"]
                                                     if strength is None else strength, **where)
+            latents = latents.float()
         elif img2img is not None:
             latents, start = prepare_img2img(self.vae, img2img, sigmas, strength=STRENGTH["img2img"] if strength is None else strength,
                                              **where)
+            latents = latents.float()
         else:
-            latents, start = start_noise(self.vae, latents=latents, **where), 0
+            latents, start = start_noise(self.vae, latents=latents, **where | dict(dtype=torch.float32)), 0
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                               device=self.device, offload=self.offload_text_encoder)
@@ -317,7 +327,7 @@ class ZImagePipeline:
                                         scale=control_scale, height=height, width=width)
             features, cap_mask = text
             predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
-                                device=self.device, control=control)
+                                device=self.device, control=control, cuda_graphs=self.cuda_graphs)
         latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
 
