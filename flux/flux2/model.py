@@ -299,7 +299,7 @@ class SingleStreamBlock(nn.Module):
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        joined = h.new_empty(*h.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
+        joined = x.new_empty(*x.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
         swiglu(hidden, out=joined[..., x.shape[-1]:])
         return q, k, v, joined
 
