@@ -161,7 +161,8 @@ def test_pipeline_precision_fp8(tmp_path, family):
 @pytest.mark.parametrize("pipeline", [ZImagePipeline, FluxPipeline])
 def test_small_trained_models_fp8_image_quality(pipeline):
     """zflux's trained small models (fp32, CPU: the reference path) draw nearly the same picture in fp8: SSIM against
-    the fp32 picture, measured SSIM_MEASURED, bounded by issue 15's bar of 0.95."""
+    the fp32 picture at least issue 15's bar of 0.95 (scripts/bench_fp8_quality.py measured 0.997 for both models,
+    mean of 4 captions; bench/RESULTS.md)."""
     from skimage.metrics import structural_similarity
 
     folder = (zimage_pipeline if pipeline is ZImagePipeline else flux_pipeline).EMBEDDED_MODEL
