@@ -214,10 +214,10 @@ def vae_case(args: argparse.Namespace) -> Case:
 
     cfg = PRESETS["flux"]
     n = len(cfg.block_out_channels)
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()
+              if k not in ("patch_size", "batch_norm_eps")}  # FLUX.2's fields, which AutoencoderKL does not take
     ref = random_model(lambda: AutoencoderKL(**kwargs, down_block_types=["DownEncoderBlock2D"] * n,
-                                             up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv=False,
-                                             use_post_quant_conv=False))
+                                             up_block_types=["UpDecoderBlock2D"] * n))
     ours = load_into(build_on_meta(lambda: Autoencoder(cfg)), from_diffusers(ref.state_dict()))
     z = torch.randn(1, cfg.latent_channels, 128, 128, device=DEVICE, dtype=DTYPE)
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))

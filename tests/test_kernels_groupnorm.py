@@ -54,7 +54,7 @@ def test_variance_is_exact_far_from_zero():
 def test_shapes_the_tiles_cannot_hold_run_the_reference():
     x, w, b = inputs(1, 24, 4, 4, torch.float32)  # 24 channels: not a power of two
     assert not supports(x, 4) and supports(inputs(1, 16, 4, 4, torch.float32)[0], 4)
-    norm = nn.GroupNorm(4, 24, eps=1e-6)
+    norm = nn.GroupNorm(4, 24, eps=1e-6).to(DEVICE)
     with ops.use_backend("triton"):
         assert torch.equal(ops.group_norm_silu(x, norm), reference(x, norm.weight, norm.bias, 4, 1e-6))
     with pytest.raises(ValueError, match="power-of-two"):
@@ -63,7 +63,7 @@ def test_shapes_the_tiles_cannot_hold_run_the_reference():
 
 def test_ops_runs_the_kernel_under_triton():
     x, *_ = inputs(1, 16, 4, 4, torch.float32)
-    norm = nn.GroupNorm(4, 16, eps=1e-6)
+    norm = nn.GroupNorm(4, 16, eps=1e-6).to(DEVICE)
     with torch.no_grad(), ops.use_backend("triton"):
         fused = ops.group_norm_silu(x, norm)
     with torch.no_grad(), ops.use_backend("sdpa"):
