@@ -30,14 +30,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from zflux.common import activations, norms, rope
+from zflux.common import activations, norms, quant, rope
 from zflux.common import attention as attention_math
+from zflux.common.quant import Fp8Tensor
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 HAS_TRITON = find_spec("triton") is not None
-# A plain module global rather than a ContextVar: torch.compile traces global reads (and guards on
+# Plain module globals rather than ContextVars: torch.compile traces global reads (and guards on
 # them), but not ContextVar.get.
 _scoped: str | None = None
+_fp8_attention = False
 
 
 def check_backend(name: str) -> str:
@@ -53,15 +55,17 @@ def current_backend() -> str:
 
 
 @contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Run the enclosed code with backend `name` (None leaves the current choice)."""
-    global _scoped
-    previous = _scoped
-    _scoped = check_backend(name) if name else previous
+def use_backend(name: str | None, fp8_attention: bool | None = None) -> Iterator[None]:
+    """Run the enclosed code with backend `name` and, if `fp8_attention`, the fp8 flash kernel where it runs (None leaves
+    the current choices)."""
+    global _scoped, _fp8_attention
+    previous = _scoped, _fp8_attention
+    _scoped = check_backend(name) if name else _scoped
+    _fp8_attention = _fp8_attention if fp8_attention is None else fp8_attention
     try:
         yield
     finally:
-        _scoped = previous
+        _scoped, _fp8_attention = previous
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -94,6 +98,17 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
     return backend == "triton" and use_kernels(q)
 
 
+def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether attention on q, k runs the fp8 flash kernel: inside an fp8 model's forward (use_backend(fp8_attention=True)),
+    unless $ZFLUX_FP8_ATTENTION is 0, where the Triton kernels run (a GPU with fp8 tensor cores: compute capability 8.9+,
+    or the interpreter under `triton`) at a head dim it takes, with as many keys as queries."""
+    if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") == "0" or not use_kernels(q) or k.shape != q.shape:
+        return False
+    from zflux.kernels.attention import HEAD_DIMS
+
+    return q.shape[-1] in HEAD_DIMS and (not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 9))
+
+
 def per_sample(v: Tensor) -> bool:
     """Whether a modulation vector is one per sample, (B, 1, C), the kernels' form; Z-Image Omni's is per token, (B, S, C)."""
     return v.shape[-2] == 1
@@ -108,22 +123,35 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return norms.rms_norm(x, weight, eps)
 
 
-def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
-    """norms.layer_norm_modulate ((1 + scale) * LayerNorm(x) + shift), or its fused kernel."""
+def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """norms.layer_norm_modulate ((1 + scale) * LayerNorm(x) + shift), or its fused kernel; fp8: quantized per token."""
     if use_kernels(x):
-        from zflux.kernels.modulate import layer_norm_modulate as fused
+        from zflux.kernels import modulate
 
-        return fused(x, shift, scale, eps)
-    return norms.layer_norm_modulate(x, shift, scale, eps)
+        return Fp8Tensor(*modulate.layer_norm_modulate_fp8(x, shift, scale, eps)) if fp8 else \
+            modulate.layer_norm_modulate(x, shift, scale, eps)
+    y = norms.layer_norm_modulate(x, shift, scale, eps)
+    return quant.quantize(y) if fp8 else y
 
 
-def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only)."""
+def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """norms.rms_norm_scale (RMSNorm(x) * (1 + scale)), or its fused kernel (per-sample scale only); fp8: quantized per token."""
     if use_kernels(x) and per_sample(scale):
-        from zflux.kernels.modulate import rms_norm_scale as fused
+        from zflux.kernels import modulate
 
-        return fused(x, weight, scale, eps)
-    return norms.rms_norm_scale(x, weight, scale, eps)
+        return Fp8Tensor(*modulate.rms_norm_scale_fp8(x, weight, scale, eps)) if fp8 else \
+            modulate.rms_norm_scale(x, weight, scale, eps)
+    y = norms.rms_norm_scale(x, weight, scale, eps)
+    return quant.quantize(y) if fp8 else y
+
+
+def quantize_fp8(x: Tensor, granularity: str) -> Fp8Tensor:
+    """quant.quantize (e4m3 and fp32 scales), or, per row, its fused kernel."""
+    if granularity == "per-row" and use_kernels(x):
+        from zflux.kernels.quantize import quantize_rows
+
+        return Fp8Tensor(*quantize_rows(x))
+    return quant.quantize(x, granularity)
 
 
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
@@ -176,9 +204,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
     outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
-    only, so such calls run on SDPA.
+    only, so such calls run on SDPA. In an fp8 model's forward, the fp8 flash kernel where it runs (see
+    use_fp8_attention); elsewhere fp8 models attend as the others do.
     """
-    if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
+    if use_fp8_attention(q, k):
+        from zflux.kernels.attention import flash_attention_fp8
+
+        out = flash_attention_fp8(q, k, v, key_lens)
+    elif use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
         out = flash_attention(q, k, v, key_lens)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from zflux.common.files import COMFY_PREFIX, CheckpointError, atomic_write, safetensors_files  # noqa: F401 (re-exported)
+from zflux.common.fp8 import is_quant_key, load_tensor, weight_scale_key
 from zflux.common.identify import identify, parameters, read_header
 
 T = TypeVar("T")
@@ -25,14 +26,16 @@ MAX_KEYS_NAMED = 10  # per list of missing, unexpected or mis-shaped keys in an 
 
 
 def read_state_dict(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Read every tensor of the checkpoint at `path` onto `device`, cast to `dtype` one tensor at a time."""
+    """Read every tensor of the checkpoint at `path` onto `device`, cast to `dtype`, one file at a time; an fp8
+    file's (ComfyUI's scaled fp8) weights are multiplied by their scales, which are dropped (see common/fp8.py)."""
     state_dict = {}
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    state_dict[key] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                keys = set(f.keys())
+                for key in keys - {k for k in keys if is_quant_key(k)}:
+                    scale = weight_scale_key(key, keys)
+                    state_dict[key] = load_tensor(f.get_tensor(key), f.get_tensor(scale) if scale else None, dtype)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise CheckpointError(f"cannot read {file}: {e}") from e
     return state_dict
@@ -93,8 +96,9 @@ def save_state_dict(state_dict: dict[str, Tensor], path: str | Path) -> None:
 
 
 def header_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The checkpoint at `path` as meta tensors of its shapes, from its header alone: what key maps and config inference need."""
-    return {key: torch.empty(shape, device="meta") for key, (_, shape) in read_header(path).items()}
+    """The checkpoint at `path` as meta tensors of its shapes, from its header alone: what key maps and config inference
+    need (an fp8 file's scale tensors left out, as `read_state_dict` leaves them)."""
+    return {key: torch.empty(shape, device="meta") for key, (_, shape) in read_header(path).items() if not is_quant_key(key)}
 
 
 def _named(title: str, keys: list[str]) -> str:

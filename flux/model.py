@@ -22,7 +22,9 @@ from torch.nn import functional as F
 
 from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
+from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
+from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.weights import config_from_dict
 
@@ -179,8 +181,10 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1]
         cos, sin = rope  # (B, L+S, D/2) each, text positions first
         txt_attn_mod, img_attn_mod = txt_mod[0], img_mod[0]
-        txt_qkv = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS), (cos[:, :L], sin[:, :L]))
-        img_qkv = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS), (cos[:, L:], sin[:, L:]))
+        txt_qkv = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS, fp8=wants_fp8(self.txt_attn.qkv)),
+                                (cos[:, :L], sin[:, :L]))
+        img_qkv = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS, fp8=wants_fp8(self.img_attn.qkv)),
+                                (cos[:, L:], sin[:, L:]))
         return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
 
     @staticmethod
@@ -189,7 +193,7 @@ class DoubleStreamBlock(nn.Module):
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
         x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(ops.layer_norm_modulate(x, mlp_mod.shift, mlp_mod.scale, EPS)))
+        return torch.addcmul(x, mlp_mod.gate, ffn(ops.layer_norm_modulate(x, mlp_mod.shift, mlp_mod.scale, EPS, fp8=wants_fp8(ffn[0]))))
 
 
 class SingleStreamBlock(nn.Module):
@@ -206,13 +210,14 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         (mod,) = self.modulation(vec)
-        attn, mlp = self._attention_and_mlp(ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS), rope)
+        attn, mlp = self._attention_and_mlp(ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1)), rope)
         return torch.addcmul(x, mod.gate, self.linear2(torch.cat([attn, mlp], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
 
-    def _attention_and_mlp(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Both branches from the one input projection, returned apart so that the projection
         (B, S, 3 * dim + mlp_hidden) is freed before they are joined."""
-        qkv, hidden = self.linear1(x).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
+        projected = self.linear1(x)  # (B, S, 3 * dim + mlp_hidden)
+        qkv, hidden = projected.split([projected.shape[-1] - self.mlp_hidden, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
         return ops.attention(q, k, v), F.gelu(hidden, approximate="tanh")  # (B, S, dim), (B, S, mlp_hidden)
@@ -238,6 +243,7 @@ class Flux(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         dim, heads = cfg.hidden_size, cfg.num_attention_heads
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)
@@ -258,7 +264,7 @@ class Flux(nn.Module):
         """img (B, S, in_channels) packed latents, ids (B, S|L, 3), txt (B, L, 4096), timesteps (B,) in [0, 1]
         with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only)."""
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

@@ -42,6 +42,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from zflux.common.fp8 import apply_precision, check_precision
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family, named_variant
 from zflux.common.images import PREPROCESSORS, open_image, outpaint_canvas
@@ -235,26 +236,30 @@ class FluxPipeline(LoraPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None) -> "FluxPipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "FluxPipeline":
         """Load a diffusers snapshot folder of FluxPipeline or a tool's pipeline (model_index.json, transformer/, vae/,
         text_encoder/ + tokenizer/ (CLIP), text_encoder_2/ + tokenizer_2/ (T5), scheduler/); `variant`, if given, must
         fit the weights (see from_single_files)."""
         root = open_snapshot(path, SNAPSHOT_PIPELINES, SUBFOLDERS)
         return cls.from_single_files(root / "transformer", root / "vae", t5=root / "text_encoder_2", t5_tokenizer=root / "tokenizer_2",
                                      clip=root / "text_encoder", clip_tokenizer=root / "tokenizer", variant=variant, device=device,
-                                     dtype=dtype, offload_text_encoder=offload_text_encoder, scheduler=read_scheduler(root / "scheduler"))
+                                     dtype=dtype, offload_text_encoder=offload_text_encoder, scheduler=read_scheduler(root / "scheduler"),
+                                     precision=precision)
 
     @classmethod
     def from_single_files(cls, transformer: str | Path, vae: str | Path, t5: str | Path, t5_tokenizer: str | Path,
                           clip: str | Path, clip_tokenizer: str | Path, variant: str | None = None,
                           device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                          offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None) -> "FluxPipeline":
+                          offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None,
+                          precision: str | None = None) -> "FluxPipeline":
         """Load from a transformer file (BFL `flux1-dev.safetensors`, ComfyUI or diffusers layout), a VAE file
-        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU).
+        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU);
+        precision "fp8" runs the transformer blocks' linears in fp8 (common/fp8.py).
 
         The variant is what the weights say (common.identify): their shapes, and where shapes are shared
         (dev and Kontext, Canny and Depth) a name; a given `variant` must be one the weights can run as.
         """
+        check_precision(precision)
         info = check_family(transformer, "flux.1", " (for Z-Image use zflux.zimg.pipeline.ZImagePipeline)")
         runs_as = RUNS_AS.get(info.variant, ())
         variant = variant or info.variant
@@ -268,7 +273,8 @@ class FluxPipeline(LoraPipeline):
         device = torch.device(device) if device is not None else default_device()
         encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip=clip, clip_tokenizer=clip_tokenizer,
                                                     device="cpu" if offload_text_encoder else device, dtype=dtype)
-        return cls(load_transformer(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder,
+        return cls(apply_precision(load_transformer(transformer, device, dtype), precision), load_autoencoder(vae, device, dtype),
+                   text_encoder=encoder,
                    scheduler=scheduler, offload_text_encoder=offload_text_encoder, variant=variant)
 
     def load_redux(self, redux: str | Path, siglip: str | Path | None = None) -> None:

@@ -26,8 +26,12 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
+from zflux.common.quant import TINY
+from zflux.kernels.quantize import quantize_heads
+
 HEAD_DIMS = (64, 128)
 LOG2_E = 1.4426950408889634
+_TINY = tl.constexpr(TINY)
 
 
 # Measured on the H100, config by config (bench/RESULTS.md, 2026-11-22 attention variants):
@@ -47,33 +51,54 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @triton.jit
-def _fold(acc, l_i, m_i, s, v, start, kv_len, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-          DOT_PRECISION: tl.constexpr):
-    """Fold the scores s = q k_j^T of one key block and its values v_j into the running (acc, l, m)."""
+def _fold(acc, l_i, m_i, s, v, v_scale, start, kv_len, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+          DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """Fold the scores s = q k_j^T of one key block and its values v_j into the running (acc, l, m).
+
+    FP8: v_j is e4m3 with one scale per key (v_scale, (BLOCK_N,)); each probability takes its key's
+    scale relative to the block's largest, so P stays in [0, 1] (e4m3 keeps it to 2^-4), and the
+    block's largest scale multiplies the product.
+    """
     if MASKED:
         s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < kv_len, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (ROWS,)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if FP8:
+        peak = tl.maximum(tl.max(v_scale, axis=0), _TINY)
+        acc = acc * alpha[:, None] + peak * tl.dot((p * (v_scale / peak)[None, :]).to(v.dtype), v)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i * alpha + tl.sum(p, axis=1), m_new
 
 
 @triton.jit
-def _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, start, kv_len, qk_scale,
-            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc, k_scale_ptr, v_scale_ptr, start,
+            kv_len, S, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            FP8: tl.constexpr):
     """Fold key/value block [start, start + BLOCK_N) into both query sub-tiles' running state.
 
     Both score products are issued before either softmax: the tensor cores compute the second
     while the warps exponentiate the first (Triton 3.6 does not warp-specialize on Hopper, so this
-    is how one program keeps the tensor cores busy during its softmax).
+    is how one program keeps the tensor cores busy during its softmax). FP8: q, k, v are e4m3 with
+    one scale per token (q0_scale, q1_scale (ROWS,); the keys' and values' read here), and v is
+    stored transposed, (D, S): fp8 tensor-core products take both operands K-major.
     """
     k = k_desc.load([start, 0])  # (BLOCK_N, D)
     s0 = tl.dot(q0, k.T, input_precision=DOT_PRECISION)  # (ROWS, BLOCK_N)
     s1 = tl.dot(q1, k.T, input_precision=DOT_PRECISION)
-    v = v_desc.load([start, 0])  # (BLOCK_N, D)
-    acc0, l0, m0 = _fold(acc0, l0, m0, s0, v, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION)
-    acc1, l1, m1 = _fold(acc1, l1, m1, s1, v, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION)
+    v_scale = q0_scale  # unused unless FP8
+    if FP8:
+        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        k_scale = tl.load(k_scale_ptr + keys, mask=keys < S, other=0.0)
+        v_scale = tl.load(v_scale_ptr + keys, mask=keys < S, other=0.0)
+        s0 = s0 * q0_scale[:, None] * k_scale[None, :]
+        s1 = s1 * q1_scale[:, None] * k_scale[None, :]
+        v = v_desc.load([0, start]).T  # (BLOCK_N, D)
+    else:
+        v = v_desc.load([start, 0])  # (BLOCK_N, D)
+    acc0, l0, m0 = _fold(acc0, l0, m0, s0, v, v_scale, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
+    acc1, l1, m1 = _fold(acc1, l1, m1, s1, v, v_scale, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -84,12 +109,12 @@ def _head(ptr, b, h, b_stride, h_stride, s_stride, S, HEAD_DIM: tl.constexpr, RO
                                      block_shape=[ROWS, HEAD_DIM])
 
 
-@triton.autotune(CONFIGS, key=["HEAD_DIM", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(CONFIGS, key=["HEAD_DIM", "DOT_PRECISION", "FP8"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, S, H, qk_scale,
+def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, S, H, qk_scale,
                             q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
                             HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // 2  # two query sub-tiles of ROWS each
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -98,7 +123,18 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, S, H, qk_s
     q0 = q_desc.load([start_m, 0])  # (ROWS, D)
     q1 = q_desc.load([start_m + ROWS, 0])
     k_desc = _head(k_ptr, b, h, k_sb, k_sh, k_ss, S, HEAD_DIM, BLOCK_N)
-    v_desc = _head(v_ptr, b, h, v_sb, v_sh, v_ss, S, HEAD_DIM, BLOCK_N)
+    q0_scale = tl.zeros([ROWS], dtype=tl.float32)  # unused unless FP8
+    q1_scale = q0_scale
+    if FP8:  # per-token scales, (B, H, S) contiguous; v transposed, (D, S) per head
+        rows = start_m + tl.arange(0, ROWS)
+        q0_scale = tl.load(q_scale_ptr + bh * S + rows, mask=rows < S, other=0.0)
+        q1_scale = tl.load(q_scale_ptr + bh * S + ROWS + rows, mask=ROWS + rows < S, other=0.0)
+        v_desc = tl.make_tensor_descriptor(v_ptr + b * v_sb + h * v_sh, shape=[HEAD_DIM, S], strides=[v_ss, 1],
+                                           block_shape=[HEAD_DIM, BLOCK_N])
+    else:
+        v_desc = _head(v_ptr, b, h, v_sb, v_sh, v_ss, S, HEAD_DIM, BLOCK_N)
+    k_scale_ptr += bh * S
+    v_scale_ptr += bh * S
     kv_len = S
     if HAS_KEY_LENS:
         kv_len = tl.minimum(tl.load(key_lens_ptr + b).to(tl.int32), S)
@@ -109,11 +145,13 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, S, H, qk_s
     acc1, l1, m1 = acc0, l0, m0
     full_blocks_end = kv_len // BLOCK_N * BLOCK_N
     for start in range(0, full_blocks_end, BLOCK_N):
-        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, start, kv_len,
-                                             qk_scale, False, BLOCK_N, DOT_PRECISION)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc,
+                                             k_scale_ptr, v_scale_ptr, start, kv_len, S, qk_scale, False, BLOCK_N,
+                                             DOT_PRECISION, FP8)
     if full_blocks_end < kv_len:
-        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, k_desc, v_desc, full_blocks_end,
-                                             kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc,
+                                             k_scale_ptr, v_scale_ptr, full_blocks_end, kv_len, S, qk_scale, True,
+                                             BLOCK_N, DOT_PRECISION, FP8)
     o_desc = _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, ROWS)
     o_desc.store([start_m, 0], (acc0 / l0[:, None]).to(o_ptr.dtype.element_ty))
     o_desc.store([start_m + ROWS, 0], (acc1 / l1[:, None]).to(o_ptr.dtype.element_ty))
@@ -147,14 +185,38 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | Non
     # fp32 (tests): three TF32 products per dot, close to fp32 accuracy, where plain IEEE fp32 dots
     # would take minutes to compile.
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, S, H, D**-0.5 * LOG2_E,
+    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, q, q, q, S, H, D**-0.5 * LOG2_E,
                                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                                   HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D,
-                                  DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
+                                  DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=False)
     return out
 
 
 @flash_attention_bshd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D))
+
+
+@torch.library.custom_op("zflux::flash_attention_fp8", mutates_args=())
+def flash_attention_fp8_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    """`flash_attention_bshd` with q, k, v quantized to e4m3 per token and head, and P in e4m3: output in q's dtype."""
+    _check(q, k, v, key_lens)
+    B, H, S, D = q.shape
+    q8, q_scale = quantize_heads(q, transpose=False)  # (B, H, S, D), (B, H, S)
+    k8, k_scale = quantize_heads(k, transpose=False)
+    vt8, v_scale = quantize_heads(v, transpose=True)  # (B, H, D, S rounded up to 16), (B, H, S)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    o = rearrange(out, "b s h d -> b h s d")
+    triton.set_allocator(_workspace)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _flash_attention_kernel[grid](q8, k8, vt8, o, q if key_lens is None else key_lens, q_scale, k_scale, v_scale, S, H,
+                                  D**-0.5 * LOG2_E, *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *o.stride()[:3],
+                                  HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D, DOT_PRECISION="tf32", FP8=True)
+    return out
+
+
+@flash_attention_fp8_bshd.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
     B, H, S, D = q.shape
     return q.new_empty((B, S, H, D))
@@ -166,3 +228,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = N
     Keys at index >= key_lens[b] are ignored. Head dims 64 and 128; fp16, bf16 (fp32 for tests).
     """
     return rearrange(flash_attention_bshd(q, k, v, key_lens), "b s h d -> b h s d")
+
+
+def flash_attention_fp8(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
+    """flash_attention with q, k and v quantized to e4m3 (one scale per token and head) and the probabilities too, for
+    fp8 tensor-core products; the output in q's dtype."""
+    return rearrange(flash_attention_fp8_bshd(q, k, v, key_lens), "b s h d -> b h s d")

@@ -6,7 +6,9 @@ On rows x (B, S, C) with per-sample vectors shift, scale, gate of shape (B, 1, C
     rms_norm_scale        RMSNorm(x) * w * (1 + scale)                Z-Image's modulated pre-norm
     gated_rms_residual    x + gate * RMSNorm(y) * w                   Z-Image's sandwich-norm residual
 
-Each is one read of every input and one write, where PyTorch takes three to five passes. Statistics
+Each is one read of every input and one write, where PyTorch takes three to five passes. The first two
+also come as `*_fp8`: the output, rounded to the input dtype, quantized per token to e4m3 with one
+fp32 scale per row (`zflux.kernels.quantize`), the input an fp8 linear takes (`zflux.common.fp8`). Statistics
 are in fp32, and every intermediate the reference in `zflux.common.norms` stores in the input dtype is
 rounded to it here too, so outputs agree to the last bit except where fp32 summation order differs.
 One program handles BLOCK_M rows of BLOCK_N >= C channels, as in `zflux.kernels.rmsnorm`.
@@ -17,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zflux.common.quant import E4M3
+from zflux.kernels.quantize import fp8_like, store_fp8_rows
 from zflux.kernels.rmsnorm import check_same_dtype, rms_normalize, round_to, row_blocks
 
 
@@ -37,10 +41,20 @@ def _load(ptr, b, s, cols, mask, b_stride, s_stride):
 
 
 @triton.jit
-def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, S, C, x_sb, x_ss, shift_sb, scale_sb, eps,
-                                HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store(y, out_ptr, out_scale_ptr, rows, cols, mask, C, dtype: tl.constexpr, FP8_OUT: tl.constexpr):
+    """Store the rows y (BLOCK_M, BLOCK_N) as `dtype`, or, for an fp8 linear next, rounded to `dtype` and quantized per row."""
+    if FP8_OUT:
+        store_fp8_rows(round_to(y, dtype), out_ptr, out_scale_ptr, rows, cols, mask, C)
+    else:
+        tl.store(out_ptr + rows[:, None] * C + cols[None, :], y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, out_scale_ptr, n_rows, S, C, x_sb, x_ss, shift_sb,
+                                scale_sb, eps, HAS_SHIFT: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
     b, s, cols, mask = _row_tile(n_rows, S, C, BLOCK_M, BLOCK_N)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
     x = _load(x_ptr, b, s, cols, mask, x_sb, x_ss)
     mean = tl.sum(x, axis=1) / C  # (BLOCK_M,)
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -49,18 +63,18 @@ def _layer_norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, n_rows, S,
     y = round_to(y * round_to(1.0 + _load(scale_ptr, b, s, cols, mask, scale_sb, 0), dtype), dtype)
     if HAS_SHIFT:
         y = y + _load(shift_ptr, b, s, cols, mask, shift_sb, 0)
-    tl.store(out_ptr + (b * S + s)[:, None] * C + cols[None, :], y.to(dtype), mask=mask)
+    _store(y, out_ptr, out_scale_ptr, b * S + s, cols, mask, C, dtype, FP8_OUT)
 
 
 @triton.jit
-def _rms_norm_scale_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, n_rows, S, C, x_sb, x_ss, scale_sb, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_scale_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, out_scale_ptr, n_rows, S, C, x_sb, x_ss, scale_sb, eps,
+                           FP8_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     b, s, cols, mask = _row_tile(n_rows, S, C, BLOCK_M, BLOCK_N)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
     w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     y = rms_normalize(_load(x_ptr, b, s, cols, mask, x_sb, x_ss), w[None, :], C, eps, dtype)
     y = y * round_to(1.0 + _load(scale_ptr, b, s, cols, mask, scale_sb, 0), dtype)
-    tl.store(out_ptr + (b * S + s)[:, None] * C + cols[None, :], y.to(dtype), mask=mask)
+    _store(y, out_ptr, out_scale_ptr, b * S + s, cols, mask, C, dtype, FP8_OUT)
 
 
 @triton.jit
@@ -105,34 +119,61 @@ def _launch_config(x: Tensor) -> tuple[tuple[int], dict]:
     return (triton.cdiv(B * S, block_m),), dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
-@torch.library.custom_op("zflux::layer_norm_modulate", mutates_args=())
-def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
-    """(1 + scale) * LayerNorm(x) + shift on x (B, S, C), shift (or None) and scale (B, 1, C)."""
+def _outputs(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+    """The (B, S, C) output of a norm kernel, in x's dtype or e4m3, and its per-token scales (B, S, 1) (a dummy unless fp8)."""
+    B, S, C = x.shape
+    out = torch.empty((B, S, C), dtype=E4M3 if fp8 else x.dtype, device=x.device)
+    return out, torch.empty((B, S, 1) if fp8 else (1,), dtype=torch.float32, device=x.device)
+
+
+def _layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float, fp8: bool) -> tuple[Tensor, Tensor]:
     check_same_dtype(x, shift, scale)
     x = _rows(x)
     has_shift = shift is not None
     scale, scale_sb = _per_sample(scale, x, "scale")
     shift, shift_sb = _per_sample(shift, x, "shift") if has_shift else (scale, 0)  # a dummy pointer when absent
     B, S, C = x.shape
-    out = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    out, out_scale = _outputs(x, fp8)
     grid, meta = _launch_config(x)
-    _layer_norm_modulate_kernel[grid](x, shift, scale, out, B * S, S, C, x.stride(0), x.stride(1), shift_sb, scale_sb,
-                                      eps, HAS_SHIFT=has_shift, **meta)
-    return out
+    _layer_norm_modulate_kernel[grid](x, shift, scale, out, out_scale, B * S, S, C, x.stride(0), x.stride(1), shift_sb,
+                                      scale_sb, eps, HAS_SHIFT=has_shift, FP8_OUT=fp8, **meta)
+    return out, out_scale
+
+
+def _rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float, fp8: bool) -> tuple[Tensor, Tensor]:
+    check_same_dtype(x, weight, scale)
+    x = _rows(x)
+    scale, scale_sb = _per_sample(scale, x, "scale")
+    B, S, C = x.shape
+    out, out_scale = _outputs(x, fp8)
+    grid, meta = _launch_config(x)
+    _rms_norm_scale_kernel[grid](x, _weight(weight, x), scale, out, out_scale, B * S, S, C, x.stride(0), x.stride(1),
+                                 scale_sb, eps, FP8_OUT=fp8, **meta)
+    return out, out_scale
+
+
+@torch.library.custom_op("zflux::layer_norm_modulate", mutates_args=())
+def layer_norm_modulate(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift on x (B, S, C), shift (or None) and scale (B, 1, C)."""
+    return _layer_norm_modulate(x, shift, scale, eps, fp8=False)[0]
+
+
+@torch.library.custom_op("zflux::layer_norm_modulate_fp8", mutates_args=())
+def layer_norm_modulate_fp8(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """layer_norm_modulate rounded to x's dtype, then quantized per token: e4m3 (B, S, C) and fp32 scales (B, S, 1)."""
+    return _layer_norm_modulate(x, shift, scale, eps, fp8=True)
 
 
 @torch.library.custom_op("zflux::rms_norm_scale", mutates_args=())
 def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
     """RMSNorm(x) * weight * (1 + scale) on x (B, S, C), weight (C,), scale (B, 1, C)."""
-    check_same_dtype(x, weight, scale)
-    x = _rows(x)
-    scale, scale_sb = _per_sample(scale, x, "scale")
-    B, S, C = x.shape
-    out = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
-    grid, meta = _launch_config(x)
-    _rms_norm_scale_kernel[grid](x, _weight(weight, x), scale, out, B * S, S, C, x.stride(0), x.stride(1), scale_sb,
-                                 eps, **meta)
-    return out
+    return _rms_norm_scale(x, weight, scale, eps, fp8=False)[0]
+
+
+@torch.library.custom_op("zflux::rms_norm_scale_fp8", mutates_args=())
+def rms_norm_scale_fp8(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """rms_norm_scale rounded to x's dtype, then quantized per token: e4m3 (B, S, C) and fp32 scales (B, S, 1)."""
+    return _rms_norm_scale(x, weight, scale, eps, fp8=True)
 
 
 @torch.library.custom_op("zflux::gated_rms_residual", mutates_args=())
@@ -159,6 +200,16 @@ def _(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
 @rms_norm_scale.register_fake
 def _(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@layer_norm_modulate_fp8.register_fake
+def _(x: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return fp8_like(x)
+
+
+@rms_norm_scale_fp8.register_fake
+def _(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return fp8_like(x)
 
 
 @gated_rms_residual.register_fake

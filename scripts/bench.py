@@ -4,6 +4,7 @@
     python scripts/bench.py --models zimage --compile --backend triton
     python scripts/bench.py --models zimage-controlnet   # Z-Image-Turbo + ControlNet Union 2.1
     python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev flux2-klein-4b-pipeline
+    python scripts/bench.py --models zimage zimage-fp8 flux flux-fp8 flux2-klein-4b flux2-klein-4b-fp8
     python scripts/bench.py --models vae vae-flux2 qwen3-encode      # decode and prompt encode (--compile: the encoder too)
     python scripts/bench.py --models flux2-klein-9b --profile   # where the time of one call goes, and its floor
 
@@ -11,7 +12,9 @@ Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Eac
 forward (one NFE), one VAE decode or one whole generate() call (the pipeline row): CUDA-event
 median over --iters runs after --warmup runs, the peak memory the call adds, and ours/diffusers
 ratios. Prints a markdown table. A case with a plain counterpart (the ControlNet: the same step
-without it) adds a row for the difference, the extra cost per step.
+without it) adds a row for the difference, the extra cost per step. The `-fp8` rows time ours with
+precision fp8 (common/fp8.py: fp8 GEMMs, and the fp8 flash kernel unless ZFLUX_FP8_ATTENTION=0)
+against diffusers in bf16, beside the bf16 rows of the same model.
 
 --profile adds, per implementation, one profiled call's GPU time by kind of kernel (GEMM, attention,
 fused Triton norm/modulation, copies and elementwise, other) and the floor of the call: its linear
@@ -27,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from zflux.common.fp8 import apply_precision
 from zflux.common.weights import build_on_meta, load_into
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -136,8 +140,9 @@ def compile_blocks(blocks: torch.nn.ModuleList) -> None:
         block.compile(fullgraph=True)
 
 
-def zimage_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """diffusers' Z-Image-Turbo transformer and ours with the same random weights (compiled with --compile)."""
+def zimage_models(args: argparse.Namespace, precision: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """diffusers' Z-Image-Turbo transformer and ours with the same random weights (ours in `precision`; compiled with
+    --compile)."""
     from diffusers import ZImageTransformer2DModel
 
     from zflux.zimg.convert import from_diffusers
@@ -146,6 +151,7 @@ def zimage_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.M
     cfg = PRESETS["z-image-turbo"]
     ref = random_model(lambda: ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens)))
     ours = load_into(build_on_meta(lambda: ZImageTransformer(cfg, backend=args.backend)), from_diffusers(ref.state_dict()))
+    ours = apply_precision(ours, precision)
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.noise_refiner, ours.context_refiner, ours.layers):
@@ -153,8 +159,8 @@ def zimage_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.M
     return ref, ours
 
 
-def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) -> Case:
-    ref, ours = zimage_models(args)
+def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,), precision: str | None = None) -> Case:
+    ref, ours = zimage_models(args, precision)
     cfg = ours.cfg
     B, L = len(cap_lens), max(cap_lens)
     x = torch.randn(B, 16, 128, 128, device=DEVICE, dtype=DTYPE)
@@ -164,13 +170,14 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,)) ->
     ref_caps = [c[:n] for c, n in zip(cap, cap_lens)]
     what = "Z-Image transformer (4096 img + 128 caption tokens)" if B == 1 else \
         f"Z-Image CFG batch {B} (captions {' and '.join(map(str, cap_lens))} tokens)"
-    return Case(what, lambda: ref(list(x[:, :, None]), t, ref_caps, return_dict=False)[0][0],
+    return Case(what + (f", zflux {precision}" if precision else ""),
+                lambda: ref(list(x[:, :, None]), t, ref_caps, return_dict=False)[0][0],
                 lambda: ours(x, t, cap, None if B == 1 else mask))
 
 
-def flux_case(args: argparse.Namespace, tool: str = "flux-dev") -> Case:
+def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str | None = None) -> Case:
     """One FLUX.1 forward at 1024x1024: dev, or a tool's input (Fill: 384 channels per token; Kontext: a 1024x1024
-    reference's 4096 tokens after the image's, twice the image tokens)."""
+    reference's 4096 tokens after the image's, twice the image tokens); ours in `precision`."""
     from diffusers import FluxTransformer2DModel
 
     from zflux.flux.convert import from_diffusers
@@ -180,7 +187,8 @@ def flux_case(args: argparse.Namespace, tool: str = "flux-dev") -> Case:
 
     cfg = PRESETS[tool]
     ref = random_model(lambda: FluxTransformer2DModel(in_channels=cfg.in_channels, out_channels=cfg.out_channels, guidance_embeds=True))
-    ours = load_into(build_on_meta(lambda: Flux(cfg, backend=args.backend)), from_diffusers(ref.state_dict()))
+    ours = apply_precision(load_into(build_on_meta(lambda: Flux(cfg, backend=args.backend)), from_diffusers(ref.state_dict())),
+                           precision)
     if args.compile:
         ref.compile_repeated_blocks(fullgraph=True)
         for blocks in (ours.double_blocks, ours.single_blocks):
@@ -195,7 +203,7 @@ def flux_case(args: argparse.Namespace, tool: str = "flux-dev") -> Case:
     what = {"flux-dev": "FLUX.1-dev transformer (4096 img + 512 text tokens)",
             "flux-fill": "FLUX.1 Fill transformer (384 input channels; 4096 img + 512 text tokens)",
             "flux-kontext": "FLUX.1 Kontext transformer (4096 img + 4096 reference + 512 text tokens)"}[tool]
-    return Case(what, lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
+    return Case(what + (f", zflux {precision}" if precision else ""), lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
                 lambda: ours(img, i_ids, txt, t_ids, t, y, guidance))
 
 
@@ -286,7 +294,7 @@ def zimage_controlnet_case(args: argparse.Namespace) -> Case:
                 plain=Case("Z-Image-Turbo alone", partial(theirs, False), lambda: base(x, t, cap)))
 
 
-def flux2_case(args: argparse.Namespace, variant: str) -> Case:
+def flux2_case(args: argparse.Namespace, variant: str, precision: str | None = None) -> Case:
     """One FLUX.2 NFE (4096 img + 512 text tokens). Ours is built from diffusers' weights after they are timed, sharing
     every tensor but the fused double-block qkv: [dev] (64 GB in bf16) cannot hold two copies on one 80 GB GPU."""
     from diffusers import Flux2Transformer2DModel
@@ -311,13 +319,14 @@ def flux2_case(args: argparse.Namespace, variant: str) -> Case:
     def make_ours() -> Callable[[], torch.Tensor]:
         state_dict = from_diffusers(held.pop("ref").state_dict())
         torch.cuda.empty_cache()
-        ours = load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), state_dict)
+        ours = apply_precision(load_into(build_on_meta(lambda: Flux2(cfg, backend=args.backend)), state_dict), precision)
         if args.compile:
             for blocks in (ours.double_blocks, ours.single_blocks):
                 compile_blocks(blocks)
         return lambda: ours(img, i_ids, txt, t_ids, t, guidance)
 
-    return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)",
+    return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)"
+                + (f", zflux {precision}" if precision else ""),
                 lambda: held["ref"](img, txt, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0], make_ours=make_ours)
 
 
@@ -377,7 +386,9 @@ CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (12
          "flux-kontext": lambda args: flux_case(args, "flux-kontext"), "vae": vae_case, "vae-flux2": vae_flux2_case,
          "qwen3-encode": qwen3_encode_case,
          "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"), "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"),
-         "flux2-dev": lambda args: flux2_case(args, "flux2-dev"), "flux2-klein-4b-pipeline": flux2_pipeline_case}
+         "flux2-dev": lambda args: flux2_case(args, "flux2-dev"), "flux2-klein-4b-pipeline": flux2_pipeline_case,
+         "zimage-fp8": lambda args: zimage_case(args, precision="fp8"), "flux-fp8": lambda args: flux_case(args, precision="fp8"),
+         "flux2-klein-4b-fp8": lambda args: flux2_case(args, "flux2-klein-4b", precision="fp8")}
 
 
 def main() -> None:

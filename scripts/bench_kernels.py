@@ -10,7 +10,8 @@ Memory-bound ops (norms, modulation, QK-norm + RoPE) are captured in a CUDA grap
 enough distinct input sets that they cannot sit in L2, and timed by replaying it (median of the
 replays); GB/s counts each input read once and each output written once, and `vs copy` relates it
 to the bandwidth of cloning one (S, C) activation in the same run. Attention is timed with
-triton.testing.do_bench (L2 flushed, median); TFLOP/s counts 4 * B * H * S * S_kv * D. `vs best`
+triton.testing.do_bench (L2 flushed, median); TFLOP/s counts 4 * B * H * S * S_kv * D (the fp8
+kernel's time includes quantizing q, k, v, which it does itself). `vs best`
 is the best PyTorch path's time over ours: above 1 means the kernel is faster. Prints markdown.
 """
 
@@ -132,7 +133,8 @@ def sdpa_with(backend: SDPBackend | None) -> Callable:
     return run
 
 
-ATTENTION_PATHS = {"triton": attn_kernels.flash_attention, "cuDNN": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+ATTENTION_PATHS = {"triton": attn_kernels.flash_attention, "triton fp8": attn_kernels.flash_attention_fp8,
+                   "cuDNN": sdpa_with(SDPBackend.CUDNN_ATTENTION),
                    "flash": sdpa_with(SDPBackend.FLASH_ATTENTION), "efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
                    "sdpa default": sdpa_with(None)}
 
@@ -146,8 +148,8 @@ def attention_inputs(B: int, S: int, H: int, D: int = 128):
 
 def bench_attention() -> None:
     print("\n### Attention (bf16, head dim 128, non-causal), TFLOP/s\n")
-    print("| shape | " + " | ".join(ATTENTION_PATHS) + " | triton vs cuDNN | triton vs best |")
-    print("|---" * (len(ATTENTION_PATHS) + 3) + "|")
+    print("| shape | " + " | ".join(ATTENTION_PATHS) + " | triton vs cuDNN | triton vs best | triton fp8 vs cuDNN |")
+    print("|---" * (len(ATTENTION_PATHS) + 4) + "|")
     cases = []
     for model, shape in MODELS.items():
         for scale in (1, 4):
@@ -164,10 +166,10 @@ def bench_attention() -> None:
                 tflops[name] = flops / ms / 1e9
             except RuntimeError:  # this SDPA backend does not take these inputs (e.g. a mask)
                 tflops[name] = None
-        best = max(t for name, t in tflops.items() if name != "triton" and t)
+        best = max(t for name, t in tflops.items() if not name.startswith("triton") and t)
         cells = " | ".join("n/a" if t is None else f"{t:.0f}" for t in tflops.values())
-        cudnn = f"{tflops['triton'] / tflops['cuDNN']:.2f}x" if tflops["cuDNN"] else "n/a"
-        print(f"| {label} | {cells} | {cudnn} | {tflops['triton'] / best:.2f}x |")
+        cudnn, fp8 = (f"{tflops[name] / tflops['cuDNN']:.2f}x" if tflops["cuDNN"] else "n/a" for name in ("triton", "triton fp8"))
+        print(f"| {label} | {cells} | {cudnn} | {tflops['triton'] / best:.2f}x | {fp8} |")
         del q, k, v
         torch.cuda.empty_cache()
     tuner = attn_kernels._flash_attention_kernel

@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"zflux": "zflux", "zimg": "zflux.zimg", "flux": "zflux.flux", "common": "zflux.common", "kernels": "zflux.kernels"}
-MATH_LEAVES = {"zflux.common.norms", "zflux.common.rope", "zflux.common.attention", "zflux.common.embeddings"}
+MATH_LEAVES = {"zflux.common.norms", "zflux.common.rope", "zflux.common.attention", "zflux.common.embeddings",
+               "zflux.common.quant"}
 FAMILIES = ("zflux.flux.flux2", "zflux.zimg", "zflux.flux")  # most specific first: FLUX.2 is a family of its own
 
 

@@ -43,8 +43,8 @@ Every check before any weight is read
    Then family.generate_options(args): the family's flags as generate() takes them, checked, and
    their files (control images, masks, reference images) opened, so that they fail now;
 4. the schedule those settings make (steps >= 1, a strength that leaves a step to run), the
-   device (there, with CUDA if asked, able to compute in --dtype), the backend (Triton only where
-   it runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
+   device (there, with CUDA if asked, able to compute in --dtype; --precision fp8 with bf16 where
+   fp8 GEMMs run, a warning where they do not), the backend (Triton only where it runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
    with advice when the device is clearly short;
 5. loading: the snapshot's folders, each checkpoint's family, then every key and shape against the
    model, from the headers (the pipelines' from_single_files); only then are weights read.
@@ -98,6 +98,7 @@ if TYPE_CHECKING:  # imported where a command needs them (the module's docstring
     from zflux.common.sampling import SamplingDefaults
 
 DTYPES = ("bf16", "fp16", "fp32")
+PRECISIONS = ("fp8",)  # common/fp8.py PRECISIONS (named here too: this module imports no torch)
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -271,6 +272,10 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     gen.add_argument("--dtype", choices=DTYPES, help="precision of the weights and the model's compute (default: bf16; fp32 for the "
                                                      "small models, faster on the CPU; fp16 can overflow)")
+    gen.add_argument("--precision", choices=PRECISIONS, help="fp8: the transformer blocks' linears in e4m3 with per-channel / "
+                                                            "per-token scales (fast on GPUs of compute capability 8.9+: Ada, "
+                                                            "Hopper; a slow fp32 reference elsewhere); --dtype stays the dtype "
+                                                            "of everything else")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
     gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                      help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
@@ -421,6 +426,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.backend == "triton" and not triton_runs_on(device):
         raise ValueError(f"--backend triton: the Triton kernels run on a CUDA GPU with triton installed, not on {device}; "
                          "leave --backend out (auto) or use sdpa")
+    if args.precision == "fp8":
+        check_fp8(device, args.dtype)
     if args.offload_text_encoder and device.type == "cpu":
         warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
     footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
@@ -439,6 +446,19 @@ def check_loras(flags: list[str], family: ModuleType) -> list[tuple[Path, float]
         if looks != "unknown" and looks not in family.LAYOUTS:
             raise ValueError(f"--lora {path}: a {FAMILY_NAMES[looks]} LoRA; --model {family.NAME} needs one of its own")
     return loras
+
+
+def check_fp8(device: torch.device, dtype: str) -> None:
+    """--precision fp8 on `device`: bf16 outputs where fp8 GEMMs run; a warning where they do not (the slow reference path)."""
+    import torch
+
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability >= (8, 9) and dtype != "bf16":
+        raise ValueError(f"--precision fp8 with --dtype {dtype}: the fp8 GEMMs write bf16; use --dtype bf16 (or leave it out)")
+    if capability is None or capability < (8, 9):
+        where = "the CPU" if capability is None else f"{device} (compute capability {capability[0]}.{capability[1]} < 8.9)"
+        warnings.warn(f"--precision fp8 on {where}: no fp8 tensor cores, so the fp8 linears run through the fp32 reference "
+                      "path (dequantize, matmul in fp32), slower than --dtype alone")
 
 
 def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
@@ -558,7 +578,7 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     weights, vae, encoders = components(args, family)
     options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder,
-                   **family.load_options(args))
+                   precision=args.precision, **family.load_options(args))
     if vae is None:
         pipe = family.load_pipeline(weights, **options)
     else:

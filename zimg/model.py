@@ -19,7 +19,9 @@ from torch.nn import functional as F
 
 from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
+from zflux.common.fp8 import wants_fp8
 from zflux.common.ops import RMSNorm
+from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import rope_tables
 from zflux.common.weights import config_from_dict
 
@@ -96,7 +98,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=QK_NORM_EPS)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.n_heads)  # (B, H, S, D) each
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
         return self.out(ops.attention(q, k, v, key_lens))  # (B, S, dim)
@@ -111,7 +113,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Fp8Tensor) -> Tensor:
         return self.w2(ops.silu_mul(self.w1(x), self.w3(x)))
 
 
@@ -151,9 +153,11 @@ class Block(nn.Module):
             mod = c.select(self.adaLN_modulation) if per_token else self.adaLN_modulation(c)[:, None]  # (B, 1 or S, 4*dim)
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)  # (B, 1 or S, dim) each
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-            h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps), rope, key_lens)
+            h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps,
+                                                    fp8=wants_fp8(self.attention.qkv)), rope, key_lens)
             x = ops.gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
-            h = self.feed_forward(ops.rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps))
+            h = self.feed_forward(ops.rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps,
+                                                       fp8=wants_fp8(self.feed_forward.w1)))
             return ops.gated_rms_residual(x, h, self.ffn_norm2.weight, gate_mlp, self.eps)
         x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_lens))
         return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -208,6 +212,7 @@ class ZImageTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         p = cfg.patch_size
         self.t_embedder = TimestepEmbedder(cfg)
         self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.dim)
@@ -238,7 +243,7 @@ class ZImageTransformer(nn.Module):
         cap_mask, not checked). Otherwise the forward makes none, and can be captured in a CUDA graph.
         """
         cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask, cap_lens)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
             hints = control(stream) if control is not None else {}
             seq = torch.cat([stream.img_refined, stream.cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end

@@ -136,7 +136,7 @@ class ZImageOmniTransformer(ZImageTransformer):
         None (no SigLIP tokens: text to image); both shared by every sample of the batch.
         """
         self._check_omni(x, t, captions, images, siglip)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward_omni(x, t, captions, list(images), siglip)
 
     def _segment(self, tokens: Tensor, embedder: nn.Module, pad_token: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from zflux.common.fp8 import apply_precision, check_precision
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family
 from zflux.common.images import PREPROCESSORS, open_image
@@ -196,7 +197,7 @@ class ZImagePipeline(LoraPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None) -> "ZImagePipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "ZImagePipeline":
         """Load a diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
         of ZImagePipeline or ZImageImg2ImgPipeline; ZImageControlNet(Inpaint)Pipeline (and its controlnet/); or
         ZImageOmniPipeline (and its siglip/, siglip_processor/).
@@ -220,7 +221,8 @@ class ZImagePipeline(LoraPipeline):
         siglip = (root / "siglip", root / "siglip_processor") if kind == "ZImageOmniPipeline" else None
         pipe = cls.from_single_files(root / "transformer", root / "vae", text_encoder=root / "text_encoder",
                                      tokenizer=root / "tokenizer", variant=variant or shipped, device=device, dtype=dtype,
-                                     offload_text_encoder=offload_text_encoder, scheduler=scheduler, siglip=siglip)
+                                     offload_text_encoder=offload_text_encoder, scheduler=scheduler, siglip=siglip,
+                                     precision=precision)
         if "controlnet" in EXTRA_SUBFOLDERS.get(kind, ()):
             pipe.load_controlnet(root / "controlnet")
         return pipe
@@ -230,10 +232,12 @@ class ZImagePipeline(LoraPipeline):
                           variant: str = "z-image-turbo", device: str | torch.device | None = None,
                           dtype: torch.dtype = torch.bfloat16, offload_text_encoder: bool = False,
                           scheduler: SchedulerConfig | None = None,
-                          siglip: tuple[str | Path, str | Path] | None = None) -> "ZImagePipeline":
+                          siglip: tuple[str | Path, str | Path] | None = None, precision: str | None = None) -> "ZImagePipeline":
         """Load from a transformer file (official, ComfyUI or diffusers layout), a VAE file (`ae.safetensors`) and
         Qwen3 model and tokenizer folders; Omni also needs `siglip`, its SigLIP2 model and processor folders.
-        Weights go to `device` (default: the GPU) in `dtype`."""
+        Weights go to `device` (default: the GPU) in `dtype`; precision "fp8" runs the transformer blocks' linears in fp8
+        (common/fp8.py)."""
+        check_precision(precision)
         info = check_family(transformer, "z-image", " (for FLUX.1 use zflux.flux.pipeline.FluxPipeline)")
         omni = variant == OMNI
         if (info.variant == OMNI) != omni:
@@ -248,7 +252,7 @@ class ZImagePipeline(LoraPipeline):
         encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
                                                      dtype=dtype)
         load = load_omni_transformer if omni else load_transformer
-        return cls(load(transformer, device, dtype), load_autoencoder(vae, device, dtype), text_encoder=encoder,
+        return cls(apply_precision(load(transformer, device, dtype), precision), load_autoencoder(vae, device, dtype), text_encoder=encoder,
                    variant=variant, scheduler=scheduler, offload_text_encoder=offload_text_encoder,
                    siglip=SiglipEncoder.from_pretrained(*siglip, device=device, dtype=dtype) if omni else None)
 

@@ -35,7 +35,9 @@ from torch.nn import functional as F
 
 from zflux.common import ops
 from zflux.common.embeddings import timestep_embedding
+from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
+from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.weights import config_from_dict
 
@@ -230,7 +232,7 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = self._joint_qkv(img, txt, img_mod[0], txt_mod[0], rope)  # (B, H, L+S, D) each
         step = None
         if refs is not None:
-            ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0]), refs.rope)  # (B, H, R, D) each
+            ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0], self.img_attn.qkv), refs.rope)  # (B, H, R, D) each
             ref_kv = (ref_k, ref_v)
             ref_out = self._residuals(refs.x, ops.attention(ref_q, ref_k, ref_v), refs.mod, self.img_attn, self.img_mlp)
             step = RefStep(ref_out, ref_kv)
@@ -244,19 +246,20 @@ class DoubleStreamBlock(nn.Module):
         """q, k, v (B, H, L+S, D) over [text; image]; each stream's own projections die on return."""
         L = txt.shape[1]
         cos, sin = rope
-        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod), (cos[:, :L], sin[:, :L]))
-        img_qkv = self.img_attn(self._modulated(img, img_mod), (cos[:, L:], sin[:, L:]))
+        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv), (cos[:, :L], sin[:, :L]))
+        img_qkv = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv), (cos[:, L:], sin[:, L:]))
         return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
 
-    def _modulated(self, x: Tensor, mod: ModulationOut) -> Tensor:
-        return ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps)
+    def _modulated(self, x: Tensor, mod: ModulationOut, into: nn.Module) -> Tensor | Fp8Tensor:
+        """The modulated norm of x, quantized to fp8 where the linear it goes `into` takes that."""
+        return ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(into))
 
     def _residuals(self, x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
                    ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
         x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(self._modulated(x, mlp_mod)))
+        return torch.addcmul(x, mlp_mod.gate, ffn(self._modulated(x, mlp_mod, ffn[0])))
 
 
 class SingleStreamBlock(nn.Module):
@@ -292,11 +295,11 @@ class SingleStreamBlock(nn.Module):
         """q, k, v (B, H, S, D), normalized and rotated, and linear2's input (B, S, dim + mlp_hidden) holding the SwiGLU
         activation in its last mlp_hidden channels, the first dim left for the attention output: written in place,
         where a concatenation would copy both again."""
-        h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps)
+        h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(self.linear1))
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        joined = h.new_empty(*h.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
+        joined = x.new_empty(*x.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
         swiglu(hidden, out=joined[..., x.shape[-1]:])
         return q, k, v, joined
 
@@ -325,6 +328,7 @@ class Flux2(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
+        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
         dim, heads, hidden, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.mlp_hidden, cfg.eps
         self.img_in = nn.Linear(cfg.in_channels, dim, bias=False)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, dim, bias=False)
@@ -356,7 +360,7 @@ class Flux2(nn.Module):
         if ref_kv is not None and (len(ref_kv.double), len(ref_kv.single)) != (self.cfg.num_layers, self.cfg.num_single_layers):
             raise ValueError(f"ref_kv holds {len(ref_kv.double)} + {len(ref_kv.single)} blocks' K/V, this model has "
                              f"{self.cfg.num_layers} + {self.cfg.num_single_layers}: make it with this model's extract_ref_kv")
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, ref_kv=ref_kv)[0]
 
     def extract_ref_kv(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, ref: Tensor,
@@ -369,7 +373,7 @@ class Flux2(nn.Module):
         """
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, guidance)
         self._check_inputs(ref, ref_ids, txt, txt_ids, timesteps, guidance)
-        with ops.use_backend(self.backend):
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, refs=(ref, ref_ids))
 
     def _vec(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
+from zflux.common.fp8 import apply_precision, check_precision
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family, flux2_mode, flux2_variant
 from zflux.common.images import fit_image, mask_tensor, open_image, to_pil, to_tensor
@@ -269,7 +270,7 @@ class Flux2Pipeline(LoraPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None) -> "Flux2Pipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "Flux2Pipeline":
         """Load a diffusers Flux2Pipeline / Flux2KleinPipeline / Flux2KleinKVPipeline / Flux2KleinInpaintPipeline snapshot
         (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); `variant`, if given, must be the one
         the snapshot names (its pipeline class, `is_distilled` and the transformer's size)."""
@@ -279,15 +280,18 @@ class Flux2Pipeline(LoraPipeline):
             raise CheckpointError(f"{root} is a {found} snapshot, not {variant}")
         return cls.from_single_files(root / "transformer", root / "vae", root / "text_encoder", root / "tokenizer", variant=found,
                                      device=device, dtype=dtype, offload_text_encoder=offload_text_encoder,
-                                     scheduler=read_scheduler(root / "scheduler"))
+                                     scheduler=read_scheduler(root / "scheduler"), precision=precision)
 
     @classmethod
     def from_single_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path, tokenizer: str | Path,
                           variant: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                          offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None) -> "Flux2Pipeline":
+                          offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None,
+                          precision: str | None = None) -> "Flux2Pipeline":
         """Load from a transformer file (BFL's `flux2-dev.safetensors`, a klein file, ComfyUI or diffusers layout), the
         autoencoder (`ae.safetensors` or a vae/ folder) and the text-encoder and tokenizer folders. A klein file runs as its
-        distilled variant unless `variant` names the base or KV one. Weights go to `device` (default: the GPU)."""
+        distilled variant unless `variant` names the base or KV one. Weights go to `device` (default: the GPU); precision
+        "fp8" runs the transformer blocks' linears in fp8 (common/fp8.py)."""
+        check_precision(precision)
         info = check_family(transformer, "flux.2", " (FLUX.1 runs in zflux.flux.pipeline.FluxPipeline)")
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"unknown FLUX.2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -297,7 +301,7 @@ class Flux2Pipeline(LoraPipeline):
             raise CheckpointError(f"{vae} is the 16-channel FLUX.1 autoencoder; FLUX.2 needs its 32-channel one (its ae.safetensors)")
         check_autoencoder(vae)  # every key and shape, from the header; the transformer's are checked as it loads, before any read
         device = torch.device(device) if device is not None else default_device()
-        model = load_transformer(transformer, device, dtype)
+        model = apply_precision(load_transformer(transformer, device, dtype), precision)
         variant = variant or info.variant or ("flux2-dev" if model.cfg.guidance_embeds else "flux2-klein-4b")
         encoder = Flux2PromptEncoder.from_pretrained(text_encoder, tokenizer, "cpu" if offload_text_encoder else device, dtype)
         return cls(model, load_autoencoder(vae, device, dtype), encoder, variant, scheduler, offload_text_encoder)

@@ -1,0 +1,97 @@
+"""Per-token fp8 quantization: rows of x (R, K) -> e4m3 rows and one fp32 scale per row.
+
+As `zflux.common.quant.quantize` defines it (per-row):
+
+    s = max(amax(x_row), TINY) / 448        q = e4m3(clamp(x_row / s, -448, 448))
+
+one read of x and one write of q and s, where PyTorch takes five passes. `store_fp8_rows` is the
+tail the fused norm kernels (`zflux.kernels.modulate`) end with to hand their rows to an fp8 linear.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from zflux.common.quant import E4M3, E4M3_MAX, TINY
+from zflux.kernels.rmsnorm import row_blocks
+
+_MAX = tl.constexpr(E4M3_MAX)
+_TINY = tl.constexpr(TINY)
+
+
+@triton.jit
+def store_fp8_rows(y, out_ptr, scale_ptr, rows, cols, mask, n_cols):
+    """Quantize the fp32 tile y (BLOCK_M, BLOCK_N) per row to e4m3 at out_ptr (R, n_cols), its row scales at scale_ptr."""
+    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)  # (BLOCK_M,)
+    scale = tl.maximum(amax, _TINY) / _MAX
+    q = tl.clamp(y / scale[:, None], -_MAX, _MAX)
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=tl.max(mask.to(tl.int32), axis=1) > 0)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_row_stride,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]  # (BLOCK_M, BLOCK_N)
+    rows = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    store_fp8_rows(x, out_ptr, scale_ptr, rows, cols, mask, n_cols)
+
+
+@torch.library.custom_op("zflux::quantize_fp8_rows", mutates_args=())
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., K) -> e4m3 (..., K) and fp32 scales (..., 1), one per row."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, K)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=E4M3, device=x.device)  # (..., K)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)  # (..., 1)
+    block_m, block_n, num_warps = row_blocks(rows.shape[1])
+    _quantize_rows_kernel[(triton.cdiv(rows.shape[0], block_m),)](rows, out, scale, rows.shape[0], rows.shape[1],
+                                                                 rows.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                 num_warps=num_warps)
+    return out, scale
+
+
+@triton.jit
+def _quantize_heads_kernel(x_ptr, out_ptr, scale_ptr, S, H, x_sb, x_sh, x_ss, out_sh, out_ss, out_sd,
+                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    dims = tl.arange(0, D)
+    mask = (tokens < S)[:, None]  # (BLOCK_S, 1)
+    x = tl.load(x_ptr + b * x_sb + h * x_sh + tokens[:, None] * x_ss + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), _TINY) / _MAX  # (BLOCK_S,)
+    q = tl.clamp(x / scale[:, None], -_MAX, _MAX).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + bh * out_sh + tokens[:, None] * out_ss + dims[None, :] * out_sd, q, mask=mask)
+    tl.store(scale_ptr + bh * S + tokens, scale, mask=tokens < S)
+
+
+def quantize_heads(x: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
+    """x (B, H, S, D) (any strides, unit channel stride) -> e4m3 (B, H, S, D), or (B, H, D, S') transposed (S' = S
+    rounded up to 16, so that each row is 16-byte aligned for TMA), and fp32 scales (B, H, S), one per token and head."""
+    B, H, S, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    width = triton.cdiv(S, 16) * 16
+    out = torch.empty((B, H, D, width) if transpose else (B, H, S, D), dtype=E4M3, device=x.device)
+    scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
+    out_ss, out_sd = (1, width) if transpose else (D, 1)
+    block_s = max(1, 4096 // D)
+    _quantize_heads_kernel[(B * H, triton.cdiv(S, block_s))](x, out, scale, S, H, *x.stride()[:3], out.stride(1), out_ss,
+                                                             out_sd, D=D, BLOCK_S=block_s, num_warps=4)
+    return out, scale
+
+
+def fp8_like(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty e4m3 rows shaped like x (..., K) and their fp32 scales (..., 1): the fake (meta) outputs of the fp8 ops."""
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@quantize_rows.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_like(x)
