@@ -180,7 +180,7 @@ def test_unknown_precision_is_refused_before_loading(tmp_path):
 
 
 def test_cli_precision_fp8_on_the_cpu(tmp_path, capsys):
-    main(["generate", "--prompt", "a red circle on a blue background", "--precision", "fp8", "--steps", "2",
+    main(["generate", "--prompt", "a red circle on a blue background", "--precision", "fp8", "--steps", "2", "--device", "cpu",
           "--out", str(tmp_path / "fp8.png")])
     assert (tmp_path / "fp8.png").exists()
     assert "warning: --precision fp8 on the CPU: no fp8 tensor cores" in capsys.readouterr().err
