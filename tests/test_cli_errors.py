@@ -267,7 +267,7 @@ def test_runs_write_numbered_images_with_their_settings(paths, tmp_path, capsys)
     seeds = [int(line.split("seed ")[1].split(";")[0]) for line in lines]
     assert [line.split(":")[0] for line in lines] == [str(tmp_path / "out" / f"fox-{i}.png") for i in range(1, 5)]
     assert seeds[1] == seeds[0] + 1 and seeds[2:] == seeds[:2]
-    assert report.err.count("zflux generate: warning: Qwen3 reads 512 tokens") == 2  # the long prompt, once per image
+    assert report.err.count("zflux generate: warning: Qwen3 reads 512 tokens") == 1  # once: image 2 reuses the encoding
     assert "are dropped" in report.err
     mode = stat.S_IMODE((tmp_path / "out" / "fox-1.png").stat().st_mode)
     assert mode == 0o666 & ~current_umask()

@@ -97,6 +97,7 @@ if TYPE_CHECKING:  # imported where a command needs them (the module's docstring
     from zflux.common.sampling import SamplingDefaults
 
 DTYPES = ("bf16", "fp16", "fp32")
+OFFLOAD = ("none", "text-encoder", "model", "blocks", "auto")  # common.offload.MODES, and auto (named here: no torch import)
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -267,7 +268,16 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     gen.add_argument("--dtype", choices=DTYPES, help="precision of the weights and the model's compute (default: bf16; fp32 for the "
                                                      "small models, faster on the CPU; fp16 can overflow)")
-    gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
+    gen.add_argument("--offload", choices=OFFLOAD,
+                     help="for GPUs smaller than the model: text-encoder (on the CPU between prompts), model (each of text "
+                          "encoder and transformer on the GPU only while it runs), blocks (as model, the transformer streamed block "
+                          "by block), auto (the least of these that the memory estimate says fits); default none")
+    gen.add_argument("--offload-text-encoder", action="store_true", help="the same as --offload text-encoder")
+    gen.add_argument("--vae-tiling", action="store_true", default=None,
+                     help="decode in overlapping tiles (default: only when the whole image would not fit in GPU memory)")
+    gen.add_argument("--cache", type=float, metavar="THRESHOLD",
+                     help="first-block step cache: skip the transformer's later blocks on steps whose first block changed by less "
+                          "than THRESHOLD (relative L1; e.g. 0.1); faster, a little different; default off")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     for family in families():
         family.add_arguments(gen)
@@ -332,6 +342,7 @@ class Request:
     device: torch.device
     dtype: torch.dtype
     footprint: Footprint
+    offload: str  # the offload mode (--offload auto: the one chosen)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -353,7 +364,8 @@ def generate(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args, family, request)
         loaded = f" (weights loaded in {time.perf_counter() - start:.1f} s)"
         options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                       guidance=args.guidance, init_image=request.init_image, strength=args.strength)  # unset: the pipeline's
+                       guidance=args.guidance, init_image=request.init_image, strength=args.strength, cache=args.cache,
+                       vae_tiling=args.vae_tiling)  # unset: the pipeline's
         for job in request.jobs:
             start = time.perf_counter()
             image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
@@ -413,11 +425,16 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.backend == "triton" and not triton_runs_on(device):
         raise ValueError(f"--backend triton: the Triton kernels run on a CUDA GPU with triton installed, not on {device}; "
                          "leave --backend out (auto) or use sdpa")
-    if args.offload_text_encoder and device.type == "cpu":
-        warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
-    footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
+    if args.cache is not None and args.cache < 0:
+        raise ValueError(f"--cache {args.cache}: the threshold is >= 0 (0 never skips a step; try 0.1)")
+    if args.offload_text_encoder and args.offload not in (None, "text-encoder"):
+        raise ValueError(f"--offload-text-encoder is --offload text-encoder: it cannot go with --offload {args.offload}")
+    offload = "text-encoder" if args.offload_text_encoder else args.offload or "none"
+    if offload not in ("none", "auto") and device.type == "cpu":
+        warnings.warn(f"--offload {offload} does nothing on the CPU: everything is there already")
+    footprint, offload = check_memory(args, family, device=device, dtype=dtype, size=(height, width), offload=offload)
     return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
-                   footprint=footprint)
+                   footprint=footprint, offload=offload)
 
 
 def check_other_families_flags(args: argparse.Namespace, family: ModuleType) -> None:
@@ -481,40 +498,55 @@ def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path
 
 
 def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.device, dtype: torch.dtype,
-                 size: tuple[int, int]) -> Footprint:
-    """The run's Footprint, from the checkpoints' headers; ValueError with advice when `device` is clearly short of memory."""
-    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib
+                 size: tuple[int, int], offload: str) -> tuple[Footprint, str]:
+    """The run's Footprint, from the checkpoints' headers, and its offload mode (`offload`, or for "auto" the first that fits);
+    ValueError with advice when `device` is clearly short of memory."""
+    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib, largest_block_numel
+    from zflux.common.tiling import TILE
 
     weights, vae, encoders = components(args, family)
-    model = [weights / "transformer", weights / "vae"] if vae is None else [weights, vae]
+    transformer, vae = (weights / "transformer", weights / "vae") if vae is None else (weights, vae)
     text = [(encoders or weights) / name for name in family.TEXT_FOLDERS]
 
-    def params(paths: list[Path]) -> int:  # what is not there, or not safetensors, the loader names
-        return sum(checkpoint_numel(p) for p in paths if p.is_file() or any(p.glob("*.safetensors*")))
+    def there(path: Path) -> bool:  # what is not there, or not safetensors, the loader names
+        return path.is_file() or any(path.glob("*.safetensors*"))
 
     height, width = size
-    footprint = Footprint(model_params=params(model), text_params=params(text), pixels=height * width)
-    need, free = footprint.bytes(dtype, args.offload_text_encoder), free_bytes(device)
+    footprint = Footprint(transformer_params=checkpoint_numel(transformer) if there(transformer) else 0,
+                          block_params=largest_block_numel(transformer) if there(transformer) else 0,
+                          vae_params=checkpoint_numel(vae) if there(vae) else 0,
+                          text_params=sum(checkpoint_numel(p) for p in text if there(p)), pixels=height * width)
+    free = free_bytes(device)
+    tile = None if args.vae_tiling is None and offload != "auto" else (8 * TILE) ** 2
+    if offload == "auto":
+        chosen = footprint.choose_offload(args.dtype, room=free, tile_pixels=tile) if free is not None and device.type == "cuda" else "none"
+        if chosen is None:
+            need = footprint.bytes(args.dtype, "blocks", tile_pixels=tile)
+            raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
+                             f"{gib(need)} even with --offload blocks and --vae-tiling{memory_advice(args, footprint, room=free)}")
+        return footprint, chosen
+    need = footprint.bytes(args.dtype, offload, tile_pixels=tile)
     if free is not None and need > free:
         raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
-                         f"{gib(need)}{memory_advice(args, footprint, need=need, room=free)}")
-    return footprint
+                         f"{gib(need)}{memory_advice(args, footprint, room=free)}")
+    return footprint, offload
 
 
-def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int) -> str:
-    """The flags that would bring a run needing `need` bytes (as the flags stand) within `room`, by the footprint's estimate."""
+def memory_advice(args: argparse.Namespace, footprint: Footprint, room: int) -> str:
+    """The flags that would bring the run within `room` bytes, by the footprint's estimate (offload modes, tiling, bf16)."""
     from zflux.common.memory import gib
+    from zflux.common.offload import MODES
+    from zflux.common.tiling import TILE
 
-    dtype = torch_dtype(args.dtype)
-    current = footprint.bytes(dtype, args.offload_text_encoder)
-    choices = [("--offload-text-encoder", dtype, True)] if not args.offload_text_encoder else []
-    if args.dtype == "fp32":
-        choices += [("--dtype bf16", torch_dtype("bf16"), args.offload_text_encoder)]
-        choices += [("--dtype bf16 --offload-text-encoder", torch_dtype("bf16"), True)] if not args.offload_text_encoder else []
-    fits = [f"{flags} (about {gib(scaled)})" for flags, alt_dtype, offload in choices
-            if (scaled := need * footprint.bytes(alt_dtype, offload) // current) <= room]
+    tile = (8 * TILE) ** 2
+    dtypes = [args.dtype] + (["bf16"] if args.dtype == "fp32" else [])
+    choices = [(dtype, mode, tiles) for dtype in dtypes for mode in MODES[1:] for tiles in (None, tile)]
+    fits = [(" ".join(flags), footprint.bytes(dtype, mode, tile_pixels=tiles)) for dtype, mode, tiles in choices
+            if footprint.bytes(dtype, mode, tile_pixels=tiles) <= room
+            and (flags := [f"--offload {mode}"] + (["--vae-tiling"] if tiles else []) + ([f"--dtype {dtype}"] if dtype != args.dtype else []))]
     if fits:
-        return "; this would fit: " + ", or ".join(fits)
+        flags, need = fits[0]
+        return f"; this would fit: {flags} (about {gib(need)}), or --offload auto"
     return "; try a smaller --height / --width, a device with more memory, or --device cpu"
 
 
@@ -529,14 +561,14 @@ def memory_reported(args: argparse.Namespace, request: Request) -> Iterator[None
         yield
     except torch.cuda.OutOfMemoryError as e:
         need, total = out_of_memory_need(e, request.device)
-        advice = memory_advice(args, request.footprint, need=need, room=total)
+        advice = memory_advice(args, request.footprint, room=total)
         raise MemoryError(f"out of memory on {request.device} ({gib(total)}): the run needed more than {gib(need)}{advice}") from None
 
 
 def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     weights, vae, encoders = components(args, family)
-    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder,
+    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload=request.offload,
                    **family.load_options(args))
     if vae is None:
         pipe = family.load_pipeline(weights, **options)
