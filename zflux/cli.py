@@ -523,30 +523,34 @@ def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.dev
         if chosen is None:
             need = footprint.bytes(args.dtype, "blocks", tile_pixels=tile)
             raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
-                             f"{gib(need)} even with --offload blocks and --vae-tiling{memory_advice(args, footprint, room=free)}")
+                             f"{gib(need)} even with --offload blocks and --vae-tiling; try a smaller --height / --width, a device "
+                             "with more memory, or --device cpu")
         return footprint, chosen
     need = footprint.bytes(args.dtype, offload, tile_pixels=tile)
     if free is not None and need > free:
         raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
-                         f"{gib(need)}{memory_advice(args, footprint, room=free)}")
+                         f"{gib(need)}{memory_advice(args, footprint, need=need, room=free, offload=offload)}")
     return footprint, offload
 
 
-def memory_advice(args: argparse.Namespace, footprint: Footprint, room: int) -> str:
-    """The flags that would bring the run within `room` bytes, by the footprint's estimate (offload modes, tiling, bf16)."""
+def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int, offload: str) -> str:
+    """The flags that would bring a run needing `need` bytes (with --offload `offload`, as the flags stand) within `room`:
+    the estimate's ratio between the two runs, applied to `need`."""
     from zflux.common.memory import gib
     from zflux.common.offload import MODES
     from zflux.common.tiling import TILE
 
-    tile = (8 * TILE) ** 2
-    dtypes = [args.dtype] + (["bf16"] if args.dtype == "fp32" else [])
-    choices = [(dtype, mode, tiles) for dtype in dtypes for mode in MODES[1:] for tiles in (None, tile)]
-    fits = [(" ".join(flags), footprint.bytes(dtype, mode, tile_pixels=tiles)) for dtype, mode, tiles in choices
-            if footprint.bytes(dtype, mode, tile_pixels=tiles) <= room
-            and (flags := [f"--offload {mode}"] + (["--vae-tiling"] if tiles else []) + ([f"--dtype {dtype}"] if dtype != args.dtype else []))]
+    tiles = None if args.vae_tiling is None else (8 * TILE) ** 2
+    smaller = "bf16" if args.dtype == "fp32" else args.dtype
+    options = [(f"--offload {mode}", args.dtype, mode, tiles) for mode in MODES[1:] if mode != offload]
+    options += [("--vae-tiling", args.dtype, offload, (8 * TILE) ** 2)] if tiles is None else []
+    options += [("--dtype bf16", "bf16", offload, tiles)] if args.dtype == "fp32" else []
+    options += [(f"--offload blocks --vae-tiling{' --dtype bf16' * (args.dtype == 'fp32')}", smaller, "blocks", (8 * TILE) ** 2)]
+    current = footprint.bytes(args.dtype, offload, tile_pixels=tiles)
+    fits = [f"{flags} (about {gib(scaled)})" for flags, dtype, mode, tile in options
+            if (scaled := need * footprint.bytes(dtype, mode, tile_pixels=tile) // current) <= room]
     if fits:
-        flags, need = fits[0]
-        return f"; this would fit: {flags} (about {gib(need)}), or --offload auto"
+        return "; this would fit: " + ", or ".join(fits[:3])
     return "; try a smaller --height / --width, a device with more memory, or --device cpu"
 
 
@@ -561,7 +565,7 @@ def memory_reported(args: argparse.Namespace, request: Request) -> Iterator[None
         yield
     except torch.cuda.OutOfMemoryError as e:
         need, total = out_of_memory_need(e, request.device)
-        advice = memory_advice(args, request.footprint, room=total)
+        advice = memory_advice(args, request.footprint, need=need, room=total, offload=request.offload)
         raise MemoryError(f"out of memory on {request.device} ({gib(total)}): the run needed more than {gib(need)}{advice}") from None
 
 
