@@ -221,7 +221,7 @@ def test_estimate_per_stage():
     assert FLUX_DEV.weights("text_encoder", "bf16", CPU) == 0
     assert FLUX_DEV.activations("decode", "bf16", tile_pixels=TILE) * 4 == FLUX_DEV.activations("decode", "bf16")
     big = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, pixels=2048 * 2048)
-    assert big.bytes("bf16", "model", tile_pixels=TILE) * 16 == big.bytes("bf16", "model")
+    assert big.activations("decode", "bf16", tile_pixels=TILE) * 16 == big.activations("decode", "bf16") == 8 * GIB
 
 
 def test_resolve_mode():
