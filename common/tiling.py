@@ -78,6 +78,8 @@ def tiled_encode(vae: Autoencoder, image: Tensor, noise: Tensor | None = None, t
     samples is then the blend of their means plus the blend of their deviations times the noise.
     """
     down = vae.cfg.downscale
+    if tile % down or overlap % down:
+        raise ValueError(f"encode tiles of {tile} pixels overlapping by {overlap}: both must be multiples of {down}, the latent grid")
 
     def encode(piece: Tensor, place: tuple[slice, slice]) -> Tensor:
         rows, cols = (slice(s.start // down, s.stop // down) for s in place)
