@@ -104,14 +104,17 @@ def zimage_offload(args: argparse.Namespace) -> None:
     """Z-Image-Turbo end to end at 1024 x 1024, 8 steps: peak and time of a first, a repeated and a new prompt, per mode."""
     print("| mode | peak (GiB) | first prompt (s) | same prompt again (s) | new prompt (s) |\n|---|---|---|---|---|")
     for mode in args.modes or ("none", "text-encoder", "model", "blocks"):
-        pipe = zimage_pipeline(mode)
-        run = dict(height=1024, width=1024, seed=0, progress=False)
-        _, first, peak_first = timed(lambda: pipe.generate(PROMPTS[0], **run))
-        _, again, peak_again = timed(lambda: pipe.generate(PROMPTS[0], **run))
-        _, new, peak_new = timed(lambda: pipe.generate(PROMPTS[1], **run))
-        print(f"| {mode} | {max(peak_first, peak_again, peak_new):.1f} | {first:.2f} | {again:.2f} | {new:.2f} |")
-        del pipe
+        print(zimage_row(mode))
         torch.cuda.empty_cache()
+
+
+def zimage_row(mode: str) -> str:
+    pipe = zimage_pipeline(mode)
+    run = dict(height=1024, width=1024, seed=0, progress=False)
+    _, first, peak_first = timed(lambda: pipe.generate(PROMPTS[0], **run))
+    _, again, peak_again = timed(lambda: pipe.generate(PROMPTS[0], **run))
+    _, new, peak_new = timed(lambda: pipe.generate(PROMPTS[1], **run))
+    return f"| {mode} | {max(peak_first, peak_again, peak_new):.1f} | {first:.2f} | {again:.2f} | {new:.2f} |"
 
 
 def h2d_bandwidth(nbytes: int = 2**30) -> float:
