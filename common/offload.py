@@ -21,6 +21,7 @@ last prompt's encoding is kept, so a repeated prompt costs the text encoder no t
 """
 
 from collections.abc import Callable, Iterator
+from collections import deque
 from contextlib import contextmanager
 
 import torch
@@ -130,12 +131,21 @@ class SyncCopies:
 
 
 class CudaCopies:
-    """Block copies on a side CUDA stream: start() queues one and records an event, wait() makes the compute stream wait."""
+    """Block copies on a side CUDA stream: start() queues one and records an event, wait() makes the compute stream wait.
+
+    A parked block's device memory is freed only once the compute stream has passed it (record_stream),
+    so a host running far ahead of the GPU would hold every block's copy at once: start() first lets
+    the GPU reach the compute of the block before last (an event per wait()), keeping about three
+    blocks' copies alive.
+    """
 
     def __init__(self, device: torch.device):
         self.device, self.stream = device, torch.cuda.Stream(device)
+        self.reached: deque[torch.cuda.Event] = deque()  # compute-stream marks, one per block started
 
     def start(self, block: Parked) -> tuple[torch.cuda.Event, list[Tensor]]:
+        if len(self.reached) >= 2:
+            self.reached.popleft().synchronize()
         # The copy must not overwrite memory the compute stream still reads: the side stream first waits for it.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -150,6 +160,9 @@ class CudaCopies:
         compute.wait_event(done)
         for copy in copies:  # allocated on the side stream, read on the compute stream: not reused before it is done
             copy.record_stream(compute)
+        mark = torch.cuda.Event()
+        mark.record(compute)
+        self.reached.append(mark)
 
 
 class BlockStreamer:
