@@ -202,7 +202,7 @@ class BlockStreamer:
 class Offload:
     """A pipeline's components placed as its offload mode's plan says, stage by stage.
 
-    `components` maps COMPONENTS' names to the pipeline's objects; `device` is where the run computes.
+    `components` maps COMPONENTS' names (all or some) to the pipeline's objects; `device` is where the run computes.
     `copies` makes the block streamer's copier for the device (default: CudaCopies on a GPU, else SyncCopies).
     """
 
@@ -230,7 +230,7 @@ class Offload:
     def enter(self, stage: str) -> None:
         """Move each component where the plan has it in `stage` (streamed parts: set up once, at load)."""
         for name, place in self.plan[stage].items():
-            if self.places.get(name) == place:
+            if name not in self.components or self.places.get(name) == place:
                 continue
             if name in self.parked:
                 parked = self.parked[name]
