@@ -78,6 +78,25 @@ def test_skip_adds_the_last_residual_of_the_remaining_blocks():
     assert torch.equal(out, torch.full((2, 3), 9.0)) and cache.computed == 2
 
 
+def test_threshold_zero_computes_even_an_unchanged_step():
+    """The skip test is strict: at threshold 0 an identical first-block residual still runs every block (h + (out - h)
+    need not round back to out)."""
+    cache = StepCache(threshold=0.0)
+    for _ in range(2):
+        run_blocks(cache, (torch.ones(2, 3),), lambda x: (x + 1,), lambda x: (x * 3,))
+    assert (cache.computed, cache.skipped) == (2, 0)
+
+
+def test_the_reference_is_the_last_computed_step():
+    """Residuals drifting by less than the threshold per step still add up: each is compared with the last step that ran
+    whole, not with the last step."""
+    cache = StepCache(threshold=0.5)
+    rest = lambda x: (x * 3,)  # noqa: E731
+    for residual in (1.0, 1.4, 1.8):  # 0.4 from the reference: skipped; then 0.8 from it (0.29 from the skipped step): run
+        run_blocks(cache, (torch.ones(2, 3),), lambda x, r=residual: (x + r,), rest)
+    assert (cache.computed, cache.skipped) == (2, 1)
+
+
 def test_negative_threshold_is_refused():
     with pytest.raises(ValueError, match="cache threshold -0.1: use 0"):
         with step_cache(torch.nn.Module(), -0.1):
