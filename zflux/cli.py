@@ -517,7 +517,7 @@ def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.dev
                           vae_params=checkpoint_numel(vae) if there(vae) else 0,
                           text_params=sum(checkpoint_numel(p) for p in text if there(p)), pixels=height * width)
     free = free_bytes(device)
-    tile = None if args.vae_tiling is None and offload != "auto" else (8 * TILE) ** 2
+    tile = (8 * TILE) ** 2  # the decode goes in tiles by itself when it would not fit whole
     if offload == "auto":
         chosen = footprint.choose_offload(args.dtype, room=free, tile_pixels=tile) if free is not None and device.type == "cuda" else "none"
         if chosen is None:
