@@ -364,7 +364,7 @@ def test_clearly_short_memory_is_refused_before_loading(paths, tmp_path, capsys,
     with pytest.raises(SystemExit) as done:
         main(fill(generate_argv(height="1024", width="1024"), paths, tmp_path))
     assert_one_clean_line(*exit_of(done, capsys),
-                          "cpu has 1.0 MiB free; z-image-turbo in fp32 at 1024x1024 needs at least 4.0 GiB; try a smaller")
+                          "cpu has 1.0 MiB free; z-image-turbo in fp32 at 1024x1024 needs at least 1.0 GiB; try a smaller")
 
 
 def test_keys_are_named_in_the_files_own_layout(paths, tmp_path):
