@@ -269,3 +269,9 @@ def resolve_mode(offload: str, offload_text_encoder: bool) -> str:
 def load_device(mode: str, component: str, device: torch.device | str) -> torch.device:
     """Where to load `component` in offload `mode`: `device` if the plan has it there once loaded, else the CPU."""
     return torch.device(device) if make_plan(mode)["load"][component] == DEVICE else torch.device("cpu")
+
+
+def graphs_allowed(offload: Offload, cache: float | None) -> bool:
+    """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): not while its blocks stream (copies
+    and host waits sit inside its forward), nor with the step cache (its skip decision reads the device)."""
+    return offload.mode != "blocks" and cache is None

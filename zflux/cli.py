@@ -278,6 +278,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--cache", type=float, metavar="THRESHOLD",
                      help="first-block step cache: skip the transformer's later blocks on steps whose first block changed by less "
                           "than THRESHOLD (relative L1; e.g. 0.1); faster, a little different; default off")
+    gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                     help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     for family in families():
         family.add_arguments(gen)
@@ -580,6 +582,7 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
         pipe = family.load_pipeline(weights, vae=vae, text_encoders=encoders, **options)
     if args.backend:
         pipe.transformer.backend = args.backend
+    pipe.cuda_graphs = args.cuda_graphs == "on"
     return pipe
 
 
