@@ -237,3 +237,12 @@ def test_resolve_mode():
     assert offload_module.resolve_mode("none", offload_text_encoder=True) == "text-encoder"
     with pytest.raises(ValueError, match="offload_text_encoder=True is offload='text-encoder'"):
         offload_module.resolve_mode("blocks", offload_text_encoder=True)
+
+
+def test_cuda_graphs_stay_off_while_blocks_stream_or_the_cache_runs():
+    """Streaming's copies and host waits, and the cache's skip decision, sit inside the forward: a CUDA graph cannot hold them."""
+    model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]))
+    allowed = {mode: offload_module.graphs_allowed(offload_module.Offload(mode, {"transformer": model}, torch.device("cpu")), None)
+               for mode in MODES}
+    assert allowed == {"none": True, "text-encoder": True, "model": True, "blocks": False}
+    assert not offload_module.graphs_allowed(offload_module.Offload("none", {"transformer": model}, torch.device("cpu")), 0.1)
