@@ -1,20 +1,26 @@
 """The device a run asks for, and whether its memory holds the run: checked before anything loads.
 
-The memory a run needs is estimated from the checkpoints' headers, never their tensors:
+The memory a run needs is estimated from the checkpoints' headers, never their tensors, stage by stage
+as the offload mode places the components (common/offload.py):
 
-    weights      every parameter of the transformer, the autoencoder and the text encoders, at the
-                 requested dtype's size (the files may be stored in another one);
-    activations  ACTIVATION_ELEMENTS_PER_PIXEL per output pixel, at the dtype's size: the
-                 autoencoder's decoder at full resolution dominates (128 channels, a few live
-                 tensors), then the transformer's tokens (one per 16 x 16 pixels, CFG rows included).
+    weights      each component on the device in that stage, at the requested precision's size (the
+                 files may be stored in another one); fp8 holds the transformer's weights in one byte
+                 each (common/fp8.py) and the rest in bf16; a streamed transformer holds its largest
+                 repeated block twice (the one running and the next one's copy) and nothing else of
+                 its blocks;
+    activations  denoise: TOKEN_ACTIVATION_ELEMENTS per token of each CFG row (image tokens, one per
+                 16 x 16 pixels, and 512 text tokens); decode: DECODE_ELEMENTS_PER_PIXEL per output
+                 pixel of the largest piece decoded at once (the whole image, or one tile).
 
-An offloaded text encoder visits the device only while the prompt is encoded, so the peak is then
-the larger of all weights, or the transformer and autoencoder with the activations. The estimate
-leaves out the CUDA context and the allocator's slack: it is a floor, so a run is refused only when
-even the floor does not fit ("clearly short"); a run that passes may still run out, which the CLI
-reports in one line with the peak it reached (out_of_memory_need).
+The peak is the largest stage's sum. The constants are counted from the models' shapes (a Z-Image
+block's live tensors at 1024 x 1024; the decoder's 128- and 256-channel tensors at full resolution)
+and are to be checked against tests/test_memory_gpu.py's measured peaks. The estimate leaves out the
+CUDA context and the allocator's slack: a run is refused only when the estimate does not fit; a run
+that passes may still run out, which the CLI reports in one line with the peak it reached
+(out_of_memory_need).
 """
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +28,19 @@ from pathlib import Path
 import torch
 
 from zflux.common.identify import read_header
-from zflux.common.pipeline import default_device
+from zflux.common.offload import CPU, MODES, STAGES, STREAMED, make_plan
 
-ACTIVATION_ELEMENTS_PER_PIXEL = 768  # ~1.5 GiB in bf16 at 1024 x 1024; calibrate with tests/test_memory_gpu.py
+TOKEN_ACTIVATION_ELEMENTS = 16 * 3072  # per token and CFG row: a block's live (B, S, dim) and MLP tensors, ~16 dims' worth
+DECODE_ELEMENTS_PER_PIXEL = 1024  # the decoder's full-resolution tensors: 2 GiB in bf16 at 1024 x 1024
+TEXT_TOKENS = 512
+PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # bytes per transformer weight; fp8 runs the rest in bf16
 GIB = 2**30
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_device(name: str | None) -> torch.device:
@@ -59,31 +73,61 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
 
 def checkpoint_numel(path: str | Path) -> int:
     """How many parameters the checkpoint at `path` (file, index or folder) holds, from its header."""
-    numel = 0
-    for _, shape in read_header(path).values():
-        count = 1
-        for size in shape:
-            count *= size
-        numel += count
-    return numel
+    return sum(math.prod(shape) for _, shape in read_header(path).values())
+
+
+def largest_block_numel(path: str | Path) -> int:
+    """How many parameters the largest repeated block of the transformer at `path` holds (keys `<list>.<index>.`)."""
+    blocks: dict[str, int] = {}
+    for name, (_, shape) in read_header(path).items():
+        match = re.match(r"(.*?\.\d+)\.", name)
+        if match:
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + math.prod(shape)
+    return max(blocks.values(), default=0)
 
 
 @dataclass(frozen=True)
 class Footprint:
-    """What a run keeps on its device, before a dtype is chosen: parameters and output pixels."""
+    """What a run keeps on its device, before a precision and an offload mode are chosen: parameters and sizes."""
 
-    model_params: int  # transformer and autoencoder
+    transformer_params: int
+    block_params: int  # the transformer's largest repeated block
+    vae_params: int
     text_params: int  # text encoders
     pixels: int  # height * width of one image
+    rows: int = 1  # CFG rows per transformer call
 
-    def bytes(self, dtype: torch.dtype, offload_text_encoder: bool) -> int:
-        """The floor of the device memory a run needs in `dtype` (see the module's docstring)."""
-        size = dtype.itemsize
-        weights = (self.model_params + self.text_params) * size
-        activations = self.pixels * ACTIVATION_ELEMENTS_PER_PIXEL * size
-        if offload_text_encoder:
-            return max(weights, self.model_params * size + activations)
-        return weights + activations
+    def weights(self, component: str, precision: str, place: str) -> int:
+        """Bytes of `component`'s weights on the device when the plan has it at `place`."""
+        if place == CPU:
+            return 0
+        size = PRECISIONS[precision]
+        if component == "transformer":
+            if place == STREAMED:
+                return 2 * self.block_params * size
+            return self.transformer_params * size
+        size = min(size, PRECISIONS["bf16"]) if precision == "fp8" else size
+        return (self.vae_params if component == "vae" else self.text_params) * size
+
+    def activations(self, stage: str, precision: str, tile_pixels: int | None = None) -> int:
+        """Bytes of `stage`'s activations (computed in bf16 when the weights are fp8)."""
+        size = PRECISIONS["bf16" if precision == "fp8" else precision]
+        if stage == "denoise":
+            return (self.pixels // 256 + TEXT_TOKENS) * self.rows * TOKEN_ACTIVATION_ELEMENTS * size
+        if stage == "decode":
+            return min(self.pixels, tile_pixels or self.pixels) * DECODE_ELEMENTS_PER_PIXEL * size
+        return 0
+
+    def bytes(self, precision: str, offload: str = "none", tile_pixels: int | None = None, transformer_aside: bool = False) -> int:
+        """The device memory a run needs at `precision` with `offload` (and decoding in tiles of `tile_pixels`)."""
+        plan = make_plan(offload, transformer_aside)
+        return max(sum(self.weights(name, precision, place) for name, place in plan[stage].items())
+                   + self.activations(stage, precision, tile_pixels) for stage in STAGES)
+
+    def choose_offload(self, precision: str, room: int, tile_pixels: int, transformer_aside: bool = False) -> str | None:
+        """The first offload mode (least moving first) whose run fits in `room` bytes, decoding whole or else in tiles;
+        None when even streamed blocks and tiles do not fit."""
+        return next((mode for mode in MODES if self.bytes(precision, mode, tile_pixels, transformer_aside) <= room), None)
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -95,6 +139,12 @@ def free_bytes(device: torch.device) -> int | None:
         match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), flags=re.M)
         return int(match.group(1)) * 1024 if match else None
     return None
+
+
+def decode_fits(pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decoding a `pixels`-pixel image whole fits in `device`'s free memory (the CPU's: taken to fit)."""
+    free = free_bytes(device) if device.type == "cuda" else None
+    return free is None or pixels * DECODE_ELEMENTS_PER_PIXEL * dtype.itemsize <= free
 
 
 def out_of_memory_need(error: BaseException, device: torch.device) -> tuple[int, int]:

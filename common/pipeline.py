@@ -38,7 +38,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zflux.common.images import check_mask, fit_image, mask_latents, mask_tensor, open_image, to_pil, to_tensor
+from zflux.common.memory import decode_fits, default_device  # noqa: F401 (default_device: its old home)
+from zflux.common.offload import Offload
 from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise, inpaint_blend
+from zflux.common.tiling import tiled_decode
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
 
@@ -58,11 +61,6 @@ class Variant:
     model: object  # the family's transformer config: an entry of its model.py PRESETS
     scheduler: SchedulerConfig  # the scheduler_config.json the checkpoint ships with
     defaults: SamplingDefaults  # what it is meant to run with
-
-
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def open_snapshot(path: str | Path, pipelines: tuple[str, ...], subfolders: tuple[str, ...]) -> Path:
@@ -122,20 +120,15 @@ def check_request(prompt: str, height: int | None, width: int | None, multiple: 
     return height, width, init_image
 
 
-def encode_prompts(encoder, prompt: str, negative_prompt: str | None, *, cfg: bool, max_length: int, device: torch.device,
-                   offload: bool) -> tuple[Tensor, ...]:
+def encode_prompts(encoder, prompt: str, negative_prompt: str | None, *, cfg: bool, max_length: int,
+                   offload: Offload) -> tuple[Tensor, ...]:
     """The prompt encoder's outputs for [prompt], or with CFG for [prompt, negative prompt (default empty)].
 
-    An offloaded encoder (`offload`) lives on the CPU and visits `device` only for this call.
+    The encoder runs in `offload`'s encode stage (an offloaded one visits the device for this call
+    only); the same prompts again reuse the last encoding.
     """
     prompts = [prompt, negative_prompt or ""] if cfg else [prompt]
-    if offload:
-        encoder.to(device)
-    try:
-        return encoder(prompts, max_length)
-    finally:
-        if offload:
-            encoder.to("cpu")
+    return offload.encode(encoder, prompts, max_length)
 
 
 def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int | torch.Generator, latents: Tensor | None,
@@ -268,7 +261,15 @@ def denoise(predict: Predict, latents: Tensor, sigmas: Tensor, start: int, *, bl
     return latents
 
 
-def decode_latents(vae: Autoencoder, latents: Tensor) -> list[Image.Image]:
-    """Scaled latents (B, C, h, w) -> B images, decoded in the autoencoder's dtype."""
+def decode_raw(vae: Autoencoder, raw: Tensor, tiling: bool | None = None) -> list[Image.Image]:
+    """Raw latents (B, C, h, w) -> B images, decoded in the autoencoder's dtype: in tiles (common/tiling.py) when
+    `tiling` is True, or None (auto) and the whole decode would not fit in the device's free memory."""
+    if tiling is None:
+        tiling = not decode_fits(raw.shape[2] * raw.shape[3] * vae.cfg.downscale**2, dtype=vae.dtype, device=raw.device)
+    return to_pil(tiled_decode(vae, raw) if tiling else vae.decode(raw))
+
+
+def decode_latents(vae: Autoencoder, latents: Tensor, tiling: bool | None = None) -> list[Image.Image]:
+    """Scaled latents (B, C, h, w) -> B images, decoded in the autoencoder's dtype (`tiling`: see decode_raw)."""
     raw = latents.float() / vae.cfg.scaling_factor + vae.cfg.shift_factor  # (B, C, h, w)
-    return to_pil(vae.decode(raw))
+    return decode_raw(vae, raw, tiling)

@@ -26,6 +26,7 @@ from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
 from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
+from zflux.common.step_cache import StepCache, run_blocks
 from zflux.common.weights import config_from_dict
 
 ROPE_THETA = 10000.0
@@ -254,6 +255,7 @@ class Flux(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads) for _ in range(cfg.num_layers))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(dim, heads) for _ in range(cfg.num_single_layers))
         self.final_layer = LastLayer(dim, cfg.out_channels)
+        self.step_cache: StepCache | None = None  # on for a run: common.step_cache.step_cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,12 +283,20 @@ class Flux(nn.Module):
         ids = torch.cat([txt_ids, img_ids], dim=1)  # (B, L+S, 3)
         rope = rope_tables(ids, self.cfg.axes_dims_rope, ROPE_THETA)  # (B, L+S, D/2) each
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
-        x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
-        for block in self.single_blocks:
-            x = block(x, vec, rope)
-        return self.final_layer(x[:, L:], vec).to(out_dtype)  # (B, S, out_channels)
+        def doubles(img: Tensor, txt: Tensor, start: int, stop: int | None) -> tuple[Tensor, Tensor]:
+            for block in self.double_blocks[start:stop]:
+                img, txt = block(img, txt, vec, rope)
+            return img, txt
+
+        def rest(img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:  # the blocks after the first
+            img, txt = doubles(img, txt, 1, None)
+            x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
+            for block in self.single_blocks:
+                x = block(x, vec, rope)
+            return x[:, L:], x[:, :L]
+
+        img, _ = run_blocks(self.step_cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        return self.final_layer(img, vec).to(out_dtype)  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                       guidance: Tensor | None) -> None:

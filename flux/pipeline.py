@@ -50,7 +50,9 @@ from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
+from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
+from zflux.common.step_cache import step_cache
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.convert import check_transformer, load_transformer, to_diffusers
@@ -221,7 +223,8 @@ class FluxPipeline(LoraPipeline):
     encoder, FLUX.1 Redux once load_redux() has run, and LoRAs (load_lora: common/lora.py)."""
 
     def __init__(self, transformer: Flux, vae: Autoencoder, text_encoder: FluxPromptEncoder,
-                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False, variant: str | None = None):
+                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False, variant: str | None = None,
+                 offload: str = "none", device: str | torch.device | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.variant = variant or variant_of(transformer.cfg)
         if self.variant not in VARIANTS:
@@ -230,13 +233,15 @@ class FluxPipeline(LoraPipeline):
             raise ValueError(f"the transformer takes {transformer.cfg.in_channels} input channels"
                              f"{'' if transformer.cfg.guidance_embeds else ' and no guidance'}; {self.variant} does not")
         self.scheduler = scheduler or VARIANTS[self.variant].scheduler
-        self.offload_text_encoder = offload_text_encoder
+        components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
+        self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device)
         self.redux: ReduxImageEncoder | None = None
         self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "FluxPipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None,
+                        offload: str = "none") -> "FluxPipeline":
         """Load a diffusers snapshot folder of FluxPipeline or a tool's pipeline (model_index.json, transformer/, vae/,
         text_encoder/ + tokenizer/ (CLIP), text_encoder_2/ + tokenizer_2/ (T5), scheduler/); `variant`, if given, must
         fit the weights (see from_single_files)."""
@@ -244,17 +249,17 @@ class FluxPipeline(LoraPipeline):
         return cls.from_single_files(root / "transformer", root / "vae", t5=root / "text_encoder_2", t5_tokenizer=root / "tokenizer_2",
                                      clip=root / "text_encoder", clip_tokenizer=root / "tokenizer", variant=variant, device=device,
                                      dtype=dtype, offload_text_encoder=offload_text_encoder, scheduler=read_scheduler(root / "scheduler"),
-                                     precision=precision)
+                                     precision=precision, offload=offload)
 
     @classmethod
     def from_single_files(cls, transformer: str | Path, vae: str | Path, t5: str | Path, t5_tokenizer: str | Path,
                           clip: str | Path, clip_tokenizer: str | Path, variant: str | None = None,
                           device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                           offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None,
-                          precision: str | None = None) -> "FluxPipeline":
+                          precision: str | None = None, offload: str = "none") -> "FluxPipeline":
         """Load from a transformer file (BFL `flux1-dev.safetensors`, ComfyUI or diffusers layout), a VAE file
-        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU);
-        precision "fp8" runs the transformer blocks' linears in fp8 (common/fp8.py).
+        (`ae.safetensors`) and the T5 / CLIP model and tokenizer folders. Weights go to `device` (default: the GPU), or wait on the
+        CPU as `offload` (common/offload.py) says; precision "fp8" runs the transformer blocks' linears in fp8 (common/fp8.py).
 
         The variant is what the weights say (common.identify): their shapes, and where shapes are shared
         (dev and Kontext, Canny and Depth) a name; a given `variant` must be one the weights can run as.
@@ -271,11 +276,12 @@ class FluxPipeline(LoraPipeline):
         check_transformer(transformer)  # every key and shape, from the headers: before any weight is read
         check_autoencoder(vae)
         device = torch.device(device) if device is not None else default_device()
+        mode = resolve_mode(offload, offload_text_encoder)
         encoder = FluxPromptEncoder.from_pretrained(t5, t5_tokenizer, clip=clip, clip_tokenizer=clip_tokenizer,
-                                                    device="cpu" if offload_text_encoder else device, dtype=dtype)
-        return cls(apply_precision(load_transformer(transformer, device, dtype), precision), load_autoencoder(vae, device, dtype),
-                   text_encoder=encoder,
-                   scheduler=scheduler, offload_text_encoder=offload_text_encoder, variant=variant)
+                                                    device=load_device(mode, "text_encoder", device), dtype=dtype)
+        model = apply_precision(load_transformer(transformer, load_device(mode, "transformer", device), dtype), precision)
+        return cls(model, load_autoencoder(vae, device, dtype), text_encoder=encoder, scheduler=scheduler, variant=variant,
+                   offload=mode, device=device)
 
     def load_redux(self, redux: str | Path, siglip: str | Path | None = None) -> None:
         """Load FLUX.1 Redux: its projector (BFL's flux1-redux-dev.safetensors, a diffusers image_embedder/ folder or the
@@ -306,7 +312,7 @@ class FluxPipeline(LoraPipeline):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        return self.offload.device
 
     @torch.inference_mode()
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
@@ -316,7 +322,8 @@ class FluxPipeline(LoraPipeline):
                  control_image: Image.Image | str | Path | None = None, control_preprocess: str | None = None,
                  reference_images: list[Image.Image | str | Path] | None = None, outpaint: tuple[int, int, int, int] | None = None,
                  max_area: int = KONTEXT_MAX_AREA, redux_prompt_scale: float = 1.0, redux_pooled_scale: float = 1.0,
-                 output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
+                 cache: float | None = None, vae_tiling: bool | None = None, output_type: str = "pil",
+                 progress: bool = True) -> Image.Image | Tensor:
         """Generate one image (output_type "pil") or its final latents (1, 16, H/8, W/8) ("latent").
 
         Unset arguments take the variant's defaults (VARIANTS: dev 28 steps, guidance 3.5; schnell 4
@@ -327,7 +334,9 @@ class FluxPipeline(LoraPipeline):
         FluxKontextPipeline). `latents` (unpacked) replaces the seeded initial noise. The tasks and
         their inputs: see the module docstring and check_task(); `strength` defaults to the task's
         (image to image and inpainting 0.6, Fill 1.0). Redux's tokens and pooled vector are scaled by
-        `redux_prompt_scale` and `redux_pooled_scale`.
+        `redux_prompt_scale` and `redux_pooled_scale`. `cache`: the first-block step cache's threshold
+        (common/step_cache.py; None: off); `vae_tiling`: decode in tiles (True), whole (False) or in tiles only when the
+        whole would not fit (None).
         """
         init_image, mask, control_image = open_image(init_image), open_image(mask), open_image(control_image)
         references = [open_image(image) for image in reference_images or []]
@@ -352,16 +361,20 @@ class FluxPipeline(LoraPipeline):
                                                           control_image=control_image, control_preprocess=control_preprocess,
                                                           references=references)
         features, pooled = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
-                                          device=self.device, offload=self.offload_text_encoder)
+                                          offload=self.offload)
         if references and task != "kontext":
             features, pooled = redux_conditioning(features, pooled, self.redux(references), prompt_scale=redux_prompt_scale,
                                                   pooled_scale=redux_pooled_scale)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
                             guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning,
-                            cuda_graphs=self.cuda_graphs)
-        tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
+                            cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+        with self.offload.stage("denoise"), step_cache(self.transformer, cache):
+            tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
         latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)
-        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+        if output_type == "latent":
+            return latents
+        with self.offload.stage("decode"):
+            return decode_latents(self.vae, latents, vae_tiling)[0]
 
     def _start(self, task: str, sigmas: Tensor, *, height: int, width: int, seed: int, latents: Tensor | None,
                init_image: Image.Image | None, mask: Image.Image | None, strength: float, control_image: Image.Image | None,

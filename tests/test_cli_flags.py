@@ -19,6 +19,7 @@ from PIL import Image
 
 from zflux.cli import main
 from zflux.common import attention
+from zflux.common.offload import Offload
 from zflux.flux.pipeline import FluxPipeline
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from tiny_zimage_tasks import controlnet_snapshot
@@ -124,15 +125,16 @@ def test_device(snapshots, tmp_path, monkeypatch):
     generate(snapshots, tmp_path, "z-image-turbo")
 
 
-def test_offload_text_encoder(snapshots, tmp_path, monkeypatch):
-    """--offload-text-encoder moves the text encoder to the device for the prompt and back to the CPU after."""
-    moves = []
-    move = Qwen3PromptEncoder.to
-    monkeypatch.setattr(Qwen3PromptEncoder, "to", lambda self, device: moves.append(str(device)) or move(self, device))
-    generate(snapshots, tmp_path, "z-image-turbo")
-    assert moves == []
-    generate(snapshots, tmp_path, "z-image-turbo", "--offload-text-encoder")
-    assert moves == ["cpu", "cpu"]  # to the device (the CPU here), then back
+@pytest.mark.parametrize("flags, mode", [([], "none"), (["--offload-text-encoder"], "text-encoder"), (["--offload", "model"], "model"),
+                                         (["--offload", "blocks"], "blocks"), (["--offload", "auto"], "none")])
+def test_offload(snapshots, tmp_path, monkeypatch, flags, mode):
+    """--offload (and its older spelling --offload-text-encoder) is the mode the pipeline places its components by; auto on
+    the CPU is none."""
+    modes = []
+    init = Offload.__init__
+    monkeypatch.setattr(Offload, "__init__", lambda self, mode, *args, **kwargs: modes.append(mode) or init(self, mode, *args, **kwargs))
+    generate(snapshots, tmp_path, "z-image-turbo", *flags)
+    assert modes == [mode]
 
 
 @pytest.mark.parametrize("environment, flags, reference", [

@@ -99,6 +99,7 @@ if TYPE_CHECKING:  # imported where a command needs them (the module's docstring
 
 DTYPES = ("bf16", "fp16", "fp32")
 PRECISIONS = ("fp8",)  # common/fp8.py PRECISIONS (named here too: this module imports no torch)
+OFFLOAD = ("none", "text-encoder", "model", "blocks", "auto")  # common.offload.MODES, and auto (named here: no torch import)
 SIZE_MULTIPLE = 16  # pixels: the autoencoder's 8x times the 2x2 patches, for every model here
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -276,7 +277,16 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                                                             "per-token scales (fast on GPUs of compute capability 8.9+: Ada, "
                                                             "Hopper; a slow fp32 reference elsewhere); --dtype stays the dtype "
                                                             "of everything else")
-    gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
+    gen.add_argument("--offload", choices=OFFLOAD,
+                     help="for GPUs smaller than the model: text-encoder (on the CPU between prompts), model (each of text "
+                          "encoder and transformer on the GPU only while it runs), blocks (as model, the transformer streamed block "
+                          "by block), auto (the least of these that the memory estimate says fits); default none")
+    gen.add_argument("--offload-text-encoder", action="store_true", help="the same as --offload text-encoder")
+    gen.add_argument("--vae-tiling", action="store_true", default=None,
+                     help="decode in overlapping tiles (default: only when the whole image would not fit in GPU memory)")
+    gen.add_argument("--cache", type=float, metavar="THRESHOLD",
+                     help="first-block step cache: skip the transformer's later blocks on steps whose first block changed by less "
+                          "than THRESHOLD (relative L1; e.g. 0.1); faster, a little different; default off")
     gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                      help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
@@ -344,6 +354,7 @@ class Request:
     dtype: torch.dtype
     footprint: Footprint
     loras: list[tuple[Path, float]]  # --lora files and scales, their headers checked
+    offload: str  # the offload mode (--offload auto: the one chosen)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -365,7 +376,8 @@ def generate(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args, family, request)
         loaded = f" (weights loaded in {time.perf_counter() - start:.1f} s)"
         options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-                       guidance=args.guidance, init_image=request.init_image, strength=args.strength)  # unset: the pipeline's
+                       guidance=args.guidance, init_image=request.init_image, strength=args.strength, cache=args.cache,
+                       vae_tiling=args.vae_tiling)  # unset: the pipeline's
         for job in request.jobs:
             start = time.perf_counter()
             image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
@@ -428,11 +440,16 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
                          "leave --backend out (auto) or use sdpa")
     if args.precision == "fp8":
         check_fp8(device, args.dtype)
-    if args.offload_text_encoder and device.type == "cpu":
-        warnings.warn("--offload-text-encoder does nothing on the CPU: the text encoder is there already")
-    footprint = check_memory(args, family, device=device, dtype=dtype, size=(height, width))
+    if args.cache is not None and args.cache < 0:
+        raise ValueError(f"--cache {args.cache}: the threshold is >= 0 (0 never skips a step; try 0.1)")
+    if args.offload_text_encoder and args.offload not in (None, "text-encoder"):
+        raise ValueError(f"--offload-text-encoder is --offload text-encoder: it cannot go with --offload {args.offload}")
+    offload = "text-encoder" if args.offload_text_encoder else args.offload or "none"
+    if offload not in ("none", "auto") and device.type == "cpu":
+        warnings.warn(f"--offload {offload} does nothing on the CPU: everything is there already")
+    footprint, offload = check_memory(args, family, device=device, dtype=dtype, size=(height, width), offload=offload)
     return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
-                   footprint=footprint, loras=loras)
+                   footprint=footprint, loras=loras, offload=offload)
 
 
 def check_loras(flags: list[str], family: ModuleType) -> list[tuple[Path, float]]:
@@ -522,40 +539,62 @@ def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path
 
 
 def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.device, dtype: torch.dtype,
-                 size: tuple[int, int]) -> Footprint:
-    """The run's Footprint, from the checkpoints' headers; ValueError with advice when `device` is clearly short of memory."""
-    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib
+                 size: tuple[int, int], offload: str) -> tuple[Footprint, str]:
+    """The run's Footprint, from the checkpoints' headers, and its offload mode (`offload`, or for "auto" the first that fits);
+    ValueError with advice when `device` is clearly short of memory."""
+    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib, largest_block_numel
+    from zflux.common.tiling import TILE
 
     weights, vae, encoders = components(args, family)
-    model = [weights / "transformer", weights / "vae"] if vae is None else [weights, vae]
+    transformer, vae = (weights / "transformer", weights / "vae") if vae is None else (weights, vae)
     text = [(encoders or weights) / name for name in family.TEXT_FOLDERS]
 
-    def params(paths: list[Path]) -> int:  # what is not there, or not safetensors, the loader names
-        return sum(checkpoint_numel(p) for p in paths if p.is_file() or any(p.glob("*.safetensors*")))
+    def there(path: Path) -> bool:  # what is not there, or not safetensors, the loader names
+        return path.is_file() or any(path.glob("*.safetensors*"))
 
     height, width = size
-    footprint = Footprint(model_params=params(model), text_params=params(text), pixels=height * width)
-    need, free = footprint.bytes(dtype, args.offload_text_encoder), free_bytes(device)
+    footprint = Footprint(transformer_params=checkpoint_numel(transformer) if there(transformer) else 0,
+                          block_params=largest_block_numel(transformer) if there(transformer) else 0,
+                          vae_params=checkpoint_numel(vae) if there(vae) else 0,
+                          text_params=sum(checkpoint_numel(p) for p in text if there(p)), pixels=height * width)
+    free = free_bytes(device)
+    tile = (8 * TILE) ** 2  # the decode goes in tiles by itself when it would not fit whole
+    precision = args.precision or args.dtype  # fp8: the transformer's weights at one byte, the rest at --dtype
+    if offload == "auto":
+        chosen = footprint.choose_offload(precision, room=free, tile_pixels=tile) if free is not None and device.type == "cuda" else "none"
+        if chosen is None:
+            need = footprint.bytes(precision, "blocks", tile_pixels=tile)
+            raise ValueError(f"{device} has {gib(free)} free; {args.model} in {precision} at {width}x{height} needs at least "
+                             f"{gib(need)} even with --offload blocks and --vae-tiling; try a smaller --height / --width, a device "
+                             "with more memory, or --device cpu")
+        return footprint, chosen
+    need = footprint.bytes(precision, offload, tile_pixels=tile)
     if free is not None and need > free:
-        raise ValueError(f"{device} has {gib(free)} free; {args.model} in {args.dtype} at {width}x{height} needs at least "
-                         f"{gib(need)}{memory_advice(args, footprint, need=need, room=free)}")
-    return footprint
+        raise ValueError(f"{device} has {gib(free)} free; {args.model} in {precision} at {width}x{height} needs at least "
+                         f"{gib(need)}{memory_advice(args, footprint, need=need, room=free, offload=offload)}")
+    return footprint, offload
 
 
-def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int) -> str:
-    """The flags that would bring a run needing `need` bytes (as the flags stand) within `room`, by the footprint's estimate."""
+def memory_advice(args: argparse.Namespace, footprint: Footprint, need: int, room: int, offload: str) -> str:
+    """The flags that would bring a run needing `need` bytes (with --offload `offload`, as the flags stand) within `room`:
+    the estimate's ratio between the two runs, applied to `need`."""
     from zflux.common.memory import gib
+    from zflux.common.offload import MODES
+    from zflux.common.tiling import TILE
 
-    dtype = torch_dtype(args.dtype)
-    current = footprint.bytes(dtype, args.offload_text_encoder)
-    choices = [("--offload-text-encoder", dtype, True)] if not args.offload_text_encoder else []
-    if args.dtype == "fp32":
-        choices += [("--dtype bf16", torch_dtype("bf16"), args.offload_text_encoder)]
-        choices += [("--dtype bf16 --offload-text-encoder", torch_dtype("bf16"), True)] if not args.offload_text_encoder else []
-    fits = [f"{flags} (about {gib(scaled)})" for flags, alt_dtype, offload in choices
-            if (scaled := need * footprint.bytes(alt_dtype, offload) // current) <= room]
+    tiles = None if args.vae_tiling is None else (8 * TILE) ** 2
+    precision = args.precision or args.dtype
+    smaller = "bf16" if precision == "fp32" else precision
+    options = [(f"--offload {mode}", precision, mode, tiles) for mode in MODES[1:] if mode != offload]
+    options += [("--vae-tiling", precision, offload, (8 * TILE) ** 2)] if tiles is None else []
+    options += [("--dtype bf16", "bf16", offload, tiles)] if precision == "fp32" else []
+    options += [("--precision fp8", "fp8", offload, tiles)] if args.precision is None else []
+    options += [(f"--offload blocks --vae-tiling{' --dtype bf16' * (precision == 'fp32')}", smaller, "blocks", (8 * TILE) ** 2)]
+    current = footprint.bytes(precision, offload, tile_pixels=tiles)
+    fits = [f"{flags} (about {gib(scaled)})" for flags, dtype, mode, tile in options
+            if (scaled := need * footprint.bytes(dtype, mode, tile_pixels=tile) // current) <= room]
     if fits:
-        return "; this would fit: " + ", or ".join(fits)
+        return "; this would fit: " + ", or ".join(fits[:3])
     return "; try a smaller --height / --width, a device with more memory, or --device cpu"
 
 
@@ -570,14 +609,14 @@ def memory_reported(args: argparse.Namespace, request: Request) -> Iterator[None
         yield
     except torch.cuda.OutOfMemoryError as e:
         need, total = out_of_memory_need(e, request.device)
-        advice = memory_advice(args, request.footprint, need=need, room=total)
+        advice = memory_advice(args, request.footprint, need=need, room=total, offload=request.offload)
         raise MemoryError(f"out of memory on {request.device} ({gib(total)}): the run needed more than {gib(need)}{advice}") from None
 
 
 def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request):
     """The pipeline for --model from --weights (snapshot folder, or transformer file + --vae + --text-encoders), built by `family`."""
     weights, vae, encoders = components(args, family)
-    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload_text_encoder=args.offload_text_encoder,
+    options = dict(variant=args.model, device=request.device, dtype=request.dtype, offload=request.offload,
                    precision=args.precision, **family.load_options(args))
     if vae is None:
         pipe = family.load_pipeline(weights, **options)

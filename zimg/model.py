@@ -23,6 +23,7 @@ from zflux.common.fp8 import wants_fp8
 from zflux.common.ops import RMSNorm
 from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import rope_tables
+from zflux.common.step_cache import StepCache, run_blocks
 from zflux.common.weights import config_from_dict
 
 SEQ_MULTIPLE = 32  # every caption and every image is padded to a multiple of this many tokens
@@ -223,6 +224,7 @@ class ZImageTransformer(nn.Module):
         self.context_refiner = nn.ModuleList(self._block(modulated=False) for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(self._block(modulated=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
+        self.step_cache: StepCache | None = None  # on for a run: common.step_cache.step_cache
 
     def _block(self, modulated: bool) -> Block:
         return Block(self.cfg.dim, self.cfg.n_heads, self.cfg.norm_eps, modulated)
@@ -247,10 +249,15 @@ class ZImageTransformer(nn.Module):
             stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
             hints = control(stream) if control is not None else {}
             seq = torch.cat([stream.img_refined, stream.cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end
-            for i, block in enumerate(self.layers):
-                seq = block(seq, stream.rope, stream.key_lens, stream.c)
-                if i in hints:
-                    seq = seq + hints[i]
+
+            def layers(seq: Tensor, start: int, stop: int) -> tuple[Tensor]:
+                for i in range(start, stop):
+                    seq = self.layers[i](seq, stream.rope, stream.key_lens, stream.c)
+                    seq = seq + hints[i] if i in hints else seq
+                return (seq,)
+
+            n = len(self.layers)
+            (seq,) = run_blocks(self.step_cache, (seq,), lambda x: layers(x, 0, 1), lambda x: layers(x, 1, n))
             return self.unpatchify(self.final_layer(seq[:, : stream.n_img], stream.c), x)  # (B, C, H, W)
 
     def patchify(self, x: Tensor) -> Tensor:

@@ -49,7 +49,9 @@ from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
+from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
+from zflux.common.step_cache import step_cache
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.zimg.control import prepare_control, prepare_control_inpaint
@@ -183,7 +185,8 @@ class ZImagePipeline(LoraPipeline):
 
     def __init__(self, transformer: ZImageTransformer, vae: Autoencoder, text_encoder: Qwen3PromptEncoder, variant: str,
                  scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False,
-                 controlnet: ZImageControlNet | None = None, siglip: SiglipEncoder | None = None):
+                 controlnet: ZImageControlNet | None = None, siglip: SiglipEncoder | None = None, offload: str = "none",
+                 device: str | torch.device | None = None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown Z-Image variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if (variant == OMNI) != isinstance(transformer, ZImageOmniTransformer) or (variant == OMNI) != (siglip is not None):
@@ -191,13 +194,15 @@ class ZImagePipeline(LoraPipeline):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.variant = variant
         self.scheduler = scheduler or VARIANTS[variant].scheduler
-        self.offload_text_encoder = offload_text_encoder
         self.controlnet, self.siglip = controlnet, siglip
+        components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
+        self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.x_embedder.weight.device)
         self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "ZImagePipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None,
+                        offload: str = "none") -> "ZImagePipeline":
         """Load a diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
         of ZImagePipeline or ZImageImg2ImgPipeline; ZImageControlNet(Inpaint)Pipeline (and its controlnet/); or
         ZImageOmniPipeline (and its siglip/, siglip_processor/).
@@ -222,7 +227,7 @@ class ZImagePipeline(LoraPipeline):
         pipe = cls.from_single_files(root / "transformer", root / "vae", text_encoder=root / "text_encoder",
                                      tokenizer=root / "tokenizer", variant=variant or shipped, device=device, dtype=dtype,
                                      offload_text_encoder=offload_text_encoder, scheduler=scheduler, siglip=siglip,
-                                     precision=precision)
+                                     precision=precision, offload=offload)
         if "controlnet" in EXTRA_SUBFOLDERS.get(kind, ()):
             pipe.load_controlnet(root / "controlnet")
         return pipe
@@ -232,11 +237,12 @@ class ZImagePipeline(LoraPipeline):
                           variant: str = "z-image-turbo", device: str | torch.device | None = None,
                           dtype: torch.dtype = torch.bfloat16, offload_text_encoder: bool = False,
                           scheduler: SchedulerConfig | None = None,
-                          siglip: tuple[str | Path, str | Path] | None = None, precision: str | None = None) -> "ZImagePipeline":
+                          siglip: tuple[str | Path, str | Path] | None = None, precision: str | None = None,
+                          offload: str = "none") -> "ZImagePipeline":
         """Load from a transformer file (official, ComfyUI or diffusers layout), a VAE file (`ae.safetensors`) and
         Qwen3 model and tokenizer folders; Omni also needs `siglip`, its SigLIP2 model and processor folders.
-        Weights go to `device` (default: the GPU) in `dtype`; precision "fp8" runs the transformer blocks' linears in fp8
-        (common/fp8.py)."""
+        Weights go to `device` (default: the GPU) in `dtype`, or wait on the CPU as `offload` (common/offload.py) says;
+        precision "fp8" runs the transformer blocks' linears in fp8 (common/fp8.py)."""
         check_precision(precision)
         info = check_family(transformer, "z-image", " (for FLUX.1 use zflux.flux.pipeline.FluxPipeline)")
         omni = variant == OMNI
@@ -249,11 +255,13 @@ class ZImagePipeline(LoraPipeline):
         check_transformer(transformer, omni=omni)  # every key and shape, from the headers: before any weight is read
         check_autoencoder(vae)
         device = torch.device(device) if device is not None else default_device()
-        encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device="cpu" if offload_text_encoder else device,
+        mode = resolve_mode(offload, offload_text_encoder)
+        encoder = Qwen3PromptEncoder.from_pretrained(text_encoder, tokenizer, device=load_device(mode, "text_encoder", device),
                                                      dtype=dtype)
         load = load_omni_transformer if omni else load_transformer
-        return cls(apply_precision(load(transformer, device, dtype), precision), load_autoencoder(vae, device, dtype), text_encoder=encoder,
-                   variant=variant, scheduler=scheduler, offload_text_encoder=offload_text_encoder,
+        return cls(apply_precision(load(transformer, load_device(mode, "transformer", device), dtype), precision),
+                   load_autoencoder(vae, device, dtype), text_encoder=encoder, variant=variant, scheduler=scheduler, offload=mode,
+                   device=device,
                    siglip=SiglipEncoder.from_pretrained(*siglip, device=device, dtype=dtype) if omni else None)
 
     def load_controlnet(self, path: str | Path) -> None:
@@ -267,7 +275,7 @@ class ZImagePipeline(LoraPipeline):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_embedder.weight.device
+        return self.offload.device
 
     @torch.inference_mode()
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
@@ -277,7 +285,8 @@ class ZImagePipeline(LoraPipeline):
                  control_image: Image.Image | str | Path | None = None, control_scale: float = 0.75,
                  control_preprocess: str | None = None, mask: Image.Image | str | Path | None = None,
                  reference_images: list[Image.Image | str | Path] | None = None,
-                 output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
+                 cache: float | None = None, vae_tiling: bool | None = None, output_type: str = "pil",
+                 progress: bool = True) -> Image.Image | Tensor:
         """Generate one image (output_type "pil") or its final latents (1, 16, H/8, W/8) fp32 ("latent").
 
         Unset arguments take the variant's defaults (Turbo: 8 steps, guidance 0; base: 50 steps,
@@ -291,6 +300,8 @@ class ZImagePipeline(LoraPipeline):
         With a ControlNet loaded: `control_image` (a canny, depth, pose... map, or a photo with
         `control_preprocess="canny"`) steers the image, its hints scaled by `control_scale`; adding
         `init_image` and `mask` (white = repaint) inpaints. Omni: `reference_images` (one or more) to edit or combine.
+        `cache`: the first-block step cache's threshold (common/step_cache.py; None: off); `vae_tiling`: decode in tiles
+        (True), whole (False) or in tiles only when the whole would not fit (None).
         """
         self._check_task(init_image=init_image, control_image=control_image, control_preprocess=control_preprocess, mask=mask,
                          reference_images=reference_images)
@@ -320,7 +331,7 @@ class ZImagePipeline(LoraPipeline):
             latents, start = start_noise(self.vae, latents=latents, **where | dict(dtype=torch.float32)), 0
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
-                              device=self.device, offload=self.offload_text_encoder)
+                              offload=self.offload)
         if self.variant == OMNI:
             images, maps = prepare_references(self.vae, self.siglip, fitted, device=self.device, dtype=self.transformer.dtype)
             predict = omni_predictor(self.transformer, captions=text, images=images, siglip=maps if maps else None, sigmas=sigmas,
@@ -332,9 +343,14 @@ class ZImagePipeline(LoraPipeline):
                                         scale=control_scale, height=height, width=width)
             features, cap_mask = text
             predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
-                                device=self.device, control=control, cuda_graphs=self.cuda_graphs)
-        latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
-        return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
+                                device=self.device, control=control,
+                                cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+        with self.offload.stage("denoise"), step_cache(self.transformer, cache):
+            latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
+        if output_type == "latent":
+            return latents
+        with self.offload.stage("decode"):
+            return decode_latents(self.vae, latents, vae_tiling)[0]
 
     def _control(self, control_image: Image.Image | str | Path, *, control_preprocess: str | None,
                  init_image: Image.Image | str | Path | None, mask: Image.Image | str | Path | None, scale: float, height: int,

@@ -39,6 +39,7 @@ from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
 from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
+from zflux.common.step_cache import StepCache, run_blocks
 from zflux.common.weights import config_from_dict
 
 TIME_FACTOR = 1000.0  # timesteps in [0, 1] and the raw guidance scale are embedded at 1000x
@@ -341,6 +342,7 @@ class Flux2(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(dim, heads, hidden, eps) for _ in range(cfg.num_layers))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(dim, heads, hidden, eps) for _ in range(cfg.num_single_layers))
         self.final_layer = LastLayer(dim, cfg.out_channels, eps)
+        self.step_cache: StepCache | None = None  # on for a run: common.step_cache.step_cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -403,20 +405,32 @@ class Flux2(nn.Module):
             ref_single_mod = self.single_stream_modulation(ref_vec)
             extracted = RefKV()
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt, step = block(img, txt, img_mod, txt_mod, rope, ref_kv=ref_kv.double[i] if ref_kv else None, refs=ref_stream)
-            if step is not None:
-                ref_stream = ref_stream._replace(x=step.x)
-                extracted.double.append(step.kv)
-        if ref_stream is not None:
-            ref_stream = ref_stream._replace(mod=ref_single_mod)
-        x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
-        for i, block in enumerate(self.single_blocks):
-            x, step = block(x, single_mod, rope, ref_kv=ref_kv.single[i] if ref_kv else None, refs=ref_stream)
-            if step is not None:
-                ref_stream = ref_stream._replace(x=step.x)
-                extracted.single.append(step.kv)
-        return self.final_layer(x[:, L:], vec).to(out_dtype), extracted  # (B, S, out_channels)
+        def doubles(img: Tensor, txt: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+            nonlocal ref_stream
+            for i in range(start, stop):
+                img, txt, step = self.double_blocks[i](img, txt, img_mod, txt_mod, rope, ref_kv=ref_kv.double[i] if ref_kv else None,
+                                                       refs=ref_stream)
+                if step is not None:
+                    ref_stream = ref_stream._replace(x=step.x)
+                    extracted.double.append(step.kv)
+            return img, txt
+
+        def rest(img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:  # the blocks after the first
+            nonlocal ref_stream
+            img, txt = doubles(img, txt, 1, len(self.double_blocks))
+            if ref_stream is not None:
+                ref_stream = ref_stream._replace(mod=ref_single_mod)
+            x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
+            for i, block in enumerate(self.single_blocks):
+                x, step = block(x, single_mod, rope, ref_kv=ref_kv.single[i] if ref_kv else None, refs=ref_stream)
+                if step is not None:
+                    ref_stream = ref_stream._replace(x=step.x)
+                    extracted.single.append(step.kv)
+            return x[:, L:], x[:, :L]
+
+        cache = self.step_cache if refs is None else None  # extracting the references' K/V needs every block
+        img, _ = run_blocks(cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        return self.final_layer(img, vec).to(out_dtype), extracted  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                       guidance: Tensor | None) -> None:

@@ -23,10 +23,8 @@ of target image tokens and on the number of steps N.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from einops import rearrange
@@ -37,12 +35,14 @@ from torch.nn import functional as F
 from zflux.common.fp8 import apply_precision, check_precision
 from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family, flux2_mode, flux2_variant
-from zflux.common.images import fit_image, mask_tensor, open_image, to_pil, to_tensor
+from zflux.common.images import fit_image, mask_tensor, open_image, to_tensor
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
-from zflux.common.pipeline import (Blend, Predict, Variant, check_request, default_device, denoise, encode_prompts, open_snapshot,
-                                   read_scheduler)
+from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
+from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_raw, default_device, denoise, encode_prompts,
+                                   open_snapshot, read_scheduler)
 from zflux.common.sampling import (NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, img2img_start,
                                    initial_noise, inpaint_blend, noise_latent, sigma_schedule)
+from zflux.common.step_cache import step_cache
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
 from zflux.common.weights import CheckpointError
 from zflux.flux.flux2.convert import load_transformer, to_diffusers
@@ -244,12 +244,14 @@ class Flux2Pipeline(LoraPipeline):
     """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder;
     LoRAs through load_lora (common/lora.py).
 
-    With `offload_text_encoder` the LLM lives on the CPU and visits the GPU for each prompt, the
-    transformer stepping aside to the CPU meanwhile (so that [dev] runs on one 80 GB GPU).
+    With `offload` "text-encoder" (or offload_text_encoder) the LLM lives on the CPU and visits the GPU for each prompt,
+    the transformer stepping aside to the CPU meanwhile (so that [dev] runs on one 80 GB GPU); the other modes:
+    common/offload.py.
     """
 
     def __init__(self, transformer: Flux2, vae: Autoencoder, text_encoder: Flux2PromptEncoder, variant: str,
-                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False):
+                 scheduler: SchedulerConfig | None = None, offload_text_encoder: bool = False, offload: str = "none",
+                 device: str | torch.device | None = None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown FLUX.2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         dev = variant == "flux2-dev"
@@ -266,11 +268,14 @@ class Flux2Pipeline(LoraPipeline):
         self.transformer, self.vae, self.text_encoder, self.variant = transformer, vae, text_encoder, variant
         self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
         self.scheduler = scheduler or VARIANTS[variant].scheduler
-        self.offload_text_encoder = offload_text_encoder
+        components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
+        self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device,
+                               transformer_aside=True)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None) -> "Flux2Pipeline":
+                        offload_text_encoder: bool = False, variant: str | None = None, precision: str | None = None,
+                        offload: str = "none") -> "Flux2Pipeline":
         """Load a diffusers Flux2Pipeline / Flux2KleinPipeline / Flux2KleinKVPipeline / Flux2KleinInpaintPipeline snapshot
         (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); `variant`, if given, must be the one
         the snapshot names (its pipeline class, `is_distilled` and the transformer's size)."""
@@ -280,13 +285,13 @@ class Flux2Pipeline(LoraPipeline):
             raise CheckpointError(f"{root} is a {found} snapshot, not {variant}")
         return cls.from_single_files(root / "transformer", root / "vae", root / "text_encoder", root / "tokenizer", variant=found,
                                      device=device, dtype=dtype, offload_text_encoder=offload_text_encoder,
-                                     scheduler=read_scheduler(root / "scheduler"), precision=precision)
+                                     scheduler=read_scheduler(root / "scheduler"), precision=precision, offload=offload)
 
     @classmethod
     def from_single_files(cls, transformer: str | Path, vae: str | Path, text_encoder: str | Path, tokenizer: str | Path,
                           variant: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                           offload_text_encoder: bool = False, scheduler: SchedulerConfig | None = None,
-                          precision: str | None = None) -> "Flux2Pipeline":
+                          precision: str | None = None, offload: str = "none") -> "Flux2Pipeline":
         """Load from a transformer file (BFL's `flux2-dev.safetensors`, a klein file, ComfyUI or diffusers layout), the
         autoencoder (`ae.safetensors` or a vae/ folder) and the text-encoder and tokenizer folders. A klein file runs as its
         distilled variant unless `variant` names the base or KV one. Weights go to `device` (default: the GPU); precision
@@ -301,10 +306,11 @@ class Flux2Pipeline(LoraPipeline):
             raise CheckpointError(f"{vae} is the 16-channel FLUX.1 autoencoder; FLUX.2 needs its 32-channel one (its ae.safetensors)")
         check_autoencoder(vae)  # every key and shape, from the header; the transformer's are checked as it loads, before any read
         device = torch.device(device) if device is not None else default_device()
-        model = apply_precision(load_transformer(transformer, device, dtype), precision)
+        mode = resolve_mode(offload, offload_text_encoder)
+        model = apply_precision(load_transformer(transformer, load_device(mode, "transformer", device), dtype), precision)
         variant = variant or info.variant or ("flux2-dev" if model.cfg.guidance_embeds else "flux2-klein-4b")
-        encoder = Flux2PromptEncoder.from_pretrained(text_encoder, tokenizer, "cpu" if offload_text_encoder else device, dtype)
-        return cls(model, load_autoencoder(vae, device, dtype), encoder, variant, scheduler, offload_text_encoder)
+        encoder = Flux2PromptEncoder.from_pretrained(text_encoder, tokenizer, load_device(mode, "text_encoder", device), dtype)
+        return cls(model, load_autoencoder(vae, device, dtype), encoder, variant, scheduler, offload=mode, device=device)
 
     def lora_set(self) -> LoraSet:
         """LoRAs change the transformer only (a file's text-encoder parts are skipped, as diffusers does)."""
@@ -312,14 +318,15 @@ class Flux2Pipeline(LoraPipeline):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        return self.offload.device
 
     @torch.inference_mode()
     def generate(self, prompt: str, negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  reference_images: list[Image.Image | str | Path] | None = None, init_image: Image.Image | str | Path | None = None,
                  mask: Image.Image | str | Path | None = None, strength: float = 0.8, latents: Tensor | None = None,
-                 output_type: str = "pil", progress: bool = True) -> Image.Image | Tensor:
+                 cache: float | None = None, vae_tiling: bool | None = None, output_type: str = "pil",
+                 progress: bool = True) -> Image.Image | Tensor:
         """Generate one image (output_type "pil") or its final raw latent (1, 32, H/8, W/8) ("latent").
 
         Unset arguments take the variant's defaults: [dev] 50 steps with embedded guidance 4.0; klein
@@ -328,7 +335,8 @@ class Flux2Pipeline(LoraPipeline):
         the size then defaults to the first one's (as prepared), else to 1024x1024. `init_image` +
         `mask` (white = repaint) + `strength` inpaint with klein at the init image's size (scaled to
         at most 1024^2 pixels, rounded down to multiples of 16). `latents` (1, 128, H/16, W/16)
-        replaces the seeded initial noise.
+        replaces the seeded initial noise. `cache`: the first-block step cache's threshold (common/step_cache.py; None:
+        off); `vae_tiling`: decode in tiles (True), whole (False) or in tiles only when the whole would not fit (None).
         """
         entry = VARIANTS[self.variant]
         check_inputs(self.variant, reference_images, init_image, mask, latents)
@@ -347,10 +355,9 @@ class Flux2Pipeline(LoraPipeline):
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         sigmas = flux2_sigmas(self.scheduler, settings.steps, h * w)  # (steps + 1,)
 
-        cfg, device = entry.cfg and settings.guidance > 1, self.device
-        with self._transformer_aside():
-            text = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=cfg, max_length=settings.max_sequence_length,
-                                  device=device, offload=self.offload_text_encoder)  # (1 or 2, 512, joint_attention_dim)
+        cfg = entry.cfg and settings.guidance > 1
+        text = encode_prompts(self.text_encoder, prompt, negative_prompt, cfg=cfg, max_length=settings.max_sequence_length,
+                              offload=self.offload)  # (1 or 2, 512, joint_attention_dim)
         noise = self._noise((1, 4 * self.vae.cfg.latent_channels, h, w), seed, latents)  # (1, 128, h, w)
         if original is None:
             tokens, start, blend, known = to_tokens(noise), 0, None, None  # (1, h*w, 128)
@@ -359,10 +366,14 @@ class Flux2Pipeline(LoraPipeline):
                                                                 sigmas, strength)
         predict = predictor(self.transformer, text=text, size=(h, w), sigmas=sigmas, guidance=settings.guidance,
                             refs=self._references(refs, known, (h, w)), kv=entry.kv, device=self.device,
-                            cuda_graphs=self.cuda_graphs)
-        tokens = denoise(predict, tokens, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, h*w, 128)
+                            cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+        with self.offload.stage("denoise"), step_cache(self.transformer, cache):
+            tokens = denoise(predict, tokens, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, h*w, 128)
         latent = self.vae.denormalize(from_tokens(tokens, h, w))  # (1, 32, H/8, W/8)
-        return latent if output_type == "latent" else to_pil(self.vae.decode(latent))[0]
+        if output_type == "latent":
+            return latent
+        with self.offload.stage("decode"):
+            return decode_raw(self.vae, latent, vae_tiling)[0]
 
     def _prepare_inpaint(self, source: Image.Image, mask: Tensor, noise: Tensor, sigmas: Tensor,
                          strength: float) -> tuple[Tensor, int, Blend, Tensor]:
@@ -379,18 +390,6 @@ class Flux2Pipeline(LoraPipeline):
         repaint = to_tokens(F.interpolate(mask.to(self.device), size=grid, mode="bilinear").to(dtype))  # (1, h*w, 1)
         return (noise_latent(known, noise, sigmas[start]), start,
                 lambda x, i: inpaint_blend(x, known, noise, repaint, sigmas[i + 1]), known)
-
-    @contextmanager
-    def _transformer_aside(self) -> Iterator[None]:
-        """With the text encoder offloaded, the transformer waits on the CPU while the encoder visits the GPU: [dev]'s
-        24 B Mistral and 32 B transformer (48 + 64 GB in bf16) take turns on one 80 GB GPU."""
-        device = self.device
-        if self.offload_text_encoder:
-            self.transformer.to("cpu")
-        try:
-            yield
-        finally:
-            self.transformer.to(device)
 
     def _noise(self, shape: tuple[int, ...], seed: int, latents: Tensor | None) -> Tensor:
         """The initial noise in diffusers' shape (1, 128, h, w): `latents` if given, else drawn from `seed`."""

@@ -1,0 +1,231 @@
+"""Memory and speed of the small-GPU features: offload modes, block streaming, tiled decode, the step cache.
+
+    python scripts/bench_memory.py ssim                 # the step cache on zflux's small trained models (CPU is fine)
+    python scripts/bench_memory.py zimage-offload       # GPU: Z-Image-Turbo peaks and prompt times per offload mode
+    python scripts/bench_memory.py flux-blocks          # GPU: FLUX.1-dev denoising with streamed blocks vs the copy bound
+    python scripts/bench_memory.py flux-cache           # GPU: FLUX.1-dev 28 steps, cache speed-up and latent error
+    python scripts/bench_memory.py decode-2048          # GPU: 2048 x 2048 decode peak, whole and tiled, transformer offloaded
+
+GPU rows use random bf16 weights at the real sizes (scripts/bench.py's random_model), 1024 x 1024
+unless said, and print markdown tables. Peaks are torch.cuda.max_memory_allocated over the stage,
+times CUDA-synchronized wall clock. The SSIM row runs the shipped small models (zimg/embedded,
+flux/embedded) at 28 steps, each cached run against the uncached one of the same seed.
+"""
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from bench import random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+THRESHOLDS = (0.05, 0.1, 0.2)
+DEVICE, DTYPE = "cuda", torch.bfloat16
+PROMPTS = ("a red fox in the snow", "a blue house by a lake")
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(result, seconds, peak GiB allocated during the call)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def ssim_table(args: argparse.Namespace) -> None:
+    """The cache's quality on the trained small models: SSIM and PSNR of the image against the uncached one."""
+    from zflux.common.step_cache import StepCache
+    from zflux.flux.pipeline import FluxPipeline
+    from zflux.zimg.pipeline import ZImagePipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    made = []
+    init = StepCache.__init__
+    StepCache.__init__ = lambda self, threshold: init(self, threshold) or made.append(self)
+    print("| model | threshold | steps computed / 28 | time | SSIM | PSNR (dB) |\n|---|---|---|---|---|---|")
+    for name, cls, guidance in (("zimg/embedded (z-image-turbo shape, CFG 4)", ZImagePipeline, 4.0),
+                                ("flux/embedded (flux-dev shape)", FluxPipeline, None)):
+        pipe = cls.from_pretrained(ROOT / name.split(" ")[0], device=device, dtype=torch.float32)
+        scores = {t: [] for t in (None, *THRESHOLDS)}
+        for seed, prompt in enumerate(("a red circle on a blue background", "a green square and a yellow triangle")):
+            run = dict(height=128, width=128, steps=28, seed=seed, progress=False, guidance=guidance)
+            for threshold in scores:
+                made.clear()
+                start = time.perf_counter()
+                image = np.asarray(pipe.generate(prompt, cache=threshold, **run))
+                took = time.perf_counter() - start
+                computed = made[0].computed if made else 28
+                scores[threshold].append((image, took, computed))
+        for threshold, runs in scores.items():
+            if threshold is None:
+                continue
+            ssim = np.mean([structural_similarity(img, ref[0], channel_axis=2) for (img, *_), ref in zip(runs, scores[None])])
+            psnr = np.mean([peak_signal_noise_ratio(ref[0], img) for (img, *_), ref in zip(runs, scores[None])])
+            speed = np.mean([ref[1] for ref in scores[None]]) / np.mean([r[1] for r in runs])
+            print(f"| {name} | {threshold} | {np.mean([r[2] for r in runs]):.1f} | {speed:.2f}x | {ssim:.3f} | {psnr:.1f} |")
+
+
+def zimage_pipeline(mode: str):
+    """Z-Image-Turbo with random weights: the 6 B transformer, the FLUX autoencoder, a Qwen3-4B encoder (the tests' tokenizer)."""
+    import sys
+
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zflux.common.vae import PRESETS as VAE_PRESETS
+    from zflux.common.vae import Autoencoder
+    from zflux.zimg.model import PRESETS, ZImageTransformer
+    from zflux.zimg.pipeline import ZImagePipeline
+    from zflux.zimg.text import Qwen3PromptEncoder
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_text import qwen_tokenizer
+
+    with torch.device(DEVICE):  # built in place: the rotary tables are buffers
+        qwen = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                                      max_position_embeddings=40960)).to(DTYPE).eval()
+    transformer = random_model(lambda: ZImageTransformer(PRESETS["z-image-turbo"]))
+    vae = random_model(lambda: Autoencoder(VAE_PRESETS["flux"]))
+    return ZImagePipeline(transformer, vae, Qwen3PromptEncoder(qwen, qwen_tokenizer()), "z-image-turbo", offload=mode, device=DEVICE)
+
+
+def zimage_offload(args: argparse.Namespace) -> None:
+    """Z-Image-Turbo end to end at 1024 x 1024, 8 steps: peak and time of a first, a repeated and a new prompt, per mode."""
+    print("| mode | peak (GiB) | first prompt (s) | same prompt again (s) | new prompt (s) |\n|---|---|---|---|---|")
+    for mode in args.modes or ("none", "text-encoder", "model", "blocks"):
+        print(zimage_row(mode))
+        torch.cuda.empty_cache()
+
+
+def zimage_row(mode: str) -> str:
+    pipe = zimage_pipeline(mode)
+    run = dict(height=1024, width=1024, seed=0, progress=False)
+    _, first, peak_first = timed(lambda: pipe.generate(PROMPTS[0], **run))
+    _, again, peak_again = timed(lambda: pipe.generate(PROMPTS[0], **run))
+    _, new, peak_new = timed(lambda: pipe.generate(PROMPTS[1], **run))
+    return f"| {mode} | {max(peak_first, peak_again, peak_new):.1f} | {first:.2f} | {again:.2f} | {new:.2f} |"
+
+
+def h2d_bandwidth(nbytes: int = 2**30) -> float:
+    """Host-to-device bytes per second from pinned memory (the median of 5 copies of `nbytes`)."""
+    host, dev = torch.empty(nbytes, dtype=torch.uint8).pin_memory(), torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    times = []
+    for _ in range(6):
+        _, took, _ = timed(lambda: dev.copy_(host, non_blocking=True))
+        times.append(took)
+    return nbytes / sorted(times[1:])[2]
+
+
+def flux_transformer():
+    from zflux.flux.model import PRESETS, Flux
+
+    return random_model(lambda: Flux(PRESETS["flux-dev"]))
+
+
+def flux_predict(transformer, steps: int):
+    """FLUX.1-dev's predict closure and start tokens at 1024 x 1024, random 512-token text (no text encoder)."""
+    from zflux.common.sampling import SchedulerConfig
+    from zflux.flux.pipeline import VARIANTS, predictor
+
+    scheduler: SchedulerConfig = VARIANTS["flux-dev"].scheduler
+    sigmas = scheduler.schedule(steps, 4096)
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    features = torch.randn(1, 512, 4096, device=DEVICE, dtype=DTYPE, generator=gen)
+    pooled = torch.randn(1, 768, device=DEVICE, dtype=DTYPE, generator=gen)
+    predict = predictor(transformer, features=features, pooled=pooled, size=(128, 128), sigmas=sigmas, guidance=3.5, true_cfg=1.0,
+                        device=torch.device(DEVICE))
+    return predict, torch.randn(1, 4096, 64, device=DEVICE, dtype=DTYPE, generator=gen), sigmas
+
+
+def flux_blocks(args: argparse.Namespace) -> None:
+    """FLUX.1-dev denoising with the blocks streamed: peak and time per step against the copy bound."""
+    from zflux.common.offload import Offload, repeated_blocks
+    from zflux.common.pipeline import denoise
+
+    bandwidth = h2d_bandwidth()
+    transformer = flux_transformer()
+    block_bytes = sum(p.numel() * p.element_size() for b in repeated_blocks(transformer) for p in b.parameters())
+    predict, tokens, sigmas = flux_predict(transformer, steps=args.steps)
+    resident, t_resident, peak_resident = timed(lambda: denoise(predict, tokens, sigmas, 0, progress=False))
+    off = Offload("blocks", {"transformer": transformer}, torch.device(DEVICE))
+    torch.cuda.empty_cache()
+    with off.stage("denoise"):
+        streamed, t_streamed, peak_streamed = timed(lambda: denoise(predict, tokens, sigmas, 0, progress=False))
+    bound = block_bytes / bandwidth
+    print(f"H2D from pinned memory: {bandwidth / 2**30:.1f} GiB/s; the blocks: {block_bytes / 2**30:.1f} GiB, copy bound "
+          f"{bound * 1000:.0f} ms per step")
+    print("| FLUX.1-dev 1024x1024 denoising | peak (GiB) | per step (ms) | vs copy bound |\n|---|---|---|---|")
+    print(f"| resident | {peak_resident:.1f} | {t_resident / args.steps * 1000:.0f} | |")
+    print(f"| --offload blocks | {peak_streamed:.1f} | {t_streamed / args.steps * 1000:.0f} | {t_streamed / args.steps / bound:.2f}x |")
+    print(f"streamed output equals resident: {torch.equal(streamed, resident)}")
+
+
+def flux_cache(args: argparse.Namespace) -> None:
+    """FLUX.1-dev, 28 steps at 1024 x 1024: the cache's speed-up and the final latents' relative error, per threshold."""
+    from zflux.common.pipeline import denoise
+    from zflux.common.step_cache import step_cache
+
+    transformer = flux_transformer()
+    predict, tokens, sigmas = flux_predict(transformer, steps=28)
+    denoise(predict, tokens, sigmas, 26, progress=False)  # warm-up
+    plain, t_plain, _ = timed(lambda: denoise(predict, tokens, sigmas, 0, progress=False))
+    print("| threshold | steps computed / 28 | time (s) | speed-up | final latent rel. error |\n|---|---|---|---|---|")
+    print(f"| off | 28 | {t_plain:.2f} | 1.00x | 0 |")
+    for threshold in (0.0, *THRESHOLDS):
+        with step_cache(transformer, threshold) as cache:
+            out, took, _ = timed(lambda: denoise(predict, tokens, sigmas, 0, progress=False))
+        print(f"| {threshold} | {cache.computed} | {took:.2f} | {t_plain / took:.2f}x | {rel_err(out, plain):.4f} |")
+
+
+def decode_2048(args: argparse.Namespace) -> None:
+    """A 2048 x 2048 Z-Image-Turbo decode, the transformer offloaded (model mode's decode stage): whole and tiled."""
+    from zflux.common.offload import Offload
+    from zflux.common.pipeline import decode_latents
+    from zflux.common.vae import PRESETS as VAE_PRESETS
+    from zflux.common.vae import Autoencoder
+    from zflux.zimg.model import PRESETS, ZImageTransformer
+
+    transformer = random_model(lambda: ZImageTransformer(PRESETS["z-image-turbo"]))
+    vae = random_model(lambda: Autoencoder(VAE_PRESETS["flux"]))
+    off = Offload("model", {"transformer": transformer, "vae": vae}, torch.device(DEVICE))
+    latents = torch.randn(1, 16, 256, 256, device=DEVICE)
+    print("| 2048x2048 decode, transformer offloaded | peak (GiB) | time (s) |\n|---|---|---|")
+    with off.stage("decode"):
+        for tiling in (False, True):
+            try:
+                _, took, peak = timed(lambda: decode_latents(vae, latents, tiling))
+                print(f"| {'tiled (512 px tiles, 128 px overlap)' if tiling else 'whole'} | {peak:.1f} | {took:.2f} |")
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {'tiled' if tiling else 'whole'} | out of memory | |")
+            torch.cuda.empty_cache()
+
+
+SECTIONS = {"ssim": ssim_table, "zimage-offload": zimage_offload, "flux-blocks": flux_blocks, "flux-cache": flux_cache,
+            "decode-2048": decode_2048}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="+", choices=SECTIONS)
+    parser.add_argument("--device", help="ssim: where to run the small models (default: cuda if there, else cpu)")
+    parser.add_argument("--modes", nargs="+", help="zimage-offload: the modes to run (default: all)")
+    parser.add_argument("--steps", type=int, default=4, help="flux-blocks: denoising steps to time (default 4)")
+    args = parser.parse_args()
+    with torch.inference_mode():
+        for section in args.sections:
+            SECTIONS[section](args)
+
+
+if __name__ == "__main__":
+    main()

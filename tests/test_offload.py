@@ -1,0 +1,248 @@
+"""Offload modes (common/offload.py) on the CPU: each mode's plan followed stage by stage, the block streamer's copy order,
+and what --offload auto picks from the memory estimate (common/memory.py).
+
+Where a component is cannot be told from its device on a CPU-only machine, so a visit "to the device"
+is made a real copy (Parked.load clones): a component whose tensors are their CPU homes is parked
+(CPU), one whose tensors are copies is on the device. The GPU counterpart (each mode bit-identical to
+none at full size) is tests/test_offload_gpu.py.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from zflux.common import offload as offload_module
+from zflux.common.memory import Footprint
+from zflux.common.offload import CPU, DEVICE, MODES, STREAMED, BlockStreamer, Parked, make_plan, modules_of, repeated_blocks
+from zflux.common.step_cache import step_cache
+from zflux.flux.flux2.pipeline import Flux2Pipeline
+from zflux.flux.pipeline import FluxPipeline
+from zflux.zimg.pipeline import ZImagePipeline
+from tiny_flux2 import flux2_snapshot
+from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
+
+FP32 = dict(device="cpu", dtype=torch.float32)
+RUN = dict(height=32, width=32, steps=2, seed=3, progress=False)
+PIPELINES = {"z-image-turbo": ZImagePipeline, "flux-dev": FluxPipeline, "flux2-klein-base": Flux2Pipeline}
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offload")
+    return {"z-image-turbo": zimage_snapshot(root / "z"), "flux-dev": flux_snapshot(root / "dev", "flux-dev"),
+            "flux2-klein-base": flux2_snapshot(root / "klein", "flux2-klein-base")}
+
+
+@pytest.fixture
+def real_copies(monkeypatch):
+    """A visit to the device (the CPU here) makes copies, so that parked and visiting tensors differ."""
+    monkeypatch.setattr(Parked, "load", lambda self, device: self._load_copies())
+
+    def load_copies(self):
+        copies = [t.clone() for t in self.home]
+        for slot, copy in zip(self.slots, copies):
+            self._set(slot, copy)
+        return copies
+
+    monkeypatch.setattr(Parked, "_load_copies", load_copies, raising=False)
+
+
+def is_home(parked: Parked) -> bool:
+    return all(Parked._get(slot).data_ptr() == home.data_ptr() for slot, home in zip(parked.slots, parked.home))
+
+
+def placement(pipe) -> dict[str, str]:
+    """Where each component is now, read from its tensors."""
+    off = pipe.offload
+    places = {name: CPU if name in off.parked and is_home(off.parked[name]) else DEVICE for name in off.components}
+    if off.streamer is not None:
+        assert "transformer" not in off.parked
+        places["transformer"] = STREAMED
+    return places
+
+
+def record_stages(pipe) -> dict[str, dict[str, str]]:
+    """The placement seen when the prompt encoder, the transformer and the decoder run, by stage name."""
+    seen = {}
+    encoder = type(pipe.text_encoder)
+    call = encoder.__call__
+    pipe.text_encoder.__class__ = type("Spy", (encoder,), {"__call__": lambda self, *a, **k: seen.setdefault("encode", placement(pipe))
+                                                                       and call(self, *a, **k)})
+    pipe.transformer.register_forward_pre_hook(lambda *_: seen.setdefault("denoise", placement(pipe)) and None)
+    pipe.vae.decoder.register_forward_pre_hook(lambda *_: seen.setdefault("decode", placement(pipe)) and None)
+    return seen
+
+
+def test_plans():
+    """The modes in words (common/offload.py's docstring), as tables."""
+    none, text, model, blocks = (make_plan(mode) for mode in MODES)
+    assert all(place == DEVICE for stage in none.values() for place in stage.values())
+    assert [text[s]["text_encoder"] for s in ("load", "encode", "denoise", "decode")] == [CPU, DEVICE, CPU, CPU]
+    assert all(text[s]["transformer"] == DEVICE for s in text)
+    assert [model[s]["transformer"] for s in ("load", "encode", "denoise", "decode")] == [CPU, CPU, DEVICE, CPU]
+    assert all(blocks[s]["transformer"] == STREAMED for s in blocks)
+    assert all(plan[s]["vae"] == DEVICE for plan in (none, text, model, blocks) for s in plan)
+    aside = make_plan("text-encoder", transformer_aside=True)
+    assert [aside[s]["transformer"] for s in ("load", "encode", "denoise", "decode")] == [DEVICE, CPU, DEVICE, DEVICE]
+    with pytest.raises(ValueError, match="offload 'disk': choose one of none, text-encoder, model, blocks"):
+        make_plan("disk")
+
+
+def expected_plan(mode: str, aside: bool) -> dict[str, dict[str, str]]:
+    """Each mode's plan written out (not read from make_plan): (text encoder, transformer) per stage; the VAE stays."""
+    stages = ("load", "encode", "denoise", "decode")
+    places = {"text-encoder": [(CPU, DEVICE), (DEVICE, CPU if aside else DEVICE), (CPU, DEVICE), (CPU, DEVICE)],
+              "model": [(CPU, CPU), (DEVICE, CPU), (CPU, DEVICE), (CPU, CPU)],
+              "blocks": [(CPU, STREAMED), (DEVICE, STREAMED), (CPU, STREAMED), (CPU, STREAMED)]}[mode]
+    return {stage: {"text_encoder": text, "transformer": transformer, "vae": DEVICE} for stage, (text, transformer) in zip(stages, places)}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_each_mode_follows_its_plan_and_changes_nothing(snapshots, real_copies, name, mode):
+    cls = PIPELINES[name]
+    reference = cls.from_pretrained(snapshots[name], **FP32).generate("a red fox", output_type="latent", **RUN)
+    pipe = cls.from_pretrained(snapshots[name], offload=mode, **FP32)
+    plan = expected_plan(mode, aside=cls is Flux2Pipeline)
+    assert placement(pipe) == plan["load"]
+    seen = record_stages(pipe)
+    image = pipe.generate("a red fox", **RUN)
+    assert seen == {stage: plan[stage] for stage in ("encode", "denoise", "decode")}
+    assert placement(pipe) == plan["decode"]  # what the last stage left
+    assert image.size == (32, 32)
+    assert torch.equal(pipe.generate("a red fox", output_type="latent", **RUN), reference)
+
+
+def test_a_repeated_prompt_reuses_its_encoding(snapshots, real_copies):
+    pipe = ZImagePipeline.from_pretrained(snapshots["z-image-turbo"], offload="text-encoder", **FP32)
+    stages = []
+    enter = pipe.offload.enter
+    pipe.offload.enter = lambda stage: stages.append(stage) or enter(stage)
+    for prompt in ("a red fox", "a red fox", "a blue fox", "a red fox"):
+        pipe.generate(prompt, output_type="latent", **RUN)
+    assert stages.count("encode") == 3  # the second run's prompt is the first's: no trip
+
+
+class FakeCopies:
+    """A block copier that only records: ("start", k) when block k's copy is queued, ("wait", k) when compute waits for it."""
+
+    def __init__(self):
+        self.index: dict[int, int] = {}  # id(Parked) -> block index
+        self.log = []
+
+    def start(self, parked: Parked):
+        k = self.index[id(parked)]
+        self.log.append(("start", k))
+        return k
+
+    def wait(self, k: int) -> None:
+        self.log.append(("wait", k))
+
+
+def streamed(blocks: list[nn.Module]) -> tuple[BlockStreamer, FakeCopies]:
+    copies = FakeCopies()
+    streamer = BlockStreamer(blocks, copies)
+    copies.index = {id(parked): k for k, parked in enumerate(streamer.blocks)}
+    return streamer, copies
+
+
+def test_streaming_copies_the_next_block_while_the_current_one_runs():
+    blocks = [nn.Linear(4, 4) for _ in range(3)]
+    streamer, copies = streamed(blocks)
+    x = torch.randn(2, 4)
+    for _ in range(2):  # two calls of the model: the second's first block was queued during the first's last
+        for block in blocks:
+            x = block(x)
+    assert copies.log == [("start", 0), ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("start", 0), ("wait", 2),
+                          ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("start", 0), ("wait", 2)]
+    streamer.remove()
+    assert all(not block._forward_pre_hooks for block in blocks)
+
+
+def test_streaming_follows_the_models_block_order_and_skips():
+    """On a Z-Image-shaped model, repeated_blocks is the forward's order (refiners, then layers); a step the cache skips
+    leaves the queued block for the next call, which starts from block 0 again."""
+    from zflux.zimg.model import ZImageConfig, ZImageTransformer
+
+    cfg = ZImageConfig(dim=32, n_heads=2, n_kv_heads=2, n_layers=3, n_refiner_layers=1, cap_feat_dim=16, axes_dims=(4, 6, 6),
+                       axes_lens=(64, 16, 16))
+    torch.manual_seed(0)
+    model = ZImageTransformer(cfg).eval()
+    blocks = repeated_blocks(model)
+    assert blocks == [*model.noise_refiner, *model.context_refiner, *model.layers]
+    streamer, copies = streamed(blocks)
+    args = (torch.randn(1, 16, 4, 4), torch.full((1,), 0.5), torch.randn(1, 8, 16))
+    with torch.no_grad(), step_cache(model, threshold=10.0):  # everything after the first step is skipped
+        model(*args)
+        copies.log.clear()
+        model(*args)  # blocks 0-1 (refiners), 2 (the first layer), then skipped: block 3's copy was queued, waits unused
+        assert copies.log == [("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("start", 3), ("wait", 2)]
+        copies.log.clear()
+        model(*args)  # block 0 is not queued: started now; block 3 is still queued, not copied again
+    assert copies.log == [("start", 0), ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("wait", 2)]
+    streamer.remove()
+
+
+def test_parked_moves_every_tensor_once_and_keeps_ties():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    model[2].weight = model[0].weight  # tied
+    parked = Parked([model])
+    assert len(parked.slots) == len(set(map(id, [*model.parameters(), *model.buffers()])))
+    copies = parked.load(torch.device("cpu"))
+    assert model[2].weight is model[0].weight and len(copies) == len(parked.slots)
+    parked.park()
+    assert is_home(parked)
+
+
+def test_modules_of_a_wrapper():
+    class Encoder:
+        def __init__(self):
+            self.t5, self.clip, self.name = nn.Linear(2, 2), nn.Linear(2, 2), "x"
+
+    encoder = Encoder()
+    assert modules_of(encoder) == [encoder.t5, encoder.clip]
+
+
+GIB = 2**30
+FLUX_DEV = Footprint(transformer_params=11_900_000_000, block_params=340_000_000, vae_params=84_000_000,
+                     text_params=4_880_000_000, pixels=1024 * 1024)
+TILE = 512 * 512
+
+
+@pytest.mark.parametrize("room_gib, chosen", [
+    (32, "none"),  # 31.8 GiB: every weight, and the denoising's activations (the decode is tiled)
+    (31.5, "text-encoder"),  # 31.4: no better while the T5 visits, for the transformer stays
+    (24, "model"),  # 22.7: the transformer alone, denoising
+    (16, "blocks"),  # 10.5: the T5 visiting, then two blocks at a time
+    (8, None),  # not even that
+])
+def test_auto_picks_the_least_offload_that_fits(room_gib, chosen):
+    """FLUX.1-dev in bf16 at 1024 x 1024 (its parameter counts): the first mode, least moving first, that fits."""
+    assert FLUX_DEV.choose_offload("bf16", room=int(room_gib * GIB), tile_pixels=TILE) == chosen
+
+
+def test_estimate_per_stage():
+    """Weights by place and precision: fp8 halves the transformer, streaming keeps two blocks; tiles cap the decode."""
+    bf16 = FLUX_DEV.bytes("bf16", "none")
+    assert FLUX_DEV.bytes("fp32", "none") > bf16 > FLUX_DEV.bytes("fp8", "none")
+    assert FLUX_DEV.weights("transformer", "fp8", DEVICE) == FLUX_DEV.transformer_params
+    assert FLUX_DEV.weights("transformer", "bf16", STREAMED) == 4 * FLUX_DEV.block_params
+    assert FLUX_DEV.weights("text_encoder", "bf16", CPU) == 0
+    assert FLUX_DEV.activations("decode", "bf16", tile_pixels=TILE) * 4 == FLUX_DEV.activations("decode", "bf16")
+    big = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, pixels=2048 * 2048)
+    assert big.activations("decode", "bf16", tile_pixels=TILE) * 16 == big.activations("decode", "bf16") == 8 * GIB
+
+
+def test_resolve_mode():
+    assert offload_module.resolve_mode("none", offload_text_encoder=True) == "text-encoder"
+    with pytest.raises(ValueError, match="offload_text_encoder=True is offload='text-encoder'"):
+        offload_module.resolve_mode("blocks", offload_text_encoder=True)
+
+
+def test_cuda_graphs_stay_off_while_blocks_stream_or_the_cache_runs():
+    """Streaming's copies and host waits, and the cache's skip decision, sit inside the forward: a CUDA graph cannot hold them."""
+    model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]))
+    allowed = {mode: offload_module.graphs_allowed(offload_module.Offload(mode, {"transformer": model}, torch.device("cpu")), None)
+               for mode in MODES}
+    assert allowed == {"none": True, "text-encoder": True, "model": True, "blocks": False}
+    assert not offload_module.graphs_allowed(offload_module.Offload("none", {"transformer": model}, torch.device("cpu")), 0.1)
