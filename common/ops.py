@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from zflux.common import attention as attention_math
-from zflux.common import norms, rope
+from zflux.common import norms, parallel, rope
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 HAS_TRITON = find_spec("triton") is not None
@@ -151,18 +151,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
     outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
-    only, so such calls run on SDPA.
+    only, so such calls run on SDPA. Inside a sequence-parallel scope (common/parallel.py) q, k, v
+    hold this rank's tokens and `key_lens` counts keys of the whole sequence.
     """
+    shards = parallel.attending()
+    out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
+    return rearrange(out, "b h s d -> b s (h d)")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force."""
     if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
-        out = flash_attention(q, k, v, key_lens)
-    elif current_backend() == "reference":
-        out = attention_math.reference_attention(q, k, v, key_lens)
-    else:
-        mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D)
-    return rearrange(out, "b h s d -> b s (h d)")
+        return flash_attention(q, k, v, key_lens)
+    if current_backend() == "reference":
+        return attention_math.reference_attention(q, k, v, key_lens)
+    mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class RMSNorm(nn.Module):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common import ops
+from zflux.common.parallel import shard_joint
 from zflux.common.embeddings import timestep_embedding
 from zflux.common.norms import ModulationOut
 from zflux.common.rope import check_axes_dims, rope_tables
@@ -275,12 +276,15 @@ class Flux(nn.Module):
         ids = torch.cat([txt_ids, img_ids], dim=1)  # (B, L+S, 3)
         rope = rope_tables(ids, self.cfg.axes_dims_rope, ROPE_THETA)  # (B, L+S, D/2) each
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
-        x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
-        for block in self.single_blocks:
-            x = block(x, vec, rope)
-        return self.final_layer(x[:, L:], vec).to(out_dtype)  # (B, S, out_channels)
+        x, rope, shards = shard_joint(txt, img, rope)  # this rank's tokens, with sequence parallelism: (B, local, dim)
+        txt, img = x[:, : shards.count(L)], x[:, shards.count(L):]
+        with shards.attending():
+            for block in self.double_blocks:
+                img, txt = block(img, txt, vec, rope)
+            x = torch.cat([txt, img], dim=1)  # (B, local, dim)
+            for block in self.single_blocks:
+                x = block(x, vec, rope)
+        return self.final_layer(shards.gather(x)[:, L:], vec).to(out_dtype)  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                       guidance: Tensor | None) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common import ops
+from zflux.common.parallel import shard_joint
 from zflux.common.embeddings import timestep_embedding
 from zflux.common.norms import ModulationOut
 from zflux.common.rope import check_axes_dims, rope_tables
@@ -394,20 +395,24 @@ class Flux2(nn.Module):
             ref_single_mod = self.single_stream_modulation(ref_vec)
             extracted = RefKV()
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt, step = block(img, txt, img_mod, txt_mod, rope, ref_kv=ref_kv.double[i] if ref_kv else None, refs=ref_stream)
-            if step is not None:
-                ref_stream = ref_stream._replace(x=step.x)
-                extracted.double.append(step.kv)
-        if ref_stream is not None:
-            ref_stream = ref_stream._replace(mod=ref_single_mod)
-        x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
-        for i, block in enumerate(self.single_blocks):
-            x, step = block(x, single_mod, rope, ref_kv=ref_kv.single[i] if ref_kv else None, refs=ref_stream)
-            if step is not None:
-                ref_stream = ref_stream._replace(x=step.x)
-                extracted.single.append(step.kv)
-        return self.final_layer(x[:, L:], vec).to(out_dtype), extracted  # (B, S, out_channels)
+        # With sequence parallelism, this rank's tokens (B, local, dim); klein KV's reference keys are not sharded: it runs whole.
+        x, rope, shards = shard_joint(txt, img, rope, whole=ref_kv is not None or refs is not None)
+        txt, img = x[:, : shards.count(L)], x[:, shards.count(L):]
+        with shards.attending():
+            for i, block in enumerate(self.double_blocks):
+                img, txt, step = block(img, txt, img_mod, txt_mod, rope, ref_kv=ref_kv.double[i] if ref_kv else None, refs=ref_stream)
+                if step is not None:
+                    ref_stream = ref_stream._replace(x=step.x)
+                    extracted.double.append(step.kv)
+            if ref_stream is not None:
+                ref_stream = ref_stream._replace(mod=ref_single_mod)
+            x = torch.cat([txt, img], dim=1)  # (B, local, dim)
+            for i, block in enumerate(self.single_blocks):
+                x, step = block(x, single_mod, rope, ref_kv=ref_kv.single[i] if ref_kv else None, refs=ref_stream)
+                if step is not None:
+                    ref_stream = ref_stream._replace(x=step.x)
+                    extracted.single.append(step.kv)
+        return self.final_layer(shards.gather(x)[:, L:], vec).to(out_dtype), extracted  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                       guidance: Tensor | None) -> None:
