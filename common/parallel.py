@@ -102,12 +102,23 @@ class Plan:
         """This rank's part of a run's images: all of them, or with dp every world-th from its rank on."""
         return list(jobs[self.rank::self.world]) if self.mode == "dp" else list(jobs)
 
-    def apply(self, transformer: torch.nn.Module) -> None:
-        """Set this process's sequence axis and split the transformer's CFG rows over the row axis."""
+    @contextmanager
+    def applied(self, transformer: torch.nn.Module) -> Iterator[None]:
+        """Within this scope the models cut their sequences over this rank's sequence axis, and `transformer` splits
+        its CFG rows over the row axis."""
         global _sequence
+        previous = _sequence
         _sequence = self.sequence
         if self.rows.size > 1:
             transformer.forward = split_rows(transformer.forward, self.rows)
+        try:
+            yield
+        finally:
+            _sequence = previous
+            transformer.__dict__.pop("forward", None)  # the class's forward again
+
+
+SOLO = Plan(mode="none", rank=0, world=1)
 
 
 def launched() -> tuple[int, int, int]:
@@ -116,11 +127,17 @@ def launched() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def device_for(local_rank: int) -> torch.device:
-    """This rank's device: its own GPU, or the CPU where there is none."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device in a launched run: its own GPU (LOCAL_RANK) where `device` is CUDA, else `device` itself."""
+    _, world, local = launched()
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ValueError(f"--parallel runs one process per GPU, each on cuda:LOCAL_RANK: pass --device cuda, not {device}")
+    count = torch.cuda.device_count()
+    if world > count:
+        raise ValueError(f"--parallel over {world} processes needs {world} GPUs; this machine has {count}")
+    return torch.device("cuda", local)
 
 
 def init(mode: str, device: torch.device) -> Plan:
@@ -142,6 +159,21 @@ def init(mode: str, device: torch.device) -> Plan:
     sequence = Axis(sequence_groups[row], shards, shard) if sequence_groups else SINGLE
     row_axis = Axis(row_groups[shard], rows, row) if row_groups else SINGLE
     return Plan(mode=mode, rank=rank, world=world, sequence=sequence, rows=row_axis)
+
+
+@contextmanager
+def session(mode: str | None, device: torch.device) -> Iterator[Plan]:
+    """The Plan of this process for `mode` (None: one process, no split), its process group joined for the scope
+    (and left at its end if this scope joined it)."""
+    if mode is None:
+        yield SOLO
+        return
+    joined = not dist.is_initialized()
+    try:
+        yield init(mode, device)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def gather(x: Tensor, axis: Axis, dim: int) -> Tensor:
