@@ -88,7 +88,7 @@ def test_shards_cut_and_count():
 def test_data_parallel_shares_jobs():
     jobs = list(range(5))
     shares = [Plan(mode="dp", rank=r, world=2).share(jobs) for r in range(2)]
-    assert shares == [[0, 2, 4], [1, 3]]
+    assert shares == [[0, 2, 4], [1, 3]] and Plan(mode="dp", rank=1, world=2).writes
     assert Plan(mode="sp", rank=1, world=2).share(jobs) == jobs and not Plan(mode="sp", rank=1, world=2).writes
 
 
