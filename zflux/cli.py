@@ -365,7 +365,7 @@ def generate(args: argparse.Namespace) -> None:
             for job in plan.share(request.jobs):
                 start = time.perf_counter()
                 image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
-                                      **request.family_options)
+                                      **request.family_options, progress=plan.writes)  # one bar per image made
                 took = time.perf_counter() - start
                 if plan.writes:  # sp, cfg: every rank holds the same image
                     path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
