@@ -1,7 +1,7 @@
 """The one place that chooses, at run time, between plain PyTorch math and a Triton kernel.
 
-Models call the ops here (norms, QK-norm + RoPE, modulation, attention); the math itself is defined
-once in `norms.py`, `rope.py` and `attention.py`, which know nothing of kernels, and each kernel in
+Models call the ops here (norms, QK-norm + RoPE, modulation, SwiGLU's activation, attention); the math
+itself is defined once in `norms.py`, `rope.py`, `activations.py` and `attention.py`, which know nothing of kernels, and each kernel in
 `zflux.kernels` is tested against that math. This module is the only one that imports
 `zflux.kernels`, and only inside the functions that need a kernel, so nothing else knows Triton exists.
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from zflux.common import activations, norms, parallel, rope
 from zflux.common import attention as attention_math
-from zflux.common import norms, parallel, rope
 
 BACKENDS = ("auto", "sdpa", "triton", "reference")
 HAS_TRITON = find_spec("triton") is not None
@@ -143,6 +143,20 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
 
         return fused(q, k, q_weight, k_weight, eps, cos, sin)
     return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+    """activations.silu_mul (SwiGLU's silu(gate) * up), or its one-pass kernel; written into `out` (a view of rows,
+    e.g. part of a concatenation's buffer) when given, and returned."""
+    if out is None:
+        out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    if use_kernels(gate):
+        from zflux.kernels.activations import silu_mul_
+
+        silu_mul_(gate, up, out)
+    else:
+        out.copy_(activations.silu_mul(gate, up))
+    return out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:

@@ -152,15 +152,15 @@ def start_noise(vae: Autoencoder, *, height: int, width: int, seed: int | torch.
 
 
 def encode_sample(vae: Autoencoder, pixels: Tensor, generator: torch.Generator) -> Tensor:
-    """Pixels (1, 3, H, W) in [-1, 1] -> a posterior sample of their scaled latent (1, C, H/8, W/8) fp32.
+    """Pixels (1, 3, H, W) in [-1, 1] -> a posterior sample of their scaled latent (1, C, H/8, W/8) in the autoencoder's dtype.
 
     The sample is mean + std * noise, the noise drawn in the autoencoder's dtype from the CPU
-    `generator`, as diffusers' image-conditioned pipelines sample (retrieve_latents(vae.encode(image),
-    generator)).
+    `generator`, then shifted and scaled in that dtype, as diffusers' image-conditioned pipelines
+    sample (retrieve_latents(vae.encode(image), generator)): a bf16 autoencoder rounds where theirs does.
     """
     down = vae.cfg.downscale
     shape = (1, vae.cfg.latent_channels, pixels.shape[2] // down, pixels.shape[3] // down)
-    raw = vae.encode(pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype)).float()  # (1, C, H/8, W/8)
+    raw = vae.encode(pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype))  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 

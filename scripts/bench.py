@@ -4,12 +4,18 @@
     python scripts/bench.py --models zimage --compile --backend triton
     python scripts/bench.py --models zimage-controlnet   # Z-Image-Turbo + ControlNet Union 2.1
     python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev flux2-klein-4b-pipeline
+    python scripts/bench.py --models flux2-klein-9b --profile   # where the time of one call goes, and its floor
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
 forward (one NFE), one VAE decode or one whole generate() call (the pipeline row): CUDA-event
 median over --iters runs after --warmup runs, the peak memory the call adds, and ours/diffusers
 ratios. Prints a markdown table. A case with a plain counterpart (the ControlNet: the same step
 without it) adds a row for the difference, the extra cost per step.
+
+--profile adds, per implementation, one profiled call's GPU time by kind of kernel (GEMM, attention,
+fused Triton norm/modulation, copies and elementwise, other) and the floor of the call: its linear
+layers' FLOPs (counted by hooks) at the bf16 GEMM rate measured on a large matmul in the same run,
+plus the attention FLOPs at the attention rate the profile shows.
 """
 
 import argparse
@@ -53,6 +59,65 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> tuple[fl
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+KINDS = {  # kernel name fragments -> kind; the first match wins
+    "attention": ("flash", "fmha", "sdpa", "attention", "attn"),
+    "gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_"),
+    "copies, elementwise (PyTorch)": ("at::native", "elementwise", "copy", "memcpy", "memset"),
+    "fused norm/modulation (Triton)": ("triton", "_kernel"),
+}
+
+
+def kind_of(kernel: str) -> str:
+    lowered = kernel.lower()
+    return next((kind for kind, parts in KINDS.items() if any(p in lowered for p in parts)), "other")
+
+
+def gemm_rate(n: int = 8192) -> float:
+    """This GPU's bf16 GEMM rate (FLOP/s) on an n x n x n matmul."""
+    a, b = torch.randn(n, n, device=DEVICE, dtype=DTYPE), torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    ms, _ = time_ms(lambda: a @ b, warmup=3, iters=10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def linear_flops(fn: Callable[[], torch.Tensor]) -> float:
+    """FLOPs of every nn.Linear call one fn() makes (2 * rows * in * out), counted by forward hooks."""
+    total = [0.0]
+
+    def count(module: torch.nn.Linear, inputs: tuple, _output) -> None:
+        total[0] += 2 * inputs[0].numel() // module.in_features * module.in_features * module.out_features
+
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: count(m, i, o) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        handle.remove()
+    return total[0]
+
+
+def profile(name: str, fn: Callable[[], torch.Tensor], rate: float) -> None:
+    """One call of fn under the profiler: its GPU time by kind, the top kernels, and the GEMM floor."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    flops = linear_flops(fn)
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_device_time_total / 1e3
+    total = sum(by_kind.values())
+    floor = flops / rate * 1e3
+    print(f"\n{name}: {total:.1f} ms of GPU kernels; linear layers {flops / 1e12:.1f} TFLOP = {floor:.1f} ms at "
+          f"{rate / 1e12:.0f} TFLOP/s (GEMMs here ran at {flops / 1e12 / max(by_kind.get('gemm', 0.0), 1e-9) * 1e3:.0f})")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:32s} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"    {e.self_device_time_total / 1e3:8.2f} ms x{e.count:<4d} {kind_of(e.key):12.12s} {e.key[:90]}")
 
 
 def random_model(factory: Callable[[], torch.nn.Module], std: float = 0.02) -> torch.nn.Module:
@@ -278,21 +343,28 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also profile one call of each (see the module docstring)")
     args = parser.parse_args()
+    rate = gemm_rate() if args.profile else 0.0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, compile {args.compile}\n")
     print("| what | diffusers ms | zflux ms | speed-up | diffusers peak GiB | zflux peak GiB |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         case = CASES[name](args)
         t_ref, m_ref = time_ms(case.theirs, args.warmup, args.iters)
-        t_ours, m_ours = time_ms(case.make_ours() if case.make_ours else case.ours, args.warmup, args.iters)
+        if args.profile:
+            profile(f"diffusers, {case.name}", case.theirs, rate)
+        ours = case.make_ours() if case.make_ours else case.ours
+        t_ours, m_ours = time_ms(ours, args.warmup, args.iters)
+        if args.profile:
+            profile(f"zflux, {case.name}", ours, rate)
         print(f"| {case.name} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {m_ref:.2f} | {m_ours:.2f} |", flush=True)
         if case.plain is not None:
             extra_ref = t_ref - time_ms(case.plain.theirs, args.warmup, args.iters)[0]
             extra_ours = t_ours - time_ms(case.plain.ours, args.warmup, args.iters)[0]
             print(f"| {case.name.split(' (')[0]}: extra per step over {case.plain.name} | {extra_ref:.1f} | {extra_ours:.1f} | "
                   f"{extra_ref / extra_ours:.2f}x | | |", flush=True)
-        del case
+        del case, ours  # before the next case is built: FLUX.2 [dev] needs the whole GPU
         torch.cuda.empty_cache()
 
 

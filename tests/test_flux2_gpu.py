@@ -137,6 +137,30 @@ def test_bf16_error_klein_9b_kv_full_width():
         assert err_ours <= 1.25 * err_ref
 
 
+def skip_init():
+    """transformers' context that builds a model without initializing its weights (its module moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def fill_quickly_(module: torch.nn.Module, std: float) -> None:
+    """Every parameter from one 16 M-value random block, tiled at a random offset: CPU randn of 24 B values is too slow,
+    and a run that measures time and memory needs finite values of the right scale, not independent ones."""
+    block = torch.randn(2**24) * std
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+                continue
+            flat, start = p.view(-1), int(torch.randint(0, 2**24, ()))
+            for i in range(0, flat.numel(), 2**24):
+                n = min(2**24, flat.numel() - i)
+                flat[i:i + n].copy_(block.roll(start)[:n])
+
+
 def dev_end_to_end(cfg: Flux2Config, text_config: dict, vae_cfg, size: int, device: str) -> tuple[float, float]:
     """[dev] with random weights built in memory, its Mistral 3 encoder offloaded between prompts: one 2-step
     generate() at size x size; returns (seconds, peak GPU GiB, 0 on the CPU)."""
@@ -154,10 +178,12 @@ def dev_end_to_end(cfg: Flux2Config, text_config: dict, vae_cfg, size: int, devi
     torch.set_default_dtype(torch.bfloat16)  # the 24 B encoder is built on the CPU straight in bf16 (48 GB)
     try:
         vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
-        mistral = Mistral3ForConditionalGeneration(Mistral3Config(text_config=MistralConfig(vocab_size=len(tokenizer), **text_config),
-                                                                  vision_config=vision)).eval()
+        with skip_init():  # transformers' own init of 24 B values on the CPU takes minutes; fill_quickly_ takes seconds
+            mistral = Mistral3ForConditionalGeneration(Mistral3Config(text_config=MistralConfig(vocab_size=len(tokenizer), **text_config),
+                                                                      vision_config=vision)).eval()
     finally:
         torch.set_default_dtype(torch.float32)
+    fill_quickly_(mistral, std=0.02)
     transformer = randomize_(build_on_meta(lambda: Flux2(cfg)).to(torch.bfloat16).to_empty(device=device), std=0.02).eval()
     vae = randomize_(build_on_meta(lambda: Autoencoder(vae_cfg)).to(torch.bfloat16).to_empty(device=device), std=0.02).eval()
     vae.bn.running_mean.zero_(), vae.bn.running_var.fill_(1.0)

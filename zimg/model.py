@@ -112,7 +112,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(ops.silu_mul(self.w1(x), self.w3(x)))
 
 
 class TokenTimes(NamedTuple):

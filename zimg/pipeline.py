@@ -289,16 +289,20 @@ class ZImagePipeline:
                                                latents=latents, output_type=output_type)
         use_cfg = settings.guidance > 0
         sigmas = self.scheduler.schedule(settings.steps, image_seq_len(self.vae, height, width))  # (steps + 1,)
-        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=torch.float32)
+        # Text to image draws its noise in fp32; an init image's run draws and noises it in the transformer's dtype and
+        # steps on in fp32 (diffusers' Z-Image img2img and inpainting), which .float() of the start makes exact.
+        where = dict(height=height, width=width, seed=seed, device=self.device, dtype=self.transformer.dtype)
         blend = None
         if img2img is not None and mask is not None:
             latents, start, blend = prepare_inpaint(self.vae, img2img, open_image(mask), sigmas, strength=STRENGTH["inpaint"]
                                                     if strength is None else strength, **where)
+            latents = latents.float()
         elif img2img is not None:
             latents, start = prepare_img2img(self.vae, img2img, sigmas, strength=STRENGTH["img2img"] if strength is None else strength,
                                              **where)
+            latents = latents.float()
         else:
-            latents, start = start_noise(self.vae, latents=latents, **where), 0
+            latents, start = start_noise(self.vae, latents=latents, **where | dict(dtype=torch.float32)), 0
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                               device=self.device, offload=self.offload_text_encoder)

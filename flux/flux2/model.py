@@ -153,10 +153,10 @@ class Modulation(nn.Module):
         return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, 3 * self.sets, 3))
 
 
-def swiglu(x: Tensor) -> Tensor:
-    """silu(gate) * up, the gate being the first half of the channels: (..., 2F) -> (..., F)."""
+def swiglu(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """silu(gate) * up, the gate being the first half of the channels: (..., 2F) -> (..., F), written into `out` if given."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return ops.silu_mul(gate, up, out=out)
 
 
 class SwiGLU(nn.Module):
@@ -276,28 +276,33 @@ class SingleStreamBlock(nn.Module):
         step = None
         if refs is not None:
             (ref_mod,) = refs.mod
-            ref_q, ref_k, ref_v, ref_hidden = self._project(refs.x, ref_mod, refs.rope)
+            ref_q, ref_k, ref_v, ref_joined = self._project(refs.x, ref_mod, refs.rope)
             ref_kv = (ref_k, ref_v)
-            step = RefStep(self._output(refs.x, ops.attention(ref_q, ref_k, ref_v), ref_hidden, ref_mod), ref_kv)
-        attn, hidden = self._attention_and_mlp(x, mod, rope, ref_kv)
-        return self._output(x, attn, hidden, mod), step
+            ref_joined[..., :refs.x.shape[-1]] = ops.attention(ref_q, ref_k, ref_v)
+            step = RefStep(self._output(refs.x, ref_joined, ref_mod), ref_kv)
+        return self._output(x, self._attention_and_mlp(x, mod, rope, ref_kv), mod), step
 
-    def _attention_and_mlp(self, x: Tensor, mod: ModulationOut, rope: Rope, ref_kv: KV | None) -> tuple[Tensor, Tensor]:
-        """Both branches from the one input projection, (B, S, dim) and (B, S, mlp_hidden); the projection
-        dies on return."""
-        q, k, v, hidden = self._project(x, mod, rope)
-        return attend(q, k, v, ref_kv), hidden
+    def _attention_and_mlp(self, x: Tensor, mod: ModulationOut, rope: Rope, ref_kv: KV | None) -> Tensor:
+        """linear2's input (B, S, dim + mlp_hidden): both branches from the one input projection, side by side; the
+        projection dies on return."""
+        q, k, v, joined = self._project(x, mod, rope)
+        joined[..., :x.shape[-1]] = attend(q, k, v, ref_kv)
+        return joined
 
     def _project(self, x: Tensor, mod: ModulationOut, rope: Rope) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v (B, H, S, D), normalized and rotated, and the SwiGLU activation (B, S, mlp_hidden)."""
+        """q, k, v (B, H, S, D), normalized and rotated, and linear2's input (B, S, dim + mlp_hidden) holding the SwiGLU
+        activation in its last mlp_hidden channels, the first dim left for the attention output: written in place,
+        where a concatenation would copy both again."""
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps)
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        return q, k, v, swiglu(hidden)
+        joined = h.new_empty(*h.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
+        swiglu(hidden, out=joined[..., x.shape[-1]:])
+        return q, k, v, joined
 
-    def _output(self, x: Tensor, attn: Tensor, hidden: Tensor, mod: ModulationOut) -> Tensor:
-        return torch.addcmul(x, mod.gate, self.linear2(torch.cat([attn, hidden], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
+    def _output(self, x: Tensor, joined: Tensor, mod: ModulationOut) -> Tensor:
+        return torch.addcmul(x, mod.gate, self.linear2(joined))
 
 
 class LastLayer(nn.Module):
