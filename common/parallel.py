@@ -11,11 +11,15 @@ The modes (`--parallel`), each rank running the whole pipeline on its own device
   the output back. Heads that do not divide among the ranks (Z-Image's 30 on 4) are padded with
   zero heads whose outputs are dropped. The RoPE tables are sliced with the tokens; the keys of the
   padding, and each caption's padding, are masked by their position in the whole sequence.
-- `cfg`: the conditional and the unconditional row of each guided model call run on two ranks,
-  and both rows' outputs are gathered; `cfg+sp` splits each row's tokens over the ranks of a half.
+  Sharded: FLUX.1's and FLUX.2's double and single blocks over [text; image], Z-Image's noise
+  refiner (image tokens) and main layers ([image; caption]); Z-Image's context refiner (2 blocks
+  over the caption alone, a few hundred tokens) runs whole on every rank.
+- `cfg`: the conditional and the unconditional row of each guided model call run on two ranks
+  (each as a batch of one: Z-Image's captions then need no key mask), and both rows' outputs are
+  gathered; `cfg+sp` splits each row's tokens over the ranks of a half.
 - `dp`: each rank makes its own share of the images (prompts x seeds) and writes their files.
 
-Every rank draws the same noise and computes the same schedule, text features and Euler steps:
+Every rank draws the same noise (so a run needs a given seed, not a random one) and computes the same schedule, text features and Euler steps:
 the gathered outputs are identical everywhere, so the latents stay identical without more traffic.
 
 Models stay unaware of the mode: they cut their sequence with `sequence_shards(length)` (a single
@@ -50,7 +54,7 @@ class Axis(NamedTuple):
 
 
 SINGLE = Axis(group=None, size=1, rank=0)
-# The sequence axis `sp` runs on, set once per process by Plan.apply; the shards whose attention is open now.
+# The sequence axis `sp` runs on, set by Plan.applied; the shards whose attention is open now.
 # Plain module globals, as ops._scoped: torch.compile traces global reads.
 _sequence: Axis = SINGLE
 _attending: "Shards | None" = None
@@ -72,7 +76,7 @@ def check_mode(mode: str, world: int, *, guided: bool, heads: int, images: int) 
                          "rows to split); use sp or dp")
     if mode == "cfg" and world != CFG_RANKS:
         raise ValueError(f"--parallel cfg runs on {CFG_RANKS} processes (one per CFG row), not {world}; "
-                         f"for more use cfg+sp on an even number")
+                         "for more use cfg+sp on an even number")
     if mode == "cfg+sp" and (world % CFG_RANKS or world < 2 * CFG_RANKS):
         raise ValueError(f"--parallel cfg+sp needs an even number of processes >= 4 (2 CFG rows x sequence shards), not {world}")
     sequence_ranks = world // CFG_RANKS if mode == "cfg+sp" else world

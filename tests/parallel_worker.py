@@ -103,8 +103,8 @@ def worker(rank: int, world: int, port: int, snapshots: dict[str, Path], out: Pa
     cpu = torch.device("cpu")
     try:
         with parallel.session("sp", cpu) as plan:
-            for name in MODEL_CASES:
-                model, inputs = MODEL_CASES[name]()
+            for name, case in MODEL_CASES.items():
+                model, inputs = case()
                 with plan.applied(model), torch.inference_mode():
                     result = model(**inputs)
                 if rank == 0:

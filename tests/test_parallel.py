@@ -112,6 +112,7 @@ def test_modes_that_do_not_fit_are_named(mode, world, kwargs, message):
     ("flux-dev", ["--parallel", "cfg"], "2", "no classifier-free guidance"),
     ("flux-dev", ["--parallel", "dp", "--num-images", "2"], "4", "makes 2 image"),
     ("z-image", ["--parallel", "sp"], "1", "launch with torchrun"),
+    ("z-image", ["--parallel", "sp", "--seed", "-1"], "2", "give one"),
 ])
 def test_cli_refuses_before_loading(snapshots, monkeypatch, tmp_path, model, extra, world, message):
     monkeypatch.setenv("WORLD_SIZE", world)

@@ -419,6 +419,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
         img2img_start(sigmas, args.strength)  # in [0, 1], and leaving a step to run
     device = check_device(args.device)
     if args.parallel:
+        if args.seed == RANDOM_SEED:
+            raise ValueError("--seed -1 with --parallel: each process would draw a random seed of its own; give one (e.g. --seed 7)")
         guided, heads = family.parallel_limits(args, settings)
         check_mode(args.parallel, launched()[1], guided=guided, heads=heads, images=len(jobs))
         device = rank_device(device)
