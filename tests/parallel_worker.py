@@ -1,12 +1,12 @@
 """What each process of tests/test_parallel.py runs, and the cases both sides share.
 
-A spawned process imports this module (not the test module, which brings diffusers), joins a gloo
-group as torchrun would set it up (MASTER_ADDR, RANK, ...), and runs every case under its mode:
+Each process (forked by the test) joins a gloo group as torchrun would set it up (MASTER_ADDR,
+RANK, ...) and runs every case under its mode:
 - MODEL_CASES: our transformers at shapes that a pipeline's tiny snapshot does not reach (3 heads
   on 2 ranks: padded heads; joint sequences of odd length: padded tokens; captions of unequal
   length), called directly;
 - PIPELINE_CASES: each family's guided pipeline (its CFG rows, the prompt and a longer negative
-  prompt) on its tiny snapshot, under sp and cfg;
+  prompt) on its tiny snapshot, under sp and cfg; on 4 ranks, COMBINED_CASES under cfg+sp;
 - CLI_CASES: `zflux generate --parallel ...` in this process, as torchrun would launch it.
 Rank 0 saves each result to the output folder; the test computes the single-process result and compares.
 """
@@ -36,6 +36,9 @@ PIPELINE_CASES = {  # name -> (snapshot, mode, generate kwargs)
     "flux-dev-cfg": ("flux-dev", "cfg", dict(steps=2, height=48, width=64, true_cfg=2.0, negative_prompt=NEGATIVE)),
     "flux2-sp": ("flux2-klein-base", "sp", dict(steps=2, height=64, width=48, negative_prompt=NEGATIVE)),
     "flux2-cfg": ("flux2-klein-base", "cfg", dict(steps=2, height=64, width=48, negative_prompt=NEGATIVE)),
+}
+COMBINED_CASES = {  # run on 4 ranks: 2 CFG rows x 2 sequence shards
+    f"{name[:-4]}-cfg+sp": (snapshot, "cfg+sp", kwargs) for name, (snapshot, mode, kwargs) in PIPELINE_CASES.items() if mode == "cfg"
 }
 CLI_CASES = {  # name -> (snapshot, zflux generate arguments after --weights; --out is added)
     "cli-z-image-sp": ("z-image", ["--model", "z-image", "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--steps", "2",
@@ -96,28 +99,30 @@ def run_pipeline(pipe, kwargs: dict) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, port: int, snapshots: dict[str, Path], out: Path) -> None:
-    """One rank: join the group, run every case, save rank 0's results (and let the CLI cases write their files)."""
+    """One rank: join the group, run the cases for `world` ranks (2: every case but COMBINED_CASES; 4: those), save rank
+    0's results (the CLI cases write their files)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     cpu = torch.device("cpu")
     try:
-        with parallel.session("sp", cpu) as plan:
-            for name, case in MODEL_CASES.items():
-                model, inputs = case()
-                with plan.applied(model), torch.inference_mode():
-                    result = model(**inputs)
-                if rank == 0:
-                    torch.save(result, out / f"{name}.pt")
+        if world == 2:
+            with parallel.session("sp", cpu) as plan:
+                for name, case in MODEL_CASES.items():
+                    model, inputs = case()
+                    with plan.applied(model), torch.inference_mode():
+                        result = model(**inputs)
+                    if rank == 0:
+                        torch.save(result, out / f"{name}.pt")
         pipes = {}
-        for name, (snapshot, mode, kwargs) in PIPELINE_CASES.items():
+        for name, (snapshot, mode, kwargs) in (PIPELINE_CASES if world == 2 else COMBINED_CASES).items():
             pipe = pipes.get(snapshot) or PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device=cpu, dtype=torch.float32)
             pipes[snapshot] = pipe
             with parallel.session(mode, cpu) as plan, plan.applied(pipe.transformer):
                 result = run_pipeline(pipe, kwargs)
             if rank == 0:
                 torch.save(result, out / f"{name}.pt")
-        for name, (snapshot, args) in CLI_CASES.items():
+        for name, (snapshot, args) in CLI_CASES.items() if world == 2 else ():
             main(["generate", "--weights", str(snapshots[snapshot]), "--dtype", "fp32", "--device", "cpu", *args,
                   "--out", str(out / name / "image.png")])
     finally:

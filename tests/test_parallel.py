@@ -1,8 +1,9 @@
 """Several processes (common/parallel.py): every mode's output equals the single-process output.
 
-One spawn of 2 processes on gloo (CPU, fp32) runs every case of parallel_worker.py, each family's
-model and pipeline under sequence parallel and CFG parallel, and the CLI under sp and dp; this
-process computes the same requests alone and compares. Tolerance: relative error <= 1e-5 in fp32;
+One run of 2 processes on gloo (CPU, fp32) runs every case of parallel_worker.py, each family's
+model and pipeline under sequence parallel and CFG parallel, and the CLI under sp and dp, and one
+of 4 processes each family's pipeline under both (2 CFG rows x 2 shards); this process computes
+the same requests alone and compares. Tolerance: relative error <= 1e-5 in fp32;
 the split changes only the order of sums (attention over the gathered sequence with padded keys
 masked, each CFG row in a batch of its own): measured at most ~1e-6. Saved images may differ by one
 8-bit level where a pixel sits at a rounding boundary.
@@ -19,13 +20,12 @@ from PIL import Image
 
 from zflux.cli import main
 from zflux.common.parallel import SINGLE, Axis, Plan, Shards, check_mode
-from parallel_worker import CLI_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, run_model, run_pipeline, worker
+from parallel_worker import CLI_CASES, COMBINED_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, run_model, run_pipeline, worker
 from tiny_flux2 import flux2_snapshot
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
 
 TOL = 1e-5  # see the module docstring
-WORLD = 2
 
 
 def free_port() -> int:
@@ -41,11 +41,25 @@ def snapshots(tmp_path_factory):
             "flux2-klein-base": flux2_snapshot(root / "klein-base", "flux2-klein-base")}
 
 
+def run_ranks(world: int, snapshots: dict, out) -> None:
+    """parallel_worker.worker on `world` processes, forked, not spawned: they start with this one's imports (torch,
+    transformers) instead of repeating them."""
+    mp.start_processes(worker, args=(world, free_port(), snapshots, out), nprocs=world, start_method="fork")
+
+
 @pytest.fixture(scope="module")
 def spawned(snapshots, tmp_path_factory):
     """The folder where rank 0 of one 2-process run saved every case's result."""
     out = tmp_path_factory.mktemp("parallel")
-    mp.spawn(worker, args=(WORLD, free_port(), snapshots, out), nprocs=WORLD)
+    run_ranks(2, snapshots, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def combined(snapshots, tmp_path_factory):
+    """The folder where rank 0 of one 4-process run (cfg+sp) saved its results."""
+    out = tmp_path_factory.mktemp("combined")
+    run_ranks(4, snapshots, out)
     return out
 
 
@@ -59,6 +73,13 @@ def test_pipelines_sequence_and_cfg_parallel(spawned, snapshots, name):
     snapshot, _, kwargs = PIPELINE_CASES[name]
     pipe = PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device="cpu", dtype=torch.float32)
     assert rel_err(torch.load(spawned / f"{name}.pt"), run_pipeline(pipe, kwargs)) <= TOL
+
+
+@pytest.mark.parametrize("name", COMBINED_CASES)
+def test_pipelines_cfg_and_sequence_parallel_combined(combined, snapshots, name):
+    snapshot, _, kwargs = COMBINED_CASES[name]
+    pipe = PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device="cpu", dtype=torch.float32)
+    assert rel_err(torch.load(combined / f"{name}.pt"), run_pipeline(pipe, kwargs)) <= TOL
 
 
 def pixels(path) -> np.ndarray:
