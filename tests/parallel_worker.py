@@ -7,11 +7,14 @@ RANK, ...) and runs every case under its mode:
   length), called directly;
 - PIPELINE_CASES: each family's guided pipeline (its CFG rows, the prompt and a longer negative
   prompt) on its tiny snapshot, under sp and cfg; on 4 ranks, COMBINED_CASES under cfg+sp;
-- CLI_CASES: `zflux generate --parallel ...` in this process, as torchrun would launch it.
+- CLI_CASES: `zflux generate --parallel ...` in this process, as torchrun would launch it;
+- on GPUs (gpu_worker, NCCL): full_width_cases, each family at its real width, whole and under sp.
 Rank 0 saves each result to the output folder; the test computes the single-process result and compares.
 """
 
 import os
+import socket
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,10 +22,13 @@ import torch.distributed as dist
 
 from zflux.cli import main
 from zflux.common import parallel
+from zflux.flux.flux2.model import PRESETS as FLUX2_PRESETS
 from zflux.flux.flux2.model import Flux2, Flux2Config
 from zflux.flux.flux2.pipeline import Flux2Pipeline, grid_ids, text_ids
+from zflux.flux.model import PRESETS as FLUX_PRESETS
 from zflux.flux.model import Flux, FluxConfig
 from zflux.flux.pipeline import FluxPipeline, img_ids, txt_ids
+from zflux.zimg.model import PRESETS as ZIMAGE_PRESETS
 from zflux.zimg.model import ZImageConfig, ZImageTransformer
 from zflux.zimg.pipeline import ZImagePipeline
 
@@ -46,6 +52,13 @@ CLI_CASES = {  # name -> (snapshot, zflux generate arguments after --weights; --
     "cli-flux-dev-dp": ("flux-dev", ["--model", "flux-dev", "--prompt", PROMPT, "--num-images", "3", "--seed", "5", "--steps", "2",
                                      "--height", "48", "--width", "64", "--parallel", "dp"]),
 }
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the ranks' rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def zimage_case() -> tuple[torch.nn.Module, dict]:
@@ -127,3 +140,42 @@ def worker(rank: int, world: int, port: int, snapshots: dict[str, Path], out: Pa
                   "--out", str(out / name / "image.png")])
     finally:
         dist.destroy_process_group()
+
+
+def full_width_cases(device: torch.device) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """Each family at its real width and heads (few blocks), fp32 on `device`, with 1024x1024 inputs: what NCCL's
+    all-to-all meets in a real run (Z-Image: a CFG batch of two captions of unequal length, masked)."""
+    g = torch.Generator().manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    torch.manual_seed(0)  # the same weights on every rank
+    with device:
+        zimage = ZImageTransformer(replace(ZIMAGE_PRESETS["z-image"], n_layers=2, n_refiner_layers=1))
+        flux = Flux(replace(FLUX_PRESETS["flux-dev"], num_layers=1, num_single_layers=2))
+        flux2 = Flux2(replace(FLUX2_PRESETS["flux2-klein-9b"], num_layers=1, num_single_layers=2))
+    mask = (torch.arange(120)[None] < torch.tensor([[120], [37]])).to(device)  # (2, 120)
+    return {
+        "z-image": (zimage, dict(x=rand(2, 16, 128, 128), t=rand(2).abs(), cap_feats=rand(2, 120, zimage.cfg.cap_feat_dim),
+                                 cap_mask=mask)),
+        "flux-dev": (flux, dict(img=rand(1, 4096, 64), img_ids=img_ids(1, 64, 64, device=device),
+                                txt=rand(1, 512, flux.cfg.joint_attention_dim), txt_ids=txt_ids(1, 512, device),
+                                timesteps=rand(1).abs(), y=rand(1, flux.cfg.pooled_projection_dim),
+                                guidance=torch.full((1,), 3.5, device=device))),
+        "flux2-klein-9b": (flux2, dict(img=rand(1, 4096, 128), img_ids=grid_ids(64, 64, device=device),
+                                       txt=rand(1, 512, flux2.cfg.joint_attention_dim), txt_ids=text_ids(1, 512, device),
+                                       timesteps=rand(1).abs())),
+    }
+
+
+def gpu_worker(rank: int, world: int, port: int, out: Path) -> None:
+    """One rank on GPU `rank` (NCCL): each full-width case whole, then under sp; rank 0 saves both."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    device = parallel.rank_device(torch.device("cuda"))
+    with parallel.session("sp", device) as plan, torch.inference_mode():
+        for name, (model, inputs) in full_width_cases(device).items():
+            whole = model(**inputs)
+            with plan.applied(model):
+                sharded = model(**inputs)
+            if rank == 0:
+                torch.save((whole.cpu(), sharded.cpu()), out / f"{name}.pt")
+            del model, inputs, whole, sharded
+            torch.cuda.empty_cache()

@@ -10,8 +10,6 @@ masked, each CFG row in a batch of its own): measured at most ~1e-6. Saved image
 The argument checks and the shard arithmetic are tested in this process.
 """
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -20,18 +18,13 @@ from PIL import Image
 
 from zflux.cli import main
 from zflux.common.parallel import SINGLE, Axis, Plan, Shards, check_mode
-from parallel_worker import CLI_CASES, COMBINED_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, run_model, run_pipeline, worker
+from parallel_worker import (CLI_CASES, COMBINED_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, free_port, run_model, run_pipeline,
+                             worker)
 from tiny_flux2 import flux2_snapshot
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
 
 TOL = 1e-5  # see the module docstring
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
