@@ -7,8 +7,8 @@ The modes (`--parallel`), each rank running the whole pipeline on its own device
 - `sp`, sequence parallel (DeepSpeed-Ulysses): inside the transformer's main blocks every rank holds
   a contiguous slice of the token sequence (text and image tokens alike, padded to a multiple of the
   ranks). Everything but attention works token by token; around attention an all-to-all turns the
-  token slices of q, k and v into head slices over the whole sequence, and a second all-to-all turns
-  the output back. Heads that do not divide among the ranks (Z-Image's 30 on 4) are padded with
+  token slices of q, k and v into head slices over the whole sequence (one all-to-all for the three),
+  and a second all-to-all turns the output back. Heads that do not divide among the ranks (Z-Image's 30 on 4) are padded with
   zero heads whose outputs are dropped. The RoPE tables are sliced with the tokens; the keys of the
   padding, and each caption's padding, are masked by their position in the whole sequence.
   Sharded: FLUX.1's and FLUX.2's double and single blocks over [text; image], Z-Image's noise
@@ -260,19 +260,20 @@ class Shards:
         valid keys from the sequence's start (None: all `length` are); the padding after `length` is masked.
         """
         heads = q.shape[1]
-        q, k, v = (self._to_heads(x) for x in (q, k, v))  # (B, Hp/P, P*local, D)
+        q, k, v = self._to_heads(torch.stack([q, k, v]))  # (B, Hp/P, P*local, D) each: one all-to-all for the three
         if key_lens is None and self.local * self.axis.size > self.length:
             key_lens = torch.full((q.shape[0],), self.length, device=q.device)  # (B,)
         return self._to_tokens(attend(q, k, v, key_lens))[:, :heads]  # (B, H, local, D)
 
     def _to_heads(self, x: Tensor) -> Tensor:
-        """(B, H, local, D) of this rank's tokens -> (B, Hp/P, P*local, D): every token of this rank's heads (H padded to Hp)."""
+        """(K, B, H, local, D) of this rank's tokens -> (K, B, Hp/P, P*local, D): every token of this rank's heads (H padded
+        to Hp)."""
         P = self.axis.size
-        x = F.pad(x, (0, 0, 0, 0, 0, -x.shape[1] % P))  # (B, Hp, local, D): zero heads attend uniformly, their outputs are dropped
-        send = rearrange(x, "b (p h) s d -> p b h s d", p=P).contiguous()  # head group p goes to rank p
+        x = F.pad(x, (0, 0, 0, 0, 0, -x.shape[2] % P))  # (K, B, Hp, local, D): zero heads attend uniformly, their outputs are dropped
+        send = rearrange(x, "k b (p h) s d -> p k b h s d", p=P).contiguous()  # head group p goes to rank p
         received = torch.empty_like(send)  # received[p]: rank p's tokens of this rank's heads
         dist.all_to_all_single(received, send, group=self.axis.group)
-        return rearrange(received, "p b h s d -> b h (p s) d")
+        return rearrange(received, "p k b h s d -> k b h (p s) d")
 
     def _to_tokens(self, x: Tensor) -> Tensor:
         """(B, Hp/P, P*local, D) of this rank's heads -> (B, Hp, local, D): every head of this rank's tokens."""
