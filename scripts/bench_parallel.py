@@ -4,11 +4,12 @@
     python scripts/bench_parallel.py --models flux-dev --sizes 1024 --gpus 1 2 --steps 4
 
 The driver launches `torchrun --nproc-per-node N` of this script for each N (--worker), which
-builds each transformer at its real size with random bf16 weights in GPU memory (the same on every
-rank: one seed), and times the denoising loop of one image: the family's predict closure over every
-step through common.pipeline.denoise, `--parallel sp` as the CLI runs it. The text features are
-random (the prompt encoder and the autoencoder run whole on every rank, so splitting changes
-nothing there); the timed span is from a barrier to the last rank's end, after one warm-up step.
+builds each transformer and its autoencoder at their real sizes with random bf16 weights in GPU
+memory (the same on every rank: one seed), and times one image: the family's predict closure over
+every step through common.pipeline.denoise, `--parallel sp` as the CLI runs it, then the
+autoencoder's decode (which runs whole on every rank). The text features are random: the prompt
+encoder, run once per prompt and whole on every rank, is not timed. The timed span is from a
+barrier to the last rank's end, after one warm-up step and decode.
 Rank 0 prints one JSON line per run; the driver prints a markdown table with the speed-up over 1 GPU.
 A model that does not fit on one GPU (FLUX.2 [dev] at bf16 on 80 GB) is reported as out of memory.
 """
@@ -66,12 +67,23 @@ def predictor(name: str, height: int, width: int, steps: int, device: torch.devi
     return predict, latents, sigmas, model
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One rank under torchrun: every model and size, rank 0 printing a JSON line each."""
+def synchronized(plan) -> float:
+    """The time once every rank's GPU has finished its queued work."""
     import torch.distributed as dist
 
+    torch.cuda.synchronize()
+    if plan.world > 1:
+        dist.barrier()
+    return time.perf_counter()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank under torchrun: every model and size, rank 0 printing a JSON line each."""
     from zflux.common import parallel
     from zflux.common.pipeline import denoise
+    from zflux.common.vae import PRESETS, Autoencoder
+
+    autoencoders = {"z-image-turbo": PRESETS["flux"], "flux-dev": PRESETS["flux"], "flux2-dev": PRESETS["flux2"]}
 
     device = parallel.rank_device(torch.device("cuda"))
     with parallel.session("sp" if parallel.launched()[1] > 1 else None, device) as plan:
@@ -81,19 +93,18 @@ def worker(args: argparse.Namespace) -> None:
                 row = dict(model=name, size=size, gpus=plan.world, steps=args.steps)
                 try:
                     predict, latents, sigmas, model = predictor(name, size, size, args.steps, device)
+                    vae = random_model(lambda: Autoencoder(autoencoders[name]))
+                    raw = torch.randn(1, vae.cfg.latent_channels, size // 8, size // 8, device=device)  # what decoding costs
                     with torch.inference_mode(), plan.applied(model):
-                        denoise(predict, latents, sigmas[-2:], 0, progress=False)  # warm-up: one step
-                        torch.cuda.synchronize()
-                        if plan.world > 1:
-                            dist.barrier()
-                        start = time.perf_counter()
+                        denoise(predict, latents, sigmas[-2:], 0, progress=False)  # warm-up: one step, one decode
+                        vae.decode(raw)
+                        start = synchronized(plan)
                         denoise(predict, latents, sigmas, 0, progress=False)
-                        torch.cuda.synchronize()
-                        if plan.world > 1:
-                            dist.barrier()
-                        row["seconds"] = time.perf_counter() - start
-                    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    del predict, model
+                        loop = synchronized(plan)
+                        vae.decode(raw)
+                        end = synchronized(plan)
+                    row |= dict(seconds=end - start, loop=loop - start, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                    del predict, model, vae
                 except torch.cuda.OutOfMemoryError:
                     row["seconds"] = None
                 torch.cuda.empty_cache()
@@ -114,7 +125,7 @@ def drive(args: argparse.Namespace) -> None:
             print(f"torchrun with {gpus} GPU(s) exited with {done.returncode}", file=sys.stderr)
     one = {(r["model"], r["size"]): r["seconds"] for r in rows if r["gpus"] == 1}
     print(f"\n{torch.cuda.get_device_name(0)}, bf16, sequence parallel (Ulysses), {args.steps} steps, one image\n")
-    print("| model | size | GPUs | seconds | s/step | speed-up | peak GiB |")
+    print("| model | size | GPUs | seconds (loop + decode) | loop s/step | speed-up | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["model"], r["size"], r["gpus"])):
         if r["seconds"] is None:
@@ -122,7 +133,7 @@ def drive(args: argparse.Namespace) -> None:
             continue
         base = one.get((r["model"], r["size"]))
         speedup = f"{base / r['seconds']:.2f}x" if base else "n/a"
-        print(f"| {r['model']} | {r['size']} | {r['gpus']} | {r['seconds']:.2f} | {r['seconds'] / r['steps']:.3f} | {speedup} "
+        print(f"| {r['model']} | {r['size']} | {r['gpus']} | {r['seconds']:.2f} | {r['loop'] / r['steps']:.3f} | {speedup} "
               f"| {r['peak_gib']:.1f} |")
 
 
