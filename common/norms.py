@@ -37,3 +37,8 @@ def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tens
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
     """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C) or (B, S, C), already tanh'd."""
     return x + gate * rms_norm(y, weight, eps)
+
+
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+    """SiLU(GroupNorm(x)): the autoencoders' pre-activation; x (B, C, H, W), weight and bias (C,)."""
+    return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)

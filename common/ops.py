@@ -135,6 +135,17 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return norms.gated_rms_residual(x, y, weight, gate, eps)
 
 
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """norms.group_norm_silu (SiLU(GroupNorm(x))) with `norm`'s groups, parameters and eps, or its fused kernel
+    (NCHW or channels-last x with power-of-two channels and groups)."""
+    if use_kernels(x):
+        from zflux.kernels.groupnorm import group_norm_silu as fused, supports
+
+        if supports(x, norm.num_groups):
+            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
                  sin: Tensor) -> tuple[Tensor, Tensor]:
     """rope.qk_norm_rope (RMSNorm over the head dim of q and k, then RoPE), or its fused kernel."""

@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from zflux.common import ops
 from zflux.common.weights import check_model, config_from_dict, config_to_dict, load_model, save_model_folder
 
 EPS = 1e-6  # every GroupNorm
@@ -130,11 +131,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        # At 1024x1024 every temporary is 256-512 MiB in bf16: SiLU and the residual add work in place
-        # on fresh tensors, and rebinding `h` step by step frees each one as soon as it is used.
-        h = F.silu(self.norm1(x), inplace=True)  # (B, C_in, H, W)
+        # At 1024x1024 every temporary is 256-512 MiB in bf16: the residual add works in place on a fresh
+        # tensor, and rebinding `h` step by step frees each one as soon as it is used.
+        h = ops.group_norm_silu(x, self.norm1)  # (B, C_in, H, W)
         h = self.conv1(h)  # (B, C_out, H, W)
-        h = F.silu(self.norm2(h), inplace=True)  # (B, C_out, H, W)
+        h = ops.group_norm_silu(h, self.norm2)  # (B, C_out, H, W)
         h = self.conv2(h)  # (B, C_out, H, W)
         return h.add_(self.nin_shortcut(x))
 
@@ -250,7 +251,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)  # (B, ch[i], H/2^i, W/2^i), halved once more except at the last level
         x = self.mid(x)
-        x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[-1], H/8, W/8)
+        x = ops.group_norm_silu(x, self.norm_out)  # (B, ch[-1], H/8, W/8)
         return self.quant_conv(self.conv_out(x))  # (B, 2*C, H/8, W/8)
 
 
@@ -276,7 +277,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(self.post_quant_conv(z)))  # (B, ch[-1], h, w)
         for level in reversed(self.up):
             x = level(x)  # (B, ch[i], ...), doubled in size except at the last level
-        x = F.silu(self.norm_out(x), inplace=True)  # (B, ch[0], 8h, 8w)
+        x = ops.group_norm_silu(x, self.norm_out)  # (B, ch[0], 8h, 8w)
         return self.conv_out(x)  # (B, 3, 8h, 8w)
 
 
@@ -299,7 +300,7 @@ class Autoencoder(nn.Module):
     def encode(self, image: Tensor, noise: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) image in [-1, 1] -> (B, C, H/8, W/8) raw latent: the mean, or `mean + std * noise`."""
         _check_shape(image, self.cfg.in_channels, self.cfg.downscale, "image")
-        mean, logvar = self.encoder(image.to(self.dtype)).chunk(2, dim=1)  # each (B, C, H/8, W/8)
+        mean, logvar = self.encoder(self._memory_format(image)).contiguous().chunk(2, dim=1)  # each (B, C, H/8, W/8)
         if noise is None:
             return mean
         if noise.shape != mean.shape:
@@ -311,7 +312,16 @@ class Autoencoder(nn.Module):
     def decode(self, latent: Tensor) -> Tensor:
         """(B, C, h, w) raw latent (already unscaled and unshifted) -> (B, 3, 8h, 8w) image, about [-1, 1]."""
         _check_shape(latent, self.cfg.latent_channels, 1, "latent")
-        return self.decoder(latent.to(self.dtype))
+        return self.decoder(self._memory_format(latent)).contiguous()
+
+    def _memory_format(self, x: Tensor) -> Tensor:
+        """x in the weights' dtype, and on a GPU channels-last, weights included (converted once): cuDNN's NHWC
+        convolutions are the fast ones there, and the GroupNorm + SiLU kernel reads whole pixels in one run."""
+        if not x.is_cuda:
+            return x.to(self.dtype)
+        if not self.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            self.to(memory_format=torch.channels_last)
+        return x.to(self.dtype, memory_format=torch.channels_last)
 
     def forward(self, image: Tensor, noise: Tensor | None = None) -> Tensor:
         """The reconstruction decode(encode(image, noise)) of a (B, 3, H, W) image."""

@@ -41,6 +41,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family
 from zflux.common.images import PREPROCESSORS, open_image, outpaint_canvas
 from zflux.common.latents import pack_latents, unpack_latents
@@ -133,14 +134,14 @@ def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cp
 
 
 def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tuple[int, int], sigmas: Tensor, guidance: float,
-              true_cfg: float, device: torch.device, conditioning: Conditioning = Conditioning()) -> Predict:
+              true_cfg: float, device: torch.device, conditioning: Conditioning = Conditioning(), cuda_graphs: bool = False) -> Predict:
     """predict(tokens, i) for denoise over the packed tokens (1, S, 64) of an h x w latent (`size`): one transformer call per step.
 
     `features` and `pooled` hold the prompt's text, or with true CFG the prompt's and the negative
     prompt's (one batch of 2). dev reads `guidance` as a model input; schnell has none. A tool's
     `conditioning` joins the tokens on the way in (flux.tools.with_conditioning); only the S
     predictions for the image being generated come out. Times and positions are settled here, so
-    that the loop adds no host sync.
+    that the loop adds no host sync; with `cuda_graphs` each call replays a CUDA graph (common/graphs.py).
     """
     n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
     S = size[0] // 2 * size[1] // 2
@@ -151,11 +152,12 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
         image_ids = torch.cat([image_ids, reference_ids], dim=1)  # (n, S + S_ref, 3)
     text_ids = txt_ids(n, L, device)  # (n, L, 3)
     guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
+    forward = forward_of(transformer, cuda_graphs)
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t = times[i].expand(n)  # (n,)
         x = with_conditioning(tokens.expand(n, -1, -1), conditioning)  # (n, S (+ S_ref), in_channels)
-        out = transformer(x, img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
+        out = forward(x, img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
                           guidance=guidance_vec)[:, :S]  # (n, S, 64)
         return cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
 
@@ -226,6 +228,7 @@ class FluxPipeline:
         self.scheduler = scheduler or VARIANTS[self.variant].scheduler
         self.offload_text_encoder = offload_text_encoder
         self.redux: ReduxImageEncoder | None = None
+        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -330,7 +333,8 @@ class FluxPipeline:
             features, pooled = redux_conditioning(features, pooled, self.redux(references), prompt_scale=redux_prompt_scale,
                                                   pooled_scale=redux_pooled_scale)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
-                            guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning)
+                            guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning,
+                            cuda_graphs=self.cuda_graphs)
         tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
         latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]

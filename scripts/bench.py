@@ -4,6 +4,7 @@
     python scripts/bench.py --models zimage --compile --backend triton
     python scripts/bench.py --models zimage-controlnet   # Z-Image-Turbo + ControlNet Union 2.1
     python scripts/bench.py --models flux2-klein-4b flux2-klein-9b flux2-dev flux2-klein-4b-pipeline
+    python scripts/bench.py --models vae vae-flux2 qwen3-encode      # decode and prompt encode (--compile: the encoder too)
     python scripts/bench.py --models flux2-klein-9b --profile   # where the time of one call goes, and its floor
 
 Random weights at the real sizes, bf16, batch 1, 1024x1024 (128x128 latent). Each row is one
@@ -205,13 +206,55 @@ def vae_case(args: argparse.Namespace) -> Case:
 
     cfg = PRESETS["flux"]
     n = len(cfg.block_out_channels)
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()
+              if k not in ("patch_size", "batch_norm_eps")}  # FLUX.2's fields, which AutoencoderKL does not take
     ref = random_model(lambda: AutoencoderKL(**kwargs, down_block_types=["DownEncoderBlock2D"] * n,
-                                             up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv=False,
-                                             use_post_quant_conv=False))
+                                             up_block_types=["UpDecoderBlock2D"] * n))
     ours = load_into(build_on_meta(lambda: Autoencoder(cfg)), from_diffusers(ref.state_dict()))
     z = torch.randn(1, cfg.latent_channels, 128, 128, device=DEVICE, dtype=DTYPE)
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
+
+
+def vae_flux2_case(args: argparse.Namespace) -> Case:
+    """FLUX.2's 32-channel autoencoder, decoding a 1024x1024 image."""
+    from diffusers import AutoencoderKLFlux2
+
+    from zflux.common.vae import PRESETS, Autoencoder, from_diffusers
+
+    ref = random_model(AutoencoderKLFlux2)
+    ours = load_into(build_on_meta(lambda: Autoencoder(PRESETS["flux2"])), from_diffusers(ref.state_dict()))
+    z = torch.randn(1, 32, 128, 128, device=DEVICE, dtype=DTYPE)
+    return Case("FLUX.2 VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
+
+
+def qwen3_encode_case(args: argparse.Namespace) -> Case:
+    """Z-Image's prompt encode: Qwen3-4B (random, real shape) over a prompt padded to 512 tokens, second-to-last hidden
+    states, one model shared by both (compiled for both with --compile). The tokenizer is the tests' byte-level one."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import ZImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zflux.zimg.text import Qwen3PromptEncoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_text import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    with torch.device(DEVICE):
+        qwen = Qwen3Model(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                      num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960))
+    qwen = qwen.to(DTYPE).eval()
+    if args.compile:
+        qwen.compile()
+    ref = ZImagePipeline(scheduler=None, vae=None, text_encoder=qwen, tokenizer=tokenizer, transformer=None)
+    ours = Qwen3PromptEncoder(qwen, tokenizer)
+    prompt = "a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees"
+    n = int(ours([prompt])[1].sum())
+    return Case(f"Qwen3-4B prompt encode ({n} tokens, padded to 512)",
+                lambda: ref.encode_prompt(prompt, torch.device(DEVICE), do_classifier_free_guidance=False)[0][0],
+                lambda: ours([prompt])[0])
 
 
 def zimage_controlnet_case(args: argparse.Namespace) -> Case:
@@ -331,7 +374,8 @@ def flux2_pipeline_case(args: argparse.Namespace) -> Case:
 
 CASES = {"zimage": zimage_case, "zimage-cfg": lambda args: zimage_case(args, (128, 90)), "zimage-controlnet": zimage_controlnet_case,
          "flux": flux_case, "flux-fill": lambda args: flux_case(args, "flux-fill"),
-         "flux-kontext": lambda args: flux_case(args, "flux-kontext"), "vae": vae_case,
+         "flux-kontext": lambda args: flux_case(args, "flux-kontext"), "vae": vae_case, "vae-flux2": vae_flux2_case,
+         "qwen3-encode": qwen3_encode_case,
          "flux2-klein-4b": lambda args: flux2_case(args, "flux2-klein-4b"), "flux2-klein-9b": lambda args: flux2_case(args, "flux2-klein-9b"),
          "flux2-dev": lambda args: flux2_case(args, "flux2-dev"), "flux2-klein-4b-pipeline": flux2_pipeline_case}
 

@@ -271,6 +271,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=DTYPES, help="precision of the weights and the model's compute (default: bf16; fp32 for the "
                                                      "small models, faster on the CPU; fp16 can overflow)")
     gen.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU between prompts")
+    gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                     help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     gen.add_argument("--parallel", choices=MODES, help="under torchrun --nproc-per-node N, one process per GPU: sp splits each "
                                                        "image's tokens, cfg the guided rows (2 processes; cfg+sp: 2 x N/2), "
@@ -560,6 +562,7 @@ def load_pipeline(args: argparse.Namespace, family: ModuleType, request: Request
         pipe = family.load_pipeline(weights, vae=vae, text_encoders=encoders, **options)
     if args.backend:
         pipe.transformer.backend = args.backend
+    pipe.cuda_graphs = args.cuda_graphs == "on"
     return pipe
 
 

@@ -227,15 +227,17 @@ class ZImageTransformer(nn.Module):
         return self.x_embedder.weight.dtype
 
     def forward(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None = None,
-                control: Callable[["Stream"], dict[int, Tensor]] | None = None) -> Tensor:
+                control: Callable[["Stream"], dict[int, Tensor]] | None = None,
+                cap_lens: tuple[int, ...] | None = None) -> Tensor:
         """x (B, C, H, W) latents, t (B,) with 0 = pure noise, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) bool.
 
         `control`, given the prepared token stream, returns additions to the unified sequence after the
         main layers it names: how a ControlNet steers the model (zimg/controlnet.py).
         With a mask, its caption lengths are read on the host once (they set the padded shapes): one
-        host sync per call. Without one, the forward makes none.
+        host sync per call, unless the caller passes them as `cap_lens` (each row's True count in
+        cap_mask, not checked). Otherwise the forward makes none, and can be captured in a CUDA graph.
         """
-        cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask)
+        cap_lens, lens = self._check_inputs(x, t, cap_feats, cap_mask, cap_lens)
         with ops.use_backend(self.backend):
             stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
             hints = control(stream) if control is not None else {}
@@ -325,8 +327,10 @@ class ZImageTransformer(nn.Module):
         cap_ids[..., 0] = torch.arange(1, n_cap + 1, device=device)
         return rope_tables(torch.cat([img_ids, cap_ids], dim=1), self.cfg.axes_dims, self.cfg.rope_theta, fp32_angles=True)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None) -> tuple[list[int], Tensor]:
-        """Validate shapes at the boundary; return each caption's number of real tokens, on the host and as (B,) on x's device.
+    def _check_inputs(self, x: Tensor, t: Tensor, cap_feats: Tensor, cap_mask: Tensor | None,
+                      known_lens: tuple[int, ...] | None) -> tuple[list[int], Tensor]:
+        """Validate shapes at the boundary; return each caption's number of real tokens, on the host (`known_lens` if
+        given) and as (B,) on x's device.
 
         The device copy is computed there (from cap_mask, or filled in), never copied from the host,
         which would wait for the device's queue like a read does.
@@ -348,7 +352,8 @@ class ZImageTransformer(nn.Module):
             if cap_mask.dtype != torch.bool or cap_mask.shape != cap_feats.shape[:2]:
                 raise ValueError(f"cap_mask must be bool {tuple(cap_feats.shape[:2])}, got {cap_mask.dtype} {tuple(cap_mask.shape)}")
             lens = cap_mask.sum(dim=1)  # (B,)
-            cap_lens = lens.tolist()  # the forward's one host sync: the lengths set the padded shapes
+            # the forward's one host sync, unless the caller knows the lengths: they set the padded shapes
+            cap_lens = list(known_lens) if known_lens is not None else lens.tolist()
         if min(cap_lens) == 0:
             raise ValueError("every caption needs at least one token")
         limits = {"caption + image (axis 0)": (round_up(max(cap_lens)) + 1, cfg.axes_lens[0]),

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family
 from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
@@ -145,19 +146,23 @@ def guided(call: Callable[[Tensor, Tensor, int], Tensor], *, sigmas: Tensor, set
 
 
 def predictor(transformer: ZImageTransformer, *, features: Tensor, mask: Tensor, sigmas: Tensor, settings: ZImageDefaults,
-              device: torch.device, control: Callable[[Stream], dict[int, Tensor]] | None = None) -> Predict:
+              device: torch.device, control: Callable[[Stream], dict[int, Tensor]] | None = None,
+              cuda_graphs: bool = False) -> Predict:
     """predict(latents, i) for Turbo and base (guided()): `features` and `mask` hold the prompt's caption, or with CFG
     the prompt's and the negative prompt's; `control` is a ControlNet's (ZImageControlNet.bind), for every call.
 
-    The transformer makes one host sync per step only when given a caption mask (CFG rows of unequal length).
+    The captions' lengths are read here once, so that the transformer makes no host sync per step even with a
+    caption mask (CFG rows of unequal length); with `cuda_graphs` its calls replay CUDA graphs (common/graphs.py).
     """
     captions = {1: trim_captions(features[:1], mask[:1])}  # by batch size: the conditional row alone, or both rows
     if settings.guidance > 0:
         captions[2] = trim_captions(features, mask)
+    lens = {n: None if m is None else tuple(m.sum(dim=1).tolist()) for n, (_, m) in captions.items()}  # host copies
+    forward = forward_of(transformer, cuda_graphs and control is None)
 
     def call(x: Tensor, t: Tensor, n: int) -> Tensor:
         cap_feats, cap_mask = captions[n]
-        return transformer(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control)
+        return forward(x, t, cap_feats=cap_feats, cap_mask=cap_mask, control=control, cap_lens=lens[n])
 
     return guided(call, sigmas=sigmas, settings=settings, device=device, dtype=transformer.dtype)
 
@@ -186,6 +191,7 @@ class ZImagePipeline:
         self.scheduler = scheduler or VARIANTS[variant].scheduler
         self.offload_text_encoder = offload_text_encoder
         self.controlnet, self.siglip = controlnet, siglip
+        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -317,7 +323,7 @@ class ZImagePipeline:
                                         scale=control_scale, height=height, width=width)
             features, cap_mask = text
             predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
-                                device=self.device, control=control)
+                                device=self.device, control=control, cuda_graphs=self.cuda_graphs)
         latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
         return latents if output_type == "latent" else decode_latents(self.vae, latents)[0]
 

@@ -83,7 +83,7 @@ class Qwen3PromptEncoder:
 
 def qwen3_features(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
     """Z-Image's caption features: the hidden states of Qwen3's second-to-last layer (B, L, hidden), with gradients if enabled."""
-    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-2]
 
 
 def omni_segments(prompt: str, images: int) -> list[str]:

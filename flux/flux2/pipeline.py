@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
+from zflux.common.graphs import forward_of
 from zflux.common.identify import check_family, flux2_mode, flux2_variant
 from zflux.common.images import fit_image, mask_tensor, open_image, to_pil, to_tensor
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, default_device, denoise, encode_prompts, open_snapshot,
@@ -202,14 +203,14 @@ def encode_references(vae: Autoencoder, pixels: list[Tensor], first: int, device
 
 
 def predictor(transformer: Flux2, *, text: Tensor, size: tuple[int, int], sigmas: Tensor, guidance: float,
-              refs: tuple[Tensor, Tensor] | None, kv: bool, device: torch.device) -> Predict:
+              refs: tuple[Tensor, Tensor] | None, kv: bool, device: torch.device, cuda_graphs: bool = False) -> Predict:
     """predict(tokens, i) for denoise over the target's tokens (1, h*w, 128): one transformer call per step.
 
     `text` holds the prompt's features, or with CFG the prompt's then the negative prompt's (one
     batch of 2, combined as uncond + guidance * (cond - uncond)). [dev] reads `guidance` as a model
     input. `refs` (tokens, positions) follow the target's tokens; with `kv` they run in the first
     call only, whose K/V later calls reuse. Times and positions are settled here, so that the loop
-    adds no host sync.
+    adds no host sync; with `cuda_graphs` the calls without cached K/V replay CUDA graphs (common/graphs.py).
     """
     n, L = text.shape[:2]
     h, w = size
@@ -218,19 +219,20 @@ def predictor(transformer: Flux2, *, text: Tensor, size: tuple[int, int], sigmas
     guidance_vec = torch.full((n,), guidance, device=device) if transformer.cfg.guidance_embeds else None  # (n,)
     ref_tokens, ref_ids = (None, None) if refs is None else (r.expand(n, -1, -1) for r in refs)  # (n, R, 128), (n, R, 4)
     cache = []  # klein KV: the references' K/V, from the first call on
+    forward = forward_of(transformer, cuda_graphs)
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t, x = times[i].expand(n), tokens.expand(n, -1, -1)  # (n,), (n, h*w, 128)
         if ref_tokens is None:
-            out = transformer(x, img_ids, text, txt_ids, t, guidance_vec)
+            out = forward(x, img_ids, text, txt_ids, t, guidance_vec)
         elif kv and not cache:
             out, ref_kv = transformer.extract_ref_kv(x, img_ids, text, txt_ids, t, ref_tokens, ref_ids, guidance_vec)
             cache.append(ref_kv)
         elif kv:
             out = transformer(x, img_ids, text, txt_ids, t, guidance_vec, ref_kv=cache[0])
         else:
-            out = transformer(torch.cat([x, ref_tokens], dim=1), torch.cat([img_ids, ref_ids], dim=1), text, txt_ids, t,
-                              guidance_vec)[:, : h * w]  # the target's rows
+            out = forward(torch.cat([x, ref_tokens], dim=1), torch.cat([img_ids, ref_ids], dim=1), text, txt_ids, t,
+                          guidance_vec)[:, : h * w]  # the target's rows
         return cfg_combine(out[:1], out[1:], guidance - 1) if n == 2 else out  # (1, h*w, 128)
 
     return predict
@@ -259,6 +261,7 @@ class Flux2Pipeline:
             raise CheckpointError(f"{variant} reads {transformer.cfg.joint_attention_dim} features from {expected_text}; the "
                                   f"text encoder is {text_encoder.model.config.model_type} giving {text_encoder.width}")
         self.transformer, self.vae, self.text_encoder, self.variant = transformer, vae, text_encoder, variant
+        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
         self.scheduler = scheduler or VARIANTS[variant].scheduler
         self.offload_text_encoder = offload_text_encoder
 
@@ -345,7 +348,8 @@ class Flux2Pipeline:
             tokens, start, blend, known = self._prepare_inpaint(source, mask_pixels(mask, original, width, height), to_tokens(noise),
                                                                 sigmas, strength)
         predict = predictor(self.transformer, text=text, size=(h, w), sigmas=sigmas, guidance=settings.guidance,
-                            refs=self._references(refs, known, (h, w)), kv=entry.kv, device=self.device)
+                            refs=self._references(refs, known, (h, w)), kv=entry.kv, device=self.device,
+                            cuda_graphs=self.cuda_graphs)
         tokens = denoise(predict, tokens, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, h*w, 128)
         latent = self.vae.denormalize(from_tokens(tokens, h, w))  # (1, 32, H/8, W/8)
         return latent if output_type == "latent" else to_pil(self.vae.decode(latent))[0]

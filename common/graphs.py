@@ -1,0 +1,139 @@
+"""CUDA graphs for the denoise loop: a transformer's forward captured once per input signature, then replayed.
+
+An eager forward launches hundreds of kernels from Python, one at a time; a replayed CUDA graph hands
+the GPU the whole forward in one launch, so the GPU never waits for the CPU between kernels.
+
+`graphed(transformer)` is called like the transformer. The first call with a new signature (every
+tensor argument's shape, dtype and device, every other argument's value, the backend in force,
+inference mode or not) runs the forward eagerly (the warm-up: Triton autotuning, cuBLAS workspaces,
+a torch.compile of the blocks all happen there, outside the capture), returns that result, and
+captures one forward into a graph that reads static copies of the inputs. Every later call with that
+signature copies its tensors into those copies, replays the graph and returns a copy of its output.
+The time step is a tensor input like the latents, so every step of a run, and every later run of the
+same size and prompt length, replays the same graph; the graphs of one module share one memory pool,
+which stays reserved while they live (about one forward's activations).
+
+The forward runs eagerly instead (and nothing is captured) when an argument is a CPU tensor, when an
+argument is neither a tensor nor None nor a plain number or string or a tuple of them (a
+ControlNet's closure, cached reference K/V), when autograd records, or when capturing fails (the
+forward synchronises with the host: `.item()`, `.tolist()`, `nonzero`, a shape read from a tensor's
+values); the last is remembered per signature. Host values that set shapes (Z-Image's caption
+lengths) are passed as plain arguments: they enter the key, and the forward need not read them.
+
+A graph reads the weights at the addresses they had when it was captured: when any parameter or
+buffer of the module has moved (offloaded to the CPU and back, a parameter replaced), every graph
+is dropped and captured again.
+"""
+
+import weakref
+from typing import Callable, Hashable
+
+import torch
+from torch import Tensor, nn
+
+from zflux.common import ops
+
+Key = tuple[Hashable, ...]
+PLAIN = (bool, int, float, str)  # non-tensor arguments that enter the key by value
+
+
+def signature(args: tuple, kwargs: dict, device_type: str = "cuda") -> Key | None:
+    """The key a graph is captured under for these arguments, or None when the call must run eagerly.
+
+    Tensors count by shape, dtype and device (not by value); None, plain numbers and strings, and tuples of
+    them by value; anything else (a callable, a list of tensors), or a tensor off `device_type`, makes the call eager.
+    """
+    parts = []
+    for name, value in [*enumerate(args), *sorted(kwargs.items())]:
+        if isinstance(value, Tensor):
+            if value.device.type != device_type:
+                return None
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif value is None or isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value)):
+            parts.append((name, value))
+        else:
+            return None
+    return tuple(parts)
+
+
+def weight_addresses(module: nn.Module) -> tuple[int, ...]:
+    """Where every parameter and buffer of `module` lives now: a graph is valid only while these stay the same."""
+    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+
+
+class Captured:
+    """One captured forward: static inputs, the graph, its static output."""
+
+    def __init__(self, fn: Callable[..., Tensor], args: tuple, kwargs: dict, pool) -> None:
+        self.args = [a.clone() if isinstance(a, Tensor) else a for a in args]
+        self.kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.args, **self.kwargs)
+
+    @staticmethod
+    def new_pool():
+        """A memory pool for the graphs of one module to share: each replays alone, and each keeps its output."""
+        return torch.cuda.graph_pool_handle()
+
+    def __call__(self, args: tuple, kwargs: dict) -> Tensor:
+        for static, given in [*zip(self.args, args), *((self.kwargs[k], v) for k, v in kwargs.items())]:
+            if isinstance(given, Tensor):
+                static.copy_(given)
+        self.graph.replay()
+        return self.output.clone()  # the static output is overwritten by the next replay
+
+
+class GraphedForward:
+    """`module` called through CUDA graphs, one per call signature (see the module docstring)."""
+
+    device_type = "cuda"  # where graphs are captured; the CPU tests stand a fake capture in for Captured
+
+    def __init__(self, module: nn.Module) -> None:
+        # A weak reference: the module keeps this wrapper (graphed()), and a cycle would hold a deleted model's
+        # weights on the GPU until the next garbage collection.
+        self._module = weakref.ref(module)
+        self.graphs: dict[Key, Captured | None] = {}  # None: capturing failed, run eagerly
+        self.addresses = weight_addresses(module)
+        self.pool = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        key = signature(args, kwargs, self.device_type)
+        if key is None or torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        key += (ops.current_backend(), getattr(self.module, "backend", None), torch.is_inference_mode_enabled())
+        addresses = weight_addresses(self.module)
+        if addresses != self.addresses:
+            self.graphs.clear()
+            self.addresses = addresses
+        if key in self.graphs:
+            captured = self.graphs[key]
+            return self.module(*args, **kwargs) if captured is None else captured(args, kwargs)
+        return self._warm_up_and_capture(key, args, kwargs)
+
+    def _warm_up_and_capture(self, key: Key, args: tuple, kwargs: dict) -> Tensor:
+        """Run the forward eagerly (its result is this call's answer), then capture it under `key`."""
+        out = self.module(*args, **kwargs)
+        if self.pool is None:
+            self.pool = Captured.new_pool()
+        try:
+            self.graphs[key] = Captured(self.module, args, kwargs, self.pool)
+        except RuntimeError:  # the forward synced with the host while capturing
+            self.graphs[key] = None
+        return out
+
+
+def graphed(module: nn.Module) -> GraphedForward:
+    """The module's GraphedForward, made on first use and kept on the module, so that its graphs outlive a run."""
+    if "_graphed" not in module.__dict__:
+        module.__dict__["_graphed"] = GraphedForward(module)
+    return module.__dict__["_graphed"]
+
+
+def forward_of(module: nn.Module, cuda_graphs: bool) -> Callable[..., Tensor]:
+    """What a predict closure calls: the module through its graphs (`cuda_graphs`), or the module itself."""
+    return graphed(module) if cuda_graphs else module

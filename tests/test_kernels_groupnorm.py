@@ -1,0 +1,80 @@
+"""kernels/groupnorm.py against the PyTorch definition in common/ (norms.group_norm_silu), and the autoencoder with it.
+
+Without a GPU the kernel runs on the CPU through Triton's interpreter, at small sizes, in fp32 and
+fp16 (bf16 on the GPU only: the interpreter truncates fp32 -> bf16). Tolerances (relative L2 error):
+fp32 1e-6 (summation order: the kernel merges per-tile statistics); fp16 1e-3 and bf16 8e-3, a
+rounding or two of the output dtype, since PyTorch rounds after the norm and again after the SiLU
+where the kernel rounds once.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from kernel_env import DEVICE, DTYPES, require_triton
+
+require_triton()  # before kernels/ is imported
+
+from zflux.common import ops  # noqa: E402
+from zflux.common.norms import group_norm_silu as reference  # noqa: E402
+from zflux.kernels.groupnorm import group_norm_silu, supports  # noqa: E402
+from util import rel_err  # noqa: E402
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def inputs(B, C, H, W, dtype, offset=0.0, seed=0):
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, device=DEVICE) * 2 + offset
+    w = 1 + 0.2 * torch.randn(C, generator=g, device=DEVICE)
+    b = 0.3 * torch.randn(C, generator=g, device=DEVICE)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("B, C, H, W, groups", [(2, 16, 5, 7, 4), (1, 32, 8, 8, 32), (1, 64, 3, 50, 8), (1, 8, 1, 1, 2)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_silu(B, C, H, W, groups, channels_last, dtype):
+    x, w, b = inputs(B, C, H, W, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = group_norm_silu(x, w, b, groups, 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert rel_err(out, reference(x.float(), w.float(), b.float(), groups, 1e-6)) <= TOL[dtype]
+
+
+def test_variance_is_exact_far_from_zero():
+    """Chan's merge keeps the statistics of values far from 0 exact, where E[x^2] - E[x]^2 in fp32 would not; against fp64."""
+    x, w, b = inputs(1, 16, 16, 16, torch.float32, offset=1000.0)
+    truth = reference(x.double(), w.double(), b.double(), 4, 1e-6)
+    assert rel_err(group_norm_silu(x, w, b, 4, 1e-6).double(), truth) <= 2 * rel_err(reference(x, w, b, 4, 1e-6).double(), truth)
+
+
+def test_shapes_the_tiles_cannot_hold_run_the_reference():
+    x, w, b = inputs(1, 24, 4, 4, torch.float32)  # 24 channels: not a power of two
+    assert not supports(x, 4) and supports(inputs(1, 16, 4, 4, torch.float32)[0], 4)
+    norm = nn.GroupNorm(4, 24, eps=1e-6).to(DEVICE)
+    with ops.use_backend("triton"):
+        assert torch.equal(ops.group_norm_silu(x, norm), reference(x, norm.weight, norm.bias, 4, 1e-6))
+    with pytest.raises(ValueError, match="power-of-two"):
+        group_norm_silu(x, w, b, 4, 1e-6)
+
+
+def test_ops_runs_the_kernel_under_triton():
+    x, *_ = inputs(1, 16, 4, 4, torch.float32)
+    norm = nn.GroupNorm(4, 16, eps=1e-6).to(DEVICE)
+    with torch.no_grad(), ops.use_backend("triton"):
+        fused = ops.group_norm_silu(x, norm)
+    with torch.no_grad(), ops.use_backend("sdpa"):
+        plain = ops.group_norm_silu(x, norm)
+    assert not torch.equal(fused, plain) and rel_err(fused, plain) <= TOL[torch.float32]  # the same math, another summation
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C, size", [(128, 1024), (256, 512), (512, 128)])
+def test_group_norm_silu_full_size_bf16(C, size):
+    """The decoder's shapes at 1024x1024, channels-last as the autoencoder runs on the GPU."""
+    x, w, b = inputs(1, C, size, size, torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last)
+    assert rel_err(group_norm_silu(x, w, b, 32, 1e-6), reference(x.float(), w.float(), b.float(), 32, 1e-6)) <= TOL[torch.bfloat16]
