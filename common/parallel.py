@@ -19,8 +19,9 @@ The modes (`--parallel`), each rank running the whole pipeline on its own device
   gathered; `cfg+sp` splits each row's tokens over the ranks of a half.
 - `dp`: each rank makes its own share of the images (prompts x seeds) and writes their files.
 
-Every rank draws the same noise (so a run needs a given seed, not a random one) and computes the same schedule, text features and Euler steps:
-the gathered outputs are identical everywhere, so the latents stay identical without more traffic.
+Every rank draws the same noise (so a run needs a given seed, not a random one) and computes the
+same schedule, text features and Euler steps: the gathered outputs are identical everywhere, so the
+latents stay identical without more traffic. CUDA graphs (common/graphs.py) stay off under a plan.
 
 Models stay unaware of the mode: they cut their sequence with `sequence_shards(length)` (a single
 shard without `sp`), run their blocks inside `shards.attending()`, and `ops.attention` calls
@@ -58,6 +59,7 @@ SINGLE = Axis(group=None, size=1, rank=0)
 # Plain module globals, as ops._scoped: torch.compile traces global reads.
 _sequence: Axis = SINGLE
 _attending: "Shards | None" = None
+_rows_split = False  # whether a transformer's CFG rows are split (Plan.applied)
 
 
 def check_mode(mode: str, world: int, *, guided: bool, heads: int, images: int) -> None:
@@ -110,15 +112,15 @@ class Plan:
     def applied(self, transformer: torch.nn.Module) -> Iterator[None]:
         """Within this scope the models cut their sequences over this rank's sequence axis, and `transformer` splits
         its CFG rows over the row axis."""
-        global _sequence
-        previous = _sequence
-        _sequence = self.sequence
+        global _sequence, _rows_split
+        previous = _sequence, _rows_split
+        _sequence, _rows_split = self.sequence, self.rows.size > 1
         if self.rows.size > 1:
             transformer.forward = split_rows(transformer.forward, self.rows)
         try:
             yield
         finally:
-            _sequence = previous
+            _sequence, _rows_split = previous
             transformer.__dict__.pop("forward", None)  # the class's forward again
 
 
@@ -187,11 +189,19 @@ def gather(x: Tensor, axis: Axis, dim: int) -> Tensor:
     return torch.cat(pieces, dim=dim)
 
 
+def per_row(arg: object, batch: int) -> bool:
+    """Whether a call's argument holds one entry per batch row: a tensor of `batch` rows, or a tuple of `batch` entries."""
+    if isinstance(arg, Tensor):
+        return arg.ndim > 0 and arg.shape[0] == batch
+    return isinstance(arg, tuple) and len(arg) == batch
+
+
 def split_rows(forward: Callable[..., Tensor], axis: Axis) -> Callable[..., Tensor]:
     """`forward` with its batch split over the ranks of `axis`: each runs its rows, all get every row's output.
 
-    The batch size is the first tensor argument's; every tensor argument with that many rows is cut.
-    A call whose rows do not divide (Z-Image's single row once CFG is truncated) runs whole on every rank.
+    The batch size is the first tensor argument's; every tensor argument with that many rows, and every tuple with
+    that many entries (Z-Image's caption lengths), is cut. A call whose rows do not divide (Z-Image's single row once
+    CFG is truncated) runs whole on every rank.
     """
 
     @wraps(forward)
@@ -201,7 +211,7 @@ def split_rows(forward: Callable[..., Tensor], axis: Axis) -> Callable[..., Tens
             return forward(*args, **kwargs)
         n = batch // axis.size
         rows = slice(axis.rank * n, (axis.rank + 1) * n)
-        mine = lambda a: a[rows] if isinstance(a, Tensor) and a.ndim and a.shape[0] == batch else a  # noqa: E731
+        mine = lambda a: a[rows] if per_row(a, batch) else a  # noqa: E731
         out = forward(*map(mine, args), **{k: mine(v) for k, v in kwargs.items()})  # (n, ...)
         return gather(out, axis, dim=0)  # (batch, ...)
 
@@ -281,6 +291,11 @@ class Shards:
         received = torch.empty_like(send)  # received[p]: rank p's heads of this rank's tokens
         dist.all_to_all_single(received, send, group=self.axis.group)
         return rearrange(received, "p b h s d -> b (p h) s d")
+
+
+def active() -> bool:
+    """Whether a parallel plan is applied in this process (the transformer's calls then talk to other ranks)."""
+    return _sequence.size > 1 or _rows_split
 
 
 def sequence_shards(length: int, whole: bool = False) -> Shards:

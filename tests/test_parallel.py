@@ -17,9 +17,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from zflux.cli import main
+from zflux.common.graphs import graphed
 from zflux.common.parallel import SINGLE, Axis, Plan, Shards, check_mode
 from parallel_worker import (CLI_CASES, COMBINED_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, free_port, run_model, run_pipeline,
                              worker)
+from test_graphs import Scale, fake  # noqa: F401 (fake: the fixture standing in for CUDA graph capture)
 from tiny_flux2 import flux2_snapshot
 from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F401 (one_thread: autouse fixture)
 from util import rel_err
@@ -104,6 +106,17 @@ def test_data_parallel_shares_jobs():
     shares = [Plan(mode="dp", rank=r, world=2).share(jobs) for r in range(2)]
     assert shares == [[0, 2, 4], [1, 3]] and Plan(mode="dp", rank=1, world=2).writes
     assert Plan(mode="sp", rank=1, world=2).share(jobs) == jobs and not Plan(mode="sp", rank=1, world=2).writes
+
+
+@torch.inference_mode()
+def test_cuda_graphs_stay_off_under_a_plan(fake):
+    model = Scale()
+    forward = graphed(model)
+    with Plan(mode="sp", rank=0, world=2, sequence=Axis(None, 2, 0)).applied(model):
+        forward(torch.ones(2)), forward(torch.ones(2))
+    assert fake.made == 0 and model.calls == 2  # eager: no rank captures its collectives
+    forward(torch.ones(2))
+    assert fake.made == 1
 
 
 @pytest.mark.parametrize("mode, world, kwargs, message", [
