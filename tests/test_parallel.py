@@ -18,7 +18,7 @@ from PIL import Image
 
 from zflux.cli import main
 from zflux.common.graphs import graphed
-from zflux.common.parallel import SINGLE, Axis, Plan, Shards, check_mode
+from zflux.common.parallel import SINGLE, Axis, Plan, Shards, check_mode, per_row
 from parallel_worker import (CLI_CASES, COMBINED_CASES, MODEL_CASES, PIPELINE_CASES, PIPELINES, free_port, run_model, run_pipeline,
                              worker)
 from test_graphs import Scale, fake  # noqa: F401 (fake: the fixture standing in for CUDA graph capture)
@@ -99,6 +99,14 @@ def test_shards_cut_and_count():
     assert first.split(x).flatten().tolist() == [0, 1, 2] and second.split(x).flatten().tolist() == [3, 4, 0]
     assert [first.count(4), second.count(4), second.count(2), first.count(2)] == [3, 1, 0, 2]
     assert Shards(5, SINGLE).split(x) is x and Shards(5, SINGLE).gather(x) is x
+
+
+def test_cfg_split_cuts_what_has_a_row_each():
+    """Z-Image passes its caption lengths as a tuple, one per row: a rank running one row gets its row's (a longer
+    one would only pad its caption further, which the key mask hides: the pipeline's output cannot tell)."""
+    assert per_row(torch.zeros(2, 5), 2) and per_row((37, 120), 2)
+    assert not per_row(torch.zeros(1, 5), 2) and not per_row(torch.tensor(2.0), 2) and not per_row((1, 2, 3), 2)
+    assert not per_row(None, 2) and not per_row(lambda stream: {}, 2)
 
 
 def test_data_parallel_shares_jobs():
