@@ -17,8 +17,10 @@ The forward runs eagerly instead (and nothing is captured) when an argument is a
 argument is neither a tensor nor None nor a plain number or string or a tuple of them (a
 ControlNet's closure, cached reference K/V), when autograd records, or when capturing fails (the
 forward synchronises with the host: `.item()`, `.tolist()`, `nonzero`, a shape read from a tensor's
-values); the last is remembered per signature. Host values that set shapes (Z-Image's caption
-lengths) are passed as plain arguments: they enter the key, and the forward need not read them.
+values), the last remembered per signature; and under a parallel plan (common/parallel.py), whose
+collectives every rank must issue alike, which a capture that fails on one rank only would break.
+Host values that set shapes (Z-Image's caption lengths) are passed as plain arguments: they enter
+the key, and the forward need not read them.
 
 A graph reads the weights at the addresses they had when it was captured: when any parameter or
 buffer of the module has moved (offloaded to the CPU and back, a parameter replaced), every graph
@@ -31,7 +33,7 @@ from typing import Callable, Hashable
 import torch
 from torch import Tensor, nn
 
-from zflux.common import ops
+from zflux.common import ops, parallel
 
 Key = tuple[Hashable, ...]
 PLAIN = (bool, int, float, str)  # non-tensor arguments that enter the key by value
@@ -103,7 +105,7 @@ class GraphedForward:
 
     def __call__(self, *args, **kwargs) -> Tensor:
         key = signature(args, kwargs, self.device_type)
-        if key is None or torch.is_grad_enabled():
+        if key is None or torch.is_grad_enabled() or parallel.active():  # collectives are not captured: run eagerly
             return self.module(*args, **kwargs)
         key += (ops.current_backend(), getattr(self.module, "backend", None), torch.is_inference_mode_enabled())
         addresses = weight_addresses(self.module)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from zflux.common import activations, norms, quant, rope
+from zflux.common import activations, norms, parallel, quant, rope
 from zflux.common import attention as attention_math
 from zflux.common.quant import Fp8Tensor
 
@@ -208,22 +208,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
     outnumber queries (FLUX.2 KV's cached reference keys): the flash kernel takes equal lengths
     only, so such calls run on SDPA. In an fp8 model's forward, the fp8 flash kernel where it runs (see
-    use_fp8_attention); elsewhere fp8 models attend as the others do.
+    use_fp8_attention); elsewhere fp8 models attend as the others do. Inside a sequence-parallel scope
+    (common/parallel.py) q, k, v hold this rank's tokens and `key_lens` counts keys of the whole sequence.
     """
+    shards = parallel.attending()
+    out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
+    return rearrange(out, "b h s d -> b s (h d)")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force."""
     if use_fp8_attention(q, k):
         from zflux.kernels.attention import flash_attention_fp8
 
-        out = flash_attention_fp8(q, k, v, key_lens)
-    elif use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
+        return flash_attention_fp8(q, k, v, key_lens)
+    if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
-        out = flash_attention(q, k, v, key_lens)
-    elif current_backend() == "reference":
-        out = attention_math.reference_attention(q, k, v, key_lens)
-    else:
-        mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D)
-    return rearrange(out, "b h s d -> b s (h d)")
+        return flash_attention(q, k, v, key_lens)
+    if current_backend() == "reference":
+        return attention_math.reference_attention(q, k, v, key_lens)
+    mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class RMSNorm(nn.Module):

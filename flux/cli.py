@@ -1,7 +1,7 @@
 """FLUX.1's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, check_args, load_options, load_pipeline and generate_options.
+add_arguments, check_args, parallel_limits, load_options, load_pipeline and generate_options.
 """
 
 import argparse
@@ -76,6 +76,11 @@ def generate_options(args: argparse.Namespace) -> dict:
         check_mask(mask, load_image(args.init_image))
     return dict(true_cfg=args.true_cfg, mask=mask, control_image=control_image, control_preprocess=args.control_preprocess,
                 reference_images=references or None, outpaint=args.outpaint)
+
+
+def parallel_limits(args: argparse.Namespace, settings: SamplingDefaults) -> tuple[bool, int]:
+    """For --parallel: whether the run's model calls carry CFG rows (true CFG), and the heads attention splits over shards."""
+    return args.true_cfg > 1, VARIANTS[args.model].model.num_attention_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

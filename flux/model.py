@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common import ops
+from zflux.common.parallel import shard_joint
 from zflux.common.embeddings import timestep_embedding
 from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
@@ -283,6 +284,10 @@ class Flux(nn.Module):
         ids = torch.cat([txt_ids, img_ids], dim=1)  # (B, L+S, 3)
         rope = rope_tables(ids, self.cfg.axes_dims_rope, ROPE_THETA)  # (B, L+S, D/2) each
 
+        x, rope, shards = shard_joint(txt, img, rope)  # this rank's tokens, with sequence parallelism: (B, local, dim)
+        L_local = shards.count(L)  # of which text
+        txt, img = x[:, :L_local], x[:, L_local:]
+
         def doubles(img: Tensor, txt: Tensor, start: int, stop: int | None) -> tuple[Tensor, Tensor]:
             for block in self.double_blocks[start:stop]:
                 img, txt = block(img, txt, vec, rope)
@@ -290,12 +295,14 @@ class Flux(nn.Module):
 
         def rest(img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:  # the blocks after the first
             img, txt = doubles(img, txt, 1, None)
-            x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
+            x = torch.cat([txt, img], dim=1)  # (B, local, dim)
             for block in self.single_blocks:
                 x = block(x, vec, rope)
-            return x[:, L:], x[:, :L]
+            return x[:, L_local:], x[:, :L_local]
 
-        img, _ = run_blocks(self.step_cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        with shards.attending():
+            img, txt = run_blocks(self.step_cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        img = shards.gather(torch.cat([txt, img], dim=1))[:, L:]  # (B, S, dim): the image tokens of every rank
         return self.final_layer(img, vec).to(out_dtype)  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

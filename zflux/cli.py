@@ -19,7 +19,7 @@ Hugging Face repositories.
 The command knows the model families only through families(), each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the small models it ships
 (EMBEDDED) and can train (TRAIN), the TEXT_FOLDERS a transformer file needs beside it, add_arguments
-(its own flags), check_args (its own checks),
+(its own flags), check_args (its own checks), parallel_limits (what --parallel may split),
 load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
 flags pass to generate(), their files read). Adding a family is one import and one entry.
 
@@ -44,7 +44,10 @@ Every check before any weight is read
    their files (control images, masks, reference images) opened, so that they fail now;
 4. the schedule those settings make (steps >= 1, a strength that leaves a step to run), the
    device (there, with CUDA if asked, able to compute in --dtype; --precision fp8 with bf16 where
-   fp8 GEMMs run, a warning where they do not), the backend (Triton only where it runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
+   fp8 GEMMs run, a warning where they do not), --parallel (a mode this run can use: CFG rows to
+   split, heads for the shards, an image per rank; launched by torchrun with a GPU per process;
+   family.parallel_limits refuses the tasks it cannot split), the backend (Triton only where it
+   runs), and the memory: an estimate from the checkpoints' headers (common/memory.py), refused
    with advice when the device is clearly short;
 5. loading: the snapshot's folders, each checkpoint's family, then every key and shape against the
    model, from the headers (the pipelines' from_single_files); only then are weights read.
@@ -232,6 +235,7 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """`zflux generate`'s flags: the shared ones, then each family's group."""
     from zflux.common.images import PREPROCESSORS
     from zflux.common.ops import BACKENDS
+    from zflux.common.parallel import MODES
 
     models = "; ".join(f"{name}: {v.defaults.steps} steps, guidance {v.defaults.guidance}" for name, v in variants().items())
     gen.add_argument("--model", default="z-image-turbo", choices=tuple(variants()),
@@ -290,6 +294,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                      help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
+    gen.add_argument("--parallel", choices=MODES, help="under torchrun --nproc-per-node N, one process per GPU: sp splits each "
+                                                       "image's tokens, cfg the guided rows (2 processes; cfg+sp: 2 x N/2), "
+                                                       "dp the images")
     for family in families():
         family.add_arguments(gen)
     gen.set_defaults(run=generate)
@@ -360,6 +367,7 @@ class Request:
 def generate(args: argparse.Namespace) -> None:
     """zflux generate: check the request, load the pipeline, generate and save each image, report the seed and time of each."""
     from zflux.common.images import save_image
+    from zflux.common.parallel import session
 
     family = family_of(args.model)
     if args.weights is None:
@@ -372,20 +380,22 @@ def generate(args: argparse.Namespace) -> None:
     args.dtype = args.dtype or "bf16"
     request = check_generate(args, family)
     start = time.perf_counter()
-    with memory_reported(args, request):
+    with memory_reported(args, request), session(args.parallel, request.device) as plan:
         pipe = load_pipeline(args, family, request)
         loaded = f" (weights loaded in {time.perf_counter() - start:.1f} s)"
         options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
                        guidance=args.guidance, init_image=request.init_image, strength=args.strength, cache=args.cache,
                        vae_tiling=args.vae_tiling)  # unset: the pipeline's
-        for job in request.jobs:
-            start = time.perf_counter()
-            image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
-                                  **request.family_options)
-            took = time.perf_counter() - start
-            path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
-            print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
-            loaded = ""
+        with plan.applied(pipe.transformer):
+            for job in plan.share(request.jobs):
+                start = time.perf_counter()
+                image = pipe.generate(job.prompt, seed=job.seed, **{k: v for k, v in options.items() if v is not None},
+                                      **request.family_options, progress=plan.writes)  # one bar per image made
+                took = time.perf_counter() - start
+                if plan.writes:  # sp, cfg: every rank holds the same image
+                    path = save_image(image, job.out, parameters=parameters_text(args, family, request, job, image.size))
+                    print(f"{path}: {image.width}x{image.height}, {pipe.variant}, seed {job.seed}; generated in {took:.2f} s{loaded}")
+                loaded = ""
 
 
 def embedded_model(model: str) -> tuple[Path, int]:
@@ -404,6 +414,7 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     from zflux.common.images import check_image_path
     from zflux.common.memory import check_device, check_dtype
     from zflux.common.ops import triton_runs_on
+    from zflux.common.parallel import check_mode, launched, rank_device
     from zflux.common.pipeline import check_request
     from zflux.common.sampling import img2img_start, sigma_schedule
 
@@ -433,6 +444,15 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     if args.strength is not None:  # else the pipeline's default
         img2img_start(sigmas, args.strength)  # in [0, 1], and leaving a step to run
     device = check_device(args.device)
+    if args.parallel:
+        if args.seed == RANDOM_SEED:
+            raise ValueError("--seed -1 with --parallel: each process would draw a random seed of its own; give one (e.g. --seed 7)")
+        if args.cache is not None and args.parallel != "dp":
+            raise ValueError(f"--cache with --parallel {args.parallel}: each process would decide alone which steps to skip, on its "
+                             "own share of the tokens or rows; use --parallel dp, or leave --cache out")
+        guided, heads = family.parallel_limits(args, settings)
+        check_mode(args.parallel, launched()[1], guided=guided, heads=heads, images=len(jobs))
+        device = rank_device(device)
     dtype = torch_dtype(args.dtype)
     check_dtype(dtype, device)
     if args.backend == "triton" and not triton_runs_on(device):

@@ -1,7 +1,7 @@
 """Z-Image's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, check_args, load_options, load_pipeline and generate_options.
+add_arguments, check_args, parallel_limits, load_options, load_pipeline and generate_options.
 
     zflux generate --model z-image-turbo --weights Z-Image-Turbo --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors \
         --control-image pose.png --control-scale 0.75 --prompt "a dancer" --out dancer.png
@@ -48,6 +48,13 @@ def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefau
             raise ValueError(f"{name} {size} is past {NAME}'s position table: at most {positions * pixels_per_position} pixels")
     return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                           cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation)
+
+
+def parallel_limits(args: argparse.Namespace, settings: ZImageDefaults) -> tuple[bool, int]:
+    """For --parallel: whether the run's model calls carry CFG rows, and the heads attention splits over sequence shards."""
+    if "sp" in args.parallel and args.model == OMNI:
+        raise ValueError(f"--parallel {args.parallel}: z-image-omni's token groups are not sharded; use cfg or dp")
+    return settings.guidance > 0, VARIANTS[args.model].model.n_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common import ops
+from zflux.common import ops, parallel
 from zflux.common.embeddings import timestep_embedding
 from zflux.common.fp8 import wants_fp8
 from zflux.common.ops import RMSNorm
@@ -249,15 +249,19 @@ class ZImageTransformer(nn.Module):
             stream = self._prepare(x, t, cap_feats, cap_mask, cap_lens, lens)
             hints = control(stream) if control is not None else {}
             seq = torch.cat([stream.img_refined, stream.cap], dim=1)  # (B, Ni+Lc, dim): each sample's padding sits at its end
+            shards = parallel.sequence_shards(seq.shape[1])  # this rank's tokens, with sequence parallelism
+            seq, rope = shards.split(seq), tuple(shards.split(table) for table in stream.rope)  # (B, local, dim)
 
             def layers(seq: Tensor, start: int, stop: int) -> tuple[Tensor]:
                 for i in range(start, stop):
-                    seq = self.layers[i](seq, stream.rope, stream.key_lens, stream.c)
-                    seq = seq + hints[i] if i in hints else seq
+                    seq = self.layers[i](seq, rope, stream.key_lens, stream.c)
+                    seq = seq + shards.split(hints[i]) if i in hints else seq
                 return (seq,)
 
             n = len(self.layers)
-            (seq,) = run_blocks(self.step_cache, (seq,), lambda x: layers(x, 0, 1), lambda x: layers(x, 1, n))
+            with shards.attending():
+                (seq,) = run_blocks(self.step_cache, (seq,), lambda x: layers(x, 0, 1), lambda x: layers(x, 1, n))
+            seq = shards.gather(seq)  # (B, Ni+Lc, dim)
             return self.unpatchify(self.final_layer(seq[:, : stream.n_img], stream.c), x)  # (B, C, H, W)
 
     def patchify(self, x: Tensor) -> Tensor:
@@ -301,9 +305,12 @@ class ZImageTransformer(nn.Module):
         padded = min(cap_pad_lens) < n_cap  # some caption is shorter than the longest: attention masks its pad keys
         cap_key_lens = pad_lens if padded else None  # (B,)
 
-        refined = img
-        for block in self.noise_refiner:
-            refined = block(refined, img_rope, None, c)
+        shards = parallel.sequence_shards(n)
+        refined, local_rope = shards.split(img), tuple(shards.split(table) for table in img_rope)  # (B, local, dim)
+        with shards.attending():
+            for block in self.noise_refiner:
+                refined = block(refined, local_rope, None, c)
+        refined = shards.gather(refined)  # (B, Ni, dim)
         for block in self.context_refiner:
             cap = block(cap, cap_rope, cap_key_lens)
         return Stream(c=c, img=img, img_refined=refined, cap=cap, img_rope=img_rope, rope=(cos, sin),

@@ -1,7 +1,7 @@
 """FLUX.2's part of the `zflux` command: its flags, its generate() options and how its pipeline loads.
 
 zflux.cli reads these names from every family it lists: NAME, VARIANTS, LAYOUTS, EMBEDDED, TRAIN, TEXT_FOLDERS,
-add_arguments, check_args, load_options, load_pipeline and generate_options (called before any weight is
+add_arguments, check_args, parallel_limits, load_options, load_pipeline and generate_options (called before any weight is
 loaded, so the reference images and the mask are read and checked first). --reference-image and
 --mask are shared flags (Z-Image uses them too).
 """
@@ -36,6 +36,14 @@ def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDef
         raise ValueError(f"{'--control-image' if args.control_image else '--control-preprocess'} does not apply to {NAME} "
                          "(FLUX.1 Canny and Depth, and Z-Image with --controlnet, take it)")
     return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
+
+
+def parallel_limits(args: argparse.Namespace, settings: SamplingDefaults) -> tuple[bool, int]:
+    """For --parallel: whether the run's model calls carry CFG rows (klein base), and the heads attention splits over shards."""
+    variant = VARIANTS[args.model]
+    if "sp" in args.parallel and variant.kv and args.reference_image:
+        raise ValueError(f"--parallel {args.parallel}: klein KV's cached reference keys are not sharded; use dp")
+    return variant.cfg and settings.guidance > 1, variant.model.num_attention_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

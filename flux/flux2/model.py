@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common import ops
+from zflux.common.parallel import shard_joint
 from zflux.common.embeddings import timestep_embedding
 from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
@@ -405,6 +406,11 @@ class Flux2(nn.Module):
             ref_single_mod = self.single_stream_modulation(ref_vec)
             extracted = RefKV()
 
+        # With sequence parallelism, this rank's tokens (B, local, dim); klein KV's reference keys are not sharded: it runs whole.
+        x, rope, shards = shard_joint(txt, img, rope, whole=ref_kv is not None or refs is not None)
+        L_local = shards.count(L)  # of which text
+        txt, img = x[:, :L_local], x[:, L_local:]
+
         def doubles(img: Tensor, txt: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
             nonlocal ref_stream
             for i in range(start, stop):
@@ -420,16 +426,18 @@ class Flux2(nn.Module):
             img, txt = doubles(img, txt, 1, len(self.double_blocks))
             if ref_stream is not None:
                 ref_stream = ref_stream._replace(mod=ref_single_mod)
-            x = torch.cat([txt, img], dim=1)  # (B, L+S, dim)
+            x = torch.cat([txt, img], dim=1)  # (B, local, dim)
             for i, block in enumerate(self.single_blocks):
                 x, step = block(x, single_mod, rope, ref_kv=ref_kv.single[i] if ref_kv else None, refs=ref_stream)
                 if step is not None:
                     ref_stream = ref_stream._replace(x=step.x)
                     extracted.single.append(step.kv)
-            return x[:, L:], x[:, :L]
+            return x[:, L_local:], x[:, :L_local]
 
         cache = self.step_cache if refs is None else None  # extracting the references' K/V needs every block
-        img, _ = run_blocks(cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        with shards.attending():
+            img, txt = run_blocks(cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
+        img = shards.gather(torch.cat([txt, img], dim=1))[:, L:]  # (B, S, dim): the image tokens of every rank
         return self.final_layer(img, vec).to(out_dtype), extracted  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
