@@ -286,8 +286,8 @@ class LoraSet:
             piece = up[start:start + n]
             piece_bias = None if bias is None else bias[start:start + n].to(weight.device)
             if target.order is not None:
-                piece = torch.empty_like(piece).index_copy_(0, target.order, piece)  # row j -> our row order[j]
-                piece_bias = None if piece_bias is None else torch.empty_like(piece_bias).index_copy_(0, target.order, piece_bias)
+                piece = torch.empty_like(piece).index_copy_(0, target.order.to(piece.device), piece)  # row j -> our row order[j]
+                piece_bias = None if piece_bias is None else torch.empty_like(piece_bias).index_copy_(0, target.order.to(piece.device), piece_bias)
             out.append(Update(target.module, target.rows, down, piece.contiguous(), piece_bias, factor))
             start += n
         return out
