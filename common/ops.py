@@ -168,8 +168,10 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
 
 def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     """norms.group_norm_silu (SiLU(GroupNorm(x))) with `norm`'s groups, parameters and eps, or its fused kernel
-    (NCHW or channels-last x with power-of-two channels and groups)."""
-    if use_kernels(x):
+    (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward: training the
+    autoencoder (common/training.py) runs the PyTorch math."""
+    training = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    if use_kernels(x) and not training:
         from zflux.kernels.groupnorm import group_norm_silu as fused, supports
 
         if supports(x, norm.num_groups):
