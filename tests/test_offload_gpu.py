@@ -76,7 +76,8 @@ def test_offloaded_transformer_is_bit_identical(build, mode):
     assert torch.equal(offloaded, resident)
     if mode == "blocks":
         blocks = repeated_blocks(model)
-        assert all(p.device.type == "cpu" for b in blocks for p in b.parameters())  # parked again after each call
+        # parked again after each call, but the first block: its copy for the next call starts during the last block
+        assert all(p.device.type == "cpu" for b in blocks[1:] for p in b.parameters())
         block_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
         print(f"\n{build.__name__} blocks mode: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
               f"blocks {block_bytes / 2**30:.1f} GiB streamed")
