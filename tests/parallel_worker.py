@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from zflux.cli import main
 from zflux.common import parallel
@@ -126,7 +127,7 @@ def worker(rank: int, world: int, port: int, snapshots: dict[str, Path], out: Pa
                     with plan.applied(model), torch.inference_mode():
                         result = model(**inputs)
                     if rank == 0:
-                        torch.save(result, out / f"{name}.pt")
+                        save_file({"result": result.contiguous()}, out / f"{name}.safetensors")
         pipes = {}
         for name, (snapshot, mode, kwargs) in (PIPELINE_CASES if world == 2 else COMBINED_CASES).items():
             pipe = pipes.get(snapshot) or PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device=cpu, dtype=torch.float32)
@@ -134,7 +135,7 @@ def worker(rank: int, world: int, port: int, snapshots: dict[str, Path], out: Pa
             with parallel.session(mode, cpu) as plan, plan.applied(pipe.transformer):
                 result = run_pipeline(pipe, kwargs)
             if rank == 0:
-                torch.save(result, out / f"{name}.pt")
+                save_file({"result": result.contiguous()}, out / f"{name}.safetensors")
         for name, (snapshot, args) in CLI_CASES.items() if world == 2 else ():
             main(["generate", "--weights", str(snapshots[snapshot]), "--dtype", "fp32", "--device", "cpu", *args,
                   "--out", str(out / name / "image.png")])
@@ -176,6 +177,6 @@ def gpu_worker(rank: int, world: int, port: int, out: Path) -> None:
             with plan.applied(model):
                 sharded = model(**inputs)
             if rank == 0:
-                torch.save((whole.cpu(), sharded.cpu()), out / f"{name}.pt")
+                save_file({"whole": whole.cpu().contiguous(), "sharded": sharded.cpu().contiguous()}, out / f"{name}.safetensors")
             del model, inputs, whole, sharded
             torch.cuda.empty_cache()

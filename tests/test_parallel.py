@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from safetensors.torch import load_file
 
 from zflux.cli import main
 from zflux.common.graphs import graphed
@@ -60,21 +61,21 @@ def combined(snapshots, tmp_path_factory):
 
 @pytest.mark.parametrize("name", MODEL_CASES)
 def test_models_sequence_parallel(spawned, name):
-    assert rel_err(torch.load(spawned / f"{name}.pt"), run_model(name)) <= TOL
+    assert rel_err(load_file(spawned / f"{name}.safetensors")["result"], run_model(name)) <= TOL
 
 
 @pytest.mark.parametrize("name", PIPELINE_CASES)
 def test_pipelines_sequence_and_cfg_parallel(spawned, snapshots, name):
     snapshot, _, kwargs = PIPELINE_CASES[name]
     pipe = PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device="cpu", dtype=torch.float32)
-    assert rel_err(torch.load(spawned / f"{name}.pt"), run_pipeline(pipe, kwargs)) <= TOL
+    assert rel_err(load_file(spawned / f"{name}.safetensors")["result"], run_pipeline(pipe, kwargs)) <= TOL
 
 
 @pytest.mark.parametrize("name", COMBINED_CASES)
 def test_pipelines_cfg_and_sequence_parallel_combined(combined, snapshots, name):
     snapshot, _, kwargs = COMBINED_CASES[name]
     pipe = PIPELINES[snapshot].from_pretrained(snapshots[snapshot], device="cpu", dtype=torch.float32)
-    assert rel_err(torch.load(combined / f"{name}.pt"), run_pipeline(pipe, kwargs)) <= TOL
+    assert rel_err(load_file(combined / f"{name}.safetensors")["result"], run_pipeline(pipe, kwargs)) <= TOL
 
 
 def pixels(path) -> np.ndarray:
