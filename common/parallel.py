@@ -251,6 +251,13 @@ class Shards:
             return x
         return gather(x, self.axis, dim=1)[:, : self.length]
 
+    def gather_after(self, first: int, head: Tensor, tail: Tensor) -> Tensor:
+        """The whole sequence's tokens after its first `first` (B, length - first, ...), from this rank's slice split as
+        `head` (its tokens among the first) and `tail`: FLUX's image tokens. One rank: `tail` itself, no copy."""
+        if self.axis.size == 1:
+            return tail
+        return self.gather(torch.cat([head, tail], dim=1))[:, first:]
+
     @contextmanager
     def attending(self) -> Iterator[None]:
         """Within this scope, ops.attention takes q, k, v of this rank's tokens and attends over the whole sequence."""

@@ -302,7 +302,7 @@ class Flux(nn.Module):
 
         with shards.attending():
             img, txt = run_blocks(self.step_cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
-        img = shards.gather(torch.cat([txt, img], dim=1))[:, L:]  # (B, S, dim): the image tokens of every rank
+        img = shards.gather_after(L, txt, img)  # (B, S, dim): the image tokens of every rank
         return self.final_layer(img, vec).to(out_dtype)  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

@@ -437,7 +437,7 @@ class Flux2(nn.Module):
         cache = self.step_cache if refs is None else None  # extracting the references' K/V needs every block
         with shards.attending():
             img, txt = run_blocks(cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
-        img = shards.gather(torch.cat([txt, img], dim=1))[:, L:]  # (B, S, dim): the image tokens of every rank
+        img = shards.gather_after(L, txt, img)  # (B, S, dim): the image tokens of every rank
         return self.final_layer(img, vec).to(out_dtype), extracted  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
