@@ -7,7 +7,8 @@ as the offload mode places the components (common/offload.py):
                  files may be stored in another one); fp8 holds the transformer's weights in one byte
                  each (common/fp8.py) and the rest in bf16; a streamed transformer holds its largest
                  repeated block twice (the one running and the next one's copy) and nothing else of
-                 its blocks;
+                 its blocks; streamed text encoders hold all but their repeated layers, and two of
+                 those;
     activations  denoise: TOKEN_ACTIVATION_ELEMENTS per token of each CFG row (image tokens, one per
                  16 x 16 pixels, and 512 text tokens); decode: DECODE_ELEMENTS_PER_PIXEL per output
                  pixel of the largest piece decoded at once (the whole image, or one tile).
@@ -76,14 +77,31 @@ def checkpoint_numel(path: str | Path) -> int:
     return sum(math.prod(shape) for _, shape in read_header(path).values())
 
 
-def largest_block_numel(path: str | Path) -> int:
-    """How many parameters the largest repeated block of the transformer at `path` holds (keys `<list>.<index>.`)."""
-    blocks: dict[str, int] = {}
+def block_numels(path: str | Path) -> dict[str, dict[str, int]]:
+    """The parameters of each repeated block of the checkpoint at `path`, by list and index (keys `<list>.<index>.`)."""
+    lists: dict[str, dict[str, int]] = {}
     for name, (_, shape) in read_header(path).items():
-        match = re.match(r"(.*?\.\d+)\.", name)
+        match = re.match(r"(.*?)\.(\d+)\.", name)
         if match:
-            blocks[match.group(1)] = blocks.get(match.group(1), 0) + math.prod(shape)
-    return max(blocks.values(), default=0)
+            blocks = lists.setdefault(match.group(1), {})
+            blocks[match.group(2)] = blocks.get(match.group(2), 0) + math.prod(shape)
+    return lists
+
+
+def largest_block_numel(path: str | Path) -> int:
+    """How many parameters the largest repeated block of the transformer at `path` holds."""
+    return max((n for blocks in block_numels(path).values() for n in blocks.values()), default=0)
+
+
+def streamed_numel(paths: list[str | Path]) -> int:
+    """How many parameters the text encoders at `paths` hold on the device while their layers stream (common/offload.py):
+    each one's all but its repeated layers (its largest list of blocks), and two of the largest layer among them."""
+    rest = largest = 0
+    for path in paths:
+        layers = max(block_numels(path).values(), key=lambda blocks: sum(blocks.values()), default={})
+        rest += checkpoint_numel(path) - sum(layers.values())
+        largest = max(largest, *layers.values(), 0)
+    return rest + 2 * largest
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,7 @@ class Footprint:
     block_params: int  # the transformer's largest repeated block
     vae_params: int
     text_params: int  # text encoders
+    text_streamed_params: int  # text encoders' parameters on the device while their layers stream (streamed_numel)
     pixels: int  # height * width of one image
     rows: int = 1  # CFG rows per transformer call
 
@@ -107,7 +126,9 @@ class Footprint:
                 return 2 * self.block_params * size
             return self.transformer_params * size
         size = min(size, PRECISIONS["bf16"]) if precision == "fp8" else size
-        return (self.vae_params if component == "vae" else self.text_params) * size
+        if component == "vae":
+            return self.vae_params * size
+        return (self.text_streamed_params if place == STREAMED else self.text_params) * size
 
     def activations(self, stage: str, precision: str, tile_pixels: int | None = None) -> int:
         """Bytes of `stage`'s activations (computed in bf16 when the weights are fp8)."""
@@ -118,16 +139,16 @@ class Footprint:
             return min(self.pixels, tile_pixels or self.pixels) * DECODE_ELEMENTS_PER_PIXEL * size
         return 0
 
-    def bytes(self, precision: str, offload: str = "none", tile_pixels: int | None = None, transformer_aside: bool = False) -> int:
+    def bytes(self, precision: str, offload: str = "none", tile_pixels: int | None = None) -> int:
         """The device memory a run needs at `precision` with `offload` (and decoding in tiles of `tile_pixels`)."""
-        plan = make_plan(offload, transformer_aside)
+        plan = make_plan(offload)
         return max(sum(self.weights(name, precision, place) for name, place in plan[stage].items())
                    + self.activations(stage, precision, tile_pixels) for stage in STAGES)
 
-    def choose_offload(self, precision: str, room: int, tile_pixels: int, transformer_aside: bool = False) -> str | None:
+    def choose_offload(self, precision: str, room: int, tile_pixels: int) -> str | None:
         """The first offload mode (least moving first) whose run fits in `room` bytes, decoding whole or else in tiles;
         None when even streamed blocks and tiles do not fit."""
-        return next((mode for mode in MODES if self.bytes(precision, mode, tile_pixels, transformer_aside) <= room), None)
+        return next((mode for mode in MODES if self.bytes(precision, mode, tile_pixels) <= room), None)
 
 
 def free_bytes(device: torch.device) -> int | None:

@@ -5,19 +5,35 @@ autoencoder); "load" is where components sit once the pipeline is built. A mode 
 stage, of where each component is:
 
     none          everything on the device, always
-    text-encoder  the text encoder on the CPU, visiting the device only to encode a prompt
-    model         the text encoder and the transformer each on the device only during its own stage
-    blocks        as model, but the transformer's repeated blocks never sit on the device together:
-                  they are streamed from pinned CPU memory during denoising (BlockStreamer), the
-                  next block's copy on a side CUDA stream overlapping the current block's compute;
-                  the rest of the transformer (embedders, final layer) stays on the device
+    text-encoder  the text encoder on the CPU, its layers streamed through the device to encode a prompt;
+                  the transformer stays on the device
+    model         as text-encoder, and the transformer on the device only while it denoises
+    blocks        as text-encoder, and the transformer's repeated blocks streamed too, in every step
+
+A streamed component (STREAMED) keeps its repeated layers in pinned CPU memory and copies each one to
+the device just before it runs (BlockStreamer), the next layer's copy on a side CUDA stream
+overlapping the current layer's compute, so that at most two of its layers are on the device at once;
+the rest of it (embeddings, final norms and layers) is on the device whole. Its repeated layers are
+found generically (repeated_blocks): the ModuleLists nearest the top of each of its models, which
+are the transformer's blocks (Z-Image: noise_refiner, context_refiner, layers; FLUX.1 and FLUX.2:
+double_blocks, single_blocks) and the text models' layers (Qwen3Model.layers, T5's encoder.block,
+CLIP's encoder.layers, Mistral 3's language_model.layers). A streamed text encoder costs
+a new prompt its bytes over the host-to-device bandwidth, as a whole visit would, but only about
+two layers and its embedding table of device memory beside the resident transformer (Z-Image: 0.8 GB
+instead of Qwen3-4B's 7.5 GB).
+
+FLUX.2 [dev] needs no special case: its 24 B encoder streams past the resident 32 B transformer in
+text-encoder mode (beside it: two 1.1 GB layers, the 1.3 GB embedding table and the unused 0.8 GB
+vision tower, which count as the rest), and a new prompt moves the encoder's bytes only; a card that
+cannot hold even that takes model mode, where the transformer leaves the device for the encode.
 
 The autoencoder stays on the device in every mode: its weights are ~0.17 GB in bf16; what a large
-image costs is its activations, which tiled decoding bounds (common/tiling.py).
+image costs is its activations, which tiled encoding and decoding bound (common/tiling.py).
 
 A parked component's weights live in pinned CPU memory (Parked): a visit to the device copies them
 in, and leaving drops the device copy, with no copy back (inference never writes its weights). The
-last prompt's encoding is kept, so a repeated prompt costs the text encoder no trip.
+last prompt's encoding is kept, so a repeated prompt costs the text encoder no trip; whatever
+changes the encoder's weights (a LoRA on CLIP) drops it (forget_encoding).
 """
 
 from collections.abc import Callable, Iterator
@@ -30,24 +46,19 @@ from torch import Tensor, nn
 MODES = ("none", "text-encoder", "model", "blocks")
 STAGES = ("load", "encode", "denoise", "decode")
 COMPONENTS = ("text_encoder", "transformer", "vae")
-DEVICE, CPU, STREAMED = "device", "cpu", "streamed"  # STREAMED: blocks on the CPU, the rest on the device
+DEVICE, CPU, STREAMED = "device", "cpu", "streamed"  # STREAMED: repeated layers on the CPU, streamed as they run; the rest on the device
 Plan = dict[str, dict[str, str]]  # stage -> component -> DEVICE, CPU or STREAMED
 
 
-def make_plan(mode: str, transformer_aside: bool = False) -> Plan:
-    """Where each component is during each stage in offload `mode`.
-
-    `transformer_aside`: the transformer leaves the device while the text encoder visits (FLUX.2
-    [dev], whose 24 B encoder and 32 B transformer take turns on one GPU) in text-encoder mode too.
-    """
+def make_plan(mode: str) -> Plan:
+    """Where each component is during each stage in offload `mode`."""
     if mode not in MODES:
         raise ValueError(f"offload {mode!r}: choose one of {', '.join(MODES)}")
-    text = {stage: DEVICE if mode == "none" or stage == "encode" else CPU for stage in STAGES}
+    text = {stage: DEVICE if mode == "none" else STREAMED if stage == "encode" else CPU for stage in STAGES}
     if mode == "blocks":
         transformer = dict.fromkeys(STAGES, STREAMED)
-    elif mode == "model" or (mode == "text-encoder" and transformer_aside):
-        transformer = {stage: DEVICE if stage == "denoise" or (mode == "text-encoder" and stage != "encode") else CPU
-                       for stage in STAGES}
+    elif mode == "model":
+        transformer = {stage: DEVICE if stage == "denoise" else CPU for stage in STAGES}
     else:
         transformer = dict.fromkeys(STAGES, DEVICE)
     return {stage: {"text_encoder": text[stage], "transformer": transformer[stage], "vae": DEVICE} for stage in STAGES}
@@ -60,23 +71,28 @@ def modules_of(component) -> list[nn.Module]:
     return [value for value in vars(component).values() if isinstance(value, nn.Module)]
 
 
-def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's repeated blocks in the order its forward runs them: each ModuleList child's, in registration order
-    (Z-Image: noise_refiner, context_refiner, layers; FLUX.1 and FLUX.2: double_blocks, single_blocks)."""
-    return [block for child in transformer.children() if isinstance(child, nn.ModuleList) for block in child]
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """A model's repeated blocks in the order its forward runs them: the items of its ModuleLists nearest the top (fewest
+    dots in their names), each list's in registration order. Z-Image: noise_refiner, context_refiner, layers; FLUX.1 and
+    FLUX.2: double_blocks, single_blocks; Qwen3Model: layers; T5EncoderModel: encoder.block; CLIPTextModel:
+    encoder.layers; Mistral3Model: language_model.layers (not its vision tower's, one level deeper)."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    top = min((name.count(".") for name, _ in lists), default=0)
+    return [block for name, module in lists if name.count(".") == top for block in module]
 
 
 class Parked:
-    """The parameters and buffers of some modules, kept in (pinned, with CUDA) CPU memory, put on a device on demand.
+    """The parameters and buffers of some modules (less those of `skip`), kept in (pinned, with CUDA) CPU memory, put on a
+    device on demand.
 
     Generic over what the modules hold (bf16 weights, fp8 weights and their scales, norms' buffers):
     every tensor registered in them moves. A parameter keeps its identity (its .data is swapped), so
     tied weights stay tied.
     """
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], skip: list[nn.Module] = ()):
         self.slots: list[tuple[nn.Module, str, bool]] = []  # (owner, name, is a parameter), each tensor once
-        seen = set()
+        seen = {id(t) for module in skip for t in [*module.parameters(), *module.buffers()]}
         for module in modules:
             for owner in module.modules():
                 for kind, table in ((True, owner._parameters), (False, owner._buffers)):
@@ -165,19 +181,25 @@ class CudaCopies:
         self.reached.append(mark)
 
 
+def default_copies(device: torch.device):
+    """The block copier for `device`: CudaCopies on a GPU, else SyncCopies."""
+    return (CudaCopies if device.type == "cuda" else SyncCopies)(device)
+
+
 class BlockStreamer:
-    """Streams a transformer's repeated blocks through the device, one at a time, with forward hooks.
+    """Streams a model's repeated blocks through the device, one at a time, with forward hooks.
 
     Before block k runs: its copy is started if it is not under way yet (the first block of a call,
-    or a block a step cache skipped to), block k+1's copy is started (after the last block: the
-    first, for the next call), and the compute waits for block k's copy only, so that block k+1's
-    copy overlaps block k's compute. After block k runs, it is parked again. At most two blocks'
-    weights are on the device at once. `copies` has start(Parked) -> handle and wait(handle).
+    or a block a step cache skipped to), block k+1's copy is started (after the last block, when
+    `cyclic`: the first, for the next call of a transformer called once per step; an encoder, called
+    once per new prompt, starts none), and the compute waits for block k's copy only, so that block
+    k+1's copy overlaps block k's compute. After block k runs, it is parked again. At most two
+    blocks' weights are on the device at once. `copies` has start(Parked) -> handle and wait(handle).
     """
 
-    def __init__(self, blocks: list[nn.Module], copies):
+    def __init__(self, blocks: list[nn.Module], copies, cyclic: bool = True):
         self.blocks = [Parked([block]) for block in blocks]
-        self.copies = copies
+        self.copies, self.cyclic = copies, cyclic
         self.pending: dict[int, object] = {}  # block index -> its copy's handle
         self.hooks = []
         for k, block in enumerate(blocks):
@@ -185,56 +207,74 @@ class BlockStreamer:
             self.hooks.append(block.register_forward_hook(lambda module, args, out, k=k: self.blocks[k].park()))
 
     def _before(self, k: int) -> None:
-        for j in (k, (k + 1) % len(self.blocks)):
+        ahead = [k + 1] if k + 1 < len(self.blocks) else [0] if self.cyclic else []
+        for j in [k, *ahead]:
             if j not in self.pending:
                 self.pending[j] = self.copies.start(self.blocks[j])
         self.copies.wait(self.pending.pop(k))
 
-    def remove(self) -> None:
-        """Take the hooks off and park every block (the transformer is then whole on the CPU)."""
-        for hook in self.hooks:
-            hook.remove()
+    def park(self) -> None:
+        """Park every block and forget the copies under way (a first block queued for a call that will not come soon)."""
         for block in self.blocks:
             block.park()
         self.pending.clear()
+
+    def remove(self) -> None:
+        """Take the hooks off and park every block (the model is then whole on the CPU, but what the plan put elsewhere)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.park()
+
+
+class Streamed:
+    """A component whose repeated blocks stream through the device as they run (BlockStreamer) and whose rest is Parked:
+    load() puts the rest on the device (the component is then STREAMED), park() puts everything back in CPU memory."""
+
+    def __init__(self, modules: list[nn.Module], copies, cyclic: bool):
+        blocks = [block for module in modules for block in repeated_blocks(module)]
+        self.streamer = BlockStreamer(blocks, copies, cyclic=cyclic)
+        self.rest = Parked(modules, skip=blocks)
+
+    def load(self, device: torch.device) -> None:
+        self.rest.load(device)
+
+    def park(self) -> None:
+        self.rest.park()
+        self.streamer.park()
 
 
 class Offload:
     """A pipeline's components placed as its offload mode's plan says, stage by stage.
 
     `components` maps COMPONENTS' names (all or some) to the pipeline's objects; `device` is where the run computes.
-    `copies` makes the block streamer's copier for the device (default: CudaCopies on a GPU, else SyncCopies).
+    `copies(device)` makes a streamed component's block copier (default: default_copies).
     """
 
-    def __init__(self, mode: str, components: dict[str, object], device: torch.device, transformer_aside: bool = False,
-                 copies: Callable[[torch.device], object] | None = None):
-        self.mode, self.plan, self.device = mode, make_plan(mode, transformer_aside), torch.device(device)
+    def __init__(self, mode: str, components: dict[str, object], device: torch.device,
+                 copies: Callable[[torch.device], object] = default_copies):
+        self.mode, self.plan, self.device = mode, make_plan(mode), torch.device(device)
         self.components = components
-        self.parked = {name: Parked(modules_of(c)) for name, c in components.items()
-                       if any(places[name] == CPU for places in self.plan.values())}
-        self.streamer = None
-        if mode == "blocks":
-            transformer = components["transformer"]
-            blocks = repeated_blocks(transformer)
-            copies = copies or (CudaCopies if self.device.type == "cuda" else SyncCopies)
-            self.streamer = BlockStreamer(blocks, copies(self.device))
-            block_ids = {id(t) for block in blocks for t in [*block.parameters(), *block.buffers()]}
-            rest = [t for t in [*transformer.parameters(), *transformer.buffers()] if id(t) not in block_ids]
-            for tensor in rest:
-                tensor.data = tensor.data.to(self.device)
+        self.held: dict[str, Parked | Streamed] = {}  # the components that are not always on the device whole
+        for name, component in components.items():
+            places = {self.plan[stage][name] for stage in STAGES}
+            if STREAMED in places:
+                # The transformer runs once per step: its first block's copy for the next step starts during the last.
+                self.held[name] = Streamed(modules_of(component), copies(self.device), cyclic=name == "transformer")
+            elif CPU in places:
+                self.held[name] = Parked(modules_of(component))
         self.places: dict[str, str] = {}
         self._last_prompt: tuple | None = None
         self._encoding = None
         self.enter("load")
 
     def enter(self, stage: str) -> None:
-        """Move each component where the plan has it in `stage` (streamed parts: set up once, at load)."""
+        """Move each component where the plan has it in `stage`."""
         for name, place in self.plan[stage].items():
             if name not in self.components or self.places.get(name) == place:
                 continue
-            if name in self.parked:
-                parked = self.parked[name]
-                parked.load(self.device) if place == DEVICE else parked.park()
+            if name in self.held:
+                held = self.held[name]
+                held.park() if place == CPU else held.load(self.device)
             elif place == DEVICE:
                 for module in modules_of(self.components[name]):
                     module.to(self.device)
@@ -250,11 +290,15 @@ class Offload:
         """encoder(prompts, max_length) in the encode stage, or the kept result when the same prompts come again."""
         key = (type(encoder), getattr(encoder, "images", None), tuple(prompts), max_length)
         if key != self._last_prompt:
-            self._encoding, self._last_prompt = None, None  # the old encoding's memory is free before the new one is made
+            self.forget_encoding()  # the old encoding's memory is free before the new one is made
             with self.stage("encode"):
                 self._encoding = encoder(prompts, max_length)
             self._last_prompt = key
         return self._encoding
+
+    def forget_encoding(self) -> None:
+        """Drop the kept encoding: the next prompt is encoded anew, even a repeated one (the encoder's weights changed)."""
+        self._encoding, self._last_prompt = None, None
 
 
 def resolve_mode(offload: str, offload_text_encoder: bool) -> str:
@@ -272,6 +316,11 @@ def load_device(mode: str, component: str, device: torch.device | str) -> torch.
 
 
 def graphs_allowed(offload: Offload, cache: float | None) -> bool:
-    """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): not while its blocks stream (copies
-    and host waits sit inside its forward), nor with the step cache (its skip decision reads the device)."""
-    return offload.mode != "blocks" and cache is None
+    """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): only when it stays on the device whole.
+
+    Not while its blocks stream (copies and host waits sit inside its forward); not when it visits the
+    device for each run (model mode): its weights land wherever free memory is each time (the text
+    encoder's layers used the memory they left), so every run would find its graphs stale and capture
+    them anew, and their memory pool would stay reserved through the decode, in the mode chosen for
+    want of memory; nor with the step cache (its skip decision reads the device)."""
+    return all(places["transformer"] == DEVICE for places in offload.plan.values()) and cache is None

@@ -78,9 +78,14 @@ def generate_options(args: argparse.Namespace) -> dict:
                 reference_images=references or None, outpaint=args.outpaint)
 
 
+def cfg_rows(args: argparse.Namespace, settings: SamplingDefaults) -> int:
+    """The rows each transformer call carries: 2 with true CFG (--true-cfg > 1), else 1."""
+    return 2 if args.true_cfg > 1 else 1
+
+
 def parallel_limits(args: argparse.Namespace, settings: SamplingDefaults) -> tuple[bool, int]:
     """For --parallel: whether the run's model calls carry CFG rows (true CFG), and the heads attention splits over shards."""
-    return args.true_cfg > 1, VARIANTS[args.model].model.num_attention_heads
+    return cfg_rows(args, settings) > 1, VARIANTS[args.model].model.num_attention_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

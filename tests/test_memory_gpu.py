@@ -61,7 +61,8 @@ def test_estimate_per_stage_against_the_measured_peaks(name, build, call, rows):
         run()
         torch.cuda.synchronize()
         measured[stage] = torch.cuda.max_memory_allocated() - resident
-    footprint = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, pixels=SIZE * SIZE, rows=rows)
+    footprint = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, text_streamed_params=0, pixels=SIZE * SIZE,
+                          rows=rows)
     for stage, got in measured.items():
         estimate = footprint.activations(stage, "bf16")
         print(f"\n{name} at {SIZE}x{SIZE}, bf16, {stage}: activations estimated {gib(estimate)}, measured {gib(got)}")

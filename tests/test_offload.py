@@ -3,8 +3,9 @@ and what --offload auto picks from the memory estimate (common/memory.py).
 
 Where a component is cannot be told from its device on a CPU-only machine, so a visit "to the device"
 is made a real copy (Parked.load clones): a component whose tensors are their CPU homes is parked
-(CPU), one whose tensors are copies is on the device. The GPU counterpart (each mode bit-identical to
-none at full size) is tests/test_offload_gpu.py.
+(CPU), one whose tensors are copies is on the device, and a streamed one has its rest's tensors
+copied and its repeated layers at home but for the one or two passing through. The GPU counterpart
+(each mode bit-identical to none at full size) is tests/test_offload_gpu.py.
 """
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 from zflux.common import offload as offload_module
 from zflux.common.memory import Footprint
-from zflux.common.offload import CPU, DEVICE, MODES, STREAMED, BlockStreamer, Parked, make_plan, modules_of, repeated_blocks
+from zflux.common.offload import CPU, DEVICE, MODES, STREAMED, BlockStreamer, Parked, Streamed, make_plan, modules_of, repeated_blocks
 from zflux.common.step_cache import step_cache
 from zflux.flux.flux2.pipeline import Flux2Pipeline
 from zflux.flux.pipeline import FluxPipeline
@@ -23,14 +24,18 @@ from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F
 
 FP32 = dict(device="cpu", dtype=torch.float32)
 RUN = dict(height=32, width=32, steps=2, seed=3, progress=False)
-PIPELINES = {"z-image-turbo": ZImagePipeline, "flux-dev": FluxPipeline, "flux2-klein-base": Flux2Pipeline}
+PIPELINES = {"z-image-turbo": ZImagePipeline, "flux-dev": FluxPipeline, "flux2-klein-base": Flux2Pipeline, "flux2-dev": Flux2Pipeline}
+# The text encoders' repeated layers, as named by transformers: Qwen3; T5 and CLIP; Qwen3; Mistral 3's language model.
+TEXT_LAYERS = {"z-image-turbo": ["model.layers"], "flux-dev": ["t5.encoder.block", "clip.encoder.layers"],
+               "flux2-klein-base": ["model.layers"], "flux2-dev": ["model.language_model.layers"]}
 
 
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload")
     return {"z-image-turbo": zimage_snapshot(root / "z"), "flux-dev": flux_snapshot(root / "dev", "flux-dev"),
-            "flux2-klein-base": flux2_snapshot(root / "klein", "flux2-klein-base")}
+            "flux2-klein-base": flux2_snapshot(root / "klein", "flux2-klein-base"),
+            "flux2-dev": flux2_snapshot(root / "flux2-dev", "flux2-dev")}
 
 
 @pytest.fixture
@@ -51,18 +56,27 @@ def is_home(parked: Parked) -> bool:
     return all(Parked._get(slot).data_ptr() == home.data_ptr() for slot, home in zip(parked.slots, parked.home))
 
 
+def place_of(held) -> str:
+    """Where a held component is, read from its tensors: parked at home, on the device, or streamed (its rest on the device)."""
+    if isinstance(held, Streamed):
+        return CPU if is_home(held.rest) else STREAMED
+    return CPU if is_home(held) else DEVICE
+
+
 def placement(pipe) -> dict[str, str]:
     """Where each component is now, read from its tensors."""
     off = pipe.offload
-    places = {name: CPU if name in off.parked and is_home(off.parked[name]) else DEVICE for name in off.components}
-    if off.streamer is not None:
-        assert "transformer" not in off.parked
-        places["transformer"] = STREAMED
-    return places
+    return {name: place_of(off.held[name]) if name in off.held else DEVICE for name in off.components}
+
+
+def layers_away(held) -> int:
+    """How many of a streamed component's repeated layers are on the device (their tensors are copies) now."""
+    return sum(not is_home(layer) for layer in held.streamer.blocks)
 
 
 def record_stages(pipe) -> dict[str, dict[str, str]]:
-    """The placement seen when the prompt encoder, the transformer and the decoder run, by stage name."""
+    """The placement seen when the prompt encoder, the transformer and the decoder run, by stage name; and "text layers",
+    the most text-encoder layers on the device while one of them runs."""
     seen = {}
     encoder = type(pipe.text_encoder)
     call = encoder.__call__
@@ -70,6 +84,10 @@ def record_stages(pipe) -> dict[str, dict[str, str]]:
                                                                        and call(self, *a, **k)})
     pipe.transformer.register_forward_pre_hook(lambda *_: seen.setdefault("denoise", placement(pipe)) and None)
     pipe.vae.decoder.register_forward_pre_hook(lambda *_: seen.setdefault("decode", placement(pipe)) and None)
+    held = pipe.offload.held["text_encoder"]
+    for model in modules_of(pipe.text_encoder):
+        for layer in repeated_blocks(model):  # hooked after the streamer's own: the layer has arrived
+            layer.register_forward_pre_hook(lambda *_: seen.update({"text layers": max(seen.get("text layers", 0), layers_away(held))}))
     return seen
 
 
@@ -77,40 +95,61 @@ def test_plans():
     """The modes in words (common/offload.py's docstring), as tables."""
     none, text, model, blocks = (make_plan(mode) for mode in MODES)
     assert all(place == DEVICE for stage in none.values() for place in stage.values())
-    assert [text[s]["text_encoder"] for s in ("load", "encode", "denoise", "decode")] == [CPU, DEVICE, CPU, CPU]
+    for plan in (text, model, blocks):
+        assert [plan[s]["text_encoder"] for s in ("load", "encode", "denoise", "decode")] == [CPU, STREAMED, CPU, CPU]
     assert all(text[s]["transformer"] == DEVICE for s in text)
     assert [model[s]["transformer"] for s in ("load", "encode", "denoise", "decode")] == [CPU, CPU, DEVICE, CPU]
     assert all(blocks[s]["transformer"] == STREAMED for s in blocks)
     assert all(plan[s]["vae"] == DEVICE for plan in (none, text, model, blocks) for s in plan)
-    aside = make_plan("text-encoder", transformer_aside=True)
-    assert [aside[s]["transformer"] for s in ("load", "encode", "denoise", "decode")] == [DEVICE, CPU, DEVICE, DEVICE]
     with pytest.raises(ValueError, match="offload 'disk': choose one of none, text-encoder, model, blocks"):
         make_plan("disk")
 
 
-def expected_plan(mode: str, aside: bool) -> dict[str, dict[str, str]]:
+def expected_plan(mode: str) -> dict[str, dict[str, str]]:
     """Each mode's plan written out (not read from make_plan): (text encoder, transformer) per stage; the VAE stays."""
     stages = ("load", "encode", "denoise", "decode")
-    places = {"text-encoder": [(CPU, DEVICE), (DEVICE, CPU if aside else DEVICE), (CPU, DEVICE), (CPU, DEVICE)],
-              "model": [(CPU, CPU), (DEVICE, CPU), (CPU, DEVICE), (CPU, CPU)],
-              "blocks": [(CPU, STREAMED), (DEVICE, STREAMED), (CPU, STREAMED), (CPU, STREAMED)]}[mode]
+    places = {"text-encoder": [(CPU, DEVICE), (STREAMED, DEVICE), (CPU, DEVICE), (CPU, DEVICE)],
+              "model": [(CPU, CPU), (STREAMED, CPU), (CPU, DEVICE), (CPU, CPU)],
+              "blocks": [(CPU, STREAMED), (STREAMED, STREAMED), (CPU, STREAMED), (CPU, STREAMED)]}[mode]
     return {stage: {"text_encoder": text, "transformer": transformer, "vae": DEVICE} for stage, (text, transformer) in zip(stages, places)}
 
 
 @pytest.mark.parametrize("name", PIPELINES)
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_each_mode_follows_its_plan_and_changes_nothing(snapshots, real_copies, name, mode):
+    """Before and after each stage, each component is where the plan says; the text encoder's layers pass through the
+    device one or two at a time and are all home after the encode; the output equals the run without offload."""
     cls = PIPELINES[name]
     reference = cls.from_pretrained(snapshots[name], **FP32).generate("a red fox", output_type="latent", **RUN)
     pipe = cls.from_pretrained(snapshots[name], offload=mode, **FP32)
-    plan = expected_plan(mode, aside=cls is Flux2Pipeline)
+    plan = expected_plan(mode)
     assert placement(pipe) == plan["load"]
     seen = record_stages(pipe)
     image = pipe.generate("a red fox", **RUN)
-    assert seen == {stage: plan[stage] for stage in ("encode", "denoise", "decode")}
+    assert seen == {**{stage: plan[stage] for stage in ("encode", "denoise", "decode")}, "text layers": 2}
     assert placement(pipe) == plan["decode"]  # what the last stage left
+    assert layers_away(pipe.offload.held["text_encoder"]) == 0
     assert image.size == (32, 32)
     assert torch.equal(pipe.generate("a red fox", output_type="latent", **RUN), reference)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_the_text_encoders_repeated_layers_are_found(snapshots, name):
+    """Each family's text models stream the layers transformers names (TEXT_LAYERS), each one a block of the streamer; the
+    rest (embeddings, final norms, Mistral 3's vision tower) is parked whole: every tensor once, in one or the other."""
+    pipe = PIPELINES[name].from_pretrained(snapshots[name], offload="text-encoder", **FP32)
+    held = pipe.offload.held["text_encoder"]
+    lists, count = set(), 0
+    for attribute, model in vars(pipe.text_encoder).items():
+        if isinstance(model, nn.Module):
+            where = {id(module): f"{attribute}.{path}" for path, module in model.named_modules()}
+            layers = repeated_blocks(model)
+            lists |= {where[id(layer)].rsplit(".", 1)[0] for layer in layers}
+            count += len(layers)
+    assert sorted(lists) == sorted(TEXT_LAYERS[name]) and len(held.streamer.blocks) == count > 1
+    tensors = {id(t) for model in modules_of(pipe.text_encoder) for t in [*model.parameters(), *model.buffers()]}
+    slots = [id(Parked._get(slot)) for parked in (held.rest, *held.streamer.blocks) for slot in parked.slots]
+    assert len(slots) == len(set(slots)) == len(tensors)
 
 
 def test_a_repeated_prompt_reuses_its_encoding(snapshots, real_copies):
@@ -204,17 +243,18 @@ def test_modules_of_a_wrapper():
 
 
 GIB = 2**30
+# FLUX.1-dev's parameter counts; streamed, T5-XXL and CLIP-L hold their embeddings (132 M, 38 M) and two 193 M T5 layers.
 FLUX_DEV = Footprint(transformer_params=11_900_000_000, block_params=340_000_000, vae_params=84_000_000,
-                     text_params=4_880_000_000, pixels=1024 * 1024)
+                     text_params=4_880_000_000, text_streamed_params=556_000_000, pixels=1024 * 1024)
 TILE = 512 * 512
 
 
 @pytest.mark.parametrize("room_gib, chosen", [
-    (32, "none"),  # 31.8 GiB: every weight, and the denoising's activations (the decode is tiled)
-    (31.5, "text-encoder"),  # 31.4: no better while the T5 visits, for the transformer stays
-    (24, "model"),  # 22.7: the transformer alone, denoising
-    (16, "blocks"),  # 10.5: the T5 visiting, then two blocks at a time
-    (8, None),  # not even that
+    (32, "none"),  # 31.9 GiB: every weight, and the decode's activations (the decode is tiled)
+    (24, "text-encoder"),  # 23.4: the transformer, and the text encoders' embeddings and two T5 layers as they stream
+    (23, "model"),  # 22.7: the transformer alone, denoising
+    (16, "blocks"),  # 2.5: the T5 streaming beside two transformer blocks
+    (2, None),  # not even that
 ])
 def test_auto_picks_the_least_offload_that_fits(room_gib, chosen):
     """FLUX.1-dev in bf16 at 1024 x 1024 (its parameter counts): the first mode, least moving first, that fits."""
@@ -228,8 +268,9 @@ def test_estimate_per_stage():
     assert FLUX_DEV.weights("transformer", "fp8", DEVICE) == FLUX_DEV.transformer_params
     assert FLUX_DEV.weights("transformer", "bf16", STREAMED) == 4 * FLUX_DEV.block_params
     assert FLUX_DEV.weights("text_encoder", "bf16", CPU) == 0
+    assert FLUX_DEV.weights("text_encoder", "bf16", STREAMED) == 2 * FLUX_DEV.text_streamed_params
     assert FLUX_DEV.activations("decode", "bf16", tile_pixels=TILE) * 4 == FLUX_DEV.activations("decode", "bf16")
-    big = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, pixels=2048 * 2048)
+    big = Footprint(transformer_params=0, block_params=0, vae_params=0, text_params=0, text_streamed_params=0, pixels=2048 * 2048)
     assert big.activations("decode", "bf16", tile_pixels=TILE) * 16 == big.activations("decode", "bf16") == 8 * GIB
 
 
@@ -239,10 +280,12 @@ def test_resolve_mode():
         offload_module.resolve_mode("blocks", offload_text_encoder=True)
 
 
-def test_cuda_graphs_stay_off_while_blocks_stream_or_the_cache_runs():
-    """Streaming's copies and host waits, and the cache's skip decision, sit inside the forward: a CUDA graph cannot hold them."""
+def test_cuda_graphs_only_for_a_transformer_that_stays_on_the_device():
+    """Streaming's copies and host waits, and the cache's skip decision, sit inside the forward: a CUDA graph cannot hold
+    them; a transformer that visits the device for each run (model mode) comes back at new addresses, which would make
+    every run capture its graphs again (common/graphs.py drops graphs whose weights moved)."""
     model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]))
     allowed = {mode: offload_module.graphs_allowed(offload_module.Offload(mode, {"transformer": model}, torch.device("cpu")), None)
                for mode in MODES}
-    assert allowed == {"none": True, "text-encoder": True, "model": True, "blocks": False}
+    assert allowed == {"none": True, "text-encoder": True, "model": False, "blocks": False}
     assert not offload_module.graphs_allowed(offload_module.Offload("none", {"transformer": model}, torch.device("cpu")), 0.1)

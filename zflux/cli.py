@@ -19,7 +19,7 @@ Hugging Face repositories.
 The command knows the model families only through families(), each family's cli.py: its NAME, its
 VARIANTS (the --model choices), its checkpoint LAYOUTS for `zflux convert`, the small models it ships
 (EMBEDDED) and can train (TRAIN), the TEXT_FOLDERS a transformer file needs beside it, add_arguments
-(its own flags), check_args (its own checks), parallel_limits (what --parallel may split),
+(its own flags), check_args (its own checks), cfg_rows (the rows a transformer call carries), parallel_limits (what --parallel may split),
 load_options (what its flags pass to load_pipeline), load_pipeline and generate_options (what its
 flags pass to generate(), their files read). Adding a family is one import and one entry.
 
@@ -467,7 +467,8 @@ def check_generate(args: argparse.Namespace, family: ModuleType) -> Request:
     offload = "text-encoder" if args.offload_text_encoder else args.offload or "none"
     if offload not in ("none", "auto") and device.type == "cpu":
         warnings.warn(f"--offload {offload} does nothing on the CPU: everything is there already")
-    footprint, offload = check_memory(args, family, device=device, dtype=dtype, size=(height, width), offload=offload)
+    rows = 1 if args.parallel and "cfg" in args.parallel else family.cfg_rows(args, settings)  # --parallel cfg: a row each
+    footprint, offload = check_memory(args, family, device=device, dtype=dtype, size=(height, width), offload=offload, rows=rows)
     return Request(jobs=jobs, settings=settings, family_options=family_options, init_image=init_image, device=device, dtype=dtype,
                    footprint=footprint, loras=loras, offload=offload)
 
@@ -559,10 +560,10 @@ def components(args: argparse.Namespace, family: ModuleType) -> tuple[Path, Path
 
 
 def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.device, dtype: torch.dtype,
-                 size: tuple[int, int], offload: str) -> tuple[Footprint, str]:
-    """The run's Footprint, from the checkpoints' headers, and its offload mode (`offload`, or for "auto" the first that fits);
-    ValueError with advice when `device` is clearly short of memory."""
-    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib, largest_block_numel
+                 size: tuple[int, int], offload: str, rows: int) -> tuple[Footprint, str]:
+    """The run's Footprint, from the checkpoints' headers, with `rows` CFG rows per transformer call, and its offload mode
+    (`offload`, or for "auto" the first that fits); ValueError with advice when `device` is clearly short of memory."""
+    from zflux.common.memory import Footprint, checkpoint_numel, free_bytes, gib, largest_block_numel, streamed_numel
     from zflux.common.tiling import TILE
 
     weights, vae, encoders = components(args, family)
@@ -576,7 +577,8 @@ def check_memory(args: argparse.Namespace, family: ModuleType, device: torch.dev
     footprint = Footprint(transformer_params=checkpoint_numel(transformer) if there(transformer) else 0,
                           block_params=largest_block_numel(transformer) if there(transformer) else 0,
                           vae_params=checkpoint_numel(vae) if there(vae) else 0,
-                          text_params=sum(checkpoint_numel(p) for p in text if there(p)), pixels=height * width)
+                          text_params=sum(checkpoint_numel(p) for p in text if there(p)),
+                          text_streamed_params=streamed_numel([p for p in text if there(p)]), pixels=height * width, rows=rows)
     free = free_bytes(device)
     tile = (8 * TILE) ** 2  # the decode goes in tiles by itself when it would not fit whole
     precision = args.precision or args.dtype  # fp8: the transformer's weights at one byte, the rest at --dtype

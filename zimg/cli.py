@@ -50,11 +50,16 @@ def check_args(args: argparse.Namespace, height: int, width: int) -> ZImageDefau
                           cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation)
 
 
+def cfg_rows(args: argparse.Namespace, settings: ZImageDefaults) -> int:
+    """The rows each transformer call carries: 2 with CFG (guidance > 0: the prompt's and the negative prompt's), else 1."""
+    return 2 if settings.guidance > 0 else 1
+
+
 def parallel_limits(args: argparse.Namespace, settings: ZImageDefaults) -> tuple[bool, int]:
     """For --parallel: whether the run's model calls carry CFG rows, and the heads attention splits over sequence shards."""
     if "sp" in args.parallel and args.model == OMNI:
         raise ValueError(f"--parallel {args.parallel}: z-image-omni's token groups are not sharded; use cfg or dp")
-    return settings.guidance > 0, VARIANTS[args.model].model.n_heads
+    return cfg_rows(args, settings) > 1, VARIANTS[args.model].model.n_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

@@ -38,12 +38,17 @@ def check_args(args: argparse.Namespace, height: int, width: int) -> SamplingDef
     return check_settings(args.model, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
 
 
+def cfg_rows(args: argparse.Namespace, settings: SamplingDefaults) -> int:
+    """The rows each transformer call carries: 2 for klein base with guidance > 1 (true CFG), else 1."""
+    return 2 if VARIANTS[args.model].cfg and settings.guidance > 1 else 1
+
+
 def parallel_limits(args: argparse.Namespace, settings: SamplingDefaults) -> tuple[bool, int]:
     """For --parallel: whether the run's model calls carry CFG rows (klein base), and the heads attention splits over shards."""
     variant = VARIANTS[args.model]
     if "sp" in args.parallel and variant.kv and args.reference_image:
         raise ValueError(f"--parallel {args.parallel}: klein KV's cached reference keys are not sharded; use dp")
-    return variant.cfg and settings.guidance > 1, variant.model.num_attention_heads
+    return cfg_rows(args, settings) > 1, variant.model.num_attention_heads
 
 
 def load_options(args: argparse.Namespace) -> dict:

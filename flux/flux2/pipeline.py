@@ -244,8 +244,8 @@ class Flux2Pipeline(LoraPipeline):
     """FLUX.2 [dev] or [klein] (distilled, base, KV): the transformer, the 32-channel autoencoder and the LLM prompt encoder;
     LoRAs through load_lora (common/lora.py).
 
-    With `offload` "text-encoder" (or offload_text_encoder) the LLM lives on the CPU and visits the GPU for each prompt,
-    the transformer stepping aside to the CPU meanwhile (so that [dev] runs on one 80 GB GPU); the other modes:
+    With `offload` "text-encoder" (or offload_text_encoder) the LLM lives on the CPU and its layers stream through the
+    GPU for each new prompt, past the resident transformer (so that [dev] runs on one 80 GB GPU); the other modes:
     common/offload.py.
     """
 
@@ -269,8 +269,7 @@ class Flux2Pipeline(LoraPipeline):
         self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
         self.scheduler = scheduler or VARIANTS[variant].scheduler
         components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
-        self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device,
-                               transformer_aside=True)
+        self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
