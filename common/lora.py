@@ -148,6 +148,10 @@ class LoraSet:
         self.restores: list[Callable[[], None]] = []  # undo replaced norms and widened inputs, in reverse order
         self.hooks: dict[tuple[str, str], torch.utils.hooks.RemovableHandle] = {}
 
+    def changes(self, part: str) -> bool:
+        """Whether a loaded LoRA changes `part` ("transformer", "text_encoder")."""
+        return any(lora.updates.get(part) for lora in self.loras)
+
     def check(self, path: str | Path) -> LoraFile:
         """Everything load() checks, from the header: the modules resolve, the shapes fit. Reads no tensor."""
         lora = read_lora(path)
@@ -402,7 +406,8 @@ def _side_path(linear: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> Te
 
 class LoraPipeline:
     """load_lora, set_lora_scale and unload_lora for a pipeline class, which defines `lora_set() -> LoraSet`: which of its
-    models take LoRAs, under which names."""
+    models take LoRAs, under which names; and holds `offload` (common/offload.py), whose kept prompt encoding a change
+    to the text encoder makes stale."""
 
     _loras: LoraSet | None = None
 
@@ -417,12 +422,19 @@ class LoraPipeline:
         """Apply the LoRA file at `path` (any format diffusers reads for this family) at `scale`: fused into the weights
         (fast to run; changing its scale refuses it), or as a side path in the forward (`fuse=False`: scales switch
         for free). Several LoRAs add up; unload_lora() removes them all."""
-        self.loras.load(path, scale=scale, fuse=fuse)
+        lora = self.loras.load(path, scale=scale, fuse=fuse)
+        if lora.updates.get("text_encoder"):
+            self.offload.forget_encoding()
 
     def set_lora_scale(self, scale: float | list[float]) -> None:
         """One scale for every loaded LoRA, or one each in load order."""
         self.loras.set_scale(scale)
+        if self.loras.changes("text_encoder"):
+            self.offload.forget_encoding()
 
     def unload_lora(self) -> None:
         """Remove every LoRA: the weights come back bit for bit."""
+        changed = self.loras.changes("text_encoder")
         self.loras.unload()
+        if changed:
+            self.offload.forget_encoding()

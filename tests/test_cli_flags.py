@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from zflux import cli
 from zflux.cli import main
 from zflux.common import attention
 from zflux.common.offload import Offload
@@ -135,6 +136,17 @@ def test_offload(snapshots, tmp_path, monkeypatch, flags, mode):
     monkeypatch.setattr(Offload, "__init__", lambda self, mode, *args, **kwargs: modes.append(mode) or init(self, mode, *args, **kwargs))
     generate(snapshots, tmp_path, "z-image-turbo", *flags)
     assert modes == [mode]
+
+
+@pytest.mark.parametrize("snapshot, flags, rows", [("z-image-turbo", [], 1), ("z-image", [], 2), ("z-image", ["--guidance", "0"], 1),
+                                                   ("flux-dev", [], 1), ("flux-dev", ["--true-cfg", "2"], 2)])
+def test_the_memory_estimate_counts_the_cfg_rows(snapshots, tmp_path, monkeypatch, snapshot, flags, rows):
+    """The estimate's activations are per CFG row: Z-Image base's default guidance and FLUX.1's true CFG run two per call."""
+    footprints = []
+    check = cli.check_memory
+    monkeypatch.setattr(cli, "check_memory", lambda *args, **kwargs: footprints.append(check(*args, **kwargs)[0]) or check(*args, **kwargs))
+    generate(snapshots, tmp_path, snapshot, *flags)
+    assert [f.rows for f in footprints] == [rows]
 
 
 @pytest.mark.parametrize("environment, flags, reference", [

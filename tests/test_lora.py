@@ -361,6 +361,37 @@ def test_flux_pipeline_with_clip_lora_matches_diffusers(snapshots, tmp_path, fus
     assert rel_err(plain, got) > 1e-3 and all(torch.equal(v, clip[k]) for k, v in ours.text_encoder.clip.state_dict().items()) != fuse
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_clip_lora_drops_the_kept_prompt_encoding(snapshots, tmp_path, fuse):
+    """The pipeline keeps the last prompt's encoding (common/offload.py): loading, rescaling or unloading a LoRA that changes
+    CLIP encodes the same prompt anew, each result as the weights then are; a LoRA on the transformer alone keeps it."""
+    pipe = FluxPipeline.from_pretrained(snapshots["flux-dev"], **FP32)
+    clip = lora_file(tmp_path / "clip.safetensors", kohya(linears(pipe.text_encoder.clip), "lora_te1_"), ".lora_down.weight",
+                     ".lora_up.weight", ".alpha")
+    blocks = lora_file(tmp_path / "blocks.safetensors", kohya(flux_blocks(pipe.transformer)), ".lora_down.weight", ".lora_up.weight")
+    stages = []
+    enter = pipe.offload.enter
+    pipe.offload.enter = lambda stage: stages.append(stage) or enter(stage)
+
+    def run() -> torch.Tensor:
+        return pipe.generate(PROMPT, height=H, width=W, steps=2, latents=noise(), output_type="latent", progress=False)
+
+    plain = run()
+    pipe.load_lora(clip, scale=SCALE, fuse=fuse)
+    styled = run()
+    assert not torch.equal(styled, plain)
+    pipe.set_lora_scale(0.0)
+    assert torch.equal(run(), plain)
+    pipe.set_lora_scale(SCALE)
+    assert torch.equal(run(), styled)
+    pipe.unload_lora()
+    assert torch.equal(run(), plain)
+    assert stages.count("encode") == 5
+    pipe.load_lora(blocks, scale=SCALE, fuse=fuse)
+    run()
+    assert stages.count("encode") == 5
+
+
 def test_zimage_and_flux2_pipelines_match_diffusers(snapshots, tmp_path):
     zimage = ZImagePipeline.from_pretrained(snapshots["z-image-turbo"], **FP32)
     ref = DiffusersZImage.from_pretrained(snapshots["z-image-turbo"])
