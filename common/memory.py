@@ -33,6 +33,8 @@ from zflux.common.offload import CPU, MODES, STAGES, STREAMED, make_plan
 
 TOKEN_ACTIVATION_ELEMENTS = 16 * 3072  # per token and CFG row: a block's live (B, S, dim) and MLP tensors, ~16 dims' worth
 DECODE_ELEMENTS_PER_PIXEL = 1024  # the decoder's full-resolution tensors: 2 GiB in bf16 at 1024 x 1024
+# The encoder's full-resolution tensors have 128 channels only (the decoder's also 256: its last upsampling's output)
+ENCODE_ELEMENTS_PER_PIXEL = DECODE_ELEMENTS_PER_PIXEL // 2
 TEXT_TOKENS = 512
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # bytes per transformer weight; fp8 runs the rest in bf16
 GIB = 2**30
@@ -162,10 +164,12 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def decode_fits(pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether decoding a `pixels`-pixel image whole fits in `device`'s free memory (the CPU's: taken to fit)."""
+def vae_fits(stage: str, pixels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the autoencoder's `stage` ("encode" or "decode") of a `pixels`-pixel image whole fits in `device`'s free
+    memory (the CPU's: taken to fit)."""
+    per_pixel = {"encode": ENCODE_ELEMENTS_PER_PIXEL, "decode": DECODE_ELEMENTS_PER_PIXEL}[stage]
     free = free_bytes(device) if device.type == "cuda" else None
-    return free is None or pixels * DECODE_ELEMENTS_PER_PIXEL * dtype.itemsize <= free
+    return free is None or pixels * per_pixel * dtype.itemsize <= free
 
 
 def out_of_memory_need(error: BaseException, device: torch.device) -> tuple[int, int]:

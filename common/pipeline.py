@@ -38,10 +38,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from zflux.common.images import check_mask, fit_image, mask_latents, mask_tensor, open_image, to_pil, to_tensor
-from zflux.common.memory import decode_fits, default_device  # noqa: F401 (default_device: its old home)
+from zflux.common.memory import default_device, vae_fits  # noqa: F401 (default_device: its old home)
 from zflux.common.offload import Offload
 from zflux.common.sampling import SamplingDefaults, SchedulerConfig, euler_step, img2img_latent, initial_noise, inpaint_blend
-from zflux.common.tiling import tiled_decode
+from zflux.common.tiling import tiled_decode, tiled_encode
 from zflux.common.vae import Autoencoder
 from zflux.common.weights import CheckpointError
 
@@ -153,7 +153,7 @@ def encode_sample(vae: Autoencoder, pixels: Tensor, generator: torch.Generator) 
     """
     down = vae.cfg.downscale
     shape = (1, vae.cfg.latent_channels, pixels.shape[2] // down, pixels.shape[3] // down)
-    raw = vae.encode(pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype))  # (1, C, H/8, W/8)
+    raw = encode_raw(vae, pixels, initial_noise(shape, generator, device=pixels.device, dtype=vae.dtype))  # (1, C, H/8, W/8)
     return (raw - vae.cfg.shift_factor) * vae.cfg.scaling_factor
 
 
@@ -163,7 +163,17 @@ def encode_mode(vae: Autoencoder, pixels: Tensor) -> Tensor:
     As diffusers' control and editing pipelines take a conditioning image's latent: latent_dist.mode(),
     then shifted and scaled in the autoencoder's dtype (no noise drawn).
     """
-    return (vae.encode(pixels) - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+    return (encode_raw(vae, pixels) - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+
+
+def encode_raw(vae: Autoencoder, pixels: Tensor, noise: Tensor | None = None) -> Tensor:
+    """vae.encode(pixels, noise) -> the raw latent (B, C, H/8, W/8): in tiles (common/tiling.py) when the run asks for them
+    (vae.tiling True, a pipeline's vae_tiling=), or leaves it to auto (None) and the whole encode would not fit in the
+    device's free memory."""
+    tiling = vae.tiling
+    if tiling is None:
+        tiling = not vae_fits("encode", pixels.shape[2] * pixels.shape[3], dtype=vae.dtype, device=pixels.device)
+    return tiled_encode(vae, pixels, noise) if tiling else vae.encode(pixels, noise)
 
 
 def image_pixels(image: Image.Image, height: int, width: int, device: torch.device) -> Tensor:
@@ -265,7 +275,7 @@ def decode_raw(vae: Autoencoder, raw: Tensor, tiling: bool | None = None) -> lis
     """Raw latents (B, C, h, w) -> B images, decoded in the autoencoder's dtype: in tiles (common/tiling.py) when
     `tiling` is True, or None (auto) and the whole decode would not fit in the device's free memory."""
     if tiling is None:
-        tiling = not decode_fits(raw.shape[2] * raw.shape[3] * vae.cfg.downscale**2, dtype=vae.dtype, device=raw.device)
+        tiling = not vae_fits("decode", raw.shape[2] * raw.shape[3] * vae.cfg.downscale**2, dtype=vae.dtype, device=raw.device)
     return to_pil(tiled_decode(vae, raw) if tiling else vae.decode(raw))
 
 

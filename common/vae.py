@@ -287,6 +287,7 @@ class Autoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig = PRESETS["flux"]):
         super().__init__()
         self.cfg = cfg
+        self.tiling: bool | None = None  # a run's images encode in tiles (True), whole, or auto (None): common.pipeline.encode_raw
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.patch_size is not None:  # only the running statistics are used (and stored)

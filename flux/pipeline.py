@@ -335,9 +335,10 @@ class FluxPipeline(LoraPipeline):
         their inputs: see the module docstring and check_task(); `strength` defaults to the task's
         (image to image and inpainting 0.6, Fill 1.0). Redux's tokens and pooled vector are scaled by
         `redux_prompt_scale` and `redux_pooled_scale`. `cache`: the first-block step cache's threshold
-        (common/step_cache.py; None: off); `vae_tiling`: decode in tiles (True), whole (False) or in tiles only when the
-        whole would not fit (None).
+        (common/step_cache.py; None: off); `vae_tiling`: encode images and decode in tiles (True), whole (False) or in tiles only
+        when the whole would not fit (None).
         """
+        self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
         init_image, mask, control_image = open_image(init_image), open_image(mask), open_image(control_image)
         references = [open_image(image) for image in reference_images or []]
         task = check_task(self.variant, init_image=init_image is not None, mask=mask is not None, control_image=control_image is not None,

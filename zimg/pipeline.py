@@ -300,9 +300,10 @@ class ZImagePipeline(LoraPipeline):
         With a ControlNet loaded: `control_image` (a canny, depth, pose... map, or a photo with
         `control_preprocess="canny"`) steers the image, its hints scaled by `control_scale`; adding
         `init_image` and `mask` (white = repaint) inpaints. Omni: `reference_images` (one or more) to edit or combine.
-        `cache`: the first-block step cache's threshold (common/step_cache.py; None: off); `vae_tiling`: decode in tiles
-        (True), whole (False) or in tiles only when the whole would not fit (None).
+        `cache`: the first-block step cache's threshold (common/step_cache.py; None: off); `vae_tiling`: encode images and decode
+        in tiles (True), whole (False) or in tiles only when the whole would not fit (None).
         """
+        self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
         self._check_task(init_image=init_image, control_image=control_image, control_preprocess=control_preprocess, mask=mask,
                          reference_images=reference_images)
         settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance,

@@ -39,7 +39,7 @@ from zflux.common.images import fit_image, mask_tensor, open_image, to_tensor
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_raw, default_device, denoise, encode_prompts,
-                                   open_snapshot, read_scheduler)
+                                   encode_raw, open_snapshot, read_scheduler)
 from zflux.common.sampling import (NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine, img2img_start,
                                    initial_noise, inpaint_blend, noise_latent, sigma_schedule)
 from zflux.common.step_cache import step_cache
@@ -198,7 +198,7 @@ def encode_references(vae: Autoencoder, pixels: list[Tensor], first: int, device
     time 10 (first + j + 1), each on its own grid: latent mean, standardized patches, row-major tokens."""
     tokens, ids = [], []
     for j, image in enumerate(pixels):
-        latent = vae.normalize(vae.encode(image.to(device, vae.dtype)))  # (1, 128, h_j, w_j)
+        latent = vae.normalize(encode_raw(vae, image.to(device, vae.dtype)))  # (1, 128, h_j, w_j)
         tokens.append(to_tokens(latent))
         ids.append(grid_ids(*latent.shape[2:], time=REF_TIME_STEP * (first + j + 1), device=device))
     return torch.cat(tokens, dim=1).to(dtype), torch.cat(ids, dim=1)
@@ -335,8 +335,10 @@ class Flux2Pipeline(LoraPipeline):
         `mask` (white = repaint) + `strength` inpaint with klein at the init image's size (scaled to
         at most 1024^2 pixels, rounded down to multiples of 16). `latents` (1, 128, H/16, W/16)
         replaces the seeded initial noise. `cache`: the first-block step cache's threshold (common/step_cache.py; None:
-        off); `vae_tiling`: decode in tiles (True), whole (False) or in tiles only when the whole would not fit (None).
+        off); `vae_tiling`: encode images and decode in tiles (True), whole (False) or in tiles only when the whole
+        would not fit (None).
         """
+        self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
         entry = VARIANTS[self.variant]
         check_inputs(self.variant, reference_images, init_image, mask, latents)
         settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance)
@@ -383,7 +385,7 @@ class Flux2Pipeline(LoraPipeline):
         """
         dtype, (H, W) = self.transformer.dtype, mask.shape[2:]
         pixels = to_tensor(fit_image(source, W, H)).to(self.device, dtype)  # (1, 3, H, W)
-        known = to_tokens(self.vae.normalize(self.vae.encode(pixels)).to(dtype))  # (1, h*w, 128)
+        known = to_tokens(self.vae.normalize(encode_raw(self.vae, pixels)).to(dtype))  # (1, h*w, 128)
         start = img2img_start(sigmas, strength)
         grid = (H // PIXELS_PER_TOKEN, W // PIXELS_PER_TOKEN)
         repaint = to_tokens(F.interpolate(mask.to(self.device), size=grid, mode="bilinear").to(dtype))  # (1, h*w, 1)
