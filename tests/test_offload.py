@@ -178,9 +178,9 @@ class FakeCopies:
         self.log.append(("wait", k))
 
 
-def streamed(blocks: list[nn.Module]) -> tuple[BlockStreamer, FakeCopies]:
+def streamed(blocks: list[nn.Module], cyclic: bool = True) -> tuple[BlockStreamer, FakeCopies]:
     copies = FakeCopies()
-    streamer = BlockStreamer(blocks, copies)
+    streamer = BlockStreamer(blocks, copies, cyclic=cyclic)
     copies.index = {id(parked): k for k, parked in enumerate(streamer.blocks)}
     return streamer, copies
 
@@ -196,6 +196,17 @@ def test_streaming_copies_the_next_block_while_the_current_one_runs():
                           ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("start", 0), ("wait", 2)]
     streamer.remove()
     assert all(not block._forward_pre_hooks for block in blocks)
+
+
+def test_an_encoder_streams_each_layer_once_per_call():
+    """Not cyclic (a text encoder, called once per new prompt): after the last layer no copy is started for a next call."""
+    blocks = [nn.Linear(4, 4) for _ in range(3)]
+    streamer, copies = streamed(blocks, cyclic=False)
+    x = torch.randn(2, 4)
+    for block in blocks:
+        x = block(x)
+    assert copies.log == [("start", 0), ("start", 1), ("wait", 0), ("start", 2), ("wait", 1), ("wait", 2)]
+    assert streamer.pending == {}
 
 
 def test_streaming_follows_the_models_block_order_and_skips():
