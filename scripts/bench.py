@@ -176,7 +176,7 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,), pr
         f"Z-Image CFG batch {B} (captions {' and '.join(map(str, cap_lens))} tokens)"
     return Case(what + (f", zflux {precision}" if precision else ""),
                 lambda: ref(list(x[:, :, None]), t, ref_caps, return_dict=False)[0][0],
-                partial(forward_of(ours, args.graphs), x, t, cap, None if B == 1 else mask))
+                lambda: forward_of(ours, args.graphs)(x, t, cap, None if B == 1 else mask))
 
 
 def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str | None = None) -> Case:
@@ -208,7 +208,7 @@ def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str |
             "flux-fill": "FLUX.1 Fill transformer (384 input channels; 4096 img + 512 text tokens)",
             "flux-kontext": "FLUX.1 Kontext transformer (4096 img + 4096 reference + 512 text tokens)"}[tool]
     return Case(what + (f", zflux {precision}" if precision else ""), lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
-                partial(forward_of(ours, args.graphs), img, i_ids, txt, t_ids, t, y, guidance))
+                lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, y, guidance))
 
 
 def vae_case(args: argparse.Namespace) -> Case:
@@ -327,7 +327,7 @@ def flux2_case(args: argparse.Namespace, variant: str, precision: str | None = N
         if args.compile:
             for blocks in (ours.double_blocks, ours.single_blocks):
                 compile_blocks(blocks)
-        return partial(forward_of(ours, args.graphs), img, i_ids, txt, t_ids, t, guidance)
+        return lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, guidance)
 
     return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)"
                 + (f", zflux {precision}" if precision else ""),
@@ -400,8 +400,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
-    parser.add_argument("--graphs", action="store_true",
-                        help="replay zflux's transformer forwards as CUDA graphs, as its pipelines do (common/graphs.py)")
+    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer forwards as CUDA graphs, as its "
+                        "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also profile one call of each (see the module docstring)")
