@@ -204,9 +204,15 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
     return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None, fp8: bool = False) -> Tensor | Fp8Tensor:
     """activations.silu_mul (SwiGLU's silu(gate) * up), or its one-pass kernel; written into `out` (a view of rows,
-    e.g. part of a concatenation's buffer) when given, and returned."""
+    e.g. part of a concatenation's buffer) when given, and returned. fp8: quantized per token (no `out`), for an fp8 linear."""
+    if fp8:
+        if use_kernels(gate):
+            from zflux.kernels.activations import silu_mul_fp8
+
+            return Fp8Tensor(*silu_mul_fp8(gate, up))
+        return quant.quantize(activations.silu_mul(gate, up))
     if out is None:
         out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     if use_kernels(gate):

@@ -9,6 +9,11 @@ such a strided view, falls back to its slow non-vectorized loop). The silu is co
 rounded to the output dtype before the product, where PyTorch stores it, so the two agree to the last
 bit but for the exponential's last fp32 ulp; GELU-tanh is computed in fp32 and rounded once, as
 PyTorch does, its tanh through the exponential (Triton has no tanh): within an fp32 ulp or two.
+
+`silu_mul_fp8` hands SwiGLU's activation to an fp8 linear (Z-Image's w2) as e4m3 rows with one scale
+per token (`zflux.kernels.quantize`): whole rows in one program, the activation rounded to the
+input dtype exactly as `silu_mul_` stores it, then quantized, so the result is the unfused pair's
+to the bit, without the activation's bf16 round trip through memory.
 """
 
 import torch
@@ -16,7 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zflux.kernels.rmsnorm import check_same_dtype, round_to
+from zflux.kernels.quantize import fp8_like, store_fp8_rows
+from zflux.kernels.rmsnorm import check_same_dtype, round_to, row_blocks
 
 BLOCK_M, BLOCK_N = 16, 256
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # GELU-tanh's inner scale
@@ -33,6 +39,20 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_rows, F, gate_rs, up_rs, out_r
     up = tl.load(up_ptr + rows[:, None] * up_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     silu = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], (silu * up).to(dtype), mask=mask)
+
+
+@triton.jit
+def _silu_mul_fp8_kernel(gate_ptr, up_ptr, out_ptr, scale_ptr, n_rows, F, gate_rs, up_rs, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,): the whole row
+    mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
+    rows = rows.to(tl.int64)
+    dtype: tl.constexpr = gate_ptr.dtype.element_ty
+    gate = tl.load(gate_ptr + rows[:, None] * gate_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + rows[:, None] * up_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)  # as silu_mul_ stores it
+    store_fp8_rows(y, out_ptr, scale_ptr, rows, cols, mask, F)
 
 
 @triton.jit
@@ -82,3 +102,23 @@ def gelu_tanh_(x: Tensor, out: Tensor) -> None:
     i, o = as_rows(x, "x"), as_rows(out, "out")
     n_rows, F = i.shape
     _gelu_tanh_kernel[grid(n_rows, F)](i, o, n_rows, F, i.stride(0), o.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+
+
+@torch.library.custom_op("zflux::silu_mul_fp8", mutates_args=())
+def silu_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """silu(gate) * up for gate, up (..., F) (rows of unit column stride) -> e4m3 (..., F) and fp32 scales (..., 1) per row."""
+    check_same_dtype(gate, up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must share one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    g, u = as_rows(gate, "gate"), as_rows(up, "up")
+    out, scale = fp8_like(gate)
+    n_rows, F = g.shape
+    block_m, block_n, num_warps = row_blocks(F)
+    _silu_mul_fp8_kernel[(triton.cdiv(n_rows, block_m),)](g, u, out, scale, n_rows, F, g.stride(0), u.stride(0),
+                                                         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out, scale
+
+
+@silu_mul_fp8.register_fake
+def _(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_like(gate)
