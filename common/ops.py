@@ -203,6 +203,20 @@ def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
+def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """activations.gelu_tanh, or its one-pass kernel; written into `out` (a view of rows, e.g. part of a concatenation's
+    buffer) when given, and returned."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if use_kernels(x):
+        from zflux.kernels.activations import gelu_tanh_
+
+        gelu_tanh_(x, out)
+    else:
+        out.copy_(activations.gelu_tanh(x))
+    return out
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
     """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D).
 
