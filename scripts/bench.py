@@ -241,9 +241,8 @@ def vae_flux2_case(args: argparse.Namespace) -> Case:
 
 def qwen3_encode_case(args: argparse.Namespace) -> Case:
     """Z-Image's prompt encode: Qwen3-4B (random, real shape), second-to-last hidden states, one model shared by both
-    (compiled for both with --compile): diffusers over the prompt padded to 512 tokens, ours over its own tokens, CUDA
-    graphs on as in the pipelines (scripts/bench_encode.py has the eager rows and the errors). The tokenizer is the
-    tests' byte-level one."""
+    (compiled for both with --compile): diffusers over the prompt padded to 512 tokens, ours over its own tokens, as CUDA
+    graphs with --graphs (scripts/bench_encode.py has both and the errors). The tokenizer is the tests' byte-level one."""
     import sys
     from pathlib import Path
 
@@ -263,7 +262,7 @@ def qwen3_encode_case(args: argparse.Namespace) -> Case:
         qwen.compile()
     ref = ZImagePipeline(scheduler=None, vae=None, text_encoder=qwen, tokenizer=tokenizer, transformer=None)
     ours = Qwen3PromptEncoder(qwen, tokenizer)
-    ours.cuda_graphs = True
+    ours.cuda_graphs = args.graphs
     prompt = "a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees"
     n = int(ours([prompt])[1].sum())
     return Case(f"Qwen3-4B prompt encode ({n} tokens; diffusers pads to 512)",
@@ -402,7 +401,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
-    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer forwards as CUDA graphs, as its "
+    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards as CUDA graphs, as its "
                         "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
