@@ -282,7 +282,7 @@ def test_graphed_qwen3_4b_encode():
     forward = graphed(ours.features)
     for text in (prompt, prompt + " in winter"):  # 196 and 206 tokens, one bucket
         eager, mask = ours([text])
-        ids, _ = ours.tokens([ours.template(text)], padding="longest")  # (1, L')
+        ids, _ = ours.tokens([ours.template(text)])  # (1, L')
         at_bucket = ours.features(F.pad(ids, (0, graph_length(ids.shape[1]) - ids.shape[1]), value=tokenizer.pad_token_id))
         ours.cuda_graphs = True
         for _ in range(2):  # the first call of a bucket runs eagerly and captures, the next ones replay

@@ -49,6 +49,12 @@ CAUSAL_ONLY = {"full_attention": None}
 CAUSAL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
+def qwen3_features(model: PreTrainedModel, ids: Tensor) -> Tensor:
+    """Z-Image's caption features of right-padded token ids (B, L): the hidden states of Qwen3's second-to-last layer
+    (B, L, hidden), with gradients if enabled. The pads' own rows are not the masked model's (nothing reads them)."""
+    return model(input_ids=ids, attention_mask=CAUSAL_ONLY, output_hidden_states=True, use_cache=False).hidden_states[-2]
+
+
 class Qwen3Features(nn.Module):
     """Qwen3's second-to-last hidden states (B, L, hidden) of right-padded token ids (B, L): one module, for CUDA graphs."""
 
@@ -57,11 +63,11 @@ class Qwen3Features(nn.Module):
         self.model = model
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.model(input_ids=ids, attention_mask=CAUSAL_ONLY, output_hidden_states=True, use_cache=False).hidden_states[-2]
+        return qwen3_features(self.model, ids)
 
 
 def graph_length(length: int) -> int:
-    """The length a graphed encode runs at: `length` rounded up to a multiple of GRAPH_LENGTH (pads after it change no real token)."""
+    """The length a graphed encode runs at: `length` rounded up to a multiple of GRAPH_LENGTH (the pads change no real token)."""
     return -(-length // GRAPH_LENGTH) * GRAPH_LENGTH
 
 
@@ -110,31 +116,26 @@ class Qwen3PromptEncoder:
         is the longest prompt's length in tokens."""
         return self.encode([self.template(p) for p in as_list(prompts)], max_length)
 
-    def tokens(self, texts: list[str], max_length: int = 512, padding: str = "max_length") -> tuple[Tensor, Tensor]:
-        """Token ids (B, L) and mask (B, L) bool (True = real token) of texts in their final form, on the model's device.
+    def tokens(self, texts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L') and mask (B, L') bool (True = real token) of texts in their final form, on the model's device.
 
-        L is `max_length` with padding "max_length", the longest text's with "longest". The pads go on the right
+        Each text is cut to `max_length` tokens and padded to the longest one's length L'. The pads go on the right
         whatever the tokenizer was saved with (Qwen3's pads there), after every real token: no real token sees them.
         """
-        tokens = self.tokenizer(texts, padding=padding, max_length=max_length, truncation=True, padding_side="right",
+        tokens = self.tokenizer(texts, padding="longest", max_length=max_length, truncation=True, padding_side="right",
                                 return_tensors="pt")
-        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()  # (B, L) each
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()  # (B, L') each
 
     @torch.no_grad()
     def encode(self, texts: list[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
         """__call__ for texts already in their final form (Omni writes its own chat strings, zimg/reference.py)."""
         warn_if_cut(self.tokenizer, texts, max_length, encoder="Qwen3")
-        ids, mask = self.tokens(texts, max_length, padding="longest")  # (B, L') each
+        ids, mask = self.tokens(texts, max_length)  # (B, L') each
         if not (self.cuda_graphs and ids.device.type == GraphedForward.device_type):
             return self.features(ids), mask
         length = ids.shape[1]
         padded = F.pad(ids, (0, graph_length(length) - length), value=self.tokenizer.pad_token_id)  # (B, graph_length(L'))
         return graphed(self.features)(padded)[:, :length], mask
-
-
-def qwen3_features(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> Tensor:
-    """Z-Image's caption features: the hidden states of Qwen3's second-to-last layer (B, L, hidden), with gradients if enabled."""
-    return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-2]
 
 
 def omni_segments(prompt: str, images: int) -> list[str]:
