@@ -166,17 +166,32 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return norms.gated_rms_residual(x, y, weight, gate, eps)
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """norms.group_norm_silu (SiLU(GroupNorm(x))) with `norm`'s groups, parameters and eps, or its fused kernel
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None) -> Tensor:
+    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias))) with `norm`'s groups, parameters and eps, or its fused kernel
     (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward: training the
     autoencoder (common/training.py) runs the PyTorch math."""
-    training = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
-    if use_kernels(x) and not training:
+    if use_kernels(x) and not training(x, norm.weight):
         from zflux.kernels.groupnorm import group_norm_silu as fused, supports
 
         if supports(x, norm.num_groups):
-            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+
+
+def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """norms.bias_residual (h + bias + x, in place in h), or its one-pass kernel (h and x dense in one memory format)."""
+    if use_kernels(h) and not training(h, bias):
+        from zflux.kernels.groupnorm import bias_residual_, supports_residual
+
+        if supports_residual(h, x):
+            bias_residual_(h, bias, x)
+            return h
+    return norms.bias_residual(h, bias, x)
+
+
+def training(x: Tensor, weight: Tensor) -> bool:
+    """Whether autograd records an op on x with `weight` (the kernels without a backward then run the PyTorch math)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
