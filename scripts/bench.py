@@ -240,8 +240,9 @@ def vae_flux2_case(args: argparse.Namespace) -> Case:
 
 
 def qwen3_encode_case(args: argparse.Namespace) -> Case:
-    """Z-Image's prompt encode: Qwen3-4B (random, real shape) over a prompt padded to 512 tokens, second-to-last hidden
-    states, one model shared by both (compiled for both with --compile). The tokenizer is the tests' byte-level one."""
+    """Z-Image's prompt encode: Qwen3-4B (random, real shape), second-to-last hidden states, one model shared by both
+    (compiled for both with --compile): diffusers over the prompt padded to 512 tokens, ours over its own tokens, as CUDA
+    graphs with --graphs (scripts/bench_encode.py has both and the errors). The tokenizer is the tests' byte-level one."""
     import sys
     from pathlib import Path
 
@@ -251,20 +252,20 @@ def qwen3_encode_case(args: argparse.Namespace) -> Case:
     from zflux.zimg.text import Qwen3PromptEncoder
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_text import qwen_tokenizer
+    from test_text import QWEN3_4B, qwen_tokenizer
 
     tokenizer = qwen_tokenizer()
     with torch.device(DEVICE):
-        qwen = Qwen3Model(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                                      num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960))
+        qwen = Qwen3Model(Qwen3Config(**QWEN3_4B))
     qwen = qwen.to(DTYPE).eval()
     if args.compile:
         qwen.compile()
     ref = ZImagePipeline(scheduler=None, vae=None, text_encoder=qwen, tokenizer=tokenizer, transformer=None)
     ours = Qwen3PromptEncoder(qwen, tokenizer)
+    ours.cuda_graphs = args.graphs
     prompt = "a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees"
     n = int(ours([prompt])[1].sum())
-    return Case(f"Qwen3-4B prompt encode ({n} tokens, padded to 512)",
+    return Case(f"Qwen3-4B prompt encode ({n} tokens; diffusers pads to 512)",
                 lambda: ref.encode_prompt(prompt, torch.device(DEVICE), do_classifier_free_guidance=False)[0][0],
                 lambda: ours([prompt])[0])
 
@@ -400,7 +401,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
-    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer forwards as CUDA graphs, as its "
+    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards as CUDA graphs, as its "
                         "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
