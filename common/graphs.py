@@ -1,4 +1,4 @@
-"""CUDA graphs for the denoise loop: a transformer's forward captured once per input signature, then replayed.
+"""CUDA graphs for the denoise loop and the prompt encoder: a module's forward captured once per input signature, then replayed.
 
 An eager forward launches hundreds of kernels from Python, one at a time; a replayed CUDA graph hands
 the GPU the whole forward in one launch, so the GPU never waits for the CPU between kernels.
@@ -20,7 +20,9 @@ forward synchronises with the host: `.item()`, `.tolist()`, `nonzero`, a shape r
 values), the last remembered per signature; and under a parallel plan (common/parallel.py), whose
 collectives every rank must issue alike, which a capture that fails on one rank only would break.
 Host values that set shapes (Z-Image's caption lengths) are passed as plain arguments: they enter
-the key, and the forward need not read them.
+the key, and the forward need not read them. A caller whose lengths vary from call to call pads its
+inputs to a few lengths first, so that they share graphs (Z-Image's Qwen3, zimg/text.py: token ids
+padded on the right to a multiple of 64, which a causal model's real tokens never see).
 
 A graph reads the weights at the addresses they had when it was captured: when any parameter or
 buffer of the module has moved (offloaded to the CPU and back, a parameter replaced), every graph

@@ -39,6 +39,15 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return x + gate * rms_norm(y, weight, eps)
 
 
-def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
-    """SiLU(GroupNorm(x)): the autoencoders' pre-activation; x (B, C, H, W), weight and bias (C,)."""
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
+    """SiLU(GroupNorm(x + x_bias)): the autoencoders' pre-activation; x (B, C, H, W), weight, bias and x_bias (C,).
+
+    `x_bias` is the bias of the convolution that made x, when the caller ran it without one to fold it in here."""
+    if x_bias is not None:
+        x = x + x_bias[:, None, None]
     return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
+
+
+def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """h + bias + x, in place in h: a ResNet block's output from its last convolution run without its bias (C,)."""
+    return h.add_(bias[:, None, None]).add_(x)

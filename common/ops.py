@@ -166,17 +166,32 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return norms.gated_rms_residual(x, y, weight, gate, eps)
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """norms.group_norm_silu (SiLU(GroupNorm(x))) with `norm`'s groups, parameters and eps, or its fused kernel
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None) -> Tensor:
+    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias))) with `norm`'s groups, parameters and eps, or its fused kernel
     (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward: training the
     autoencoder (common/training.py) runs the PyTorch math."""
-    training = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
-    if use_kernels(x) and not training:
+    if use_kernels(x) and not training(x, norm.weight):
         from zflux.kernels.groupnorm import group_norm_silu as fused, supports
 
         if supports(x, norm.num_groups):
-            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+
+
+def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """norms.bias_residual (h + bias + x, in place in h), or its one-pass kernel (h and x dense in one memory format)."""
+    if use_kernels(h) and not training(h, bias):
+        from zflux.kernels.groupnorm import bias_residual_, supports_residual
+
+        if supports_residual(h, x):
+            bias_residual_(h, bias, x)
+            return h
+    return norms.bias_residual(h, bias, x)
+
+
+def training(x: Tensor, weight: Tensor) -> bool:
+    """Whether autograd records an op on x with `weight` (the kernels without a backward then run the PyTorch math)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
@@ -189,9 +204,15 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
     return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None, fp8: bool = False) -> Tensor | Fp8Tensor:
     """activations.silu_mul (SwiGLU's silu(gate) * up), or its one-pass kernel; written into `out` (a view of rows,
-    e.g. part of a concatenation's buffer) when given, and returned."""
+    e.g. part of a concatenation's buffer) when given, and returned. fp8: quantized per token (no `out`), for an fp8 linear."""
+    if fp8:
+        if use_kernels(gate):
+            from zflux.kernels.activations import silu_mul_fp8
+
+            return Fp8Tensor(*silu_mul_fp8(gate, up))
+        return quant.quantize(activations.silu_mul(gate, up))
     if out is None:
         out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     if use_kernels(gate):
@@ -200,6 +221,20 @@ def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
         silu_mul_(gate, up, out)
     else:
         out.copy_(activations.silu_mul(gate, up))
+    return out
+
+
+def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """activations.gelu_tanh, or its one-pass kernel; written into `out` (a view of rows, e.g. part of a concatenation's
+    buffer) when given, and returned."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if use_kernels(x):
+        from zflux.kernels.activations import gelu_tanh_
+
+        gelu_tanh_(x, out)
+    else:
+        out.copy_(activations.gelu_tanh(x))
     return out
 
 

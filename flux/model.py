@@ -203,7 +203,7 @@ class SingleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.dim, self.num_heads = dim, num_heads
         self.mlp_hidden = int(dim * MLP_RATIO)
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
@@ -212,17 +212,20 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         (mod,) = self.modulation(vec)
-        attn, mlp = self._attention_and_mlp(ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1)), rope)
-        return torch.addcmul(x, mod.gate, self.linear2(torch.cat([attn, mlp], dim=-1)))  # cat: (B, S, dim + mlp_hidden)
+        h = ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1))
+        return torch.addcmul(x, mod.gate, self.linear2(self._attention_and_mlp(h, rope)))
 
-    def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Both branches from the one input projection, returned apart so that the projection
-        (B, S, 3 * dim + mlp_hidden) is freed before they are joined."""
+    def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """linear2's input (B, S, dim + mlp_hidden): the attention output, then the GELU activation, both written in
+        place where a concatenation would copy them again; the projection dies on return."""
         projected = self.linear1(x)  # (B, S, 3 * dim + mlp_hidden)
-        qkv, hidden = projected.split([projected.shape[-1] - self.mlp_hidden, self.mlp_hidden], dim=-1)
+        qkv, hidden = projected.split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        return ops.attention(q, k, v), F.gelu(hidden, approximate="tanh")  # (B, S, dim), (B, S, mlp_hidden)
+        joined = projected.new_empty(*projected.shape[:-1], self.dim + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
+        ops.gelu_tanh(hidden, out=joined[..., self.dim:])
+        joined[..., :self.dim] = ops.attention(q, k, v)
+        return joined
 
 
 class LastLayer(nn.Module):

@@ -1,11 +1,19 @@
-"""silu(gate) * up in one pass, written where the caller says: SwiGLU's activation.
+"""The MLPs' activations in one pass each, written where the caller says: SwiGLU's silu(gate) * up and GELU-tanh.
 
-PyTorch takes two passes (silu, then the product: five reads and writes of the activation); this
-kernel reads gate and up once and writes once. Its destination may be a strided view, so FLUX.2's
-single blocks write the activation straight into the second part of linear2's input, beside the
-attention output, where a separate concatenation would copy both again. The silu is computed in
-fp32 and rounded to the output dtype before the product, where PyTorch stores it, so the two agree
-to the last bit but for the exponential's last fp32 ulp.
+PyTorch takes two passes for SwiGLU (silu, then the product: five reads and writes of the
+activation); its kernel here reads gate and up once and writes once. Both kernels read and write
+rows of any stride, so the single blocks of FLUX.1 and FLUX.2 read the MLP input where linear1's
+output holds it and write the activation straight into the second part of linear2's input, beside
+the attention output, where a concatenation would copy both again (and PyTorch's own GELU, given
+such a strided view, falls back to its slow non-vectorized loop). The silu is computed in fp32 and
+rounded to the output dtype before the product, where PyTorch stores it, so the two agree to the last
+bit but for the exponential's last fp32 ulp; GELU-tanh is computed in fp32 and rounded once, as
+PyTorch does, its tanh through the exponential (Triton has no tanh): within an fp32 ulp or two.
+
+`silu_mul_fp8` hands SwiGLU's activation to an fp8 linear (Z-Image's w2) as e4m3 rows with one scale
+per token (`zflux.kernels.quantize`): whole rows in one program, the activation rounded to the
+input dtype exactly as `silu_mul_` stores it, then quantized, so the result is the unfused pair's
+to the bit, without the activation's bf16 round trip through memory.
 """
 
 import torch
@@ -13,9 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zflux.kernels.rmsnorm import check_same_dtype, round_to
+from zflux.kernels.quantize import fp8_like, store_fp8_rows
+from zflux.kernels.rmsnorm import check_same_dtype, round_to, row_blocks
 
 BLOCK_M, BLOCK_N = 16, 256
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # GELU-tanh's inner scale
 
 
 @triton.jit
@@ -31,6 +41,32 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_rows, F, gate_rs, up_rs, out_r
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], (silu * up).to(dtype), mask=mask)
 
 
+@triton.jit
+def _silu_mul_fp8_kernel(gate_ptr, up_ptr, out_ptr, scale_ptr, n_rows, F, gate_rs, up_rs, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,): the whole row
+    mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
+    rows = rows.to(tl.int64)
+    dtype: tl.constexpr = gate_ptr.dtype.element_ty
+    gate = tl.load(gate_ptr + rows[:, None] * gate_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + rows[:, None] * up_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)  # as silu_mul_ stores it
+    store_fp8_rows(y, out_ptr, scale_ptr, rows, cols, mask, F)
+
+
+@triton.jit
+def _gelu_tanh_kernel(x_ptr, out_ptr, n_rows, F, x_rs, out_rs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_rs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    e = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: no overflow at any u
+    tanh = tl.where(u < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
+    tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], (0.5 * x * (1.0 + tanh)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def as_rows(x: Tensor, name: str) -> Tensor:
     """x (..., F) as a (rows, F) view with unit column stride, without copying (a copy would lose the writes to `out`)."""
     if x.stride(-1) != 1:
@@ -41,6 +77,10 @@ def as_rows(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} of shape {tuple(x.shape)} and strides {x.stride()} is not a view of rows") from e
 
 
+def grid(n_rows: int, F: int) -> tuple[int, int]:
+    return triton.cdiv(n_rows, BLOCK_M), triton.cdiv(F, BLOCK_N)
+
+
 @torch.library.custom_op("zflux::silu_mul", mutates_args=("out",))
 def silu_mul_(gate: Tensor, up: Tensor, out: Tensor) -> None:
     """out = silu(gate) * up for gate, up, out of one shape (..., F), each rows of unit column stride (views allowed)."""
@@ -49,6 +89,36 @@ def silu_mul_(gate: Tensor, up: Tensor, out: Tensor) -> None:
         raise ValueError(f"gate, up and out must share one shape, got {tuple(gate.shape)}, {tuple(up.shape)}, {tuple(out.shape)}")
     g, u, o = as_rows(gate, "gate"), as_rows(up, "up"), as_rows(out, "out")
     n_rows, F = g.shape
-    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(F, BLOCK_N))
-    _silu_mul_kernel[grid](g, u, o, n_rows, F, g.stride(0), u.stride(0), o.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    _silu_mul_kernel[grid(n_rows, F)](g, u, o, n_rows, F, g.stride(0), u.stride(0), o.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                            num_warps=4)
+
+
+@torch.library.custom_op("zflux::gelu_tanh", mutates_args=("out",))
+def gelu_tanh_(x: Tensor, out: Tensor) -> None:
+    """out = GELU-tanh(x) for x, out of one shape (..., F), each rows of unit column stride (views allowed)."""
+    check_same_dtype(x, out)
+    if x.shape != out.shape:
+        raise ValueError(f"x and out must share one shape, got {tuple(x.shape)} and {tuple(out.shape)}")
+    i, o = as_rows(x, "x"), as_rows(out, "out")
+    n_rows, F = i.shape
+    _gelu_tanh_kernel[grid(n_rows, F)](i, o, n_rows, F, i.stride(0), o.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+
+
+@torch.library.custom_op("zflux::silu_mul_fp8", mutates_args=())
+def silu_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """silu(gate) * up for gate, up (..., F) (rows of unit column stride) -> e4m3 (..., F) and fp32 scales (..., 1) per row."""
+    check_same_dtype(gate, up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must share one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    g, u = as_rows(gate, "gate"), as_rows(up, "up")
+    out, scale = fp8_like(gate)
+    n_rows, F = g.shape
+    block_m, block_n, num_warps = row_blocks(F)
+    _silu_mul_fp8_kernel[(triton.cdiv(n_rows, block_m),)](g, u, out, scale, n_rows, F, g.stride(0), u.stride(0),
+                                                         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out, scale
+
+
+@silu_mul_fp8.register_fake
+def _(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_like(gate)

@@ -16,6 +16,13 @@ and sum of squared deviations over the tile; the launcher merges the tiles' stat
 `_group_norm_silu_kernel`: the same tiles again, normalised, scaled, shifted, SiLU'd, stored in
 x's own memory format. Whole rows of C channels per position are read, so channels-last memory
 (C contiguous) reads in long runs; NCHW reads BLOCK_S-long runs per channel.
+
+Both passes take an optional per-channel `x_bias` added to x as it is loaded: the bias of the
+convolution that made x, which the ResNet block runs without it. PyTorch adds a convolution's bias
+in a pass of its own over the output (at 1024x1024, 256-512 MiB read and written per convolution);
+folded in here, and into `bias_residual_` (h + bias + x, the block's output, one pass where PyTorch
+takes two), it costs nothing: those passes were 6.4 of the 34 ms of GPU time a 1024x1024 decode took
+(H100 profile, bench/RESULTS.md).
 """
 
 import torch
@@ -25,13 +32,17 @@ from torch import Tensor
 
 
 @triton.jit
-def _tile(x_ptr, b, tile, HW, x_sb, x_sc, x_ss, C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The (BLOCK_S, C) fp32 tile of positions tile*BLOCK_S.. of sample b (0 past HW), and its (BLOCK_S, 1) row mask."""
+def _tile(x_ptr, xb_ptr, b, tile, HW, x_sb, x_sc, x_ss, C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_X_BIAS: tl.constexpr):
+    """The (BLOCK_S, C) fp32 tile of positions tile*BLOCK_S.. of sample b plus x_bias if any (0 past HW), and its
+    (BLOCK_S, 1) row mask."""
     s = tile * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
     c = tl.arange(0, C)  # (C,)
     rows = (s < HW)[:, None]  # (BLOCK_S, 1)
     offsets = b.to(tl.int64) * x_sb + s.to(tl.int64)[:, None] * x_ss + c[None, :] * x_sc  # (BLOCK_S, C)
-    return tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32), rows
+    x = tl.load(x_ptr + offsets, mask=rows, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        x = tl.where(rows, x + tl.load(xb_ptr + c).to(tl.float32)[None, :], 0.0)
+    return x, rows
 
 
 @triton.jit
@@ -47,10 +58,10 @@ def _group_sum(t, G: tl.constexpr, C: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _group_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
-                        C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
+def _group_stats_kernel(x_ptr, xb_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
+                        C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, HAS_X_BIAS: tl.constexpr):
     tile, b, n_tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    x, rows = _tile(x_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S)
+    x, rows = _tile(x_ptr, xb_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S, HAS_X_BIAS)
     count = tl.minimum(HW - tile * BLOCK_S, BLOCK_S) * (C // G)  # elements of each group in this tile
     rough = _group_sum(x, G, C, BLOCK_S) / count  # (G,)
     d = tl.where(rows, x - _per_channel(rough, G, C)[None, :], 0.0)  # (BLOCK_S, C)
@@ -65,10 +76,10 @@ def _group_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
 
 
 @triton.jit
-def _group_norm_silu_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, HW, x_sb, x_sc, x_ss, o_sb, o_sc, o_ss,
-                            C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
+def _group_norm_silu_kernel(x_ptr, xb_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, HW, x_sb, x_sc, x_ss, o_sb, o_sc,
+                            o_ss, C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, HAS_X_BIAS: tl.constexpr):
     tile, b = tl.program_id(0), tl.program_id(1)
-    x, rows = _tile(x_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S)
+    x, rows = _tile(x_ptr, xb_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S, HAS_X_BIAS)
     groups = b.to(tl.int64) * G + tl.arange(0, G)  # (G,) into (B, G)
     mean = _per_channel(tl.load(mean_ptr + groups), G, C)  # (C,)
     rstd = _per_channel(tl.load(rstd_ptr + groups), G, C)  # (C,)
@@ -97,13 +108,15 @@ def _spatial_stride(t: Tensor) -> int:
 
 
 @torch.library.custom_op("zflux::group_norm_silu", mutates_args=())
-def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
-    """SiLU(GroupNorm(x)) for x (B, C, H, W) (NCHW or channels-last; `supports`), weight and bias (C,); out in x's memory format."""
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
+    """SiLU(GroupNorm(x + x_bias)) for x (B, C, H, W) (NCHW or channels-last; `supports`), weight, bias and x_bias (C,);
+    out in x's memory format."""
     if not supports(x, groups):
         raise ValueError(f"group_norm_silu takes 4-D NCHW or channels-last x with power-of-two channels and groups, got "
                          f"{tuple(x.shape)} in {groups} groups")
-    if weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
-        raise ValueError(f"weight and bias must be ({x.shape[1]},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    vectors = (weight, bias) if x_bias is None else (weight, bias, x_bias)
+    if any(v.shape != (x.shape[1],) for v in vectors):
+        raise ValueError(f"weight, bias and x_bias must be ({x.shape[1]},), got {[tuple(v.shape) for v in vectors]}")
     B, C, H, W = x.shape
     HW = H * W
     block_s = max(1, min(triton.next_power_of_2(HW), 8192 // C))
@@ -111,8 +124,10 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     grid = (n_tiles, B)  # tiles on the first axis: the second allows only 65535 programs (2048x2048 makes 65536 tiles)
     means = torch.empty(B, n_tiles, groups, device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
-    _group_stats_kernel[grid](x, means, m2s, HW, x.stride(0), x.stride(1), _spatial_stride(x), C=C, G=groups, BLOCK_S=block_s,
-                              num_warps=8)
+    has_x_bias = x_bias is not None
+    x_bias = x_bias.contiguous() if has_x_bias else x  # an unread pointer without one
+    _group_stats_kernel[grid](x, x_bias, means, m2s, HW, x.stride(0), x.stride(1), _spatial_stride(x), C=C, G=groups,
+                              BLOCK_S=block_s, HAS_X_BIAS=has_x_bias, num_warps=8)
     # Chan's merge of the tiles' (count, mean, M2): every tile holds block_s positions but the last.
     counts = torch.full((n_tiles, 1), float(block_s * (C // groups)), device=x.device)  # (T, 1)
     counts[-1] = (HW - (n_tiles - 1) * block_s) * (C // groups)
@@ -121,12 +136,42 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     m2 = m2s.sum(dim=1) + (counts * (means - mean[:, None]) ** 2).sum(dim=1)  # (B, G)
     rstd = torch.rsqrt(m2 / total + eps)  # (B, G)
     out = torch.empty_like(x)  # x's memory format
-    _group_norm_silu_kernel[grid](x, out, mean, rstd, weight.contiguous(), bias.contiguous(), HW, x.stride(0), x.stride(1),
-                                  _spatial_stride(x), out.stride(0), out.stride(1), _spatial_stride(out), C=C, G=groups,
-                                  BLOCK_S=block_s, num_warps=8)
+    _group_norm_silu_kernel[grid](x, x_bias, out, mean, rstd, weight.contiguous(), bias.contiguous(), HW, x.stride(0),
+                                  x.stride(1), _spatial_stride(x), out.stride(0), out.stride(1), _spatial_stride(out), C=C,
+                                  G=groups, BLOCK_S=block_s, HAS_X_BIAS=has_x_bias, num_warps=8)
     return out
 
 
 @group_norm_silu.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
     return torch.empty_like(x)
+
+
+@triton.jit
+def _bias_residual_kernel(h_ptr, bias_ptr, x_ptr, n, inner, C, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat indices into the dense memory
+    mask = i < n
+    c = (i // inner) % C  # each element's channel: inner = 1 in channels-last memory, H*W in NCHW
+    h = tl.load(h_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    out = h + tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32) + x
+    tl.store(h_ptr + i, out.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def supports_residual(h: Tensor, x: Tensor) -> bool:
+    """Whether bias_residual_ takes h and x: 4-D, one shape, dtype and strides, dense NCHW or channels-last."""
+    dense = h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)
+    return h.ndim == 4 and h.shape == x.shape and h.dtype == x.dtype and h.stride() == x.stride() and dense
+
+
+@torch.library.custom_op("zflux::bias_residual", mutates_args=("h",))
+def bias_residual_(h: Tensor, bias: Tensor, x: Tensor) -> None:
+    """h = h + bias + x for h, x (B, C, H, W) (`supports_residual`) and bias (C,), in fp32, rounded once."""
+    if not supports_residual(h, x) or bias.shape != (h.shape[1],):
+        raise ValueError(f"bias_residual takes h and x of one shape, dtype and dense layout and a ({h.shape[1]},) bias, got "
+                         f"{tuple(h.shape)} / {tuple(x.shape)} strides {h.stride()} / {x.stride()}, bias {tuple(bias.shape)}")
+    B, C, H, W = h.shape
+    inner = 1 if h.stride(1) == 1 else H * W
+    block = 4096
+    _bias_residual_kernel[(triton.cdiv(h.numel(), block),)](h, bias.contiguous(), x, h.numel(), inner, C, BLOCK=block,
+                                                           num_warps=8)

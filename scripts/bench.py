@@ -30,7 +30,9 @@ from typing import Callable
 
 import torch
 
-from zflux.common.fp8 import apply_precision
+from zflux.common.fp8 import FP8Linear, apply_precision
+from zflux.common.graphs import forward_of
+from zflux.common.quant import Fp8Tensor
 from zflux.common.weights import build_on_meta, load_into
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -87,14 +89,16 @@ def gemm_rate(n: int = 8192) -> float:
 
 
 def linear_flops(fn: Callable[[], torch.Tensor]) -> float:
-    """FLOPs of every nn.Linear call one fn() makes (2 * rows * in * out), counted by forward hooks."""
+    """FLOPs of every linear call one fn() makes, bf16 or fp8 (2 * rows * in * out), counted by forward hooks."""
     total = [0.0]
 
-    def count(module: torch.nn.Linear, inputs: tuple, _output) -> None:
-        total[0] += 2 * inputs[0].numel() // module.in_features * module.in_features * module.out_features
+    def count(module: torch.nn.Module, inputs: tuple, _output) -> None:
+        if isinstance(module, (torch.nn.Linear, FP8Linear)):
+            x = inputs[0].data if isinstance(inputs[0], Fp8Tensor) else inputs[0]
+            N, K = module.weight.shape
+            total[0] += 2 * x.numel() // K * K * N
 
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: count(m, i, o) if isinstance(m, torch.nn.Linear) else None)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         with torch.no_grad():
             fn()
@@ -121,7 +125,7 @@ def profile(name: str, fn: Callable[[], torch.Tensor], rate: float) -> None:
           f"{rate / 1e12:.0f} TFLOP/s (GEMMs here ran at {flops / 1e12 / max(by_kind.get('gemm', 0.0), 1e-9) * 1e3:.0f})")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:32s} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
         print(f"    {e.self_device_time_total / 1e3:8.2f} ms x{e.count:<4d} {kind_of(e.key):12.12s} {e.key[:90]}")
 
 
@@ -172,7 +176,7 @@ def zimage_case(args: argparse.Namespace, cap_lens: tuple[int, ...] = (128,), pr
         f"Z-Image CFG batch {B} (captions {' and '.join(map(str, cap_lens))} tokens)"
     return Case(what + (f", zflux {precision}" if precision else ""),
                 lambda: ref(list(x[:, :, None]), t, ref_caps, return_dict=False)[0][0],
-                lambda: ours(x, t, cap, None if B == 1 else mask))
+                lambda: forward_of(ours, args.graphs)(x, t, cap, None if B == 1 else mask))
 
 
 def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str | None = None) -> Case:
@@ -204,7 +208,7 @@ def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str |
             "flux-fill": "FLUX.1 Fill transformer (384 input channels; 4096 img + 512 text tokens)",
             "flux-kontext": "FLUX.1 Kontext transformer (4096 img + 4096 reference + 512 text tokens)"}[tool]
     return Case(what + (f", zflux {precision}" if precision else ""), lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
-                lambda: ours(img, i_ids, txt, t_ids, t, y, guidance))
+                lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, y, guidance))
 
 
 def vae_case(args: argparse.Namespace) -> Case:
@@ -236,8 +240,9 @@ def vae_flux2_case(args: argparse.Namespace) -> Case:
 
 
 def qwen3_encode_case(args: argparse.Namespace) -> Case:
-    """Z-Image's prompt encode: Qwen3-4B (random, real shape) over a prompt padded to 512 tokens, second-to-last hidden
-    states, one model shared by both (compiled for both with --compile). The tokenizer is the tests' byte-level one."""
+    """Z-Image's prompt encode: Qwen3-4B (random, real shape), second-to-last hidden states, one model shared by both
+    (compiled for both with --compile): diffusers over the prompt padded to 512 tokens, ours over its own tokens, as CUDA
+    graphs with --graphs (scripts/bench_encode.py has both and the errors). The tokenizer is the tests' byte-level one."""
     import sys
     from pathlib import Path
 
@@ -247,20 +252,20 @@ def qwen3_encode_case(args: argparse.Namespace) -> Case:
     from zflux.zimg.text import Qwen3PromptEncoder
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_text import qwen_tokenizer
+    from test_text import QWEN3_4B, qwen_tokenizer
 
     tokenizer = qwen_tokenizer()
     with torch.device(DEVICE):
-        qwen = Qwen3Model(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                                      num_key_value_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960))
+        qwen = Qwen3Model(Qwen3Config(**QWEN3_4B))
     qwen = qwen.to(DTYPE).eval()
     if args.compile:
         qwen.compile()
     ref = ZImagePipeline(scheduler=None, vae=None, text_encoder=qwen, tokenizer=tokenizer, transformer=None)
     ours = Qwen3PromptEncoder(qwen, tokenizer)
+    ours.cuda_graphs = args.graphs
     prompt = "a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees"
     n = int(ours([prompt])[1].sum())
-    return Case(f"Qwen3-4B prompt encode ({n} tokens, padded to 512)",
+    return Case(f"Qwen3-4B prompt encode ({n} tokens; diffusers pads to 512)",
                 lambda: ref.encode_prompt(prompt, torch.device(DEVICE), do_classifier_free_guidance=False)[0][0],
                 lambda: ours([prompt])[0])
 
@@ -323,7 +328,7 @@ def flux2_case(args: argparse.Namespace, variant: str, precision: str | None = N
         if args.compile:
             for blocks in (ours.double_blocks, ours.single_blocks):
                 compile_blocks(blocks)
-        return lambda: ours(img, i_ids, txt, t_ids, t, guidance)
+        return lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, guidance)
 
     return Case(f"FLUX.2 {variant.removeprefix('flux2-')} transformer (4096 img + 512 text tokens)"
                 + (f", zflux {precision}" if precision else ""),
@@ -396,12 +401,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
+    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards as CUDA graphs, as its "
+                        "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also profile one call of each (see the module docstring)")
     args = parser.parse_args()
     rate = gemm_rate() if args.profile else 0.0
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, compile {args.compile}\n")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}, compile {args.compile}, "
+          f"zflux CUDA graphs {args.graphs}\n")
     print("| what | diffusers ms | zflux ms | speed-up | diffusers peak GiB | zflux peak GiB |")
     print("|---|---|---|---|---|---|")
     for name in args.models:

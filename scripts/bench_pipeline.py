@@ -15,7 +15,8 @@ that of the timed calls, weights included. Each implementation is released befor
 and the snapshot is deleted before the next pipeline's is built: one family on disk at a time
 (FLUX.1-dev's snapshot is 34 GB).
 
-Implementations: `diffusers`; `zflux` (CUDA graphs on, the default); `zflux-nographs`. Modes:
+Implementations: `diffusers`; `zflux` (CUDA graphs on, the default); `zflux-nographs`; `zflux-fp8`
+(precision fp8: the blocks' linears quantized at load, common/fp8.py; CUDA graphs on). Modes:
 `eager`; `compiled`: diffusers' `transformer.compile_repeated_blocks(fullgraph=True)`, and each
 repeated block of zflux's transformer compiled the same way (fullgraph, in place).
 
@@ -47,7 +48,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 DTYPE = torch.bfloat16
 PROMPT = ("a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees, "
           "a wooden cabin in the distance, photographed with a telephoto lens")
-IMPLS = ("diffusers", "zflux", "zflux-nographs")
+IMPLS = ("diffusers", "zflux", "zflux-nographs", "zflux-fp8")
 MODES = ("eager", "compiled")
 
 
@@ -232,8 +233,9 @@ def load(impl: str, spec: Spec, name: str, root: Path, device: torch.device, dty
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
         return pipe
     module = __import__(f"zflux.{spec.family}.pipeline", fromlist=[spec.ours])
-    pipe = getattr(module, spec.ours).from_pretrained(root, device=device, dtype=dtype, variant=name)
-    pipe.cuda_graphs = impl == "zflux"
+    pipe = getattr(module, spec.ours).from_pretrained(root, device=device, dtype=dtype, variant=name,
+                                                      precision="fp8" if impl == "zflux-fp8" else None)
+    pipe.cuda_graphs = impl != "zflux-nographs"
     if compiled:
         compile_blocks(pipe.transformer)
     return pipe

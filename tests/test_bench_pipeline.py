@@ -10,10 +10,10 @@ import bench_pipeline  # noqa: E402
 
 def test_tiny_run_writes_every_row(tmp_path, capsys):
     bench_pipeline.main(["--tiny", "--device", "cpu", "--pipelines", "z-image-turbo", "--iters", "1", "--size", "32",
-                         "--impls", "diffusers", "zflux", "--work", str(tmp_path),
+                         "--impls", "diffusers", "zflux", "zflux-fp8", "--work", str(tmp_path),
                          "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "z-image-turbo.json").read_text())
-    assert [r["impl"] for r in result["rows"]] == ["diffusers", "zflux"]
+    assert [r["impl"] for r in result["rows"]] == ["diffusers", "zflux", "zflux-fp8"]
     for row in result["rows"]:
         assert row["e2e_s"] > 0 and row["encode_s"] > 0 and row["decode_s"] > 0 and row["load_s"] > 0
     table = capsys.readouterr().out

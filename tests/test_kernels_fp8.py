@@ -1,4 +1,5 @@
-"""The fp8 outputs of the Triton kernels (kernels/quantize.py, kernels/modulate.py *_fp8) against common/quant.py,
+"""The fp8 outputs of the Triton kernels (kernels/quantize.py, kernels/modulate.py *_fp8, kernels/activations.py
+silu_mul_fp8) against common/quant.py,
 and the fp8 flash-attention kernel (kernels/attention.py flash_attention_fp8) against exact attention.
 
 The kernels compute the norm as their plain outputs do (tested in test_kernels_modulate.py) and round it to the input
@@ -23,6 +24,7 @@ from zflux.common.attention import reference_attention as reference  # noqa: E40
 from zflux.common.quant import E4M3, Fp8Tensor, dequantize, quantize  # noqa: E402
 from zflux.kernels.attention import flash_attention_fp8, flash_attention_fp8_bshd  # noqa: E402
 from zflux.kernels import modulate  # noqa: E402
+from zflux.kernels.activations import silu_mul_, silu_mul_fp8  # noqa: E402
 from zflux.kernels.quantize import quantize_heads, quantize_rows  # noqa: E402
 from test_kernels_attention import CASES, qkv  # noqa: E402
 from test_kernels_modulate import inputs, randn  # noqa: E402
@@ -48,6 +50,22 @@ def check_fp8(got: tuple[torch.Tensor, torch.Tensor], expected_rows: torch.Tenso
 def test_quantize_rows(shape, dtype):
     x = randn(*shape, dtype=dtype, std=3.0) * torch.logspace(-2, 1, shape[1], device=DEVICE)[:, None].to(dtype)
     check_fp8(quantize_rows(x), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_fp8(dtype):
+    """Z-Image's SwiGLU handing its activation to the fp8 w2: gate and up are strided halves here (views of one buffer)."""
+    hidden = randn(2, 37, 2 * 300, dtype=dtype, std=3.0)
+    gate, up = hidden.chunk(2, dim=-1)
+    plain = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    silu_mul_(gate, up, plain)
+    check_fp8(silu_mul_fp8(gate, up), plain)
+    with torch.no_grad(), ops.use_backend("triton"):
+        fused = ops.silu_mul(gate, up, fp8=True)
+    with torch.no_grad(), ops.use_backend("sdpa"):
+        math = ops.silu_mul(gate, up, fp8=True)
+    assert isinstance(fused, Fp8Tensor) and isinstance(math, Fp8Tensor)
+    assert rel_err(fused.scale, math.scale) <= SCALE_TOL  # the same activation's row maxima; the casts: check_fp8 above
 
 
 def test_quantize_rows_of_zeros_and_strided_views():

@@ -1,4 +1,5 @@
-"""kernels/groupnorm.py against the PyTorch definition in common/ (norms.group_norm_silu), and the autoencoder with it.
+"""kernels/groupnorm.py against the PyTorch definitions in common/ (norms.group_norm_silu, norms.bias_residual), and the
+autoencoder with them.
 
 Without a GPU the kernel runs on the CPU through Triton's interpreter, at small sizes, in fp32 and
 fp16 (bf16 on the GPU only: the interpreter truncates fp32 -> bf16). Tolerances (relative L2 error):
@@ -17,7 +18,8 @@ require_triton()  # before kernels/ is imported
 
 from zflux.common import ops  # noqa: E402
 from zflux.common.norms import group_norm_silu as reference  # noqa: E402
-from zflux.kernels.groupnorm import group_norm_silu, supports  # noqa: E402
+from zflux.common.norms import bias_residual as reference_residual  # noqa: E402
+from zflux.kernels.groupnorm import bias_residual_, group_norm_silu, supports, supports_residual  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -42,6 +44,37 @@ def test_group_norm_silu(B, C, H, W, groups, channels_last, dtype):
     assert out.shape == x.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert rel_err(out, reference(x.float(), w.float(), b.float(), groups, 1e-6)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_previous_convolutions_bias_folded_in(channels_last, dtype):
+    """x_bias: the ResNet block's first convolution ran without its bias; the norm adds it as it loads x."""
+    x, w, b = inputs(2, 16, 5, 7, dtype)
+    x_bias = inputs(1, 16, 1, 1, dtype, seed=1)[2] * 10  # large: a bias the statistics must see
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = group_norm_silu(x, w, b, 4, 1e-6, x_bias)
+    expected = reference(x.float(), w.float(), b.float(), 4, 1e-6, x_bias.float())
+    assert rel_err(out, expected) <= TOL[dtype]
+    assert rel_err(expected, reference(x.float(), w.float(), b.float(), 4, 1e-6)) > 0.1  # the bias matters here
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_residual(channels_last, dtype):
+    """The ResNet block's output: its last convolution's output h (run without the bias) + bias + the shortcut x."""
+    h, x, bias = inputs(2, 16, 5, 7, dtype)[0], inputs(2, 16, 5, 7, dtype, seed=1)[0], inputs(1, 16, 1, 1, dtype, seed=2)[2]
+    if channels_last:
+        h, x = h.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    expected = reference_residual(h.float().clone(), bias.float(), x.float())  # in place: never into h itself
+    out = h.clone()
+    bias_residual_(out, bias, x)
+    assert out.stride() == h.stride() and rel_err(out, expected) <= TOL[dtype]  # one rounding of the fp32 sum
+    assert not supports_residual(h, x.contiguous(memory_format=torch.channels_last if not channels_last else torch.contiguous_format))
+    with torch.no_grad(), ops.use_backend("triton"):  # mixed layouts: ops runs the PyTorch math
+        mixed = ops.bias_residual(h.clone(), bias, x.to(memory_format=torch.channels_last if not channels_last else torch.contiguous_format))
+    assert rel_err(mixed, expected) <= TOL[dtype]
 
 
 def test_variance_is_exact_far_from_zero():

@@ -25,6 +25,6 @@ def test_learns_what_the_caption_says(tmp_path):
     tokenizer = build_tokenizer()
     model = build_denoiser(tokenizer, seed=0, cfg=TINY, text_encoder=TINY_TEXT)
     encoder = Qwen3PromptEncoder(model.text_encoder, tokenizer)
-    ids, mask = encoder.tokens([encoder.template(c) for c in CAPTION_BATCH], padding="longest")
+    ids, mask = encoder.tokens([encoder.template(c) for c in CAPTION_BATCH])
     averaged = learn_caption_values(model, lambda m, x, t: m(x, t, ids, mask), RULE, tmp_path)
     assert draws_caption_values(pipeline(averaged, Autoencoder(TINY_VAE), tokenizer))

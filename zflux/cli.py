@@ -292,7 +292,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="first-block step cache: skip the transformer's later blocks on steps whose first block changed by less "
                           "than THRESHOLD (relative L1; e.g. 0.1); faster, a little different; default off")
     gen.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
-                     help="replay each denoising step's transformer call as a CUDA graph, captured once per size (default on; GPU only)")
+                     help="replay each denoising step's transformer call (and Z-Image's prompt encode) as a CUDA graph, captured "
+                          "once per size (default on; GPU only)")
     gen.add_argument("--backend", choices=BACKENDS, help="attention / norm kernels (default: $ZFLUX_BACKEND or auto)")
     gen.add_argument("--parallel", choices=MODES, help="under torchrun --nproc-per-node N, one process per GPU: sp splits each "
                                                        "image's tokens, cfg the guided rows (2 processes; cfg+sp: 2 x N/2), "

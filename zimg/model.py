@@ -115,7 +115,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: Tensor | Fp8Tensor) -> Tensor:
-        return self.w2(ops.silu_mul(self.w1(x), self.w3(x)))
+        return self.w2(ops.silu_mul(self.w1(x), self.w3(x), fp8=wants_fp8(self.w2)))
 
 
 class TokenTimes(NamedTuple):

@@ -197,7 +197,7 @@ class ZImagePipeline(LoraPipeline):
         self.controlnet, self.siglip = controlnet, siglip
         components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
         self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.x_embedder.weight.device)
-        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
+        self.cuda_graphs = True  # replay the transformer's and Qwen3's forwards as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -330,6 +330,8 @@ class ZImagePipeline(LoraPipeline):
             latents = latents.float()
         else:
             latents, start = start_noise(self.vae, latents=latents, **where | dict(dtype=torch.float32)), 0
+        # An offloaded Qwen3 comes back to the GPU at new addresses on every visit: it would capture its graphs anew each time.
+        self.text_encoder.cuda_graphs = self.cuda_graphs and self.offload.mode == "none"
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                               offload=self.offload)

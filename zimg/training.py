@@ -75,7 +75,7 @@ class Denoiser(nn.Module):
 
     def forward(self, latents: Tensor, time: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """latents (B, 16, h, w), time (B,), caption ids and mask (B, L) -> (B, 16, h, w)."""
-        return self.transformer(latents, time, qwen3_features(self.text_encoder, ids, mask), mask)
+        return self.transformer(latents, time, qwen3_features(self.text_encoder, ids), mask)
 
 
 def build_denoiser(tokenizer: PreTrainedTokenizerFast, seed: int, cfg: ZImageConfig = TRANSFORMER,
@@ -116,7 +116,7 @@ def train_zimage(folder: Path, vae_folder: Path, settings: TrainSettings, size: 
     def loss(model: Denoiser, batch: tuple[Tensor, list[str]], generator: torch.Generator) -> Tensor:
         pictures, captions = batch
         # Padded to the longest caption, not to 512: Qwen3 is causal, so padding changes no real token's features.
-        ids, mask = encoder.tokens([encoder.template(c) for c in captions], padding="longest")
+        ids, mask = encoder.tokens([encoder.template(c) for c in captions])
         return flow_loss(lambda x, t: model(x, t, ids, mask), picture_latents(vae, pictures), RULE, generator)
 
     def sample(model: Denoiser) -> Image.Image:
