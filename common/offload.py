@@ -65,10 +65,13 @@ def make_plan(mode: str) -> Plan:
 
 
 def modules_of(component) -> list[nn.Module]:
-    """The torch modules a component is made of: itself, or a wrapper's module attributes (a prompt encoder's models)."""
+    """The torch modules a component is made of: itself, or a wrapper's module attributes (a prompt encoder's models), but
+    those inside another (Qwen3PromptEncoder's model, inside its graphable `features`)."""
     if isinstance(component, nn.Module):
         return [component]
-    return [value for value in vars(component).values() if isinstance(value, nn.Module)]
+    held = [value for value in vars(component).values() if isinstance(value, nn.Module)]
+    inside = {id(sub) for module in held for sub in module.modules() if sub is not module}
+    return [module for module in held if id(module) not in inside]
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

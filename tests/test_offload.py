@@ -139,14 +139,14 @@ def test_the_text_encoders_repeated_layers_are_found(snapshots, name):
     rest (embeddings, final norms, Mistral 3's vision tower) is parked whole: every tensor once, in one or the other."""
     pipe = PIPELINES[name].from_pretrained(snapshots[name], offload="text-encoder", **FP32)
     held = pipe.offload.held["text_encoder"]
-    lists, count = set(), 0
+    where = {}  # each module's shortest name from the encoder's attributes
     for attribute, model in vars(pipe.text_encoder).items():
         if isinstance(model, nn.Module):
-            where = {id(module): f"{attribute}.{path}" for path, module in model.named_modules()}
-            layers = repeated_blocks(model)
-            lists |= {where[id(layer)].rsplit(".", 1)[0] for layer in layers}
-            count += len(layers)
-    assert sorted(lists) == sorted(TEXT_LAYERS[name]) and len(held.streamer.blocks) == count > 1
+            for path, module in model.named_modules():
+                where[id(module)] = min(where.get(id(module), f"{attribute}.{path}"), f"{attribute}.{path}", key=len)
+    layers = [layer for model in modules_of(pipe.text_encoder) for layer in repeated_blocks(model)]
+    lists = {where[id(layer)].rsplit(".", 1)[0] for layer in layers}
+    assert sorted(lists) == sorted(TEXT_LAYERS[name]) and len(held.streamer.blocks) == len(layers) == len(set(map(id, layers))) > 1
     tensors = {id(t) for model in modules_of(pipe.text_encoder) for t in [*model.parameters(), *model.buffers()]}
     slots = [id(Parked._get(slot)) for parked in (held.rest, *held.streamer.blocks) for slot in parked.slots]
     assert len(slots) == len(set(slots)) == len(tensors)
@@ -251,6 +251,8 @@ def test_modules_of_a_wrapper():
 
     encoder = Encoder()
     assert modules_of(encoder) == [encoder.t5, encoder.clip]
+    encoder.both = nn.Sequential(encoder.t5)  # a module wrapping another it holds: the outer one only
+    assert modules_of(encoder) == [encoder.clip, encoder.both]
 
 
 GIB = 2**30
