@@ -274,6 +274,20 @@ def test_auto_picks_the_least_offload_that_fits(room_gib, chosen):
     assert FLUX_DEV.choose_offload("bf16", room=int(room_gib * GIB), tile_pixels=TILE) == chosen
 
 
+def test_streamed_text_encoders_count_their_rest_and_two_layers(tmp_path):
+    """From the headers: each encoder's all but its largest list of layers (a Mistral 3's vision layers count as its
+    rest), and two of the largest layer of them all."""
+    from safetensors.torch import save_file
+
+    from zflux.common.memory import streamed_numel
+
+    save_file({"embed.weight": torch.zeros(10), "layers.0.w": torch.zeros(4), "layers.1.w": torch.zeros(6),
+               "vision.layers.0.w": torch.zeros(1)}, tmp_path / "llm.safetensors")
+    save_file({"shared.weight": torch.zeros(2), "encoder.block.0.w": torch.zeros(3)}, tmp_path / "t5.safetensors")
+    assert streamed_numel([tmp_path / "llm.safetensors"]) == 10 + 1 + 2 * 6
+    assert streamed_numel([tmp_path / "llm.safetensors", tmp_path / "t5.safetensors"]) == 10 + 1 + 2 + 2 * 6
+
+
 def test_estimate_per_stage():
     """Weights by place and precision: fp8 halves the transformer, streaming keeps two blocks; tiles cap the decode."""
     bf16 = FLUX_DEV.bytes("bf16", "none")
