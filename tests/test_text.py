@@ -269,9 +269,10 @@ def test_encoders_on_cuda_and_offload(zimage_snapshot, flux_snapshot):
 def test_graphed_qwen3_4b_encode():
     """Qwen3-4B at its real shape (random, bf16) over a ~200-token prompt, as the pipelines run it on a GPU.
 
-    The graphed encode is bit-identical to the eager forward at its bucket's length (the same kernels, replayed),
-    and within bf16 noise (<= 1e-2 relative) of the eager encode at the prompt's own length (other GEMM shapes); a
-    prompt of another length in the same bucket replays the same graph. Memory ~9 GB, time ~20 s.
+    The graphed encode is bit-identical to the eager forward at its bucket's length (the same kernels, replayed); a
+    prompt of another length in the same bucket replays the same graph. Against the fp32 encode of the same
+    weights, its error is no worse than 1.25x that of diffusers' way in bf16 (512 padded tokens and the padding
+    mask): 36 random layers amplify bf16 rounding to a few percent either way. Memory ~25 GB, time ~30 s.
     """
     tokenizer = qwen_tokenizer()
     with torch.device("cuda"):
@@ -280,8 +281,9 @@ def test_graphed_qwen3_4b_encode():
     prompt = ("a red fox standing in fresh snow at the edge of a pine forest, early morning light, soft mist between the trees, "
               "a wooden cabin in the distance, photographed with a telephoto lens")  # 196 tokens: bucket 256
     forward = graphed(ours.features)
+    results = {}
     for text in (prompt, prompt + " in winter"):  # 196 and 206 tokens, one bucket
-        eager, mask = ours([text])
+        _, mask = ours([text])
         ids, _ = ours.tokens([ours.template(text)])  # (1, L')
         at_bucket = ours.features(F.pad(ids, (0, graph_length(ids.shape[1]) - ids.shape[1]), value=tokenizer.pad_token_id))
         ours.cuda_graphs = True
@@ -289,7 +291,14 @@ def test_graphed_qwen3_4b_encode():
             features, graphed_mask = ours([text])
             assert torch.equal(features, at_bucket[:, : ids.shape[1]]) and torch.equal(graphed_mask, mask)
         ours.cuda_graphs = False
-        error = rel_err(features[mask], eager[mask])
-        print(f"\n{int(mask.sum())} tokens: graphed vs eager at its own length {error:.2e} relative")
-        assert error <= 1e-2
-        assert len(forward.graphs) == 1 and None not in forward.graphs.values()  # captured (no host sync), and reused
+        padded = tokenizer([ours.template(text)], padding="max_length", max_length=512, return_tensors="pt").to("cuda")
+        as_diffusers = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, output_hidden_states=True,
+                             use_cache=False).hidden_states[-2][:, : ids.shape[1]]
+        results[text] = ids, features[mask], as_diffusers[mask]
+    assert len(forward.graphs) == 1 and None not in forward.graphs.values()  # captured (no host sync), and reused
+    model.float()
+    for ids, features, as_diffusers in results.values():
+        exact = ours.features(ids)[0]  # (L', hidden) fp32: every token is real
+        error, theirs = rel_err(features, exact), rel_err(as_diffusers, exact)
+        print(f"\n{ids.shape[1]} tokens vs fp32: graphed {error:.2e}, diffusers' way in bf16 {theirs:.2e}, ratio {error / theirs:.3f}")
+        assert error <= 1.25 * theirs
