@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # transformers loads with the model (common/text.py says why)
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-GRAPH_LENGTH = 64  # token positions: a graphed encode pads its batch to a multiple of this, one graph per multiple
+GRAPH_LENGTH = 64  # token positions: an encode pads its batch to a multiple of this, one CUDA graph per multiple
 # The causal mask alone, in the prepared form Qwen3Model takes (as generate() passes it): a padding mask would make
 # transformers build the mask from its values, reading them on the host, which a CUDA graph cannot hold.
 CAUSAL_ONLY = {"full_attention": None}
@@ -67,7 +67,7 @@ class Qwen3Features(nn.Module):
 
 
 def graph_length(length: int) -> int:
-    """The length a graphed encode runs at: `length` rounded up to a multiple of GRAPH_LENGTH (the pads change no real token)."""
+    """The length an encode runs at: `length` rounded up to a multiple of GRAPH_LENGTH (the pads change no real token)."""
     return -(-length // GRAPH_LENGTH) * GRAPH_LENGTH
 
 
@@ -131,11 +131,12 @@ class Qwen3PromptEncoder:
         """__call__ for texts already in their final form (Omni writes its own chat strings, zimg/reference.py)."""
         warn_if_cut(self.tokenizer, texts, max_length, encoder="Qwen3")
         ids, mask = self.tokens(texts, max_length)  # (B, L') each
-        if not (self.cuda_graphs and ids.device.type == GraphedForward.device_type):
-            return self.features(ids), mask
         length = ids.shape[1]
+        # Graphed or not, the forward runs at the bucket's length: the same GEMM shapes, so the same features to the
+        # bit whether graphs are on, the encoder offloaded (graphs off) or resident.
         padded = F.pad(ids, (0, graph_length(length) - length), value=self.tokenizer.pad_token_id)  # (B, graph_length(L'))
-        return graphed(self.features)(padded)[:, :length], mask
+        graphs = self.cuda_graphs and ids.device.type == GraphedForward.device_type
+        return (graphed(self.features) if graphs else self.features)(padded)[:, :length], mask
 
 
 def omni_segments(prompt: str, images: int) -> list[str]:
