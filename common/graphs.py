@@ -17,8 +17,9 @@ The forward runs eagerly instead (and nothing is captured) when an argument is a
 argument is neither a tensor nor None nor a plain number or string or a tuple of them (a
 ControlNet's closure, cached reference K/V), when autograd records, or when capturing fails (the
 forward synchronises with the host: `.item()`, `.tolist()`, `nonzero`, a shape read from a tensor's
-values), the last remembered per signature; and under a parallel plan (common/parallel.py), whose
-collectives every rank must issue alike, which a capture that fails on one rank only would break.
+values), the last remembered per signature, with a warning naming the cause; and under a parallel
+plan (common/parallel.py), whose collectives every rank must issue alike, which a capture that fails
+on one rank only would break.
 Host values that set shapes (Z-Image's caption lengths) are passed as plain arguments: they enter
 the key, and the forward need not read them. A caller whose lengths vary from call to call pads its
 inputs to a few lengths first, so that they share graphs (Z-Image's Qwen3, zimg/text.py: token ids
@@ -29,6 +30,7 @@ buffer of the module has moved (offloaded to the CPU and back, a parameter repla
 is dropped and captured again.
 """
 
+import warnings
 import weakref
 from typing import Callable, Hashable
 
@@ -65,6 +67,17 @@ def weight_addresses(module: nn.Module) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 
 
+def release_generator() -> None:
+    """Free the current device's default CUDA generator from a capture that failed.
+
+    A capture registers the generator; a capture that fails ends before the generator is told the capture is over
+    (CUDAGraph.capture_end raises first), and every later random draw on that device would then raise "Offset
+    increment outside graph capture". A fresh copy of its state (same seed and offset) is in no capture.
+    """
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
 class Captured:
     """One captured forward: static inputs, the graph, its static output."""
 
@@ -72,8 +85,12 @@ class Captured:
         self.args = [a.clone() if isinstance(a, Tensor) else a for a in args]
         self.kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(*self.args, **self.kwargs)
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.output = fn(*self.args, **self.kwargs)
+        except RuntimeError:
+            release_generator()
+            raise
 
     @staticmethod
     def new_pool():
@@ -126,8 +143,10 @@ class GraphedForward:
             self.pool = Captured.new_pool()
         try:
             self.graphs[key] = Captured(self.module, args, kwargs, self.pool)
-        except RuntimeError:  # the forward synced with the host while capturing
+        except RuntimeError as e:  # the forward synced with the host while capturing
             self.graphs[key] = None
+            warnings.warn(f"{type(self.module).__name__}: CUDA graph capture failed, this call signature runs eagerly "
+                          f"({str(e).splitlines()[0]})", stacklevel=3)
         return out
 
 

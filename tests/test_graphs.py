@@ -283,3 +283,22 @@ def test_graphs_match_eager_bit_for_bit(name):
         ms[cuda_graphs] = (time.perf_counter() - start) * 1e3 / steps
     print(f"\n{name}: {steps} steps, eager {ms[False]:.1f} ms/step, CUDA graphs {ms[True]:.1f} ms/step (warm)")
     assert torch.equal(results[True], results[False])
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_a_failed_capture_leaves_the_random_generator_usable():
+    """A forward that reads a value back cannot be captured: it runs eagerly with a warning, and the CUDA generator
+    the failed capture had registered draws again (torch would otherwise raise on every later draw on the device)."""
+
+    class ReadsBack(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x.sum().item()
+
+    module, x = ReadsBack(), torch.ones(4, device="cuda")
+    forward = graphed(module)
+    with pytest.warns(UserWarning, match="capture failed"):
+        assert torch.equal(forward(x), module(x))
+    assert forward.graphs and None in forward.graphs.values()
+    assert torch.equal(forward(x), module(x))  # eager from now on, with no second try
+    assert torch.randn(3, device="cuda").isfinite().all()
