@@ -134,6 +134,17 @@ def test_each_mode_follows_its_plan_and_changes_nothing(snapshots, real_copies, 
 
 
 @pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_offload_composes_with_fp8_weights(snapshots, real_copies, name, mode):
+    """fp8 transformers (e4m3 weights and their scales, common/fp8.py) park and stream like bf16 ones: the same output."""
+    cls = PIPELINES[name]
+    reference = cls.from_pretrained(snapshots[name], precision="fp8", **FP32).generate("a red fox", output_type="latent", **RUN)
+    pipe = cls.from_pretrained(snapshots[name], precision="fp8", offload=mode, **FP32)
+    assert any(t.dtype == torch.float8_e4m3fn for t in pipe.transformer.buffers())
+    assert torch.equal(pipe.generate("a red fox", output_type="latent", **RUN), reference)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
 def test_the_text_encoders_repeated_layers_are_found(snapshots, name):
     """Each family's text models stream the layers transformers names (TEXT_LAYERS), each one a block of the streamer; the
     rest (embeddings, final norms, Mistral 3's vision tower) is parked whole: every tensor once, in one or the other."""
