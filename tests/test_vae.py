@@ -12,8 +12,9 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
+from torch.nn import functional as F
 
-from zflux.common.vae import PRESETS, Autoencoder, AutoencoderConfig, from_diffusers, load_autoencoder, to_diffusers
+from zflux.common.vae import PRESETS, Autoencoder, AutoencoderConfig, Upsample, from_diffusers, load_autoencoder, to_diffusers
 from zflux.common.weights import CheckpointError
 from util import randomize_, rel_err, shapes
 
@@ -192,3 +193,21 @@ def test_posterior_sample_matches_diffusers():
     assert rel_err(ours.encode(image, noise), want) < 1e-5
     with pytest.raises(ValueError, match=r"noise must have the latent's shape \(2, 4, 8, 12\), got \(2, 4, 8, 8\)"):
         ours.encode(image, noise[..., :8])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_upsample_by_phases_is_nearest_then_conv(channels_last):
+    """The decoder's Upsample convolves the four output phases with collapsed 2x2 kernels (common/vae.py): in float64 the
+    same numbers as the nearest x2 upsample followed by the 3x3 conv, in the input's memory format, with gradients."""
+    torch.manual_seed(0)
+    up = Upsample(8).double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (2, 8, 10, 14)
+    out = up(x)
+    assert out.shape == expected.shape and (out - expected).abs().max() <= 1e-12
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_(True)
+    grad = torch.autograd.grad(up(x).square().sum(), x)[0]
+    assert torch.allclose(grad, torch.autograd.grad(up.conv(F.interpolate(x, scale_factor=2.0)).square().sum(), x)[0])
