@@ -5,7 +5,8 @@
 
 `random`: Z-Image-Turbo (8 steps) and FLUX.1-dev (28 steps, guidance 3.5) at 1024x1024, random weights at the
 real sizes (GPU), random caption features, the same start noise: relative L2 error of the final latents of each
-fp8 scheme against the bf16 run. `small`: zflux's trained small models (zimg/embedded, flux/embedded; 128x128
+fp8 scheme against the bf16 run, the mean (and spread) over --seeds draws of weights, noise and captions (one
+draw's difference between the schemes is within what another draw moves either). `small`: zflux's trained small models (zimg/embedded, flux/embedded; 128x128
 pictures of coloured shapes) generating from captions they were trained on, same seeds: SSIM and PSNR of each fp8
 scheme's decoded picture against the unquantized run's (bf16 on the GPU, fp32 on the CPU), mean over the prompts.
 
@@ -60,10 +61,10 @@ def quantized_copy(model: torch.nn.Module, factory: Callable[[], torch.nn.Module
     return quantize_model(copy, granularity)
 
 
-def zimage_run(device: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
-    """Z-Image-Turbo's transformer factory, and a whole 8-step run of a transformer from fixed noise and captions."""
+def zimage_run(device: str, seed: int) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
+    """Z-Image-Turbo's transformer factory, and a whole 8-step run of a transformer from noise and captions drawn with `seed`."""
     variant = zimage.VARIANTS["z-image-turbo"]
-    g = torch.Generator(device).manual_seed(0)
+    g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(1, 16, 128, 128, generator=g, device=device)
     features = torch.randn(1, 128, variant.model.cap_feat_dim, generator=g, device=device)
     mask = torch.ones(1, 128, dtype=torch.bool, device=device)
@@ -78,10 +79,10 @@ def zimage_run(device: str) -> tuple[Callable[[], torch.nn.Module], Callable[[to
     return lambda: zimage.ZImageTransformer(variant.model), run
 
 
-def flux_run(device: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
-    """FLUX.1-dev's transformer factory, and a whole 28-step run (guidance 3.5) from fixed noise and text."""
+def flux_run(device: str, seed: int) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
+    """FLUX.1-dev's transformer factory, and a whole 28-step run (guidance 3.5) from noise and text drawn with `seed`."""
     variant = flux.VARIANTS["flux-dev"]
-    g = torch.Generator(device).manual_seed(0)
+    g = torch.Generator(device).manual_seed(seed)
     tokens = flux.pack_latents(torch.randn(1, 16, 128, 128, generator=g, device=device))  # (1, 4096, 64)
     features = torch.randn(1, 512, variant.model.joint_attention_dim, generator=g, device=device)
     pooled = torch.randn(1, variant.model.pooled_projection_dim, generator=g, device=device)
@@ -96,25 +97,29 @@ def flux_run(device: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torc
     return lambda: flux.Flux(variant.model), run
 
 
-def bench_random(device: str) -> None:
-    print("\n### fp8 vs bf16, whole runs at 1024x1024, random weights: relative L2 error of the final latents\n")
+def bench_random(device: str, seeds: int) -> None:
+    print(f"\n### fp8 vs bf16, whole runs at 1024x1024, random weights: relative L2 error of the final latents, mean "
+          f"(min-max) over {seeds} seeds\n")
     print("| model | " + " | ".join(SCHEMES) + " |")
     print("|---" * (len(SCHEMES) + 1) + "|")
     for name, make in [("Z-Image-Turbo, 8 steps", zimage_run), ("FLUX.1-dev, 28 steps", flux_run)]:
-        factory, run = make(device)
-        model = random_model(factory)
-        reference = run(model).float()
-        errors = []
-        for granularity, attention in SCHEMES.values():
-            with scheme_env(attention):
-                quantized = quantized_copy(model, factory, granularity)
-                latents = run(quantized).float()
-            errors.append(((latents - reference).norm() / reference.norm()).item())
-            del quantized
+        errors = np.zeros((seeds, len(SCHEMES)))  # (seed, scheme)
+        for seed in range(seeds):
+            torch.manual_seed(seed)  # the random weights
+            factory, run = make(device, seed)
+            model = random_model(factory)
+            reference = run(model).float()
+            for j, (granularity, attention) in enumerate(SCHEMES.values()):
+                with scheme_env(attention):
+                    quantized = quantized_copy(model, factory, granularity)
+                    latents = run(quantized).float()
+                errors[seed, j] = ((latents - reference).norm() / reference.norm()).item()
+                del quantized
+                torch.cuda.empty_cache()
+            del model
             torch.cuda.empty_cache()
-        print(f"| {name} | " + " | ".join(f"{e:.4f}" for e in errors) + " |", flush=True)
-        del model
-        torch.cuda.empty_cache()
+        cells = [f"{e.mean():.4f} ({e.min():.4f}-{e.max():.4f})" for e in errors.T]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def image_metrics(image, reference) -> tuple[float, float]:
@@ -162,9 +167,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["random", "small"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=int, default=3, help="random: draws of weights, noise and captions to average over")
     args = parser.parse_args()
     if args.only != "small":
-        bench_random(args.device)
+        bench_random(args.device, args.seeds)
     if args.only != "random":
         bench_small(args.device)
 
