@@ -67,14 +67,18 @@ def weight_addresses(module: nn.Module) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 
 
-def release_generator() -> None:
-    """Free the current device's default CUDA generator from a capture that failed.
-
-    A capture registers the generator; a capture that fails ends before the generator is told the capture is over
-    (CUDAGraph.capture_end raises first), and every later random draw on that device would then raise "Offset
-    increment outside graph capture". A fresh copy of its state (same seed and offset) is in no capture.
-    """
-    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+def undo_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
+    """Undo what a capture that failed left behind (CUDAGraph.capture_end raised before undoing it itself): the
+    allocator routing the device's allocations to the graph's memory pool, the pool's reference, and the device's
+    random generator registered with the capture (every later draw would raise "Offset increment outside graph
+    capture"; a fresh copy of its state, same seed and offset, is in no capture)."""
+    device = torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(device, graph.pool())
+    except RuntimeError:  # capture_end got that far before it failed
+        pass
+    torch._C._cuda_releasePool(device, graph.pool())
+    generator = torch.cuda.default_generators[device]
     generator.graphsafe_set_state(generator.clone_state())
 
 
@@ -85,12 +89,22 @@ class Captured:
         self.args = [a.clone() if isinstance(a, Tensor) else a for a in args]
         self.kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph, pool=pool):
+        # torch.cuda.graph's steps, with a failed capture's state undone and the current stream switched back (its
+        # context manager leaves the current stream on its capture stream when capture_end raises).
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.graph.capture_begin(pool=pool)
+            try:
                 self.output = fn(*self.args, **self.kwargs)
-        except RuntimeError:
-            release_generator()
-            raise
+            finally:
+                try:
+                    self.graph.capture_end()
+                except RuntimeError:
+                    undo_failed_capture(self.graph)
+                    raise
+        torch.cuda.current_stream().wait_stream(side)
 
     @staticmethod
     def new_pool():

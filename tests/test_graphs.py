@@ -288,8 +288,9 @@ def test_graphs_match_eager_bit_for_bit(name):
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_a_failed_capture_leaves_the_random_generator_usable():
-    """A forward that reads a value back cannot be captured: it runs eagerly with a warning, and the CUDA generator
-    the failed capture had registered draws again (torch would otherwise raise on every later draw on the device)."""
+    """A forward that reads a value back cannot be captured: it runs eagerly with a warning, and the capture leaves
+    nothing behind: the current stream is the one before, the CUDA generator it had registered draws again, the
+    allocator frees what is freed (not routing it to the failed graph's pool), and the next capture succeeds."""
 
     class ReadsBack(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,4 +302,14 @@ def test_a_failed_capture_leaves_the_random_generator_usable():
         assert torch.equal(forward(x), module(x))
     assert forward.graphs and None in forward.graphs.values()
     assert torch.equal(forward(x), module(x))  # eager from now on, with no second try
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert torch.randn(3, device="cuda").isfinite().all()
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    big = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    del big
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() <= reserved
+    relu = graphed(nn.ReLU())
+    relu(-x)  # warm-up and capture
+    assert None not in relu.graphs.values() and torch.equal(relu(x), x)
