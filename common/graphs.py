@@ -69,17 +69,17 @@ def weight_addresses(module: nn.Module) -> tuple[int, ...]:
 
 def undo_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
     """Undo what a capture that failed left behind (CUDAGraph.capture_end raised before undoing it itself): the
-    allocator routing the device's allocations to the graph's memory pool, the pool's reference, and the device's
-    random generator registered with the capture (every later draw would raise "Offset increment outside graph
-    capture"; a fresh copy of its state, same seed and offset, is in no capture)."""
+    device's random generator registered with the capture (every later draw would raise "Offset increment outside
+    graph capture"; a fresh copy of its state, same seed and offset, is in no capture), the allocator routing the
+    device's allocations to the graph's memory pool, and the pool's reference."""
     device = torch.cuda.current_device()
-    try:
-        torch._C._cuda_endAllocateToPool(device, graph.pool())
-    except RuntimeError:  # capture_end got that far before it failed
-        pass
-    torch._C._cuda_releasePool(device, graph.pool())
     generator = torch.cuda.default_generators[device]
     generator.graphsafe_set_state(generator.clone_state())
+    for undo in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+        try:
+            undo(device, graph.pool())
+        except RuntimeError:  # capture_end got that far itself before it failed
+            pass
 
 
 class Captured:
