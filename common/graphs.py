@@ -67,19 +67,12 @@ def weight_addresses(module: nn.Module) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 
 
-def undo_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
-    """Undo what a capture that failed left behind (CUDAGraph.capture_end raised before undoing it itself): the
-    device's random generator registered with the capture (every later draw would raise "Offset increment outside
-    graph capture"; a fresh copy of its state, same seed and offset, is in no capture), the allocator routing the
-    device's allocations to the graph's memory pool, and the pool's reference."""
-    device = torch.cuda.current_device()
-    generator = torch.cuda.default_generators[device]
+def release_generator() -> None:
+    """Free the current device's default random generator from a capture that failed: the capture registered it, and
+    CUDAGraph.capture_end raised before releasing it, so every later draw on the device would raise "Offset increment
+    outside graph capture". A fresh copy of its state (same seed and offset) is in no capture."""
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator.graphsafe_set_state(generator.clone_state())
-    for undo in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
-        try:
-            undo(device, graph.pool())
-        except RuntimeError:  # capture_end got that far itself before it failed
-            pass
 
 
 class Captured:
@@ -89,8 +82,9 @@ class Captured:
         self.args = [a.clone() if isinstance(a, Tensor) else a for a in args]
         self.kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         self.graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's steps, with a failed capture's state undone and the current stream switched back (its
-        # context manager leaves the current stream on its capture stream when capture_end raises).
+        # torch.cuda.graph's steps, with the current stream switched back and the random generator released when the
+        # capture fails (its context manager leaves its capture stream current when capture_end raises). What the
+        # caching allocator kept of the failed capture stays kept: a process that failed one may cache more memory.
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -102,7 +96,7 @@ class Captured:
                 try:
                     self.graph.capture_end()
                 except RuntimeError:
-                    undo_failed_capture(self.graph)
+                    release_generator()
                     raise
         torch.cuda.current_stream().wait_stream(side)
 
