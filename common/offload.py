@@ -318,12 +318,16 @@ def load_device(mode: str, component: str, device: torch.device | str) -> torch.
     return torch.device(device) if make_plan(mode)["load"][component] == DEVICE else torch.device("cpu")
 
 
-def graphs_allowed(offload: Offload, cache: float | None) -> bool:
-    """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): only when it stays on the device whole.
+def stays_on_device(offload: Offload, component: str) -> bool:
+    """Whether `component` stays on the device whole in every stage, so that CUDA graphs of it stay valid.
 
-    Not while its blocks stream (copies and host waits sit inside its forward); not when it visits the
-    device for each run (model mode): its weights land wherever free memory is each time (the text
-    encoder's layers used the memory they left), so every run would find its graphs stale and capture
-    them anew, and their memory pool would stay reserved through the decode, in the mode chosen for
-    want of memory; nor with the step cache (its skip decision reads the device)."""
-    return all(places["transformer"] == DEVICE for places in offload.plan.values()) and cache is None
+    One streamed (copies and host waits sit inside its forward) or visiting the device stage by stage
+    is not: its weights land wherever free memory is each time, so its graphs would be stale on every
+    run and captured anew, their memory pool reserved meanwhile, in a mode chosen for want of memory."""
+    return all(places[component] == DEVICE for places in offload.plan.values())
+
+
+def graphs_allowed(offload: Offload, cache: float | None) -> bool:
+    """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): only when it stays on the device
+    (stays_on_device), and not with the step cache (its skip decision reads the device)."""
+    return stays_on_device(offload, "transformer") and cache is None

@@ -49,7 +49,7 @@ from zflux.common.images import PREPROCESSORS, open_image
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
-from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
+from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode, stays_on_device
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.step_cache import step_cache
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
@@ -330,8 +330,7 @@ class ZImagePipeline(LoraPipeline):
             latents = latents.float()
         else:
             latents, start = start_noise(self.vae, latents=latents, **where | dict(dtype=torch.float32)), 0
-        # An offloaded Qwen3 comes back to the GPU at new addresses on every visit: it would capture its graphs anew each time.
-        self.text_encoder.cuda_graphs = self.cuda_graphs and self.offload.mode == "none"
+        self.text_encoder.cuda_graphs = self.cuda_graphs and stays_on_device(self.offload, "text_encoder")
         encoder = OmniPromptEncoder(self.text_encoder, len(fitted)) if self.variant == OMNI else self.text_encoder
         text = encode_prompts(encoder, prompt, negative_prompt, cfg=use_cfg, max_length=settings.max_sequence_length,
                               offload=self.offload)
