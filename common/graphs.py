@@ -10,8 +10,11 @@ a torch.compile of the blocks all happen there, outside the capture), returns th
 captures one forward into a graph that reads static copies of the inputs. Every later call with that
 signature copies its tensors into those copies, replays the graph and returns a copy of its output.
 The time step is a tensor input like the latents, so every step of a run, and every later run of the
-same size and prompt length, replays the same graph; the graphs of one module share one memory pool,
-which stays reserved while they live (about one forward's activations).
+same size and prompt length, replays the same graph. Every graph on a device shares one memory pool,
+which stays reserved while they live: as large as the largest forward's activations (the transformer's,
+the prompt encoder's, the autoencoder's decode), not their sum. Sharing is safe because no tensor in the
+pool outlives a replay: each replay copies its inputs into static copies made outside the pool, and its
+output out of it, before any other graph runs.
 
 The forward runs eagerly instead (and nothing is captured) when an argument is a CPU tensor, when an
 argument is neither a tensor nor None nor a plain number or string or a tuple of them (a
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 from zflux.common import ops, parallel
 
 Key = tuple[Hashable, ...]
+_POOLS: dict[int, tuple[int, int]] = {}  # per device index: the pool all its graphs share
 PLAIN = (bool, int, float, str)  # non-tensor arguments that enter the key by value
 
 
@@ -101,9 +105,12 @@ class Captured:
         torch.cuda.current_stream().wait_stream(side)
 
     @staticmethod
-    def new_pool():
-        """A memory pool for the graphs of one module to share: each replays alone, and each keeps its output."""
-        return torch.cuda.graph_pool_handle()
+    def pool():
+        """The memory pool every graph on the current device is captured into (see the module docstring)."""
+        device = torch.cuda.current_device()
+        if device not in _POOLS:
+            _POOLS[device] = torch.cuda.graph_pool_handle()
+        return _POOLS[device]
 
     def __call__(self, args: tuple, kwargs: dict) -> Tensor:
         for static, given in [*zip(self.args, args), *((self.kwargs[k], v) for k, v in kwargs.items())]:
@@ -124,7 +131,6 @@ class GraphedForward:
         self._module = weakref.ref(module)
         self.graphs: dict[Key, Captured | None] = {}  # None: capturing failed, run eagerly
         self.addresses = weight_addresses(module)
-        self.pool = None
 
     @property
     def module(self) -> nn.Module:
@@ -147,10 +153,8 @@ class GraphedForward:
     def _warm_up_and_capture(self, key: Key, args: tuple, kwargs: dict) -> Tensor:
         """Run the forward eagerly (its result is this call's answer), then capture it under `key`."""
         out = self.module(*args, **kwargs)
-        if self.pool is None:
-            self.pool = Captured.new_pool()
         try:
-            self.graphs[key] = Captured(self.module, args, kwargs, self.pool)
+            self.graphs[key] = Captured(self.module, args, kwargs, Captured.pool())
         except RuntimeError as e:  # the forward synced with the host while capturing
             self.graphs[key] = None
             warnings.warn(f"{type(self.module).__name__}: CUDA graph capture failed, this call signature runs eagerly "

@@ -236,7 +236,7 @@ class FluxPipeline(LoraPipeline):
         components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
         self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device)
         self.redux: ReduxImageEncoder | None = None
-        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
+        self.cuda_graphs = True  # replay the transformer's forward and the decode as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -339,6 +339,8 @@ class FluxPipeline(LoraPipeline):
         when the whole would not fit (None).
         """
         self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
+        # The decode's graphs share the transformer's memory pool (common/graphs.py): graphed with it, or not at all.
+        self.vae.cuda_graphs = graphs = self.cuda_graphs and graphs_allowed(self.offload, cache)
         init_image, mask, control_image = open_image(init_image), open_image(mask), open_image(control_image)
         references = [open_image(image) for image in reference_images or []]
         task = check_task(self.variant, init_image=init_image is not None, mask=mask is not None, control_image=control_image is not None,
@@ -368,7 +370,7 @@ class FluxPipeline(LoraPipeline):
                                                   pooled_scale=redux_pooled_scale)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
                             guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning,
-                            cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+                            cuda_graphs=graphs)
         with self.offload.stage("denoise"), step_cache(self.transformer, cache):
             tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
         latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)

@@ -63,7 +63,7 @@ class FakeCapture:
         self.fn, self.args, self.kwargs = fn, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}
 
     @staticmethod
-    def new_pool():
+    def pool():
         return None
 
     def __call__(self, args, kwargs):
@@ -132,6 +132,21 @@ def test_cpu_tensors_and_autograd_run_eagerly():
         forward(torch.ones(2))
     y = forward(torch.ones(2))  # autograd on: never captured
     assert y.requires_grad and forward.graphs == {} and model.calls == 2
+
+
+@torch.inference_mode()
+def test_autoencoder_decodes_through_its_graphs(fake):
+    """With cuda_graphs on (the pipelines' switch), decodes replay one graph per latent size; off, none is made."""
+    from zflux.common.vae import Autoencoder, AutoencoderConfig
+
+    vae = Autoencoder(AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)).eval()
+    latents = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0)).unbind(0)
+    eager = [vae.decode(z[None]) for z in latents]
+    assert fake.made == 0
+    vae.cuda_graphs = True
+    assert all(torch.equal(vae.decode(z[None]), expected) for z, expected in zip(latents, eager))
+    assert fake.made == 1 and torch.equal(vae.decode(torch.zeros(1, 16, 2, 2)), vae.decoder(torch.zeros(1, 16, 2, 2)))
+    assert fake.made == 2
 
 
 # Whole denoise loops through each family's predict closure, with graphs against without: on the GPU at full size

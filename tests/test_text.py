@@ -181,11 +181,14 @@ def test_qwen3_must_mask_causally_by_itself():
         Qwen3PromptEncoder(model, qwen_tokenizer())
 
 
-@pytest.mark.parametrize("offload, cuda_graphs, graphs_on", [("none", True, True), ("none", False, False),
-                                                             ("text-encoder", True, False)])
+@pytest.mark.parametrize("offload, cuda_graphs, graphs_on, decode_graphs", [("none", True, True, True),
+                                                                            ("none", False, False, False),
+                                                                            ("text-encoder", True, False, True),
+                                                                            ("model", True, False, False)])
 @torch.inference_mode()
-def test_pipelines_graph_qwen3_where_its_weights_stay(tmp_path, fake, offload, cuda_graphs, graphs_on):
-    """An offloaded Qwen3 comes back at new addresses on every visit: graphs would be captured anew each time."""
+def test_pipelines_graph_qwen3_where_its_weights_stay(tmp_path, fake, offload, cuda_graphs, graphs_on, decode_graphs):
+    """An offloaded Qwen3 comes back at new addresses on every visit: graphs would be captured anew each time. The
+    decode is graphed exactly where the transformer is (their graphs share one memory pool)."""
     from tiny_pipelines import zimage_snapshot as tiny_zimage_snapshot  # it imports this module's tokenizers
 
     pipe = ZImagePipelineOurs.from_pretrained(tiny_zimage_snapshot(tmp_path / "turbo", "z-image-turbo"), device="cpu",
@@ -194,6 +197,7 @@ def test_pipelines_graph_qwen3_where_its_weights_stay(tmp_path, fake, offload, c
     pipe.generate("a cat", steps=1, height=32, width=32, output_type="latent", progress=False)
     assert pipe.text_encoder.cuda_graphs is graphs_on
     assert len(graphed(pipe.text_encoder.features).graphs) == int(graphs_on)
+    assert pipe.vae.cuda_graphs is decode_graphs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -197,7 +197,7 @@ class ZImagePipeline(LoraPipeline):
         self.controlnet, self.siglip = controlnet, siglip
         components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
         self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.x_embedder.weight.device)
-        self.cuda_graphs = True  # replay the transformer's and Qwen3's forwards as CUDA graphs, where the tensors are on a GPU
+        self.cuda_graphs = True  # replay the transformer's and Qwen3's forwards and the decode as CUDA graphs, where the tensors are on a GPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -304,6 +304,8 @@ class ZImagePipeline(LoraPipeline):
         in tiles (True), whole (False) or in tiles only when the whole would not fit (None).
         """
         self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
+        # The decode's graphs share the transformer's memory pool (common/graphs.py): graphed with it, or not at all.
+        self.vae.cuda_graphs = graphs = self.cuda_graphs and graphs_allowed(self.offload, cache)
         self._check_task(init_image=init_image, control_image=control_image, control_preprocess=control_preprocess, mask=mask,
                          reference_images=reference_images)
         settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
@@ -346,7 +348,7 @@ class ZImagePipeline(LoraPipeline):
             features, cap_mask = text
             predict = predictor(self.transformer, features=features, mask=cap_mask, sigmas=sigmas, settings=settings,
                                 device=self.device, control=control,
-                                cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+                                cuda_graphs=graphs)
         with self.offload.stage("denoise"), step_cache(self.transformer, cache):
             latents = denoise(predict, latents, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, C, h, w) fp32
         if output_type == "latent":

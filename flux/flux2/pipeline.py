@@ -266,7 +266,7 @@ class Flux2Pipeline(LoraPipeline):
             raise CheckpointError(f"{variant} reads {transformer.cfg.joint_attention_dim} features from {expected_text}; the "
                                   f"text encoder is {text_encoder.model.config.model_type} giving {text_encoder.width}")
         self.transformer, self.vae, self.text_encoder, self.variant = transformer, vae, text_encoder, variant
-        self.cuda_graphs = True  # replay the transformer's forward as CUDA graphs, where the tensors are on a GPU
+        self.cuda_graphs = True  # replay the transformer's forward and the decode as CUDA graphs, where the tensors are on a GPU
         self.scheduler = scheduler or VARIANTS[variant].scheduler
         components = dict(text_encoder=text_encoder, transformer=transformer, vae=vae)
         self.offload = Offload(resolve_mode(offload, offload_text_encoder), components, device or transformer.img_in.weight.device)
@@ -339,6 +339,8 @@ class Flux2Pipeline(LoraPipeline):
         would not fit (None).
         """
         self.vae.tiling = vae_tiling  # for this run's image encodes (init, mask, control, reference images): encode_raw
+        # The decode's graphs share the transformer's memory pool (common/graphs.py): graphed with it, or not at all.
+        self.vae.cuda_graphs = graphs = self.cuda_graphs and graphs_allowed(self.offload, cache)
         entry = VARIANTS[self.variant]
         check_inputs(self.variant, reference_images, init_image, mask, latents)
         settings = check_settings(self.variant, negative_prompt=negative_prompt, steps=steps, guidance=guidance)
@@ -367,7 +369,7 @@ class Flux2Pipeline(LoraPipeline):
                                                                 sigmas, strength)
         predict = predictor(self.transformer, text=text, size=(h, w), sigmas=sigmas, guidance=settings.guidance,
                             refs=self._references(refs, known, (h, w)), kv=entry.kv, device=self.device,
-                            cuda_graphs=self.cuda_graphs and graphs_allowed(self.offload, cache))
+                            cuda_graphs=graphs)
         with self.offload.stage("denoise"), step_cache(self.transformer, cache):
             tokens = denoise(predict, tokens, sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, h*w, 128)
         latent = self.vae.denormalize(from_tokens(tokens, h, w))  # (1, 32, H/8, W/8)
