@@ -7,10 +7,10 @@ itself is defined once in `norms.py`, `rope.py`, `activations.py` and `attention
 
 Backends:
 - `auto` (the default): the fastest measured mix on a CUDA GPU, the Triton norm/RoPE/modulation
-  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded;
-  plain PyTorch elsewhere.
+  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded and
+  the wide-head one past head dim 256 (the autoencoders' mid block); plain PyTorch elsewhere.
 - `sdpa`: plain PyTorch throughout (torch SDPA for attention).
-- `triton`: every op in `zflux.kernels`, the flash-attention kernel included.
+- `triton`: every op in `zflux.kernels`, the flash-attention kernels included.
 - `reference`: the explicit fp32 math the kernels are tested against.
 
 The choice comes from, in order: an active `use_backend(...)` scope (models open one around their
@@ -96,6 +96,24 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
 
         return q.shape[-1] in HEAD_DIMS
     return backend == "triton" and use_kernels(q)
+
+
+def use_wide_kernel(q: Tensor, k: Tensor, v: Tensor, masked: bool) -> bool:
+    """Whether unpadded attention on q, k, v runs the Triton kernel for wide heads (kernels/wide_attention.py).
+
+    Under `triton` for every head dim it takes that the flash kernel does not; under `auto` on a GPU
+    for head dims past 256 (the autoencoders' single head of 512), which SDPA's flash and cuDNN
+    kernels do not take: it falls back to its memory-efficient kernel there, 4.6 ms at 1024x1024
+    on the H100 where the FLOPs take about 1 ms.
+    """
+    backend = current_backend()
+    if masked or backend not in ("auto", "triton") or not use_kernels(q):
+        return False
+    from zflux.kernels.attention import HEAD_DIMS
+    from zflux.kernels.wide_attention import supports
+
+    narrow = q.shape[-1] <= 256 if backend == "auto" else q.shape[-1] in HEAD_DIMS
+    return not narrow and supports(q, k, v)
 
 
 def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
@@ -259,6 +277,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
         from zflux.kernels.attention import flash_attention_fp8
 
         return flash_attention_fp8(q, k, v, key_lens)
+    if use_wide_kernel(q, k, v, masked=key_lens is not None):
+        from zflux.kernels.wide_attention import wide_attention
+
+        return wide_attention(q, k, v)
     if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
