@@ -152,8 +152,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         tokens = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
         q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
-        # SDPA picks a fused kernel where one fits: 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32.
-        out = _pointwise(F.scaled_dot_product_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
+        # 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32: a fused kernel, SDPA's or (512 channels, past
+        # SDPA's fast kernels) the wide-head Triton one. One device always: the autoencoder is never sequence-parallel.
+        out = _pointwise(ops.attend(q, k, v, None), self.proj_out)  # (B, 1, HW, C)
         return x + rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, C, H, W)
 
 
@@ -200,18 +201,35 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self._phases: tuple[tuple, Tensor, Tensor] | None = None  # (key, weight, bias): `_phase_conv`'s cache, no state
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        weight = phase_weights(self.conv.weight).contiguous(memory_format=layout)  # (4C, C, 2, 2)
+        weight, bias = self._phase_conv(x, layout)  # (4C, C, 2, 2), (4C,)
         # Phase (a, b) sits at channels (2a + b) C.. of y, its H x W window starting at row a, column b.
-        y = F.conv2d(x, weight, self.conv.bias.repeat(4), padding=1)  # (B, 4C, H+1, W+1)
+        y = F.conv2d(x, weight, bias, padding=1)  # (B, 4C, H+1, W+1)
         sb, sc, sh, sw = y.stride()
         phases = y.as_strided((B, C, H, 2, W, 2), (sb, sc, sh, 2 * C * sc + sh, sw, C * sc + sw))  # (B, C, H, a, W, b)
         out = torch.empty(B, C, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout)
         out.unflatten(3, (W, 2)).unflatten(2, (H, 2)).copy_(phases)
         return out  # (B, C, 2H, 2W)
+
+    def _phase_conv(self, x: Tensor, layout: torch.memory_format) -> tuple[Tensor, Tensor]:
+        """The phases' weight (4C, C, 2, 2) in `layout` and bias (4C,), made once per state of the conv's parameters.
+
+        Making them is a few dozen small ops, which ran on every call (launch gaps in an eager decode). The cache
+        key holds what a change of the parameters changes: their storage (`.to()`, a replaced tensor), their
+        version counters (in-place updates: an optimizer step, a merged LoRA), dtype and device. Where autograd
+        records (training) they are made afresh, so that the gradients reach the conv's parameters.
+        """
+        w, b = self.conv.weight, self.conv.bias
+        if ops.training(x, w):
+            return phase_weights(w).contiguous(memory_format=layout), b.repeat(4)
+        key = (layout, w.dtype, w.device, *((t.data_ptr(), _version(t)) for t in (w, b)))
+        if self._phases is None or self._phases[0] != key:
+            self._phases = key, phase_weights(w).contiguous(memory_format=layout), b.repeat(4)
+        return self._phases[1:]
 
 
 def phase_weights(weight: Tensor) -> Tensor:
@@ -226,6 +244,12 @@ def phase_weights(weight: Tensor) -> Tensor:
     rows = collapse(w, dim=2)  # (2, O, I, 2, 3): phase a
     both = collapse(rows, dim=4)  # (2, 2, O, I, 2, 2): phase b, phase a
     return both.transpose(0, 1).reshape(-1, *w.shape[1:2], 2, 2).to(weight.dtype)  # (4 O, I, 2, 2)
+
+
+def _version(t: Tensor) -> int | None:
+    """t's version counter, which each in-place update bumps; None for an inference tensor (made under
+    torch.inference_mode), which keeps none and cannot change outside that mode."""
+    return None if t.is_inference() else t._version
 
 
 def _resnets(in_channels: int, out_channels: int, n_blocks: int, groups: int) -> nn.ModuleList:

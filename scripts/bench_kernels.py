@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py                 # everything
     python scripts/bench_kernels.py --only attention   # both attention tables
+    python scripts/bench_kernels.py --only wide        # the wide-head attention row alone
 
 bf16, batch 1 unless noted, at the shapes the two models use at 1024x1024 (FLUX.1: 4608 tokens of
 3072 channels, 24 heads of 128; Z-Image: 4224 tokens of 3840, 30 heads of 128) and at 4x the tokens.
@@ -201,14 +202,15 @@ def bench_wide_attention() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["memory", "attention"])
+    parser.add_argument("--only", choices=["memory", "attention", "wide"])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    if args.only != "attention":
+    if args.only in (None, "memory"):
         bench_memory(copy_bandwidth())
-    if args.only != "memory":
+    if args.only in (None, "attention"):
         bench_attention()
+    if args.only in (None, "attention", "wide"):
         bench_wide_attention()
 
 
