@@ -184,16 +184,16 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return norms.gated_rms_residual(x, y, weight, gate, eps)
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None) -> Tensor:
-    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias))) with `norm`'s groups, parameters and eps, or its fused kernel
-    (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward: training the
-    autoencoder (common/training.py) runs the PyTorch math."""
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None, silu: bool = True) -> Tensor:
+    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias)), or without the SiLU) with `norm`'s groups, parameters and eps,
+    or its fused kernel (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward:
+    training the autoencoder (common/training.py) runs the PyTorch math."""
     if use_kernels(x) and not training(x, norm.weight):
         from zflux.kernels.groupnorm import group_norm_silu as fused, supports
 
         if supports(x, norm.num_groups):
-            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
-    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias, silu)
+    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias, silu)
 
 
 def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:

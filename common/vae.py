@@ -150,7 +150,7 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
+        tokens = rearrange(ops.group_norm_silu(x, self.norm, silu=False), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
         q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
         # 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32: a fused kernel, SDPA's or (512 channels, past
         # SDPA's fast kernels) the wide-head Triton one. One device always: the autoencoder is never sequence-parallel.

@@ -18,6 +18,7 @@ require_triton()  # before kernels/ is imported
 
 from zflux.common import ops  # noqa: E402
 from zflux.common.attention import reference_attention as reference  # noqa: E402
+from zflux.common.vae import AttnBlock  # noqa: E402
 from zflux.kernels.wide_attention import supports, wide_attention, wide_attention_bshd  # noqa: E402
 from util import rel_err  # noqa: E402
 
@@ -78,6 +79,19 @@ def test_ops_dispatch():
     plain = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(auto, plain)
     assert not torch.equal(fused, plain) and rel_err(fused, plain) <= TOL[torch.float32]
+
+
+@torch.no_grad()
+def test_the_autoencoders_attention_block_on_the_kernels():
+    """The mid block's attention with its GroupNorm and attention on the kernels (`triton`) against PyTorch's (`sdpa`)."""
+    torch.manual_seed(0)
+    block = AttnBlock(128, 32).to(DEVICE)
+    x = torch.randn(2, 128, 6, 7, device=DEVICE)
+    with ops.use_backend("triton"):
+        fused = block(x)
+    with ops.use_backend("sdpa"):
+        plain = block(x)
+    assert not torch.equal(fused, plain) and rel_err(fused - x, plain - x) <= TOL[torch.float32]
 
 
 @pytest.mark.gpu
