@@ -138,7 +138,10 @@ class ResnetBlock(nn.Module):
         h = F.conv2d(h, self.conv1.weight, padding=1)  # (B, C_out, H, W)
         h = ops.group_norm_silu(h, self.norm2, x_bias=self.conv1.bias)  # (B, C_out, H, W)
         h = F.conv2d(h, self.conv2.weight, padding=1)  # (B, C_out, H, W)
-        return ops.bias_residual(h, self.conv2.bias, self.nin_shortcut(x))
+        if isinstance(self.nin_shortcut, nn.Conv2d):  # the shortcut's bias joins conv2's, added in the same pass
+            shortcut = F.conv2d(x, self.nin_shortcut.weight)  # (B, C_out, H, W)
+            return ops.bias_residual(h, self.conv2.bias + self.nin_shortcut.bias, shortcut)
+        return ops.bias_residual(h, self.conv2.bias, x)
 
 
 class AttnBlock(nn.Module):
@@ -201,35 +204,40 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self._phases: tuple[tuple, Tensor, Tensor] | None = None  # (key, weight, bias): `_phase_conv`'s cache, no state
+        self._phases: tuple[tuple, Tensor] | None = None  # (key, weight): `_phase_weight`'s cache, no state
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        weight, bias = self._phase_conv(x, layout)  # (4C, C, 2, 2), (4C,)
-        # Phase (a, b) sits at channels (2a + b) C.. of y, its H x W window starting at row a, column b.
-        y = F.conv2d(x, weight, bias, padding=1)  # (B, 4C, H+1, W+1)
+        # Phase (a, b) sits at channels (2a + b) C.. of y, its H x W window starting at row a, column b. The conv runs
+        # without its bias, added as the phases are interleaved: PyTorch adds it in a pass of its own over y.
+        y = F.conv2d(x, self._phase_weight(x, layout), padding=1)  # (B, 4C, H+1, W+1)
         sb, sc, sh, sw = y.stride()
         phases = y.as_strided((B, C, H, 2, W, 2), (sb, sc, sh, 2 * C * sc + sh, sw, C * sc + sw))  # (B, C, H, a, W, b)
         out = torch.empty(B, C, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout)
-        out.unflatten(3, (W, 2)).unflatten(2, (H, 2)).copy_(phases)
+        pixels = out.unflatten(3, (W, 2)).unflatten(2, (H, 2))  # (B, C, H, a, W, b), a view of out
+        bias = rearrange(self.conv.bias, "c -> c 1 1 1 1")
+        if torch.is_grad_enabled() and (phases.requires_grad or bias.requires_grad):
+            pixels.copy_(phases + bias)  # out= takes no autograd
+        else:
+            torch.add(phases, bias, out=pixels)
         return out  # (B, C, 2H, 2W)
 
-    def _phase_conv(self, x: Tensor, layout: torch.memory_format) -> tuple[Tensor, Tensor]:
-        """The phases' weight (4C, C, 2, 2) in `layout` and bias (4C,), made once per state of the conv's parameters.
+    def _phase_weight(self, x: Tensor, layout: torch.memory_format) -> Tensor:
+        """The phases' weight (4C, C, 2, 2) in `layout`, made once per state of the conv's weight.
 
-        Making them is a few dozen small ops, which ran on every call (launch gaps in an eager decode). The cache
-        key holds what a change of the parameters changes: their storage (`.to()`, a replaced tensor), their
-        version counters (in-place updates: an optimizer step, a merged LoRA), dtype and device. Where autograd
-        records (training) they are made afresh, so that the gradients reach the conv's parameters.
+        Making it is a few dozen small ops, which ran on every call (launch gaps in an eager decode). The cache
+        key holds what a change of the weight changes: its storage (`.to()`, a replaced tensor), its version
+        counter (in-place updates: an optimizer step, a merged LoRA), dtype and device. Where autograd records
+        (training) it is made afresh, so that the gradients reach the conv's weight.
         """
-        w, b = self.conv.weight, self.conv.bias
+        w = self.conv.weight
         if ops.training(x, w):
-            return phase_weights(w).contiguous(memory_format=layout), b.repeat(4)
-        key = (layout, w.dtype, w.device, *((t.data_ptr(), _version(t)) for t in (w, b)))
+            return phase_weights(w).contiguous(memory_format=layout)
+        key = (layout, w.dtype, w.device, w.data_ptr(), _version(w))
         if self._phases is None or self._phases[0] != key:
-            self._phases = key, phase_weights(w).contiguous(memory_format=layout), b.repeat(4)
-        return self._phases[1:]
+            self._phases = key, phase_weights(w).contiguous(memory_format=layout)
+        return self._phases[1]
 
 
 def phase_weights(weight: Tensor) -> Tensor:

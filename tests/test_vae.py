@@ -215,7 +215,8 @@ def test_upsample_by_phases_is_nearest_then_conv(channels_last):
 
 def test_upsample_phase_weights_made_once_per_state_of_the_conv():
     """Upsample keeps its phases' weight between calls, and makes it afresh after an in-place update of the conv's weight
-    or bias (an optimizer step, a merged LoRA), a dtype change, or a tensor of its own made under inference mode."""
+    (an optimizer step, a merged LoRA) or a dtype change; the bias, added as the phases are interleaved, is read each call;
+    weights converted under inference mode (which keeps no version counters) work too."""
     torch.manual_seed(0)
     up = Upsample(8).double()
     x = torch.randn(1, 8, 5, 7, dtype=torch.float64)
