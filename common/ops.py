@@ -98,24 +98,6 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
     return backend == "triton" and use_kernels(q)
 
 
-def use_wide_kernel(q: Tensor, k: Tensor, v: Tensor, masked: bool) -> bool:
-    """Whether unpadded attention on q, k, v runs the Triton kernel for wide heads (kernels/wide_attention.py).
-
-    Under `triton` for every head dim it takes that the flash kernel does not; under `auto` on a GPU
-    for head dims past 256 (the autoencoders' single head of 512), which SDPA's flash and cuDNN
-    kernels do not take: it falls back to its memory-efficient kernel there, 4.6 ms at 1024x1024
-    on the H100 where the FLOPs take about 1 ms.
-    """
-    backend = current_backend()
-    if masked or backend not in ("auto", "triton") or not use_kernels(q):
-        return False
-    from zflux.kernels.attention import HEAD_DIMS
-    from zflux.kernels.wide_attention import supports
-
-    narrow = q.shape[-1] <= 256 if backend == "auto" else q.shape[-1] in HEAD_DIMS
-    return not narrow and supports(q, k, v)
-
-
 def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
     """Whether attention on q, k runs the fp8 flash kernel: inside an fp8 model's forward (use_backend(fp8_attention=True))
     when $ZFLUX_FP8_ATTENTION is 1, where the Triton kernels run (a GPU with fp8 tensor cores: compute capability 8.9+,
@@ -277,10 +259,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
         from zflux.kernels.attention import flash_attention_fp8
 
         return flash_attention_fp8(q, k, v, key_lens)
-    if use_wide_kernel(q, k, v, masked=key_lens is not None):
-        from zflux.kernels.wide_attention import wide_attention
-
-        return wide_attention(q, k, v)
     if use_flash_kernel(q, masked=key_lens is not None) and k.shape == q.shape:
         from zflux.kernels.attention import flash_attention
 
@@ -289,6 +267,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
         return attention_math.reference_attention(q, k, v, key_lens)
     mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def wide_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unpadded attention on (B, H, S, D) q, k, v -> (B, H, S, D) for heads of any width (the autoencoders' one head of
+    C channels): the Triton kernel for wide heads (kernels/wide_attention.py) where it runs, else SDPA.
+
+    The kernel runs under `triton` for every head dim it takes, and under `auto` on a GPU for head dims past 256 (the
+    autoencoders' 512), which SDPA's flash and cuDNN kernels do not take: SDPA runs its memory-efficient kernel there,
+    4.6 ms at 1024x1024 on the H100 where the FLOPs take about 1 ms. Every other case runs SDPA, under `reference`
+    too: the score matrix of a 1024x1024 image's latent is 1 GiB in fp32, too large for the explicit math.
+    """
+    backend = current_backend()
+    if backend in ("auto", "triton") and use_kernels(q):
+        from zflux.kernels.wide_attention import supports, wide_attention as fused
+
+        if supports(q, k, v) and (backend == "triton" or q.shape[-1] > 256):
+            return fused(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class RMSNorm(nn.Module):

@@ -156,8 +156,8 @@ class AttnBlock(nn.Module):
         tokens = rearrange(ops.group_norm_silu(x, self.norm, silu=False), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
         q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
         # 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32: a fused kernel, SDPA's or (512 channels, past
-        # SDPA's fast kernels) the wide-head Triton one. One device always: the autoencoder is never sequence-parallel.
-        out = _pointwise(ops.attend(q, k, v, None), self.proj_out)  # (B, 1, HW, C)
+        # SDPA's fast kernels) the wide-head Triton one.
+        out = _pointwise(ops.wide_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
         return x + rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, C, H, W)
 
 
@@ -204,7 +204,7 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self._phases: tuple[tuple, Tensor] | None = None  # (key, weight): `_phase_weight`'s cache, no state
+        self._phases: tuple[tuple, Tensor, Tensor] | None = None  # `_phase_weight`'s cache, no state
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
@@ -227,8 +227,10 @@ class Upsample(nn.Module):
         """The phases' weight (4C, C, 2, 2) in `layout`, made once per state of the conv's weight.
 
         Making it is a few dozen small ops, which ran on every call (launch gaps in an eager decode). The cache
-        key holds what a change of the weight changes: its storage (`.to()`, a replaced tensor), its version
-        counter (in-place updates: an optimizer step, a merged LoRA), dtype and device. Where autograd records
+        key holds what a change of the weight changes: its address (`.to()`, offload's copies, a replaced tensor),
+        its version counter (in-place updates: an optimizer step, a merged LoRA), dtype and device. The cache
+        holds the weight it was made from, so that no other tensor can take that address while it is kept (the
+        allocator would hand a freed weight's memory to the next copy of the same size). Where autograd records
         (training) it is made afresh, so that the gradients reach the conv's weight.
         """
         w = self.conv.weight
@@ -236,8 +238,8 @@ class Upsample(nn.Module):
             return phase_weights(w).contiguous(memory_format=layout)
         key = (layout, w.dtype, w.device, w.data_ptr(), _version(w))
         if self._phases is None or self._phases[0] != key:
-            self._phases = key, phase_weights(w).contiguous(memory_format=layout)
-        return self._phases[1]
+            self._phases = key, w.detach(), phase_weights(w).contiguous(memory_format=layout)
+        return self._phases[2]
 
 
 def phase_weights(weight: Tensor) -> Tensor:
@@ -256,7 +258,8 @@ def phase_weights(weight: Tensor) -> Tensor:
 
 def _version(t: Tensor) -> int | None:
     """t's version counter, which each in-place update bumps; None for an inference tensor (made under
-    torch.inference_mode), which keeps none and cannot change outside that mode."""
+    torch.inference_mode, as the autoencoder's channels-last weights are in a pipeline's first decode): it keeps
+    none, so an in-place update under inference mode goes unseen (zflux makes none: training runs outside it)."""
     return None if t.is_inference() else t._version
 
 

@@ -15,8 +15,9 @@ and sum of squared deviations over the tile. `_merge_stats_kernel`: one program 
 merges its tiles' statistics (Chan's parallel formula, exact in fp32 unlike E[x^2] - E[x]^2) into
 the group's mean and 1/std, one launch where torch ops took a dozen (launch gaps in an eager
 decode). `_group_norm_silu_kernel`: the same tiles again, normalised, scaled, shifted, SiLU'd
-(unless `silu` is off: the attention block's plain GroupNorm), stored in x's own memory format. Whole rows of C channels per position are read, so channels-last memory
-(C contiguous) reads in long runs; NCHW reads BLOCK_S-long runs per channel.
+(unless `silu` is off: the attention block's plain GroupNorm), stored in x's own memory format.
+Whole rows of C channels per position are read, so channels-last memory (C contiguous) reads in
+long runs; NCHW reads BLOCK_S-long runs per channel.
 
 Both passes take an optional per-channel `x_bias` added to x as it is loaded: the bias of the
 convolution that made x, which the ResNet block runs without it. PyTorch adds a convolution's bias
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MERGE_BLOCK = 1024  # tiles' statistics per step of the merge: 64 loop steps for C = 128 at 2048x2048 (65536 tiles)
+MERGE_BLOCK = 4096  # tiles' statistics per step of the merge: 4 steps for C = 128 at 1024x1024 (16384 tiles of 64 pixels)
 
 
 @triton.jit
@@ -165,7 +166,7 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     # Every tile holds block_s positions but the last.
     _merge_stats_kernel[(B * groups,)](means, m2s, mean, rstd, n_tiles, float(block_s * (C // groups)),
                                        float((HW - (n_tiles - 1) * block_s) * (C // groups)), float(HW * (C // groups)), eps,
-                                       BLOCK_T=min(triton.next_power_of_2(n_tiles), MERGE_BLOCK), num_warps=4)
+                                       BLOCK_T=min(triton.next_power_of_2(n_tiles), MERGE_BLOCK), num_warps=8)
     out = torch.empty_like(x)  # x's memory format
     _group_norm_silu_kernel[grid](x, x_bias, out, mean, rstd, weight.contiguous(), bias.contiguous(), HW, x.stride(0),
                                   x.stride(1), _spatial_stride(x), out.stride(0), out.stride(1), _spatial_stride(out), C=C,

@@ -80,7 +80,7 @@ def test_bias_residual(channels_last, dtype):
 
 
 def test_the_merge_steps_over_many_tiles(monkeypatch):
-    """The merge of the tiles' statistics in steps of MERGE_BLOCK tiles (1024 on the GPU: 2 here, 5 tiles), the last step
+    """The merge of the tiles' statistics in steps of MERGE_BLOCK tiles (4096 on the GPU: 2 here, 5 tiles), the last step
     past the tiles, the last tile short."""
     monkeypatch.setattr(groupnorm, "MERGE_BLOCK", 2)
     x, w, b = inputs(2, 64, 9, 60, torch.float32, offset=3.0)  # 540 positions in tiles of 128

@@ -69,15 +69,15 @@ def test_custom_op_check():
 
 
 def test_ops_dispatch():
-    """Under `triton`, head dim 256 runs this kernel; under `auto` it stays on SDPA (whose flash and cuDNN kernels take up
-    to 256), as it does under `sdpa`."""
+    """ops.wide_attention: under `triton` head dim 256 runs this kernel; under `auto` it stays on SDPA (whose flash and
+    cuDNN kernels take up to 256), as it does under `sdpa` and `reference`."""
     q, k, v = qkv(1, 1, 40, 256, torch.float32)
     with ops.use_backend("triton"):
-        fused = ops.attend(q, k, v, None)
-    with ops.use_backend("auto"):
-        auto = ops.attend(q, k, v, None)
+        fused = ops.wide_attention(q, k, v)
     plain = F.scaled_dot_product_attention(q, k, v)
-    assert torch.equal(auto, plain)
+    for backend in ("auto", "sdpa", "reference"):
+        with ops.use_backend(backend):
+            assert torch.equal(ops.wide_attention(q, k, v), plain)
     assert not torch.equal(fused, plain) and rel_err(fused, plain) <= TOL[torch.float32]
 
 

@@ -226,18 +226,18 @@ def test_upsample_phase_weights_made_once_per_state_of_the_conv():
 
     with torch.no_grad():
         out = up(x)
-        weight = up._phases[1]
-        assert torch.equal(up(x), out) and up._phases[1] is weight  # reused
+        weight = up._phases[2]
+        assert torch.equal(up(x), out) and up._phases[2] is weight  # reused
         up.conv.weight.mul_(-2)
-        assert (up(x) - expected()).abs().max() <= 1e-12 and up._phases[1] is not weight
+        assert (up(x) - expected()).abs().max() <= 1e-12 and up._phases[2] is not weight
         up.conv.bias.add_(1)
         assert (up(x) - expected()).abs().max() <= 1e-12
         up.float()
-        assert up(x.float()).dtype == torch.float32 and up._phases[1].dtype == torch.float32
+        assert up(x.float()).dtype == torch.float32 and up._phases[2].dtype == torch.float32
     with torch.inference_mode():
         up.to(memory_format=torch.channels_last)  # the autoencoder's first decode on a GPU does this, in inference mode
         x = x.float().to(memory_format=torch.channels_last)
         assert rel_err(up(x), expected()) <= 1e-6
-        weight = up._phases[1]
+        weight = up._phases[2]
         up(x)
-        assert up._phases[1] is weight
+        assert up._phases[2] is weight
