@@ -100,12 +100,15 @@ def use_flash_kernel(q: Tensor, masked: bool) -> bool:
 
 def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
     """Whether attention on q, k runs the fp8 flash kernel: inside an fp8 model's forward (use_backend(fp8_attention=True))
-    when $ZFLUX_FP8_ATTENTION is 1, where the Triton kernels run (a GPU with fp8 tensor cores: compute capability 8.9+,
-    or the interpreter under `triton`) at a head dim it takes, with as many keys as queries.
+    unless $ZFLUX_FP8_ATTENTION is 0, on one device (not inside a sequence-parallel scope), where the Triton kernels run
+    (a GPU with fp8 tensor cores: compute capability 8.9+, or the interpreter under `triton`), at a head dim the kernel
+    takes, with as many keys as queries.
 
-    Opt-in: on the H100 the kernel runs at 200-250 TFLOP/s against cuDNN bf16's 610-660 at these models' shapes, and
-    its error (5.3% relative) is above the fp8 GEMMs' (bench/RESULTS.md), so fp8 models attend in bf16 by default."""
-    if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") != "1" or not use_kernels(q) or k.shape != q.shape:
+    On the H100 the kernel runs at 671-795 TFLOP/s against cuDNN bf16's 607-633 at these models' shapes, given q and k
+    quantized by the QK-norm + RoPE kernel (qk_norm_rope below), and its whole-model error is the fp8 GEMMs' (bench/RESULTS.md)."""
+    if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") == "0" or parallel.attending() is not None:
+        return False
+    if not use_kernels(q) or k.shape != q.shape:
         return False
     from zflux.kernels.attention import HEAD_DIMS
 
@@ -194,14 +197,39 @@ def training(x: Tensor, weight: Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
-                 sin: Tensor) -> tuple[Tensor, Tensor]:
-    """rope.qk_norm_rope (RMSNorm over the head dim of q and k, then RoPE), or its fused kernel."""
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+                 k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
+    """rope.qk_norm_rope (RMSNorm over the head dim of q and k, then RoPE), or its fused kernel.
+
+    Where attention will run the fp8 kernel (use_fp8_attention), the kernel also quantizes them as it stores: q and k
+    come back as Fp8Tensors, q with a scale per token (B, H, S, 1), k with one scale () bounded by k's norm weight and
+    `k_bound_weight` (another stream's k norm weight, where `join_heads` will join the two streams' keys: both calls
+    then give k the same scale)."""
+    if use_fp8_attention(q, k):
+        from zflux.kernels.rmsnorm import qk_norm_rope_fp8
+
+        q8, k8, q_scale, k_scale = qk_norm_rope_fp8(q, k, q_weight, k_weight, eps, cos, sin, k_bound_weight)
+        return Fp8Tensor(q8, q_scale[..., None]), Fp8Tensor(k8, k_scale.reshape(()))
     if use_kernels(q):
         from zflux.kernels.rmsnorm import qk_norm_rope as fused
 
         return fused(q, k, q_weight, k_weight, eps, cos, sin)
     return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def join_heads(*parts: Tensor | Fp8Tensor) -> Tensor | Fp8Tensor:
+    """Streams' (B, H, S_i, D) queries, keys or values joined along the tokens; quantized keys share one scale (see
+    qk_norm_rope's k_bound_weight), quantized queries keep theirs per token."""
+    if not isinstance(parts[0], Fp8Tensor):
+        return torch.cat(parts, dim=2)
+    data = torch.cat([p.data for p in parts], dim=2)
+    return Fp8Tensor(data, parts[0].scale if parts[0].scale.ndim == 0 else torch.cat([p.scale for p in parts], dim=2))
+
+
+def dequantize_heads(x: Tensor | Fp8Tensor, dtype: torch.dtype) -> Tensor:
+    """Queries or keys as plain tensors in `dtype`, where a path cannot take them quantized (keys joined with cached
+    ones)."""
+    return quant.dequantize(x).to(dtype) if isinstance(x, Fp8Tensor) else x
 
 
 def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None, fp8: bool = False) -> Tensor | Fp8Tensor:
@@ -238,8 +266,8 @@ def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
-    """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D).
+def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
+    """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D), in v's dtype; q and k as qk_norm_rope returns them.
 
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
@@ -253,8 +281,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -
     return rearrange(out, "b h s d -> b s (h d)")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
-    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force."""
+def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force; q and k quantized by
+    qk_norm_rope go to the fp8 kernel."""
+    if isinstance(q, Fp8Tensor):
+        from zflux.kernels.attention import flash_attention_fp8_bshd
+        from zflux.kernels.quantize import quantize_heads
+
+        vt, v_scale = quantize_heads(v, per="channel", transpose=True)  # (B, H, D, S rounded up to 16), (B, H, D)
+        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), vt, v_scale, key_lens, v.dtype)
+        return rearrange(out, "b s h d -> b h s d")
     if use_fp8_attention(q, k):
         from zflux.kernels.attention import flash_attention_fp8
 

@@ -26,6 +26,7 @@ from zflux.common.embeddings import timestep_embedding
 from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
 from zflux.common.quant import Fp8Tensor
+from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.step_cache import StepCache, run_blocks
 from zflux.common.weights import config_from_dict
@@ -115,8 +116,10 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope)
+    def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor], k_bound_weight: Tensor | None = None
+                ) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
+        """q, k (B, H, S, D) normed and rotated (quantized for fp8 attention: see ops.qk_norm_rope and k_bound_weight)."""
+        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope, k_bound_weight=k_bound_weight)
 
 
 class Modulation(nn.Module):
@@ -143,10 +146,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, dim) -> q, k, v (B, H, S, D), q and k normalized and rotated."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, dim) -> q, k, v (B, H, S, D), q and k normalized and rotated (k_bound_weight: see QKNorm)."""
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope)
+        q, k = self.norm(q, k, rope, k_bound_weight)
         return q, k, v
 
 
@@ -183,11 +186,13 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1]
         cos, sin = rope  # (B, L+S, D/2) each, text positions first
         txt_attn_mod, img_attn_mod = txt_mod[0], img_mod[0]
+        # Quantized keys of both streams are joined under one scale: each bounds it by both streams' k norm weights.
+        txt_k_norm, img_k_norm = self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale
         txt_qkv = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS, fp8=wants_fp8(self.txt_attn.qkv)),
-                                (cos[:, :L], sin[:, :L]))
+                                (cos[:, :L], sin[:, :L]), k_bound_weight=img_k_norm)
         img_qkv = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS, fp8=wants_fp8(self.img_attn.qkv)),
-                                (cos[:, L:], sin[:, L:]))
-        return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
+                                (cos[:, L:], sin[:, L:]), k_bound_weight=txt_k_norm)
+        return tuple(ops.join_heads(*pair) for pair in zip(txt_qkv, img_qkv))
 
     @staticmethod
     def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,

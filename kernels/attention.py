@@ -26,12 +26,12 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
-from zflux.common.quant import TINY
 from zflux.kernels.quantize import quantize_heads
 
 HEAD_DIMS = (64, 128)
 LOG2_E = 1.4426950408889634
-_TINY = tl.constexpr(TINY)
+# fp8: probabilities are taken 2^8 larger, up to 256 of e4m3's 448 (see _fold).
+_P_EXPONENT = tl.constexpr(8.0)
 
 
 # Measured on the H100, config by config (bench/RESULTS.md, 2026-11-22 attention variants):
@@ -39,66 +39,63 @@ _TINY = tl.constexpr(TINY)
 # beat 64-row ones over one; 64-key blocks beat 128 (fewer live registers per score tile).
 CONFIGS = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 64}, num_warps=8, num_stages=s) for s in (3, 4)]
 CONFIGS += [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (2, 3)]
+# fp8 (H100, bench/RESULTS.md 2026-11-24): 128-row tiles over 4 warps won; 128-key blocks ran at half the speed.
+FP8_CONFIGS = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+               triton.Config({"BLOCK_M": 256, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """One small config where timing the rest is pointless: the interpreter (CPU tests), fp32 (tests only)."""
+    """One small config where timing the rest is pointless: the interpreter (CPU tests), fp32 (tests only); FP8_CONFIGS
+    timed for fp8 only."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
     if named_args["q_ptr"].dtype == torch.float32:
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-    return configs
+    return configs if kwargs["FP8"] else [c for c in configs if c not in FP8_CONFIGS]
 
 
 @triton.jit
-def _fold(acc, l_i, m_i, s, v, v_scale, start, kv_len, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fold(acc, l_i, m_i, s, v, row_scale, start, kv_len, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
           DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Fold the scores s = q k_j^T of one key block and its values v_j into the running (acc, l, m).
 
-    FP8: v_j is e4m3 with one scale per key (v_scale, (BLOCK_N,)); each probability takes its key's
-    scale relative to the block's largest, so P stays in [0, 1] (e4m3 keeps it to 2^-4), and the
-    block's largest scale multiplies the product.
+    FP8: s is in the quantized units of q and k; row_scale (ROWS,) = the row's q scale x the head's k scale x qk_scale
+    takes it to base-2 logits in the same multiply-add that applies qk_scale in bf16. The probabilities are taken 2^8
+    times larger (P in (0, 256], by 8 off the exponent: no extra multiply), which keeps e4m3's subnormals, 2^-9 and
+    below, for probabilities under 2^-17 rather than 2^-9; l sums the same scaled values, so acc / l is unchanged.
     """
     if MASKED:
         s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < kv_len, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (ROWS,)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
-    alpha = tl.math.exp2(m_i - m_new)
     if FP8:
-        peak = tl.maximum(tl.max(v_scale, axis=0), _TINY)
-        acc = acc * alpha[:, None] + peak * tl.dot((p * (v_scale / peak)[None, :]).to(v.dtype), v)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)  # (ROWS,)
+        p = tl.math.exp2(s * row_scale[:, None] - (m_new - _P_EXPONENT)[:, None])  # one FMA per score
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # (ROWS,)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_new)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i * alpha + tl.sum(p, axis=1), m_new
 
 
 @triton.jit
-def _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc, k_scale_ptr, v_scale_ptr, start,
-            kv_len, S, qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            FP8: tl.constexpr):
+def _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, row0, row1, k_desc, v_desc, start, kv_len, qk_scale, MASKED: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Fold key/value block [start, start + BLOCK_N) into both query sub-tiles' running state.
 
     Both score products are issued before either softmax: the tensor cores compute the second
     while the warps exponentiate the first (Triton 3.6 does not warp-specialize on Hopper, so this
-    is how one program keeps the tensor cores busy during its softmax). FP8: q, k, v are e4m3 with
-    one scale per token (q0_scale, q1_scale (ROWS,); the keys' and values' read here), and v is
-    stored transposed, (D, S): fp8 tensor-core products take both operands K-major.
+    is how one program keeps the tensor cores busy during its softmax). FP8: v is stored transposed,
+    (D, S): fp8 tensor-core products take both operands K-major.
     """
     k = k_desc.load([start, 0])  # (BLOCK_N, D)
     s0 = tl.dot(q0, k.T, input_precision=DOT_PRECISION)  # (ROWS, BLOCK_N)
     s1 = tl.dot(q1, k.T, input_precision=DOT_PRECISION)
-    v_scale = q0_scale  # unused unless FP8
     if FP8:
-        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        k_scale = tl.load(k_scale_ptr + keys, mask=keys < S, other=0.0)
-        v_scale = tl.load(v_scale_ptr + keys, mask=keys < S, other=0.0)
-        s0 = s0 * q0_scale[:, None] * k_scale[None, :]
-        s1 = s1 * q1_scale[:, None] * k_scale[None, :]
         v = v_desc.load([0, start]).T  # (BLOCK_N, D)
     else:
         v = v_desc.load([start, 0])  # (BLOCK_N, D)
-    acc0, l0, m0 = _fold(acc0, l0, m0, s0, v, v_scale, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
-    acc1, l1, m1 = _fold(acc1, l1, m1, s1, v, v_scale, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
+    acc0, l0, m0 = _fold(acc0, l0, m0, s0, v, row0, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
+    acc1, l1, m1 = _fold(acc1, l1, m1, s1, v, row1, start, kv_len, qk_scale, MASKED, BLOCK_N, DOT_PRECISION, FP8)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -109,10 +106,10 @@ def _head(ptr, b, h, b_stride, h_stride, s_stride, S, HEAD_DIM: tl.constexpr, RO
                                      block_shape=[ROWS, HEAD_DIM])
 
 
-@triton.autotune(CONFIGS, key=["HEAD_DIM", "DOT_PRECISION", "FP8"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(CONFIGS + FP8_CONFIGS, key=["HEAD_DIM", "DOT_PRECISION", "FP8"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, S, H, qk_scale,
-                            q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
+                            k_scale_stride, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
                             HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // 2  # two query sub-tiles of ROWS each
@@ -123,18 +120,17 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_pt
     q0 = q_desc.load([start_m, 0])  # (ROWS, D)
     q1 = q_desc.load([start_m + ROWS, 0])
     k_desc = _head(k_ptr, b, h, k_sb, k_sh, k_ss, S, HEAD_DIM, BLOCK_N)
-    q0_scale = tl.zeros([ROWS], dtype=tl.float32)  # unused unless FP8
-    q1_scale = q0_scale
-    if FP8:  # per-token scales, (B, H, S) contiguous; v transposed, (D, S) per head
+    row0 = tl.zeros([ROWS], dtype=tl.float32)  # unused unless FP8
+    row1 = row0
+    if FP8:  # q: a scale per token, (B, H, S) contiguous; k: one per head; v: one per channel, stored (D, S) per head
         rows = start_m + tl.arange(0, ROWS)
-        q0_scale = tl.load(q_scale_ptr + bh * S + rows, mask=rows < S, other=0.0)
-        q1_scale = tl.load(q_scale_ptr + bh * S + ROWS + rows, mask=ROWS + rows < S, other=0.0)
+        k_scale = tl.load(k_scale_ptr + bh * k_scale_stride) * qk_scale
+        row0 = tl.load(q_scale_ptr + bh * S + rows, mask=rows < S, other=1.0) * k_scale  # rows past S: finite, unused
+        row1 = tl.load(q_scale_ptr + bh * S + ROWS + rows, mask=ROWS + rows < S, other=1.0) * k_scale
         v_desc = tl.make_tensor_descriptor(v_ptr + b * v_sb + h * v_sh, shape=[HEAD_DIM, S], strides=[v_ss, 1],
                                            block_shape=[HEAD_DIM, BLOCK_N])
     else:
         v_desc = _head(v_ptr, b, h, v_sb, v_sh, v_ss, S, HEAD_DIM, BLOCK_N)
-    k_scale_ptr += bh * S
-    v_scale_ptr += bh * S
     kv_len = S
     if HAS_KEY_LENS:
         kv_len = tl.minimum(tl.load(key_lens_ptr + b).to(tl.int32), S)
@@ -145,13 +141,14 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_pt
     acc1, l1, m1 = acc0, l0, m0
     full_blocks_end = kv_len // BLOCK_N * BLOCK_N
     for start in range(0, full_blocks_end, BLOCK_N):
-        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc,
-                                             k_scale_ptr, v_scale_ptr, start, kv_len, S, qk_scale, False, BLOCK_N,
-                                             DOT_PRECISION, FP8)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, row0, row1, k_desc, v_desc, start,
+                                             kv_len, qk_scale, False, BLOCK_N, DOT_PRECISION, FP8)
     if full_blocks_end < kv_len:
-        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, q0_scale, q1_scale, k_desc, v_desc,
-                                             k_scale_ptr, v_scale_ptr, full_blocks_end, kv_len, S, qk_scale, True,
-                                             BLOCK_N, DOT_PRECISION, FP8)
+        acc0, l0, m0, acc1, l1, m1 = _attend(acc0, l0, m0, acc1, l1, m1, q0, q1, row0, row1, k_desc, v_desc,
+                                             full_blocks_end, kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION, FP8)
+    if FP8:
+        v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :]  # (1, D)
+        acc0, acc1 = acc0 * v_scale, acc1 * v_scale
     o_desc = _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, ROWS)
     o_desc.store([start_m, 0], (acc0 / l0[:, None]).to(o_ptr.dtype.element_ty))
     o_desc.store([start_m + ROWS, 0], (acc1 / l1[:, None]).to(o_ptr.dtype.element_ty))
@@ -185,7 +182,7 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | Non
     # fp32 (tests): three TF32 products per dot, close to fp32 accuracy, where plain IEEE fp32 dots
     # would take minutes to compile.
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, q, q, q, S, H, D**-0.5 * LOG2_E,
+    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, q, q, q, S, H, D**-0.5 * LOG2_E, 0,
                                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                                   HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D,
                                   DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=False)
@@ -199,27 +196,34 @@ def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
 
 
 @torch.library.custom_op("zflux::flash_attention_fp8", mutates_args=())
-def flash_attention_fp8_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
-    """`flash_attention_bshd` with q, k, v quantized to e4m3 per token and head, and P in e4m3: output in q's dtype."""
-    _check(q, k, v, key_lens)
+def flash_attention_fp8_bshd(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor,
+                             key_lens: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """`flash_attention_bshd` on e4m3 inputs: q (B, H, S, D) with a scale per token and head (B, H, S), k (B, H, S, D)
+    with one per head (B, H) or for all heads (1,), v transposed (B, H, D, S') with one per channel (B, H, D)
+    (`zflux.kernels.quantize.quantize_heads` makes each); P in e4m3 too. Output (B, S, H, D) in out_dtype."""
     B, H, S, D = q.shape
-    q8, q_scale = quantize_heads(q, transpose=False)  # (B, H, S, D), (B, H, S)
-    k8, k_scale = quantize_heads(k, transpose=False)
-    vt8, v_scale = quantize_heads(v, transpose=True)  # (B, H, D, S rounded up to 16), (B, H, S)
-    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    if D not in HEAD_DIMS or k.shape != q.shape or vt.shape[:3] != (B, H, D) or vt.shape[3] < S:
+        raise ValueError(f"fp8 attention takes q, k (B, H, S, D), D in {HEAD_DIMS}, and v as (B, H, D, >= S), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(vt.shape)}")
+    if q_scale.shape != (B, H, S) or k_scale.numel() not in (1, B * H) or v_scale.shape != (B, H, D):
+        raise ValueError(f"fp8 attention scales must be (B, H, S), (B, H) or (1,), (B, H, D), got {tuple(q_scale.shape)}, "
+                         f"{tuple(k_scale.shape)}, {tuple(v_scale.shape)}")
+    out = torch.empty((B, S, H, D), dtype=out_dtype, device=q.device)
     o = rearrange(out, "b s h d -> b h s d")
     triton.set_allocator(_workspace)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _flash_attention_kernel[grid](q8, k8, vt8, o, q if key_lens is None else key_lens, q_scale, k_scale, v_scale, S, H,
-                                  D**-0.5 * LOG2_E, *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *o.stride()[:3],
+    _flash_attention_kernel[grid](q, k, vt, o, q if key_lens is None else key_lens, q_scale.contiguous(), k_scale,
+                                  v_scale.contiguous(), S, H, D**-0.5 * LOG2_E, int(k_scale.numel() > 1),
+                                  *q.stride()[:3], *k.stride()[:3], *vt.stride()[:3], *o.stride()[:3],
                                   HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D, DOT_PRECISION="tf32", FP8=True)
     return out
 
 
 @flash_attention_fp8_bshd.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
+def _(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor, key_lens: Tensor | None,
+      out_dtype: torch.dtype) -> Tensor:
     B, H, S, D = q.shape
-    return q.new_empty((B, S, H, D))
+    return q.new_empty((B, S, H, D), dtype=out_dtype)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
@@ -231,6 +235,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = N
 
 
 def flash_attention_fp8(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
-    """flash_attention with q, k and v quantized to e4m3 (one scale per token and head) and the probabilities too, for
-    fp8 tensor-core products; the output in q's dtype."""
-    return rearrange(flash_attention_fp8_bshd(q, k, v, key_lens), "b s h d -> b h s d")
+    """flash_attention with e4m3 tensor-core products: q quantized per token and head, k per head, v per channel of each
+    head, the probabilities too; the output in q's dtype."""
+    _check(q, k, v, key_lens)
+    vt, v_scale = quantize_heads(v, per="channel", transpose=True)  # (B, H, D, S rounded up to 16), (B, H, D)
+    out = flash_attention_fp8_bshd(*quantize_heads(q, per="token"), *quantize_heads(k, per="head"), vt, v_scale, key_lens,
+                                   q.dtype)
+    return rearrange(out, "b s h d -> b h s d")

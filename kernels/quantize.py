@@ -57,33 +57,43 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
-def _quantize_heads_kernel(x_ptr, out_ptr, scale_ptr, S, H, x_sb, x_sh, x_ss, out_sh, out_ss, out_sd,
-                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _quantize_heads_kernel(x_ptr, out_ptr, scale_ptr, S, H, x_sb, x_sh, x_ss, out_sh, out_ss, out_sd, scale_sh, scale_sd,
+                           D: tl.constexpr, BLOCK_S: tl.constexpr, PER_TOKEN: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
     dims = tl.arange(0, D)
     mask = (tokens < S)[:, None]  # (BLOCK_S, 1)
     x = tl.load(x_ptr + b * x_sb + h * x_sh + tokens[:, None] * x_ss + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), _TINY) / _MAX  # (BLOCK_S,)
-    q = tl.clamp(x / scale[:, None], -_MAX, _MAX).to(out_ptr.dtype.element_ty)
+    if PER_TOKEN:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), _TINY) / _MAX  # (BLOCK_S,)
+        tl.store(scale_ptr + bh * S + tokens, scale, mask=tokens < S)
+        scale = scale[:, None]
+    else:  # given: one per head (B, H) or per channel (B, H, D)
+        scale = tl.load(scale_ptr + bh * scale_sh + dims * scale_sd)[None, :]  # (1, D)
+    q = tl.clamp(x / scale, -_MAX, _MAX).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + bh * out_sh + tokens[:, None] * out_ss + dims[None, :] * out_sd, q, mask=mask)
-    tl.store(scale_ptr + bh * S + tokens, scale, mask=tokens < S)
 
 
-def quantize_heads(x: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
+def quantize_heads(x: Tensor, per: str, transpose: bool = False) -> tuple[Tensor, Tensor]:
     """x (B, H, S, D) (any strides, unit channel stride) -> e4m3 (B, H, S, D), or (B, H, D, S') transposed (S' = S
-    rounded up to 16, so that each row is 16-byte aligned for TMA), and fp32 scales (B, H, S), one per token and head."""
+    rounded up to 16, so that each row is 16-byte aligned for TMA), and fp32 scales: per "token" (B, H, S), one for each
+    token and head; per "head" (B, H); per "channel" (B, H, D), each over the head's tokens."""
     B, H, S, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     width = triton.cdiv(S, 16) * 16
     out = torch.empty((B, H, D, width) if transpose else (B, H, S, D), dtype=E4M3, device=x.device)
-    scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
+    if per == "token":
+        scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
+    else:  # the maxima first: one reduction over the head's tokens (and channels), then the quantizing pass
+        dims = (2, 3) if per == "head" else 2
+        scale = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, dtype=torch.float32).clamp_(min=TINY) / E4M3_MAX
     out_ss, out_sd = (1, width) if transpose else (D, 1)
     block_s = max(1, 4096 // D)
     _quantize_heads_kernel[(B * H, triton.cdiv(S, block_s))](x, out, scale, S, H, *x.stride()[:3], out.stride(1), out_ss,
-                                                             out_sd, D=D, BLOCK_S=block_s, num_warps=4)
+                                                             out_sd, *((D, 1) if per == "channel" else (1, 0)), D=D, BLOCK_S=block_s,
+                                                             PER_TOKEN=per == "token", num_warps=4)
     return out, scale
 
 

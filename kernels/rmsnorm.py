@@ -23,6 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from zflux.common.quant import E4M3, E4M3_MAX, TINY
+
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_TINY = tl.constexpr(TINY)
+
 
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
@@ -92,23 +97,21 @@ def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 @triton.jit
-def _norm_rope_tile(x_ptr, out_ptr, w, cos, sin, tokens, mask, s_stride, out_base, S,
-                    eps, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Load a (BLOCK_S, D) tile of one head, RMSNorm it, rotate it, store it (B, H, S, D)-contiguous."""
+def _norm_rope(x_ptr, w, cos, sin, tokens, mask, s_stride, eps, dtype: tl.constexpr, D: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (BLOCK_S, D) tile of one head, RMSNorm it (rounded to `dtype`), rotate it: fp32 (BLOCK_S, BLOCK_D)."""
     dims = tl.arange(0, BLOCK_D)
     x = tl.load(x_ptr + tokens[:, None] * s_stride + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
     x = rms_normalize(x, w[None, :], D, eps, dtype)  # (BLOCK_S, BLOCK_D)
     x0, x1 = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_D // 2, 2)))  # (BLOCK_S, BLOCK_D/2) each
     out = tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin)  # (BLOCK_S, BLOCK_D/2, 2)
-    out = tl.reshape(out, (BLOCK_S, BLOCK_D)).to(dtype)
-    tl.store(out_ptr + out_base + tokens[:, None] * D + dims[None, :], out, mask=mask)
+    return tl.reshape(out, (BLOCK_S, BLOCK_D))
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, k_out, S, H,
-                         q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, eps,
-                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
+                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, o_sh, o_ss, eps, sqrt_d,
+                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
@@ -120,9 +123,26 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, 
     sin = tl.load(sin_ptr + b * sin_sb + tokens[:, None] * sin_ss + half[None, :], mask=half_mask, other=0.0)
     qw = tl.load(qw_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
     kw = tl.load(kw_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
-    out_base = bh.to(tl.int64) * S * D
-    _norm_rope_tile(q_ptr + b * q_sb + h * q_sh, q_out, qw, cos, sin, tokens, mask, q_ss, out_base, S, eps, D, BLOCK_S, BLOCK_D)
-    _norm_rope_tile(k_ptr + b * k_sb + h * k_sh, k_out, kw, cos, sin, tokens, mask, k_ss, out_base, S, eps, D, BLOCK_S, BLOCK_D)
+    dtype: tl.constexpr = q_ptr.dtype.element_ty
+    q = _norm_rope(q_ptr + b * q_sb + h * q_sh, qw, cos, sin, tokens, mask, q_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
+    k = _norm_rope(k_ptr + b * k_sb + h * k_sh, kw, cos, sin, tokens, mask, k_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
+    out = bh.to(tl.int64) * o_sh + tokens[:, None] * o_ss + dims[None, :]  # (BLOCK_S, BLOCK_D)
+    if FP8:
+        # q: one scale per token. k: one for the whole tensor, from a bound rather than a maximum (which would take a
+        # pass of its own): a row normed to RMS 1 has no entry above sqrt(D), RoPE turns channel pairs without
+        # lengthening them, so |k| <= sqrt(D) max|w| (w: k's norm weight, or the largest of kb's, where streams with
+        # their own weights share one scale). e4m3 is floating point: the bound costs range, not precision.
+        q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), _TINY) / _E4M3_MAX  # (BLOCK_S,)
+        tl.store(q_scale_out + bh * S + tokens, q_scale, mask=tokens < S)
+        tl.store(q_out + out, tl.clamp(q / q_scale[:, None], -_E4M3_MAX, _E4M3_MAX).to(q_out.dtype.element_ty), mask=mask)
+        bound = tl.max(tl.abs(tl.load(kb_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)), axis=0)
+        k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(kw), axis=0), bound) * sqrt_d, _TINY) / _E4M3_MAX
+        tl.store(k_out + out, tl.clamp(k / k_scale, -_E4M3_MAX, _E4M3_MAX).to(k_out.dtype.element_ty), mask=mask)
+        if bh + tl.program_id(1) == 0:
+            tl.store(k_scale_out, k_scale)
+    else:
+        tl.store(q_out + out, q.to(dtype), mask=mask)
+        tl.store(k_out + out, k.to(dtype), mask=mask)
 
 
 def _rope_table_strides(t: Tensor, B: int, S: int, half: int) -> tuple[Tensor, int, int]:
@@ -134,27 +154,41 @@ def _rope_table_strides(t: Tensor, B: int, S: int, half: int) -> tuple[Tensor, i
     return t, (t.stride(0) if t.shape[0] == B else 0), t.stride(1)
 
 
-@torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
-def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
-                 sin: Tensor) -> tuple[Tensor, Tensor]:
-    """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE by (B, S, D/2) tables; outputs contiguous."""
+def _check_qk(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
     check_same_dtype(q, k, q_weight, k_weight)
     if q.ndim != 4 or k.shape != q.shape or q.shape[-1] % 2:
         raise ValueError(f"q and k must both be (B, H, S, D) with D even, got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, H, S, D = q.shape
+    D = q.shape[-1]
     if q_weight.shape != (D,) or k_weight.shape != (D,):
         raise ValueError(f"q/k norm weights must be ({D},), got {tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
+
+
+def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+            outs: tuple[Tensor, Tensor, Tensor, Tensor], k_bound_weight: Tensor | None = None) -> None:
+    """Norm and rotate q, k into outs = (q_out, k_out, q_scale, k_scale): (B, H, S, D)-contiguous q_out and k_out; with
+    e4m3 outputs, fp32 scales (B, H, S) per token for q and (1,) for k (bounded by k_bound_weight's entries too)."""
+    B, H, S, D = q.shape
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     cos, cos_sb, cos_ss = _rope_table_strides(cos, B, S, D // 2)
     sin, sin_sb, sin_ss = _rope_table_strides(sin, B, S, D // 2)
-    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
     block_d = triton.next_power_of_2(D)
     block_s = max(1, 4096 // block_d)  # two (BLOCK_S, D) tiles of ~4K elements in flight
     # Heads vary fastest across programs: programs running together read whole qkv rows between them.
     grid = (B * H, triton.cdiv(S, block_s))
-    _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, S, H,
-                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                               cos_sb, cos_ss, sin_sb, sin_ss, eps, D=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8)
+    k_weight = k_weight.contiguous()
+    _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
+                               cos, sin, *outs, S, H, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, S * D, D, eps, D**0.5, D=D, BLOCK_S=block_s,
+                               BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, num_warps=8)
+
+
+@torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
+                 sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE by (B, S, D/2) tables; outputs contiguous."""
+    _check_qk(q, k, q_weight, k_weight)
+    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    _launch(q, k, q_weight, k_weight, eps, cos, sin, (q_out, k_out, q_out, k_out))
     return q_out, k_out
 
 
@@ -162,3 +196,28 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: 
 def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
 
+
+@torch.library.custom_op("zflux::qk_norm_rope_fp8", mutates_args=())
+def qk_norm_rope_fp8(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+                     k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`qk_norm_rope` quantized for the fp8 attention kernel as it stores: q e4m3 (B, H, S, D) with fp32 scales per token
+    (B, H, S); k e4m3 with one scale (1,), sqrt(D) x the largest |weight| of k_weight and k_bound_weight (the other
+    stream's, where two streams' keys are joined), over 448."""
+    _check_qk(q, k, q_weight, k_weight)
+    if k_bound_weight is not None and k_bound_weight.shape != k_weight.shape:
+        raise ValueError(f"k_bound_weight must be shaped like k_weight {tuple(k_weight.shape)}, got {tuple(k_bound_weight.shape)}")
+    outs = _fp8_qk_like(q)
+    _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, k_bound_weight)
+    return outs
+
+
+def _fp8_qk_like(q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, S, D = q.shape
+    data = (q.new_empty((B, H, S, D), dtype=E4M3) for _ in range(2))
+    return *data, q.new_empty((B, H, S), dtype=torch.float32), q.new_empty((1,), dtype=torch.float32)
+
+
+@qk_norm_rope_fp8.register_fake
+def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+      k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fp8_qk_like(q)

@@ -19,6 +19,7 @@ is the best PyTorch path's time over ours: above 1 means the kernel is faster. P
 
 import argparse
 import statistics
+from functools import partial
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from zflux.common import norms, rope
 from zflux.kernels import attention as attn_kernels
 from zflux.kernels import modulate, rmsnorm, wide_attention
+from zflux.kernels.quantize import quantize_heads
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 L2_BYTES = 50 * 2**20
@@ -148,10 +150,18 @@ def attention_inputs(B: int, S: int, H: int, D: int = 128):
     return q.contiguous(), k.contiguous(), v
 
 
+def fp8_kernel_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor | None) -> Callable:
+    """The fp8 kernel's own call on inputs quantized beforehand (as the fused QK-norm + RoPE kernel hands them over)."""
+    vt, v_scale = quantize_heads(v, per="channel", transpose=True)
+    quantized = (*quantize_heads(q, per="token"), *quantize_heads(k, per="head"), vt, v_scale)
+    return lambda: attn_kernels.flash_attention_fp8_bshd(*quantized, key_lens, q.dtype)
+
+
 def bench_attention() -> None:
     print("\n### Attention (bf16, head dim 128, non-causal), TFLOP/s\n")
-    print("| shape | " + " | ".join(ATTENTION_PATHS) + " | triton vs cuDNN | triton vs best | triton fp8 vs cuDNN |")
-    print("|---" * (len(ATTENTION_PATHS) + 4) + "|")
+    names = [*ATTENTION_PATHS, "triton fp8 kernel"]
+    print("| shape | " + " | ".join(names) + " | triton vs cuDNN | triton vs best | triton fp8 vs cuDNN | fp8 kernel vs cuDNN |")
+    print("|---" * (len(names) + 5) + "|")
     cases = []
     for model, shape in MODELS.items():
         for scale in (1, 4):
@@ -161,18 +171,22 @@ def bench_attention() -> None:
         q, k, v = attention_inputs(B, S, H)
         key_lens = None if lens is None else torch.tensor(lens, device=DEVICE)
         flops = 4 * H * S * 128 * sum(lens or [S] * B)
+        calls = {name: partial(fn, q, k, v, key_lens) for name, fn in ATTENTION_PATHS.items()}
+        calls["triton fp8 kernel"] = fp8_kernel_only(q, k, v, key_lens)
         tflops = {}
-        for name, fn in ATTENTION_PATHS.items():
+        for name, call in calls.items():
             try:
-                ms = triton.testing.do_bench(lambda: fn(q, k, v, key_lens), warmup=25, rep=200, return_mode="median")
+                ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
                 tflops[name] = flops / ms / 1e9
             except RuntimeError:  # this SDPA backend does not take these inputs (e.g. a mask)
                 tflops[name] = None
         best = max(t for name, t in tflops.items() if not name.startswith("triton") and t)
         cells = " | ".join("n/a" if t is None else f"{t:.0f}" for t in tflops.values())
-        cudnn, fp8 = (f"{tflops[name] / tflops['cuDNN']:.2f}x" if tflops["cuDNN"] else "n/a" for name in ("triton", "triton fp8"))
-        print(f"| {label} | {cells} | {cudnn} | {tflops['triton'] / best:.2f}x | {fp8} |")
-        del q, k, v
+        ratios = (f"{tflops[name] / tflops['cuDNN']:.2f}x" if tflops["cuDNN"] else "n/a"
+                  for name in ("triton", "triton fp8", "triton fp8 kernel"))
+        cudnn, fp8, fp8_kernel = ratios
+        print(f"| {label} | {cells} | {cudnn} | {tflops['triton'] / best:.2f}x | {fp8} | {fp8_kernel} |")
+        del q, k, v, calls
         torch.cuda.empty_cache()
     tuner = attn_kernels._flash_attention_kernel
     print(f"\nAutotuned attention config: {tuner.best_config}")

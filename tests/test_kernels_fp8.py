@@ -21,11 +21,12 @@ require_triton()  # before kernels/ is imported
 
 from zflux.common import norms, ops  # noqa: E402
 from zflux.common.attention import reference_attention as reference  # noqa: E402
-from zflux.common.quant import E4M3, Fp8Tensor, dequantize, quantize  # noqa: E402
+from zflux.common.quant import E4M3, E4M3_MAX, Fp8Tensor, dequantize, quantize  # noqa: E402
 from zflux.kernels.attention import flash_attention_fp8, flash_attention_fp8_bshd  # noqa: E402
 from zflux.kernels import modulate  # noqa: E402
 from zflux.kernels.activations import silu_mul_, silu_mul_fp8  # noqa: E402
 from zflux.kernels.quantize import quantize_heads, quantize_rows  # noqa: E402
+from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_fp8  # noqa: E402
 from test_kernels_attention import CASES, qkv  # noqa: E402
 from test_kernels_modulate import inputs, randn  # noqa: E402
 from util import rel_err  # noqa: E402
@@ -108,20 +109,57 @@ def test_ops_hand_fp8_rows_to_fp8_linears(backend):
     check_fp8(quantized, t["y"])
 
 
+def quantize_heads_reference(x: torch.Tensor, per: str) -> Fp8Tensor:
+    """x (B, H, S, D) quantized by quant.quantize per token, per head (the head's S x D values as one row) or per channel
+    (each channel's S values), as (B, H, S, D) e4m3 and scales broadcasting against it."""
+    if per == "token":
+        return quantize(x)
+    if per == "head":
+        data, scale = quantize(x.flatten(2))
+        return Fp8Tensor(data.view(x.shape), scale[..., None])
+    data, scale = quantize(x.transpose(-1, -2))
+    return Fp8Tensor(data.transpose(-1, -2), scale.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("per", ["token", "head", "channel"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_quantize_heads(transpose):
-    """Per token and head, from a strided (B, H, S, D) view; transposed: (B, H, D, S rounded up to 16)."""
+def test_quantize_heads(per, transpose):
+    """From a strided (B, H, S, D) view; transposed: (B, H, D, S rounded up to 16)."""
     q, k, v = qkv(2, 3, 37, 64, torch.float32, std=2.0)
-    data, scale = quantize_heads(v, transpose=transpose)
-    assert data.shape == ((2, 3, 64, 48) if transpose else (2, 3, 37, 64)) and scale.shape == (2, 3, 37)
+    v = v * torch.logspace(-1, 1, 64, device=DEVICE)  # channels of different ranges: per-channel scales differ
+    data, scale = quantize_heads(v, per=per, transpose=transpose)
+    assert data.shape == ((2, 3, 64, 48) if transpose else (2, 3, 37, 64))
+    expected = quantize_heads_reference(v, per)
+    assert rel_err(scale, expected.scale.reshape(scale.shape)) <= SCALE_TOL
     rows = data[..., :37].transpose(-1, -2) if transpose else data
-    check_fp8((rows, scale[..., None]), v)
+    differ = (rows.contiguous().view(torch.uint8) != expected.data.contiguous().view(torch.uint8)).float().mean().item()
+    assert differ <= MOVED[DEVICE]
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_qk_norm_rope_fp8(bound):
+    """q per token (quant.quantize of the plain kernel's rows), k under sqrt(D) x the largest |norm weight| (its own, or
+    another stream's where that is larger) over 448: each checked as check_fp8 checks rows; every |k| within the bound."""
+    B, H, S, D = 2, 3, 37, 64
+    q, k, v = qkv(B, H, S, D, torch.float32, std=2.0)
+    qw, kw = (randn(D, dtype=torch.float32, std=0.5) + 1 for _ in range(2))
+    other = kw * 3 if bound else None
+    angles = torch.rand(B, S, D // 2, device=DEVICE) * 6
+    plain = qk_norm_rope(q, k, qw, kw, 1e-6, angles.cos(), angles.sin())
+    q8, k8, q_scale, k_scale = qk_norm_rope_fp8(q, k, qw, kw, 1e-6, angles.cos(), angles.sin(), other)
+    check_fp8((q8, q_scale[..., None]), plain[0])
+    expected_scale = D**0.5 * (kw if other is None else other).abs().max() / E4M3_MAX
+    assert k_scale.shape == (1,) and rel_err(k_scale, expected_scale.reshape(1)) <= SCALE_TOL
+    assert plain[1].abs().max() <= expected_scale * E4M3_MAX
+    expected_k = (plain[1] / expected_scale).to(E4M3)
+    assert (k8.view(torch.uint8) != expected_k.view(torch.uint8)).float().mean().item() <= MOVED[DEVICE]
 
 
 def fp8_attention_emulated(q, k, v, key_lens):
-    """Attention on q, k, v quantized per token and head (torch's casts), in fp32: what the kernel approximates
-    (it also rounds P to e4m3)."""
-    return reference(*(dequantize(quantize(t.float())) for t in (q, k, v)), key_lens)
+    """Attention on q quantized per token, k per head and v per channel (torch's casts), in fp32: what the kernel
+    approximates (it also rounds P to e4m3)."""
+    return reference(*(dequantize(quantize_heads_reference(t.float(), per)) for t, per in
+                       ((q, "token"), (k, "head"), (v, "channel"))), key_lens)
 
 
 @pytest.mark.parametrize("B, H, S, D, key_lens", CASES)
@@ -140,7 +178,10 @@ def test_fp8_attention(B, H, S, D, key_lens):
 
 def test_fp8_attention_custom_op_check():
     q, k, v = qkv(2, 2, 32, 64, torch.float32)
-    torch.library.opcheck(flash_attention_fp8_bshd, (q, k, v, torch.tensor([32, 20], device=DEVICE)))
+    quantized = (*quantize_heads(q, per="token"), *quantize_heads(k, per="head"), *quantize_heads(v, per="channel", transpose=True))
+    # Not test_schema: its mutation check multiplies the inputs, which torch does not do for e4m3 on the CPU.
+    torch.library.opcheck(flash_attention_fp8_bshd, (*quantized, torch.tensor([32, 20], device=DEVICE), torch.float32),
+                          test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.gpu

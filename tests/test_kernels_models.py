@@ -137,18 +137,55 @@ def test_same_output_on_every_backend_bf16(case):
         assert rel_err(run(model, inputs, backend, torch.bfloat16), expected) <= bar, backend
 
 
+def flux2_kv_steps(model, inputs: dict, backend: str) -> torch.Tensor:
+    """klein KV's extract step and a cached step after it, stacked."""
+    target = {k: v[:, :24] if k.startswith("img") else v for k, v in inputs.items()}
+    refs = dict(ref=inputs["img"][:, 24:], ref_ids=inputs["img_ids"][:, 24:])
+    model.backend = backend
+    with torch.no_grad():
+        first, ref_kv = model.extract_ref_kv(**target, **refs)
+        return torch.stack([first, model(**target | dict(timesteps=target["timesteps"] / 2), ref_kv=ref_kv)])
+
+
 def test_flux2_kv_steps_on_every_backend_fp32():
     """klein KV's extract step and a cached step, where the keys outnumber the queries (SDPA under every backend)."""
     model, inputs = flux2_case(DEVICE)
-    target = {k: v[:, :24] if k.startswith("img") else v for k, v in inputs.items()}
-    refs = dict(ref=inputs["img"][:, 24:], ref_ids=inputs["img_ids"][:, 24:])
-
-    def steps(backend: str) -> torch.Tensor:
-        model.backend = backend
-        with torch.no_grad():
-            first, ref_kv = model.extract_ref_kv(**target, **refs)
-            return torch.stack([first, model(**target | dict(timesteps=target["timesteps"] / 2), ref_kv=ref_kv)])
-
-    expected = steps("sdpa")
+    expected = flux2_kv_steps(model, inputs, "sdpa")
     for backend in BACKENDS:
-        assert rel_err(steps(backend), expected) <= 1e-5, backend
+        assert rel_err(flux2_kv_steps(model, inputs, backend), expected) <= 1e-5, backend
+
+
+def test_flux2_kv_steps_with_fp8_attention():
+    """The extract step attends in fp8 and caches plain keys; the cached step's queries and keys go back to fp32 to
+    join the cached ones."""
+    model, inputs = flux2_case(DEVICE)
+    expected = flux2_kv_steps(model, inputs, "sdpa")
+    model.fp8_attention = True
+    assert rel_err(flux2_kv_steps(model, inputs, "triton"), expected) <= (0.12 if DEVICE == "cpu" else 0.06)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp8_attention_in_every_model(case, monkeypatch):
+    """A model with fp8 attention (linears left in fp32, so attention is the only fp8 step) under `triton`: its queries
+    and keys quantized by the QK-norm + RoPE kernel on every attention call, FLUX's two streams' keys joined under one
+    scale, Z-Image's padded captions masked; within fp8 attention's error of the exact output (a few % per call on the
+    GPU; the interpreter's e4m3 casts round worse, see test_kernels_fp8.py)."""
+    from zflux.kernels import rmsnorm
+
+    model, inputs = CASES[case](DEVICE)
+    with torch.no_grad():  # FLUX's text keys normed 8x smaller than the image's: one scale must cover both
+        for name, p in model.named_parameters():
+            if "txt_attn.norm.key_norm" in name:
+                p.div_(8)
+    expected = run(model, inputs, "sdpa")
+    calls = []
+    fused = rmsnorm.qk_norm_rope_fp8
+    monkeypatch.setattr(rmsnorm, "qk_norm_rope_fp8", lambda *args: calls.append(1) or fused(*args))
+    for module in model.modules():
+        if hasattr(module, "fp8_attention"):
+            module.fp8_attention = True
+    err = rel_err(run(model, inputs, "triton"), expected)
+    print(f"{case}: fp8 attention {err:.4f}")
+    assert calls and err <= (0.12 if DEVICE == "cpu" else 0.06), err
+    monkeypatch.setenv("ZFLUX_FP8_ATTENTION", "0")  # the switch: exact again
+    assert rel_err(run(model, inputs, "triton"), expected) <= 1e-5

@@ -139,8 +139,11 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
-        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, self.eps, *rope)
+    def forward(self, q: Tensor, k: Tensor, rope: Rope, k_bound_weight: Tensor | None = None
+                ) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
+        """q, k (B, H, S, D) normed and rotated (quantized for fp8 attention: see ops.qk_norm_rope and k_bound_weight)."""
+        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, self.eps, *rope,
+                                k_bound_weight=k_bound_weight)
 
 
 class Modulation(nn.Module):
@@ -174,9 +177,10 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, extra: KV | None) -> Tensor:
+def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, extra: KV | None) -> Tensor:
     """Attention of q over its own keys plus `extra` (cached reference) keys and values -> (B, S, H*D)."""
-    if extra is not None:
+    if extra is not None:  # more keys than queries: a bf16 kernel's, so quantized q and k go back to v's dtype
+        q, k = (ops.dequantize_heads(t, v.dtype) for t in (q, k))
         k, v = torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2)  # (B, H, S + R, D)
     return ops.attention(q, k, v)
 
@@ -191,10 +195,11 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads, eps)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, dim), already modulated -> q, k, v (B, H, S, D), q and k normalized and rotated."""
+    def forward(self, x: Tensor, rope: Rope, k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, dim), already modulated -> q, k, v (B, H, S, D), q and k normalized and rotated (k_bound_weight:
+        see QKNorm)."""
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope)
+        q, k = self.norm(q, k, rope, k_bound_weight)
         return q, k, v
 
 
@@ -235,7 +240,7 @@ class DoubleStreamBlock(nn.Module):
         step = None
         if refs is not None:
             ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0], self.img_attn.qkv), refs.rope)  # (B, H, R, D) each
-            ref_kv = (ref_k, ref_v)
+            ref_kv = (ops.dequantize_heads(ref_k, ref_v.dtype), ref_v)  # the cache holds plain keys
             ref_out = self._residuals(refs.x, ops.attention(ref_q, ref_k, ref_v), refs.mod, self.img_attn, self.img_mlp)
             step = RefStep(ref_out, ref_kv)
         out = attend(q, k, v, ref_kv)  # (B, L+S, dim)
@@ -248,9 +253,11 @@ class DoubleStreamBlock(nn.Module):
         """q, k, v (B, H, L+S, D) over [text; image]; each stream's own projections die on return."""
         L = txt.shape[1]
         cos, sin = rope
-        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv), (cos[:, :L], sin[:, :L]))
-        img_qkv = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv), (cos[:, L:], sin[:, L:]))
-        return tuple(torch.cat(pair, dim=2) for pair in zip(txt_qkv, img_qkv))
+        # Quantized keys of both streams are joined under one scale: each bounds it by both streams' k norm weights.
+        txt_k_norm, img_k_norm = self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale
+        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv), (cos[:, :L], sin[:, :L]), img_k_norm)
+        img_qkv = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv), (cos[:, L:], sin[:, L:]), txt_k_norm)
+        return tuple(ops.join_heads(*pair) for pair in zip(txt_qkv, img_qkv))
 
     def _modulated(self, x: Tensor, mod: ModulationOut, into: nn.Module) -> Tensor | Fp8Tensor:
         """The modulated norm of x, quantized to fp8 where the linear it goes `into` takes that."""
@@ -281,7 +288,7 @@ class SingleStreamBlock(nn.Module):
         if refs is not None:
             (ref_mod,) = refs.mod
             ref_q, ref_k, ref_v, ref_joined = self._project(refs.x, ref_mod, refs.rope)
-            ref_kv = (ref_k, ref_v)
+            ref_kv = (ops.dequantize_heads(ref_k, ref_v.dtype), ref_v)  # the cache holds plain keys
             ref_joined[..., :refs.x.shape[-1]] = ops.attention(ref_q, ref_k, ref_v)
             step = RefStep(self._output(refs.x, ref_joined, ref_mod), ref_kv)
         return self._output(x, self._attention_and_mlp(x, mod, rope, ref_kv), mod), step
