@@ -39,13 +39,16 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return x + gate * rms_norm(y, weight, eps)
 
 
-def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None,
+                    silu: bool = True) -> Tensor:
     """SiLU(GroupNorm(x + x_bias)): the autoencoders' pre-activation; x (B, C, H, W), weight, bias and x_bias (C,).
 
-    `x_bias` is the bias of the convolution that made x, when the caller ran it without one to fold it in here."""
+    `x_bias` is the bias of the convolution that made x, when the caller ran it without one to fold it in here.
+    Without `silu`, the plain GroupNorm (the attention block's)."""
     if x_bias is not None:
         x = x + x_bias[:, None, None]
-    return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y, inplace=True) if silu else y
 
 
 def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:

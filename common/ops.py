@@ -7,10 +7,10 @@ itself is defined once in `norms.py`, `rope.py`, `activations.py` and `attention
 
 Backends:
 - `auto` (the default): the fastest measured mix on a CUDA GPU, the Triton norm/RoPE/modulation
-  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded;
-  plain PyTorch elsewhere.
+  kernels with torch SDPA (cuDNN) attention, or the Triton flash kernel where keys are padded and
+  the wide-head one past head dim 256 (the autoencoders' mid block); plain PyTorch elsewhere.
 - `sdpa`: plain PyTorch throughout (torch SDPA for attention).
-- `triton`: every op in `zflux.kernels`, the flash-attention kernel included.
+- `triton`: every op in `zflux.kernels`, the flash-attention kernels included.
 - `reference`: the explicit fp32 math the kernels are tested against.
 
 The choice comes from, in order: an active `use_backend(...)` scope (models open one around their
@@ -169,16 +169,16 @@ def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: 
     return norms.gated_rms_residual(x, y, weight, gate, eps)
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None) -> Tensor:
-    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias))) with `norm`'s groups, parameters and eps, or its fused kernel
-    (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward: training the
-    autoencoder (common/training.py) runs the PyTorch math."""
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm, x_bias: Tensor | None = None, silu: bool = True) -> Tensor:
+    """norms.group_norm_silu (SiLU(GroupNorm(x + x_bias)), or without the SiLU) with `norm`'s groups, parameters and eps,
+    or its fused kernel (NCHW or channels-last x with power-of-two channels and groups). The kernel has no backward:
+    training the autoencoder (common/training.py) runs the PyTorch math."""
     if use_kernels(x) and not training(x, norm.weight):
         from zflux.kernels.groupnorm import group_norm_silu as fused, supports
 
         if supports(x, norm.num_groups):
-            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
-    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias)
+            return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias, silu)
+    return norms.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, x_bias, silu)
 
 
 def bias_residual(h: Tensor, bias: Tensor, x: Tensor) -> Tensor:
@@ -303,6 +303,24 @@ def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Te
         return attention_math.reference_attention(q, k, v, key_lens)
     mask = None if key_lens is None else attention_math.key_padding_mask(key_lens, k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def wide_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unpadded attention on (B, H, S, D) q, k, v -> (B, H, S, D) for heads of any width (the autoencoders' one head of
+    C channels): the Triton kernel for wide heads (kernels/wide_attention.py) where it runs, else SDPA.
+
+    The kernel runs under `triton` for every head dim it takes, and under `auto` on a GPU for head dims past 256 (the
+    autoencoders' 512), which SDPA's flash and cuDNN kernels do not take: SDPA runs its memory-efficient kernel there,
+    4.6 ms at 1024x1024 on the H100 where the FLOPs take about 1 ms. Every other case runs SDPA, under `reference`
+    too: the score matrix of a 1024x1024 image's latent is 1 GiB in fp32, too large for the explicit math.
+    """
+    backend = current_backend()
+    if backend in ("auto", "triton") and use_kernels(q):
+        from zflux.kernels.wide_attention import supports, wide_attention as fused
+
+        if supports(q, k, v) and (backend == "triton" or q.shape[-1] > 256):
+            return fused(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class RMSNorm(nn.Module):

@@ -139,7 +139,10 @@ class ResnetBlock(nn.Module):
         h = F.conv2d(h, self.conv1.weight, padding=1)  # (B, C_out, H, W)
         h = ops.group_norm_silu(h, self.norm2, x_bias=self.conv1.bias)  # (B, C_out, H, W)
         h = F.conv2d(h, self.conv2.weight, padding=1)  # (B, C_out, H, W)
-        return ops.bias_residual(h, self.conv2.bias, self.nin_shortcut(x))
+        if isinstance(self.nin_shortcut, nn.Conv2d):  # the shortcut's bias joins conv2's, added in the same pass
+            shortcut = F.conv2d(x, self.nin_shortcut.weight)  # (B, C_out, H, W)
+            return ops.bias_residual(h, self.conv2.bias + self.nin_shortcut.bias, shortcut)
+        return ops.bias_residual(h, self.conv2.bias, x)
 
 
 class AttnBlock(nn.Module):
@@ -151,10 +154,11 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
+        tokens = rearrange(ops.group_norm_silu(x, self.norm, silu=False), "b c h w -> b 1 (h w) c")  # (B, 1, HW, C)
         q, k, v = (_pointwise(tokens, conv) for conv in (self.q, self.k, self.v))  # each (B, 1, HW, C)
-        # SDPA picks a fused kernel where one fits: 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32.
-        out = _pointwise(F.scaled_dot_product_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
+        # 128x128 latents are 16384 tokens, a 1 GiB score matrix in fp32: a fused kernel, SDPA's or (512 channels, past
+        # SDPA's fast kernels) the wide-head Triton one.
+        out = _pointwise(ops.wide_attention(q, k, v), self.proj_out)  # (B, 1, HW, C)
         return x + rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, C, H, W)
 
 
@@ -201,18 +205,42 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self._phases: tuple[tuple, Tensor, Tensor] | None = None  # `_phase_weight`'s cache, no state
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        weight = phase_weights(self.conv.weight).contiguous(memory_format=layout)  # (4C, C, 2, 2)
-        # Phase (a, b) sits at channels (2a + b) C.. of y, its H x W window starting at row a, column b.
-        y = F.conv2d(x, weight, self.conv.bias.repeat(4), padding=1)  # (B, 4C, H+1, W+1)
+        # Phase (a, b) sits at channels (2a + b) C.. of y, its H x W window starting at row a, column b. The conv runs
+        # without its bias, added as the phases are interleaved: PyTorch adds it in a pass of its own over y.
+        y = F.conv2d(x, self._phase_weight(x, layout), padding=1)  # (B, 4C, H+1, W+1)
         sb, sc, sh, sw = y.stride()
         phases = y.as_strided((B, C, H, 2, W, 2), (sb, sc, sh, 2 * C * sc + sh, sw, C * sc + sw))  # (B, C, H, a, W, b)
         out = torch.empty(B, C, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout)
-        out.unflatten(3, (W, 2)).unflatten(2, (H, 2)).copy_(phases)
+        pixels = out.unflatten(3, (W, 2)).unflatten(2, (H, 2))  # (B, C, H, a, W, b), a view of out
+        bias = rearrange(self.conv.bias, "c -> c 1 1 1 1")
+        if torch.is_grad_enabled() and (phases.requires_grad or bias.requires_grad):
+            pixels.copy_(phases + bias)  # out= takes no autograd
+        else:
+            torch.add(phases, bias, out=pixels)
         return out  # (B, C, 2H, 2W)
+
+    def _phase_weight(self, x: Tensor, layout: torch.memory_format) -> Tensor:
+        """The phases' weight (4C, C, 2, 2) in `layout`, made once per state of the conv's weight.
+
+        Making it is a few dozen small ops, which ran on every call (launch gaps in an eager decode). The cache
+        key holds what a change of the weight changes: its address (`.to()`, offload's copies, a replaced tensor),
+        its version counter (in-place updates: an optimizer step, a merged LoRA), dtype and device. The cache
+        holds the weight it was made from, so that no other tensor can take that address while it is kept (the
+        allocator would hand a freed weight's memory to the next copy of the same size). Where autograd records
+        (training) it is made afresh, so that the gradients reach the conv's weight.
+        """
+        w = self.conv.weight
+        if ops.training(x, w):
+            return phase_weights(w).contiguous(memory_format=layout)
+        key = (layout, w.dtype, w.device, w.data_ptr(), _version(w))
+        if self._phases is None or self._phases[0] != key:
+            self._phases = key, w.detach(), phase_weights(w).contiguous(memory_format=layout)
+        return self._phases[2]
 
 
 def phase_weights(weight: Tensor) -> Tensor:
@@ -227,6 +255,13 @@ def phase_weights(weight: Tensor) -> Tensor:
     rows = collapse(w, dim=2)  # (2, O, I, 2, 3): phase a
     both = collapse(rows, dim=4)  # (2, 2, O, I, 2, 2): phase b, phase a
     return both.transpose(0, 1).reshape(-1, *w.shape[1:2], 2, 2).to(weight.dtype)  # (4 O, I, 2, 2)
+
+
+def _version(t: Tensor) -> int | None:
+    """t's version counter, which each in-place update bumps; None for an inference tensor (made under
+    torch.inference_mode, as the autoencoder's channels-last weights are in a pipeline's first decode): it keeps
+    none, so an in-place update under inference mode goes unseen (zflux makes none: training runs outside it)."""
+    return None if t.is_inference() else t._version
 
 
 def _resnets(in_channels: int, out_channels: int, n_blocks: int, groups: int) -> nn.ModuleList:

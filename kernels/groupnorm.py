@@ -11,11 +11,13 @@ all in fp32, rounded once to x's dtype (PyTorch rounds twice: after the norm, af
 Two passes, each reading x once. `_group_stats_kernel`: one program per (b, tile of BLOCK_S
 positions) loads a (BLOCK_S, C) tile, every channel of those positions, and writes each group's
 mean (summed twice: the second sum, of the deviations from the first mean, corrects its rounding)
-and sum of squared deviations over the tile; the launcher merges the tiles' statistics
-(Chan's parallel formula, exact in fp32 unlike E[x^2] - E[x]^2) into each group's mean and 1/std.
-`_group_norm_silu_kernel`: the same tiles again, normalised, scaled, shifted, SiLU'd, stored in
-x's own memory format. Whole rows of C channels per position are read, so channels-last memory
-(C contiguous) reads in long runs; NCHW reads BLOCK_S-long runs per channel.
+and sum of squared deviations over the tile. `_merge_stats_kernel`: one program per (b, group)
+merges its tiles' statistics (Chan's parallel formula, exact in fp32 unlike E[x^2] - E[x]^2) into
+the group's mean and 1/std, one launch where torch ops took a dozen (launch gaps in an eager
+decode). `_group_norm_silu_kernel`: the same tiles again, normalised, scaled, shifted, SiLU'd
+(unless `silu` is off: the attention block's plain GroupNorm), stored in x's own memory format.
+Whole rows of C channels per position are read, so channels-last memory (C contiguous) reads in
+long runs; NCHW reads BLOCK_S-long runs per channel.
 
 Both passes take an optional per-channel `x_bias` added to x as it is loaded: the bias of the
 convolution that made x, which the ResNet block runs without it. PyTorch adds a convolution's bias
@@ -29,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+MERGE_BLOCK = 4096  # tiles' statistics per step of the merge: 4 steps for C = 128 at 1024x1024 (16384 tiles of 64 pixels)
 
 
 @triton.jit
@@ -70,14 +74,41 @@ def _group_stats_kernel(x_ptr, xb_ptr, mean_ptr, m2_ptr, HW, x_sb, x_sc, x_ss,
     mean = rough + shift
     d = tl.where(rows, d - _per_channel(shift, G, C)[None, :], 0.0)
     groups = tl.arange(0, G)
-    out = (b * n_tiles + tile).to(tl.int64) * G + groups  # (G,) into (B, n_tiles, G)
+    out = (b * G + groups).to(tl.int64) * n_tiles + tile  # (G,) into (B, G, n_tiles): each group's tiles in one run
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, _group_sum(d * d, G, C, BLOCK_S))
 
 
 @triton.jit
+def _tile_counts(t, n_tiles, tile_count, last_count):
+    """Elements of a group in tiles t (BLOCK_T,): tile_count, the last tile's last_count, 0 past the tiles."""
+    return tl.where(t == n_tiles - 1, last_count, tl.where(t < n_tiles, tile_count, 0.0))
+
+
+@triton.jit
+def _merge_stats_kernel(means_ptr, m2s_ptr, mean_ptr, rstd_ptr, n_tiles, tile_count, last_count, total, eps,
+                        BLOCK_T: tl.constexpr):
+    """Chan's merge of one (b, group)'s tiles: mean = sum(n_t mean_t) / n, M2 = sum(M2_t + n_t (mean_t - mean)^2)."""
+    group = tl.program_id(0)
+    row = group.to(tl.int64) * n_tiles
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        acc += tl.load(means_ptr + row + t, mask=t < n_tiles, other=0.0) * _tile_counts(t, n_tiles, tile_count, last_count)
+    mean = tl.sum(acc, axis=0) / total
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        d = tl.load(means_ptr + row + t, mask=t < n_tiles, other=0.0) - mean
+        acc += tl.load(m2s_ptr + row + t, mask=t < n_tiles, other=0.0) + _tile_counts(t, n_tiles, tile_count, last_count) * d * d
+    tl.store(mean_ptr + group, mean)
+    tl.store(rstd_ptr + group, tl.math.rsqrt(tl.sum(acc, axis=0) / total + eps))
+
+
+@triton.jit
 def _group_norm_silu_kernel(x_ptr, xb_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, HW, x_sb, x_sc, x_ss, o_sb, o_sc,
-                            o_ss, C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, HAS_X_BIAS: tl.constexpr):
+                            o_ss, C: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr, HAS_X_BIAS: tl.constexpr,
+                            SILU: tl.constexpr):
     tile, b = tl.program_id(0), tl.program_id(1)
     x, rows = _tile(x_ptr, xb_ptr, b, tile, HW, x_sb, x_sc, x_ss, C, BLOCK_S, HAS_X_BIAS)
     groups = b.to(tl.int64) * G + tl.arange(0, G)  # (G,) into (B, G)
@@ -87,7 +118,8 @@ def _group_norm_silu_kernel(x_ptr, xb_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b
     scale = rstd * tl.load(w_ptr + c).to(tl.float32)  # (C,)
     # (x - mean) first: folding the mean into the shift would cancel catastrophically for inputs far from 0.
     y = (x - mean[None, :]) * scale[None, :] + tl.load(bias_ptr + c).to(tl.float32)[None, :]  # (BLOCK_S, C)
-    y = y * tl.sigmoid(y)
+    if SILU:
+        y = y * tl.sigmoid(y)
     s = tile * BLOCK_S + tl.arange(0, BLOCK_S)
     offsets = b.to(tl.int64) * o_sb + s.to(tl.int64)[:, None] * o_ss + c[None, :] * o_sc
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=rows)
@@ -108,9 +140,10 @@ def _spatial_stride(t: Tensor) -> int:
 
 
 @torch.library.custom_op("zflux::group_norm_silu", mutates_args=())
-def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
-    """SiLU(GroupNorm(x + x_bias)) for x (B, C, H, W) (NCHW or channels-last; `supports`), weight, bias and x_bias (C,);
-    out in x's memory format."""
+def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None,
+                    silu: bool = True) -> Tensor:
+    """SiLU(GroupNorm(x + x_bias)) (without the SiLU if not `silu`) for x (B, C, H, W) (NCHW or channels-last; `supports`),
+    weight, bias and x_bias (C,); out in x's memory format."""
     if not supports(x, groups):
         raise ValueError(f"group_norm_silu takes 4-D NCHW or channels-last x with power-of-two channels and groups, got "
                          f"{tuple(x.shape)} in {groups} groups")
@@ -122,28 +155,28 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
     block_s = max(1, min(triton.next_power_of_2(HW), 8192 // C))
     n_tiles = triton.cdiv(HW, block_s)
     grid = (n_tiles, B)  # tiles on the first axis: the second allows only 65535 programs (2048x2048 makes 65536 tiles)
-    means = torch.empty(B, n_tiles, groups, device=x.device, dtype=torch.float32)
+    means = torch.empty(B, groups, n_tiles, device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     has_x_bias = x_bias is not None
     x_bias = x_bias.contiguous() if has_x_bias else x  # an unread pointer without one
     _group_stats_kernel[grid](x, x_bias, means, m2s, HW, x.stride(0), x.stride(1), _spatial_stride(x), C=C, G=groups,
                               BLOCK_S=block_s, HAS_X_BIAS=has_x_bias, num_warps=8)
-    # Chan's merge of the tiles' (count, mean, M2): every tile holds block_s positions but the last.
-    counts = torch.full((n_tiles, 1), float(block_s * (C // groups)), device=x.device)  # (T, 1)
-    counts[-1] = (HW - (n_tiles - 1) * block_s) * (C // groups)
-    total = HW * (C // groups)
-    mean = (means * counts).sum(dim=1) / total  # (B, G)
-    m2 = m2s.sum(dim=1) + (counts * (means - mean[:, None]) ** 2).sum(dim=1)  # (B, G)
-    rstd = torch.rsqrt(m2 / total + eps)  # (B, G)
+    mean = torch.empty(B, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    # Every tile holds block_s positions but the last.
+    _merge_stats_kernel[(B * groups,)](means, m2s, mean, rstd, n_tiles, float(block_s * (C // groups)),
+                                       float((HW - (n_tiles - 1) * block_s) * (C // groups)), float(HW * (C // groups)), eps,
+                                       BLOCK_T=min(triton.next_power_of_2(n_tiles), MERGE_BLOCK), num_warps=8)
     out = torch.empty_like(x)  # x's memory format
     _group_norm_silu_kernel[grid](x, x_bias, out, mean, rstd, weight.contiguous(), bias.contiguous(), HW, x.stride(0),
                                   x.stride(1), _spatial_stride(x), out.stride(0), out.stride(1), _spatial_stride(out), C=C,
-                                  G=groups, BLOCK_S=block_s, HAS_X_BIAS=has_x_bias, num_warps=8)
+                                  G=groups, BLOCK_S=block_s, HAS_X_BIAS=has_x_bias, SILU=silu, num_warps=8)
     return out
 
 
 @group_norm_silu.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None,
+      silu: bool = True) -> Tensor:
     return torch.empty_like(x)
 
 

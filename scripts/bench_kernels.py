@@ -1,7 +1,8 @@
 """Time the Triton kernels against PyTorch eager, torch.compile and, for attention, every SDPA backend.
 
     python scripts/bench_kernels.py                 # everything
-    python scripts/bench_kernels.py --only attention
+    python scripts/bench_kernels.py --only attention   # both attention tables
+    python scripts/bench_kernels.py --only wide        # the wide-head attention row alone
 
 bf16, batch 1 unless noted, at the shapes the two models use at 1024x1024 (FLUX.1: 4608 tokens of
 3072 channels, 24 heads of 128; Z-Image: 4224 tokens of 3840, 30 heads of 128) and at 4x the tokens.
@@ -11,7 +12,8 @@ enough distinct input sets that they cannot sit in L2, and timed by replaying it
 replays); GB/s counts each input read once and each output written once, and `vs copy` relates it
 to the bandwidth of cloning one (S, C) activation in the same run. Attention is timed with
 triton.testing.do_bench (L2 flushed, median); TFLOP/s counts 4 * B * H * S * S_kv * D (the fp8
-kernel's time includes quantizing q, k, v, which it does itself). `vs best`
+kernel's time includes quantizing q, k, v, which it does itself); the wide-head table times the
+autoencoders' mid-block attention (one head of 512 channels over 128 x 128 latent pixels). `vs best`
 is the best PyTorch path's time over ours: above 1 means the kernel is faster. Prints markdown.
 """
 
@@ -27,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zflux.common import norms, rope
 from zflux.kernels import attention as attn_kernels
-from zflux.kernels import modulate, rmsnorm
+from zflux.kernels import modulate, rmsnorm, wide_attention
 from zflux.kernels.quantize import quantize_heads
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -192,16 +194,38 @@ def bench_attention() -> None:
         print(f"  {config}: {ms}")
 
 
+def bench_wide_attention() -> None:
+    print("\n### Wide-head attention (bf16, the autoencoders' mid block at 1024x1024), ms and TFLOP/s\n")
+    paths = {"triton wide": lambda q, k, v, key_lens: wide_attention.wide_attention(q, k, v),
+             "efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+             "sdpa default": sdpa_with(None)}
+    print("| shape | " + " | ".join(paths) + " | triton vs sdpa default |")
+    print("|---" * (len(paths) + 2) + "|")
+    B, H, S, D = 1, 1, 16384, 512
+    q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    flops = 4 * B * H * S * S * D
+    ms = {name: triton.testing.do_bench(lambda: fn(q, k, v, None), warmup=25, rep=200, return_mode="median")
+          for name, fn in paths.items()}
+    cells = " | ".join(f"{t:.2f} ({flops / t / 1e9:.0f})" for t in ms.values())
+    print(f"| B{B} H{H} S{S} D{D} | {cells} | {ms['sdpa default'] / ms['triton wide']:.2f}x |")
+    tuner = wide_attention._wide_attention_kernel
+    print(f"\nAutotuned wide attention config: {tuner.best_config}")
+    for config, t in sorted(getattr(tuner, "configs_timings", {}).items(), key=lambda item: item[1]):
+        print(f"  {config}: {t}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["memory", "attention"])
+    parser.add_argument("--only", choices=["memory", "attention", "wide"])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    if args.only != "attention":
+    if args.only in (None, "memory"):
         bench_memory(copy_bandwidth())
-    if args.only != "memory":
+    if args.only in (None, "attention"):
         bench_attention()
+    if args.only in (None, "attention", "wide"):
+        bench_wide_attention()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ where the kernel rounds once.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernel_env import DEVICE, DTYPES, require_triton
@@ -19,6 +20,7 @@ require_triton()  # before kernels/ is imported
 from zflux.common import ops  # noqa: E402
 from zflux.common.norms import group_norm_silu as reference  # noqa: E402
 from zflux.common.norms import bias_residual as reference_residual  # noqa: E402
+from zflux.kernels import groupnorm  # noqa: E402
 from zflux.kernels.groupnorm import bias_residual_, group_norm_silu, supports, supports_residual  # noqa: E402
 from util import rel_err  # noqa: E402
 
@@ -75,6 +77,29 @@ def test_bias_residual(channels_last, dtype):
     with torch.no_grad(), ops.use_backend("triton"):  # mixed layouts: ops runs the PyTorch math
         mixed = ops.bias_residual(h.clone(), bias, x.to(memory_format=torch.channels_last if not channels_last else torch.contiguous_format))
     assert rel_err(mixed, expected) <= TOL[dtype]
+
+
+def test_the_merge_steps_over_many_tiles(monkeypatch):
+    """The merge of the tiles' statistics in steps of MERGE_BLOCK tiles (4096 on the GPU: 2 here, 5 tiles), the last step
+    past the tiles, the last tile short."""
+    monkeypatch.setattr(groupnorm, "MERGE_BLOCK", 2)
+    x, w, b = inputs(2, 64, 9, 60, torch.float32, offset=3.0)  # 540 positions in tiles of 128
+    assert rel_err(group_norm_silu(x, w, b, 8, 1e-6), reference(x, w, b, 8, 1e-6)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_group_norm_without_the_silu(channels_last, dtype):
+    """silu=False: the attention block's plain GroupNorm, against PyTorch's."""
+    x, w, b = inputs(2, 32, 6, 5, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    expected = F.group_norm(x.float(), 8, w.float(), b.float(), 1e-6)
+    assert rel_err(group_norm_silu(x, w, b, 8, 1e-6, silu=False), expected) <= TOL[dtype]
+    norm = nn.GroupNorm(8, 32, eps=1e-6).to(DEVICE)
+    with torch.no_grad(), ops.use_backend("triton"):
+        fused = ops.group_norm_silu(x.float(), norm, silu=False)
+    assert rel_err(fused, norm(x.float())) <= TOL[torch.float32]
 
 
 def test_variance_is_exact_far_from_zero():

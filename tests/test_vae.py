@@ -211,3 +211,33 @@ def test_upsample_by_phases_is_nearest_then_conv(channels_last):
     x.requires_grad_(True)
     grad = torch.autograd.grad(up(x).square().sum(), x)[0]
     assert torch.allclose(grad, torch.autograd.grad(up.conv(F.interpolate(x, scale_factor=2.0)).square().sum(), x)[0])
+
+
+def test_upsample_phase_weights_made_once_per_state_of_the_conv():
+    """Upsample keeps its phases' weight between calls, and makes it afresh after an in-place update of the conv's weight
+    (an optimizer step, a merged LoRA) or a dtype change; the bias, added as the phases are interleaved, is read each call;
+    weights converted under inference mode (which keeps no version counters) work too."""
+    torch.manual_seed(0)
+    up = Upsample(8).double()
+    x = torch.randn(1, 8, 5, 7, dtype=torch.float64)
+
+    def expected():
+        return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    with torch.no_grad():
+        out = up(x)
+        weight = up._phases[2]
+        assert torch.equal(up(x), out) and up._phases[2] is weight  # reused
+        up.conv.weight.mul_(-2)
+        assert (up(x) - expected()).abs().max() <= 1e-12 and up._phases[2] is not weight
+        up.conv.bias.add_(1)
+        assert (up(x) - expected()).abs().max() <= 1e-12
+        up.float()
+        assert up(x.float()).dtype == torch.float32 and up._phases[2].dtype == torch.float32
+    with torch.inference_mode():
+        up.to(memory_format=torch.channels_last)  # the autoencoder's first decode on a GPU does this, in inference mode
+        x = x.float().to(memory_format=torch.channels_last)
+        assert rel_err(up(x), expected()) <= 1e-6
+        weight = up._phases[2]
+        up(x)
+        assert up._phases[2] is weight
