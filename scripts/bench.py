@@ -223,6 +223,7 @@ def vae_case(args: argparse.Namespace) -> Case:
     ref = random_model(lambda: AutoencoderKL(**kwargs, down_block_types=["DownEncoderBlock2D"] * n,
                                              up_block_types=["UpDecoderBlock2D"] * n))
     ours = load_into(build_on_meta(lambda: Autoencoder(cfg)), from_diffusers(ref.state_dict()))
+    ours.cuda_graphs = args.graphs
     z = torch.randn(1, cfg.latent_channels, 128, 128, device=DEVICE, dtype=DTYPE)
     return Case("VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
@@ -235,6 +236,7 @@ def vae_flux2_case(args: argparse.Namespace) -> Case:
 
     ref = random_model(AutoencoderKLFlux2)
     ours = load_into(build_on_meta(lambda: Autoencoder(PRESETS["flux2"])), from_diffusers(ref.state_dict()))
+    ours.cuda_graphs = args.graphs
     z = torch.randn(1, 32, 128, 128, device=DEVICE, dtype=DTYPE)
     return Case("FLUX.2 VAE decode 1024x1024", lambda: ref.decode(z).sample, lambda: ours.decode(z))
 
@@ -401,7 +403,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
-    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards as CUDA graphs, as its "
+    parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards and decodes as CUDA graphs, as its "
                         "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
