@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from zflux.common import ops, parallel
 
 Key = tuple[Hashable, ...]
-_POOLS: dict[int, tuple[int, int]] = {}  # per device index: the pool all its graphs share
 PLAIN = (bool, int, float, str)  # non-tensor arguments that enter the key by value
+_LIVE: "weakref.WeakSet[Captured]" = weakref.WeakSet()  # every captured graph still held, whose pool a capture may join
 
 
 def signature(args: tuple, kwargs: dict, device_type: str = "cuda") -> Key | None:
@@ -103,14 +103,16 @@ class Captured:
                     release_generator()
                     raise
         torch.cuda.current_stream().wait_stream(side)
+        self.device = torch.cuda.current_device()
+        _LIVE.add(self)
 
     @staticmethod
     def pool():
-        """The memory pool every graph on the current device is captured into (see the module docstring)."""
+        """The memory pool of a live graph on the current device, for the next capture to share (see the module
+        docstring), or None for a new one. Not a handle kept from before: PyTorch frees a pool once its last graph is
+        gone (a model's graphs dropped when its weights moved), and a capture into that handle then fails."""
         device = torch.cuda.current_device()
-        if device not in _POOLS:
-            _POOLS[device] = torch.cuda.graph_pool_handle()
-        return _POOLS[device]
+        return next((c.graph.pool() for c in list(_LIVE) if c.device == device), None)
 
     def __call__(self, args: tuple, kwargs: dict) -> Tensor:
         for static, given in [*zip(self.args, args), *((self.kwargs[k], v) for k, v in kwargs.items())]:

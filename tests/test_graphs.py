@@ -9,6 +9,7 @@ give bit-identical latents, and the time per step of each.
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 
 import pytest
@@ -300,6 +301,28 @@ def test_graphs_match_eager_bit_for_bit(name):
         ms[cuda_graphs] = (time.perf_counter() - start) * 1e3 / steps
     print(f"\n{name}: {steps} steps, eager {ms[False]:.1f} ms/step, CUDA graphs {ms[True]:.1f} ms/step (warm)")
     assert torch.equal(results[True], results[False])
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_graphs_of_several_modules_share_one_pool_and_outlive_each_other():
+    """Two modules' graphs in one pool, replayed in turn, each equal to its eager forward; when every graph is dropped
+    (weights moved), the next capture starts a pool of its own (capturing into the freed one fails inside PyTorch)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    first, second = (nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda() for _ in range(2))
+    x = torch.randn(64, 256, device="cuda", generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns
+        for _ in range(3):
+            for module in (first, second):
+                assert torch.equal(graphed(module)(x), module(x))
+        assert graphed(first).graphs[next(iter(graphed(first).graphs))].graph.pool() == \
+            graphed(second).graphs[next(iter(graphed(second).graphs))].graph.pool()
+        for module in (first, second):
+            module.cpu().cuda()  # weights at new addresses: every graph dropped
+        for _ in range(2):
+            assert torch.equal(graphed(second)(x), second(x))
+    assert all(captured is not None for captured in graphed(second).graphs.values())
 
 
 FAILED_CAPTURE_CHECK = """
