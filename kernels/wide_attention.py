@@ -40,13 +40,9 @@ HEAD_DIMS = (128, 256, 384, 512)
 
 # BLOCK_M queries x DV value channels per program, BLOCK_N keys per step; shared memory
 # (bf16, q + stages x (k + v)) noted per config.
-CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "DV": 128}, num_warps=8, num_stages=2),  # 128 + 2 x 40 = 208 KiB
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "DV": 256}, num_warps=8, num_stages=3),  # 128 + 3 x 24 = 200 KiB
+CONFIGS = [  # the two fastest of six timed on the H100 at (1, 1, 16384, 512) (bench/RESULTS.md, 2026-11-24): 1.99, 2.62 ms
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "DV": 256}, num_warps=4, num_stages=3),  # 64 + 3 x 48 = 208 KiB
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "DV": 128}, num_warps=4, num_stages=3),  # 64 + 3 x 40 = 184 KiB
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "DV": 128}, num_warps=4, num_stages=2),  # 64 + 2 x 80 = 224 KiB
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "DV": 256}, num_warps=8, num_stages=2),  # 64 + 2 x 48 = 160 KiB
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "DV": 256}, num_warps=8, num_stages=3),  # 128 + 3 x 24 = 200 KiB
 ]
 
 
