@@ -292,9 +292,30 @@ def measure(impl: str, spec: Spec, name: str, root: Path, mode: str, args: argpa
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     row = dict(pipeline=name, mode=mode, impl=impl, load_s=loaded, first_s=first, e2e_s=statistics.median(times), peak_gib=peak,
                **{f"{part}_s": s for part, s in timed_parts(impl, pipe, run, clock).items()})
+    if args.profile and device.type == "cuda":
+        profile_run(f"{name} {mode} {impl}", run)
     del pipe, run
     release(device)
     return row
+
+
+def profile_run(label: str, run: Callable) -> None:
+    """One more run under the profiler, to stderr: its wall time against the GPU's busy time (the rest is the GPU
+    waiting on the host), the kernels that took longest, and the host ops that took longest (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"\n{label}: {wall:.0f} ms wall (profiled), GPU busy {busy:.0f} ms", file=sys.stderr)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  gpu {e.self_device_time_total / 1e3:8.2f} ms x{e.count:<5d} {e.key[:100]}", file=sys.stderr)
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  host {e.self_cpu_time_total / 1e3:7.2f} ms x{e.count:<5d} {e.key[:100]}", file=sys.stderr)
 
 
 def release(device: torch.device) -> None:
@@ -360,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default=tempfile.gettempdir(), help="where each snapshot is saved while it is timed")
     parser.add_argument("--out", help="folder to write <pipeline>.json and <pipeline>.md into")
+    parser.add_argument("--profile", action="store_true", help="one more profiled run per implementation (to stderr): "
+                        "wall against GPU busy time, the longest kernels and host ops")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.tiny else 1024)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
