@@ -39,6 +39,7 @@ changes the encoder's weights (a LoRA on CLIP) drops it (forget_encoding).
 from collections.abc import Callable, Iterator
 from collections import deque
 from contextlib import contextmanager
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -204,8 +205,14 @@ class BlockStreamer:
         self.blocks = [Parked([block]) for block in blocks]
         self.copies, self.cyclic = copies, cyclic
         self.pending: dict[int, object] = {}  # block index -> its copy's handle
-        self.hooks = []
-        for k, block in enumerate(blocks):
+        self.modules, self.hooks = blocks, []
+        self.attach()
+
+    def attach(self) -> None:
+        """Put the hooks on the blocks (again, after remove(); once)."""
+        if self.hooks:
+            return
+        for k, block in enumerate(self.modules):
             self.hooks.append(block.register_forward_pre_hook(lambda module, args, k=k: self._before(k)))
             self.hooks.append(block.register_forward_hook(lambda module, args, out, k=k: self.blocks[k].park()))
 
@@ -226,6 +233,7 @@ class BlockStreamer:
         """Take the hooks off and park every block (the model is then whole on the CPU, but what the plan put elsewhere)."""
         for hook in self.hooks:
             hook.remove()
+        self.hooks = []
         self.park()
 
 
@@ -244,6 +252,10 @@ class Streamed:
     def park(self) -> None:
         self.rest.park()
         self.streamer.park()
+
+
+# Per module, the Offload that placed it last (see Offload._claim).
+_PLACED_BY: "weakref.WeakKeyDictionary[nn.Module, Offload]" = weakref.WeakKeyDictionary()
 
 
 class Offload:
@@ -270,8 +282,27 @@ class Offload:
         self._encoding = None
         self.enter("load")
 
+    def _claim(self, name: str) -> None:
+        """Take component `name` over from another Offload that placed the same objects last (two pipelines built on one
+        text encoder, say, in different modes): its streaming hooks come off (they would stream inside this pipeline's
+        forward, and break its CUDA graphs), this one's go back on, and both place the component anew when next used."""
+        modules = modules_of(self.components[name])
+        others = {id(owner): owner for owner in (_PLACED_BY.get(m) for m in modules) if owner is not None and owner is not self}
+        for other in others.values():
+            if isinstance(other.held.get(name), Streamed):
+                other.held[name].streamer.remove()
+            other.places.pop(name, None)
+        if others:
+            self.places.pop(name, None)
+            if isinstance(self.held.get(name), Streamed):
+                self.held[name].streamer.attach()
+        for module in modules:
+            _PLACED_BY[module] = self
+
     def enter(self, stage: str) -> None:
         """Move each component where the plan has it in `stage`."""
+        for name in self.components:
+            self._claim(name)
         for name, place in self.plan[stage].items():
             if name not in self.components or self.places.get(name) == place:
                 continue

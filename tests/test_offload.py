@@ -327,3 +327,27 @@ def test_cuda_graphs_only_for_a_transformer_that_stays_on_the_device():
                for mode in MODES}
     assert allowed == {"none": True, "text-encoder": True, "model": False, "blocks": False}
     assert not offload_module.graphs_allowed(offload_module.Offload("none", {"transformer": model}, torch.device("cpu")), 0.1)
+
+
+def test_a_pipeline_takes_over_components_another_placed():
+    """Two Offloads over one text encoder (two pipelines built on the same objects, in different modes): the one used
+    last owns the placement. The streaming one's hooks come off while the resident one runs (they would stream inside
+    its forward, where its CUDA graphs cannot follow) and go back on when it runs again; the outputs never change."""
+    encoder = nn.Sequential(nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]))
+    x = torch.randn(2, 4)
+
+    def run(offload):
+        with offload.stage("encode"):
+            out = x
+            for layer in encoder[0]:
+                out = layer(out)
+            return out
+
+    hooked = lambda: all(layer._forward_pre_hooks for layer in encoder[0])  # noqa: E731
+    streaming = offload_module.Offload("text-encoder", {"text_encoder": encoder}, torch.device("cpu"))
+    expected = run(streaming)
+    assert hooked()
+    resident = offload_module.Offload("none", {"text_encoder": encoder}, torch.device("cpu"))
+    assert torch.equal(run(resident), expected) and not any(layer._forward_pre_hooks for layer in encoder[0])
+    assert torch.equal(run(streaming), expected) and hooked()
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in encoder[0])  # its own hooks, once
