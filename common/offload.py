@@ -254,8 +254,9 @@ class Streamed:
         self.streamer.park()
 
 
-# Per module, the Offload that placed it last (see Offload._claim).
-_PLACED_BY: "weakref.WeakKeyDictionary[nn.Module, Offload]" = weakref.WeakKeyDictionary()
+# Per module, the Offload that placed it last (see Offload._claim); weak both ways, as the Offload holds the module (a
+# strong reference here would keep every Offload, and its pinned copies of the weights, alive for good).
+_PLACED_BY: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[Offload]]" = weakref.WeakKeyDictionary()
 
 
 class Offload:
@@ -287,7 +288,8 @@ class Offload:
         text encoder, say, in different modes): its streaming hooks come off (they would stream inside this pipeline's
         forward, and break its CUDA graphs), this one's go back on, and both place the component anew when next used."""
         modules = modules_of(self.components[name])
-        others = {id(owner): owner for owner in (_PLACED_BY.get(m) for m in modules) if owner is not None and owner is not self}
+        owners = (ref() for ref in (_PLACED_BY.get(m) for m in modules) if ref is not None)
+        others = {id(owner): owner for owner in owners if owner is not None and owner is not self}
         for other in others.values():
             if isinstance(other.held.get(name), Streamed):
                 other.held[name].streamer.remove()
@@ -297,7 +299,7 @@ class Offload:
             if isinstance(self.held.get(name), Streamed):
                 self.held[name].streamer.attach()
         for module in modules:
-            _PLACED_BY[module] = self
+            _PLACED_BY[module] = weakref.ref(self)
 
     def enter(self, stage: str) -> None:
         """Move each component where the plan has it in `stage`."""

@@ -351,3 +351,16 @@ def test_a_pipeline_takes_over_components_another_placed():
     assert torch.equal(run(resident), expected) and not any(layer._forward_pre_hooks for layer in encoder[0])
     assert torch.equal(run(streaming), expected) and hooked()
     assert all(len(layer._forward_pre_hooks) == 1 for layer in encoder[0])  # its own hooks, once
+
+
+def test_an_offload_is_freed_with_its_pipeline():
+    """The registry of who placed a component last does not keep an Offload (and its pinned copies) alive."""
+    import gc
+    import weakref
+
+    encoder = nn.Sequential(nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]))
+    offload = offload_module.Offload("text-encoder", {"text_encoder": encoder}, torch.device("cpu"))
+    ref = weakref.ref(offload)
+    del offload
+    gc.collect()
+    assert ref() is None
