@@ -111,7 +111,7 @@ def quantize_model(model: nn.Module, granularity: str = "per-row") -> nn.Module:
 
 def apply_precision(model: nn.Module, precision: str | None) -> nn.Module:
     """The loaded `model` as `precision` asks: for "fp8", its blocks' linears in fp8 (per-row scales) and its attention
-    through the fp8 flash kernel where that runs (ops.use_fp8_attention; opt-in with $ZFLUX_FP8_ATTENTION=1)."""
+    through the fp8 flash kernel where that runs (ops.use_fp8_attention; $ZFLUX_FP8_ATTENTION=0 keeps it in bf16)."""
     if check_precision(precision) != "fp8":
         return model
     model.fp8_attention = True

@@ -6,6 +6,8 @@ As `zflux.common.quant.quantize` defines it (per-row):
 
 one read of x and one write of q and s, where PyTorch takes five passes. `store_fp8_rows` is the
 tail the fused norm kernels (`zflux.kernels.modulate`) end with to hand their rows to an fp8 linear.
+`quantize_heads` does the same for attention's (B, H, S, D) inputs, with a scale per token, per head or per channel
+of each head (v's, for the fp8 flash kernel, which applies those after the PV product), optionally transposed.
 """
 
 import torch

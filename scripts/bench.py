@@ -13,7 +13,7 @@ forward (one NFE), one VAE decode or one whole generate() call (the pipeline row
 median over --iters runs after --warmup runs, the peak memory the call adds, and ours/diffusers
 ratios. Prints a markdown table. A case with a plain counterpart (the ControlNet: the same step
 without it) adds a row for the difference, the extra cost per step. The `-fp8` rows time ours with
-precision fp8 (common/fp8.py: fp8 GEMMs, and the fp8 flash kernel with ZFLUX_FP8_ATTENTION=1)
+precision fp8 (common/fp8.py: fp8 GEMMs and the fp8 flash kernel; ZFLUX_FP8_ATTENTION=0 for bf16 attention)
 against diffusers in bf16, beside the bf16 rows of the same model.
 
 --profile adds, per implementation, one profiled call's GPU time by kind of kernel (GEMM, attention,
