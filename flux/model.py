@@ -26,7 +26,6 @@ from zflux.common.embeddings import timestep_embedding
 from zflux.common.fp8 import wants_fp8
 from zflux.common.norms import ModulationOut
 from zflux.common.quant import Fp8Tensor
-from zflux.common.quant import Fp8Tensor
 from zflux.common.rope import check_axes_dims, rope_tables
 from zflux.common.step_cache import StepCache, run_blocks
 from zflux.common.weights import config_from_dict
