@@ -236,11 +236,7 @@ def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None, fp8: bool = Fa
     """activations.silu_mul (SwiGLU's silu(gate) * up), or its one-pass kernel; written into `out` (a view of rows,
     e.g. part of a concatenation's buffer) when given, and returned. fp8: quantized per token (no `out`), for an fp8 linear."""
     if fp8:
-        if use_kernels(gate):
-            from zflux.kernels.activations import silu_mul_fp8
-
-            return Fp8Tensor(*silu_mul_fp8(gate, up))
-        return quant.quantize(activations.silu_mul(gate, up))
+        return activation_fp8(gate, up)
     if out is None:
         out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     if use_kernels(gate):
@@ -252,9 +248,11 @@ def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None, fp8: bool = Fa
     return out
 
 
-def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
+def gelu_tanh(x: Tensor, out: Tensor | None = None, fp8: bool = False) -> Tensor | Fp8Tensor:
     """activations.gelu_tanh, or its one-pass kernel; written into `out` (a view of rows, e.g. part of a concatenation's
-    buffer) when given, and returned."""
+    buffer) when given, and returned. fp8: quantized per token (no `out`), for an fp8 linear."""
+    if fp8:
+        return activation_fp8(x)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if use_kernels(x):
@@ -264,6 +262,33 @@ def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
     else:
         out.copy_(activations.gelu_tanh(x))
     return out
+
+
+def join_activation(before: Tensor, gate: Tensor, up: Tensor | None = None, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """[before | silu(gate) * up (or GELU-tanh(gate) without `up`)] along the channels: a single block's linear2 input,
+    the attention output then the MLP activation, the activation written in place where a concatenation would copy it
+    again. fp8: quantized per token, the activation and the quantization in one kernel where the kernels run."""
+    if fp8:
+        return activation_fp8(gate, up, before)
+    D = before.shape[-1]
+    joined = before.new_empty(*before.shape[:-1], D + gate.shape[-1])  # (..., D + F)
+    joined[..., :D] = before
+    if up is None:
+        gelu_tanh(gate, out=joined[..., D:])
+    else:
+        silu_mul(gate, up, out=joined[..., D:])
+    return joined
+
+
+def activation_fp8(gate: Tensor, up: Tensor | None = None, before: Tensor | None = None) -> Fp8Tensor:
+    """silu(gate) * up, or GELU-tanh(gate) without `up`, after `before`'s channels if given, quantized per token for an fp8
+    linear: one kernel (one read, one e4m3 write), or quant.quantize of the plain activation (and concatenation)."""
+    if use_kernels(gate):
+        from zflux.kernels.activations import activation_fp8 as fused
+
+        return Fp8Tensor(*fused(gate, up, before))
+    y = activations.gelu_tanh(gate) if up is None else activations.silu_mul(gate, up)
+    return quant.quantize(y if before is None else torch.cat([before, y], dim=-1))
 
 
 def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:

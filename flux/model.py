@@ -152,10 +152,17 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def mlp(dim: int) -> nn.Sequential:
-    """Linear -> GELU(tanh) -> Linear, keyed `.0` and `.2` as in the checkpoints."""
-    hidden = int(dim * MLP_RATIO)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+class MLP(nn.Sequential):
+    """Linear -> GELU(tanh) -> Linear, keyed `.0` and `.2` as in the checkpoints. An fp8 second linear gets the
+    activation as e4m3 rows from the activation's own kernel (ops.gelu_tanh with fp8=True)."""
+
+    def __init__(self, dim: int):
+        hidden = int(dim * MLP_RATIO)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor | Fp8Tensor) -> Tensor:
+        up, gelu, down = self
+        return down(ops.gelu_tanh(up(x), fp8=True) if wants_fp8(down) else gelu(up(x)))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -165,7 +172,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.img_mod, self.txt_mod = Modulation(dim, double=True), Modulation(dim, double=True)
         self.img_attn, self.txt_attn = SelfAttention(dim, num_heads), SelfAttention(dim, num_heads)
-        self.img_mlp, self.txt_mlp = mlp(dim), mlp(dim)
+        self.img_mlp, self.txt_mlp = MLP(dim), MLP(dim)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         L = txt.shape[1]
@@ -219,17 +226,14 @@ class SingleStreamBlock(nn.Module):
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1))
         return torch.addcmul(x, mod.gate, self.linear2(self._attention_and_mlp(h, rope)))
 
-    def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """linear2's input (B, S, dim + mlp_hidden): the attention output, then the GELU activation, both written in
-        place where a concatenation would copy them again; the projection dies on return."""
+    def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> Tensor | Fp8Tensor:
+        """linear2's input (B, S, dim + mlp_hidden): the attention output, then the GELU activation (ops.join_activation:
+        e4m3 rows from one kernel for an fp8 linear2); the projection dies on return."""
         projected = self.linear1(x)  # (B, S, 3 * dim + mlp_hidden)
         qkv, hidden = projected.split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        joined = projected.new_empty(*projected.shape[:-1], self.dim + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
-        ops.gelu_tanh(hidden, out=joined[..., self.dim:])
-        joined[..., :self.dim] = ops.attention(q, k, v)
-        return joined
+        return ops.join_activation(ops.attention(q, k, v), hidden, fp8=wants_fp8(self.linear2))
 
 
 class LastLayer(nn.Module):

@@ -1,5 +1,5 @@
 """The fp8 outputs of the Triton kernels (kernels/quantize.py, kernels/modulate.py *_fp8, kernels/activations.py
-silu_mul_fp8) against common/quant.py,
+activation_fp8) against common/quant.py,
 and the fp8 flash-attention kernel (kernels/attention.py flash_attention_fp8) against exact attention.
 
 The kernels compute the norm as their plain outputs do (tested in test_kernels_modulate.py) and round it to the input
@@ -9,7 +9,8 @@ alike. On the GPU (hardware round-to-nearest-even casts) at most 1% of values ma
 fp32 division moving a value across a rounding boundary. Without a GPU they run through Triton's interpreter, whose
 fp32 -> e4m3 cast (Triton 3.9) is not torch's: ties round away from zero (336 -> 352, torch 320), a rounding that
 carries into the exponent loses it (127.9 -> 64, torch 128), subnormals can be a step off; 2-3% of random values,
-so on the CPU up to 5% may differ.
+so on the CPU up to 5% may differ. The fused activation kernels are also checked against the unfused kernels they
+replace (activation, concatenation, quantize_rows), byte for byte: those round and cast alike on either device.
 """
 
 import pytest
@@ -24,7 +25,8 @@ from zflux.common.attention import reference_attention as reference  # noqa: E40
 from zflux.common.quant import E4M3, E4M3_MAX, Fp8Tensor, dequantize, quantize  # noqa: E402
 from zflux.kernels.attention import flash_attention_fp8, flash_attention_fp8_bshd  # noqa: E402
 from zflux.kernels import modulate  # noqa: E402
-from zflux.kernels.activations import silu_mul_, silu_mul_fp8  # noqa: E402
+from zflux.common import activations  # noqa: E402
+from zflux.kernels.activations import activation_fp8, gelu_tanh_, silu_mul_  # noqa: E402
 from zflux.kernels.quantize import quantize_heads, quantize_rows  # noqa: E402
 from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_fp8  # noqa: E402
 from test_kernels_attention import CASES, qkv  # noqa: E402
@@ -53,20 +55,82 @@ def test_quantize_rows(shape, dtype):
     check_fp8(quantize_rows(x), x)
 
 
+def unfused_activation(gate: torch.Tensor, up: torch.Tensor | None = None, before: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows activation_fp8 quantizes, as the unfused kernels write them: silu_mul_ (or gelu_tanh_ without `up`),
+    then the concatenation after `before`."""
+    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    if up is None:
+        gelu_tanh_(gate, out)
+    else:
+        silu_mul_(gate, up, out)
+    return out if before is None else torch.cat([before, out], dim=-1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_fp8(dtype):
-    """Z-Image's SwiGLU handing its activation to the fp8 w2: gate and up are strided halves here (views of one buffer)."""
-    hidden = randn(2, 37, 2 * 300, dtype=dtype, std=3.0)
+@pytest.mark.parametrize("silu_mul", [True, False], ids=["silu_mul", "gelu_tanh"])
+@pytest.mark.parametrize("with_before", [False, True], ids=["alone", "joined"])
+def test_activation_fp8(dtype, silu_mul, with_before):
+    """An MLP's activation handed to an fp8 linear, alone (the MLPs' second linears; SwiGLU's gate and up strided halves
+    of one buffer) or after the attention output (the single blocks' linear2, the hidden states a strided view of
+    linear1's output): byte for byte the unfused kernels' rows quantized by quantize_rows, and check_fp8 against
+    quant.quantize of them."""
+    projected = randn(2, 37, 96 + 2 * 300, dtype=dtype, std=3.0)
+    attn_out, hidden = projected.split([96, 2 * 300], dim=-1)
+    hidden = hidden if silu_mul else hidden[..., :300]
+    before = attn_out * 0.3 if with_before else None  # (2, 37, 96), its own buffer as attention's output is
+    gate, up = hidden.chunk(2, dim=-1) if silu_mul else (hidden, None)
+    data, scale = activation_fp8(gate, up, before)
+    rows = unfused_activation(gate, up, before)
+    unfused = quantize_rows(rows)
+    assert torch.equal(data.view(torch.uint8), unfused[0].view(torch.uint8)) and torch.equal(scale, unfused[1])
+    check_fp8((data, scale), rows)
+
+
+@pytest.mark.parametrize("silu_mul", [True, False], ids=["silu_mul", "gelu_tanh"])
+def test_ops_activations_fp8(silu_mul):
+    """ops.silu_mul / gelu_tanh with fp8=True and ops.join_activation: the fused kernel under triton, quant.quantize of
+    the plain activation (and concatenation) under sdpa; join_activation without fp8 writes the rows themselves."""
+    hidden = randn(2, 9, 2 * 64, dtype=torch.float32, std=3.0)
+    before = randn(2, 9, 32, dtype=torch.float32)
+    gate, up = hidden.chunk(2, dim=-1) if silu_mul else (hidden, None)
+    plain = activations.silu_mul(gate, up) if silu_mul else activations.gelu_tanh(gate)
+    results = {}
+    for backend in ("triton", "sdpa"):
+        with torch.no_grad(), ops.use_backend(backend):
+            alone = ops.silu_mul(gate, up, fp8=True) if silu_mul else ops.gelu_tanh(gate, fp8=True)
+            results[backend] = alone, ops.join_activation(before, gate, up, fp8=True), ops.join_activation(before, gate, up)
+    for alone, joined, rows in results.values():
+        assert isinstance(alone, Fp8Tensor) and isinstance(joined, Fp8Tensor)
+        check_fp8(alone, plain)
+        check_fp8(joined, torch.cat([before, plain], dim=-1))
+        assert rel_err(rows, torch.cat([before, plain], dim=-1)) <= 1e-6
+    sdpa = results["sdpa"]
+    assert torch.equal(sdpa[0].data.view(torch.uint8), quantize(plain).data.view(torch.uint8))
+    assert torch.equal(sdpa[1].data.view(torch.uint8), quantize(torch.cat([before, plain], dim=-1)).data.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, F, silu_mul", [(0, 12288, False), (3072, 12288, False), (0, 10240, True), (3072, 9216, True),
+                                            (6144, 18432, True)],
+                         ids=["flux1-mlp", "flux1-single", "zimage-mlp", "flux2-klein-single", "flux2-dev-single"])
+def test_activation_fp8_full_size(D, F, silu_mul):
+    """The models' widths at 1024^2 in bf16 (whole rows of up to 24576 channels in one program): byte for byte the
+    unfused kernels' rows quantized."""
+    projected = randn(1, 4608, D + (2 if silu_mul else 1) * F, dtype=torch.bfloat16, std=3.0)
+    before, hidden = projected.split([D, projected.shape[-1] - D], dim=-1)
+    gate, up = hidden.chunk(2, dim=-1) if silu_mul else (hidden, None)
+    args = (gate, up, before.contiguous() if D else None)
+    data, scale = activation_fp8(*args)
+    unfused = quantize_rows(unfused_activation(*args))
+    assert torch.equal(data.view(torch.uint8), unfused[0].view(torch.uint8)) and torch.equal(scale, unfused[1])
+
+
+def test_activation_fp8_custom_op_check():
+    hidden = randn(2, 5, 2 * 48, dtype=torch.float32)
     gate, up = hidden.chunk(2, dim=-1)
-    plain = torch.empty_like(gate, memory_format=torch.contiguous_format)
-    silu_mul_(gate, up, plain)
-    check_fp8(silu_mul_fp8(gate, up), plain)
-    with torch.no_grad(), ops.use_backend("triton"):
-        fused = ops.silu_mul(gate, up, fp8=True)
-    with torch.no_grad(), ops.use_backend("sdpa"):
-        math = ops.silu_mul(gate, up, fp8=True)
-    assert isinstance(fused, Fp8Tensor) and isinstance(math, Fp8Tensor)
-    assert rel_err(fused.scale, math.scale) <= SCALE_TOL  # the same activation's row maxima; the casts: check_fp8 above
+    before = randn(2, 5, 16, dtype=torch.float32)
+    for args in ((gate, up, before), (gate, None, None)):
+        torch.library.opcheck(activation_fp8, args)
 
 
 def test_quantize_rows_of_zeros_and_strided_views():

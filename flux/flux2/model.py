@@ -159,22 +159,23 @@ class Modulation(nn.Module):
         return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, 3 * self.sets, 3))
 
 
-def swiglu(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """silu(gate) * up, the gate being the first half of the channels: (..., 2F) -> (..., F), written into `out` if given."""
-    gate, up = x.chunk(2, dim=-1)
-    return ops.silu_mul(gate, up, out=out)
-
-
 class SwiGLU(nn.Module):
-    """swiglu as a module, for the MLPs' nn.Sequential (BFL keys them .0 and .2 around it)."""
+    """silu(gate) * up, the gate being the first half of the channels: (..., 2F) -> (..., F); fp8: quantized per token."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return swiglu(x)
+    def forward(self, x: Tensor, fp8: bool = False) -> Tensor | Fp8Tensor:
+        return ops.silu_mul(*x.chunk(2, dim=-1), fp8=fp8)
 
 
-def mlp(dim: int, hidden: int) -> nn.Sequential:
-    """Linear -> SwiGLU -> Linear, keyed `.0` and `.2` as in the checkpoints."""
-    return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+class MLP(nn.Sequential):
+    """Linear -> SwiGLU -> Linear, keyed `.0` and `.2` as in the checkpoints. An fp8 second linear gets the activation
+    as e4m3 rows from the activation's own kernel."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x: Tensor | Fp8Tensor) -> Tensor:
+        up, swiglu, down = self
+        return down(swiglu(up(x), fp8=wants_fp8(down)))
 
 
 def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, extra: KV | None) -> Tensor:
@@ -225,7 +226,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.eps = eps
         self.img_attn, self.txt_attn = SelfAttention(dim, num_heads, eps), SelfAttention(dim, num_heads, eps)
-        self.img_mlp, self.txt_mlp = mlp(dim, mlp_hidden), mlp(dim, mlp_hidden)
+        self.img_mlp, self.txt_mlp = MLP(dim, mlp_hidden), MLP(dim, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, img_mod: tuple[ModulationOut, ...], txt_mod: tuple[ModulationOut, ...],
                 rope: Rope, ref_kv: KV | None = None, refs: RefTokens | None = None) -> tuple[Tensor, Tensor, RefStep | None]:
@@ -287,32 +288,32 @@ class SingleStreamBlock(nn.Module):
         step = None
         if refs is not None:
             (ref_mod,) = refs.mod
-            ref_q, ref_k, ref_v, ref_joined = self._project(refs.x, ref_mod, refs.rope)
+            ref_q, ref_k, ref_v, ref_hidden = self._project(refs.x, ref_mod, refs.rope)
             ref_kv = (ops.dequantize_heads(ref_k, ref_v.dtype), ref_v)  # the cache holds plain keys
-            ref_joined[..., :refs.x.shape[-1]] = ops.attention(ref_q, ref_k, ref_v)
-            step = RefStep(self._output(refs.x, ref_joined, ref_mod), ref_kv)
+            step = RefStep(self._output(refs.x, self._joined(ops.attention(ref_q, ref_k, ref_v), ref_hidden), ref_mod), ref_kv)
         return self._output(x, self._attention_and_mlp(x, mod, rope, ref_kv), mod), step
 
-    def _attention_and_mlp(self, x: Tensor, mod: ModulationOut, rope: Rope, ref_kv: KV | None) -> Tensor:
+    def _attention_and_mlp(self, x: Tensor, mod: ModulationOut, rope: Rope, ref_kv: KV | None) -> Tensor | Fp8Tensor:
         """linear2's input (B, S, dim + mlp_hidden): both branches from the one input projection, side by side; the
         projection dies on return."""
-        q, k, v, joined = self._project(x, mod, rope)
-        joined[..., :x.shape[-1]] = attend(q, k, v, ref_kv)
-        return joined
+        q, k, v, hidden = self._project(x, mod, rope)
+        return self._joined(attend(q, k, v, ref_kv), hidden)
 
     def _project(self, x: Tensor, mod: ModulationOut, rope: Rope) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v (B, H, S, D), normalized and rotated, and linear2's input (B, S, dim + mlp_hidden) holding the SwiGLU
-        activation in its last mlp_hidden channels, the first dim left for the attention output: written in place,
-        where a concatenation would copy both again."""
+        """q, k, v (B, H, S, D), normalized and rotated, and the SwiGLU input (B, S, 2 * mlp_hidden), a view of the
+        projection."""
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(self.linear1))
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
         q, k = self.norm(q, k, rope)
-        joined = x.new_empty(*x.shape[:-1], x.shape[-1] + self.mlp_hidden)  # (B, S, dim + mlp_hidden)
-        swiglu(hidden, out=joined[..., x.shape[-1]:])
-        return q, k, v, joined
+        return q, k, v, hidden
 
-    def _output(self, x: Tensor, joined: Tensor, mod: ModulationOut) -> Tensor:
+    def _joined(self, attn_out: Tensor, hidden: Tensor) -> Tensor | Fp8Tensor:
+        """[attention output | SwiGLU(hidden)] (B, S, dim + mlp_hidden) (ops.join_activation: e4m3 rows from one kernel
+        for an fp8 linear2)."""
+        return ops.join_activation(attn_out, *hidden.chunk(2, dim=-1), fp8=wants_fp8(self.linear2))
+
+    def _output(self, x: Tensor, joined: Tensor | Fp8Tensor, mod: ModulationOut) -> Tensor:
         return torch.addcmul(x, mod.gate, self.linear2(joined))
 
 
