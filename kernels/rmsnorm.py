@@ -15,8 +15,7 @@ tables (cos, sin) of shape (B, S, D/2):
 
 One program handles BLOCK_S tokens of one (batch, head), reading q and k straight out of whatever
 view the caller has (usually a slice of the fused qkv projection, (B, S, 3, H, D) in memory) and
-writing them as (B, H, S, D) tensors laid out (B, S, H, D) in memory (`heads_like`): attention reads them per head
-through strides, and its output, laid out as its query is, is then the (B, S, H*D) activation with no copy.
+writing them (B, H, S, D)-contiguous, the layout attention reads per head.
 """
 
 import torch
@@ -111,7 +110,7 @@ def _norm_rope(x_ptr, w, cos, sin, tokens, mask, s_stride, eps, dtype: tl.conste
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
-                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, o_sb, o_sh, o_ss, eps, sqrt_d,
+                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, o_sh, o_ss, eps, sqrt_d,
                          D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -127,7 +126,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
     dtype: tl.constexpr = q_ptr.dtype.element_ty
     q = _norm_rope(q_ptr + b * q_sb + h * q_sh, qw, cos, sin, tokens, mask, q_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
     k = _norm_rope(k_ptr + b * k_sb + h * k_sh, kw, cos, sin, tokens, mask, k_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
-    out = b * o_sb + h * o_sh + tokens[:, None] * o_ss + dims[None, :]  # (BLOCK_S, BLOCK_D)
+    out = bh.to(tl.int64) * o_sh + tokens[:, None] * o_ss + dims[None, :]  # (BLOCK_S, BLOCK_D)
     if FP8:
         # q: one scale per token. k: one for the whole tensor, from a bound rather than a maximum (which would take a
         # pass of its own): a row normed to RMS 1 has no entry above sqrt(D), RoPE turns channel pairs without
@@ -166,7 +165,7 @@ def _check_qk(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
 
 def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
             outs: tuple[Tensor, Tensor, Tensor, Tensor], k_bound_weight: Tensor | None = None) -> None:
-    """Norm and rotate q, k into outs = (q_out, k_out, q_scale, k_scale): q_out and k_out as heads_like makes them; with
+    """Norm and rotate q, k into outs = (q_out, k_out, q_scale, k_scale): (B, H, S, D)-contiguous q_out and k_out; with
     e4m3 outputs, fp32 scales (B, H, S) per token for q and (1,) for k (bounded by k_bound_weight's entries too)."""
     B, H, S, D = q.shape
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -179,24 +178,23 @@ def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float
     k_weight = k_weight.contiguous()
     _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
                                cos, sin, *outs, S, H, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, *outs[0].stride()[:3], eps, D**0.5, D=D, BLOCK_S=block_s,
+                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, S * D, D, eps, D**0.5, D=D, BLOCK_S=block_s,
                                BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, num_warps=8)
 
 
 @torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
                  sin: Tensor) -> tuple[Tensor, Tensor]:
-    """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE by (B, S, D/2) tables; outputs as heads_like makes
-    them."""
+    """RMSNorm over the head dim of q and k (B, H, S, D), then RoPE by (B, S, D/2) tables; outputs contiguous."""
     _check_qk(q, k, q_weight, k_weight)
-    q_out, k_out = heads_like(q), heads_like(q)
+    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
     _launch(q, k, q_weight, k_weight, eps, cos, sin, (q_out, k_out, q_out, k_out))
     return q_out, k_out
 
 
 @qk_norm_rope.register_fake
 def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return heads_like(q), heads_like(q)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("zflux::qk_norm_rope_fp8", mutates_args=())
@@ -213,17 +211,9 @@ def qk_norm_rope_fp8(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, e
     return outs
 
 
-def heads_like(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """An empty (B, H, S, D) tensor laid out (B, S, H, D) in memory: attention's output follows its query's layout
-    (cuDNN's, the flash kernels'), and in this one the caller's (B, S, H*D) view of that output is free, where a
-    (B, H, S, D)-contiguous one costs a copy per attention call."""
-    B, H, S, D = q.shape
-    return torch.empty_strided((B, H, S, D), (S * H * D, D, H * D, 1), dtype=dtype or q.dtype, device=q.device)
-
-
 def _fp8_qk_like(q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, S, D = q.shape
-    data = (heads_like(q, E4M3) for _ in range(2))
+    data = (q.new_empty((B, H, S, D), dtype=E4M3) for _ in range(2))
     return *data, q.new_empty((B, H, S), dtype=torch.float32), q.new_empty((1,), dtype=torch.float32)
 
 
