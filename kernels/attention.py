@@ -16,6 +16,12 @@ compares indices. Tiles are read and written through tensor descriptors (TMA on 
 (batch, head) inside the kernel from the strides, so q, k, v may be any (B, H, S, D) views, such
 as slices of the fused qkv projection, with no copy; rows past S read as zeros and are not written.
 The output is written (B, S, H, D)-contiguous, so the caller's (B, S, H*D) is a free view.
+
+The fp8 variant (`flash_attention_fp8_bshd`) takes e4m3 q with a scale per token, k with one per head (or one for all:
+the QK-norm + RoPE kernel quantizes both as it stores them, kernels/rmsnorm.py), and v transposed, (D, S) per head, with
+one scale per channel (fp8 tensor-core products take both operands K-major). Each row's q scale times k's scale times
+the softmax scale is the one multiplier the scores already take; the probabilities are rounded to e4m3 for the PV
+product; v's channel scales multiply the accumulator once, at the end.
 """
 
 import os
