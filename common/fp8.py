@@ -3,10 +3,11 @@
 `quantize_model(model)` replaces the transformer blocks' linears by `FP8Linear`s, quantizing their
 weights (bf16 from the checkpoint) to e4m3 with one fp32 scale per output channel (`common.quant`).
 An FP8Linear takes its input either already quantized, an `Fp8Tensor` of e4m3 values with one scale
-per token, made by the Triton norm/modulation kernel that precedes it (`ops.layer_norm_modulate`,
-`ops.rms_norm_scale` with fp8=True: the per-token amax is one more row reduction in a kernel that
-already reduces each row for its norm), or a bf16 tensor it quantizes itself (`ops.quantize_fp8`, one
-small fused kernel: attention outputs, MLP hidden states). It then runs `torch._scaled_mm` with the
+per token, made by the Triton kernel that precedes it (`ops.layer_norm_modulate`, `ops.rms_norm_scale`
+with fp8=True: the per-token amax is one more row reduction in a kernel that already reduces each row
+for its norm; the MLP activations, `ops.silu_mul` / `ops.gelu_tanh` with fp8=True, and the FLUX single
+blocks' [attention output | activation], `ops.join_activation`), or a bf16 tensor it quantizes itself
+(`ops.quantize_fp8`, one small fused kernel: the attention outputs). It then runs `torch._scaled_mm` with the
 row scales of both operands, bf16 output and the bias fused, on GPUs with fp8 tensor cores (compute
 capability 8.9 and up); elsewhere (the CPU, older GPUs, the `reference` backend) the same numbers go
 through `quant.reference_linear`: dequantize, matmul in fp32.
