@@ -77,17 +77,6 @@ def _quantize_heads_kernel(x_ptr, out_ptr, scale_ptr, S, H, x_sb, x_sh, x_ss, ou
     tl.store(out_ptr + bh * out_sh + tokens[:, None] * out_ss + dims[None, :] * out_sd, q, mask=mask)
 
 
-@triton.jit
-def _channel_amax_kernel(x_ptr, amax_ptr, S, H, x_sb, x_sh, x_ss, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """amax[b, h, :] = max over a (BLOCK_S, D) tile's tokens of |x|, merged across tiles by atomic max (amax starts at 0)."""
-    bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-    dims = tl.arange(0, D)
-    x = tl.load(x_ptr + b * x_sb + h * x_sh + tokens[:, None] * x_ss + dims[None, :], mask=(tokens < S)[:, None], other=0.0)
-    tl.atomic_max(amax_ptr + bh * D + dims, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-
-
 def quantize_heads(x: Tensor, per: str, transpose: bool = False) -> tuple[Tensor, Tensor]:
     """x (B, H, S, D) (any strides, unit channel stride) -> e4m3 (B, H, S, D), or (B, H, D, S') transposed (S' = S
     rounded up to 16, so that each row is 16-byte aligned for TMA), and fp32 scales: per "token" (B, H, S), one for each
@@ -99,16 +88,14 @@ def quantize_heads(x: Tensor, per: str, transpose: bool = False) -> tuple[Tensor
     out = torch.empty((B, H, D, width) if transpose else (B, H, S, D), dtype=E4M3, device=x.device)
     if per == "token":
         scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
-    block_s = max(1, 4096 // D)
-    grid = (B * H, triton.cdiv(S, block_s))
-    if per != "token":  # the maxima first, each channel's over the head's tokens (one read at full speed), then the pass
-        amax = torch.zeros((B, H, D), dtype=torch.float32, device=x.device)
-        _channel_amax_kernel[grid](x, amax, S, H, *x.stride()[:3], D=D, BLOCK_S=block_s, num_warps=4)
-        scale = (amax if per == "channel" else amax.amax(dim=-1)).clamp_(min=TINY).div_(E4M3_MAX)  # (B, H, D) or (B, H)
+    else:  # the maxima first: one reduction over the head's tokens (and channels), then the quantizing pass
+        dims = (2, 3) if per == "head" else 2
+        scale = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, dtype=torch.float32).clamp_(min=TINY) / E4M3_MAX
     out_ss, out_sd = (1, width) if transpose else (D, 1)
-    _quantize_heads_kernel[grid](x, out, scale, S, H, *x.stride()[:3], out.stride(1), out_ss, out_sd,
-                                 *((D, 1) if per == "channel" else (1, 0)), D=D, BLOCK_S=block_s, PER_TOKEN=per == "token",
-                                 num_warps=4)
+    block_s = max(1, 4096 // D)
+    _quantize_heads_kernel[(B * H, triton.cdiv(S, block_s))](x, out, scale, S, H, *x.stride()[:3], out.stride(1), out_ss,
+                                                             out_sd, *((D, 1) if per == "channel" else (1, 0)), D=D, BLOCK_S=block_s,
+                                                             PER_TOKEN=per == "token", num_warps=4)
     return out, scale
 
 
