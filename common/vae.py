@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from zflux.common import ops
-from zflux.common.graphs import GraphedForward, graphed
+from zflux.common.graphs import forward_of
 from zflux.common.weights import check_model, config_from_dict, config_to_dict, load_model, save_model_folder
 
 EPS = 1e-6  # every GroupNorm
@@ -383,8 +383,8 @@ class Autoencoder(nn.Module):
         """(B, C, h, w) raw latent (already unscaled and unshifted) -> (B, 3, 8h, 8w) image, about [-1, 1]."""
         _check_shape(latent, self.cfg.latent_channels, 1, "latent")
         # A 1024x1024 decode is ~300 kernels: eagerly, the GPU waits on Python between them (~6 ms of 33 on the H100).
-        decoder = graphed(self.decoder) if self.cuda_graphs and latent.device.type == GraphedForward.device_type else self.decoder
-        return decoder(self._memory_format(latent)).contiguous()
+        # A 1024x1024 decode is ~300 kernels: eagerly, the GPU waits on Python between them (~6 ms of 33 on the H100).
+        return forward_of(self.decoder, self.cuda_graphs)(self._memory_format(latent)).contiguous()
 
     def _memory_format(self, x: Tensor) -> Tensor:
         """x in the weights' dtype, and on a GPU channels-last, weights included (converted once): cuDNN's NHWC

@@ -110,7 +110,7 @@ def _norm_rope(x_ptr, w, cos, sin, tokens, mask, s_stride, eps, dtype: tl.conste
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
-                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, o_sh, o_ss, eps, sqrt_d,
+                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, eps, sqrt_d,
                          D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -126,7 +126,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
     dtype: tl.constexpr = q_ptr.dtype.element_ty
     q = _norm_rope(q_ptr + b * q_sb + h * q_sh, qw, cos, sin, tokens, mask, q_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
     k = _norm_rope(k_ptr + b * k_sb + h * k_sh, kw, cos, sin, tokens, mask, k_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
-    out = bh.to(tl.int64) * o_sh + tokens[:, None] * o_ss + dims[None, :]  # (BLOCK_S, BLOCK_D)
+    out = bh.to(tl.int64) * S * D + tokens[:, None] * D + dims[None, :]  # (BLOCK_S, BLOCK_D): (B, H, S, D)-contiguous
     if FP8:
         # q: one scale per token. k: one for the whole tensor, from a bound rather than a maximum (which would take a
         # pass of its own): a row normed to RMS 1 has no entry above sqrt(D), RoPE turns channel pairs without
@@ -178,7 +178,7 @@ def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float
     k_weight = k_weight.contiguous()
     _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
                                cos, sin, *outs, S, H, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, S * D, D, eps, D**0.5, D=D, BLOCK_S=block_s,
+                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, eps, D**0.5, D=D, BLOCK_S=block_s,
                                BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, num_warps=8)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from zflux.common.graphs import GraphedForward, graphed
+from zflux.common.graphs import forward_of
 from zflux.common.text import as_list, load_text_model, load_tokenizer, warn_if_cut
 from zflux.common.weights import CheckpointError
 
@@ -135,8 +135,7 @@ class Qwen3PromptEncoder:
         # Graphed or not, the forward runs at the bucket's length: the same GEMM shapes, so the same features to the
         # bit whether graphs are on, the encoder offloaded (graphs off) or resident.
         padded = F.pad(ids, (0, graph_length(length) - length), value=self.tokenizer.pad_token_id)  # (B, graph_length(L'))
-        graphs = self.cuda_graphs and ids.device.type == GraphedForward.device_type
-        return (graphed(self.features) if graphs else self.features)(padded)[:, :length], mask
+        return forward_of(self.features, self.cuda_graphs)(padded)[:, :length], mask  # CPU tensors: eager (graphs.py)
 
 
 def omni_segments(prompt: str, images: int) -> list[str]:
