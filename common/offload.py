@@ -360,6 +360,11 @@ def stays_on_device(offload: Offload, component: str) -> bool:
     return all(places[component] == DEVICE for places in offload.plan.values())
 
 
+def on_device_for(offload: Offload, component: str, stage: str) -> bool:
+    """Whether `component` is on the device whole (not streamed, not parked) during `stage`."""
+    return offload.plan[stage][component] == DEVICE
+
+
 def graphs_allowed(offload: Offload, cache: float | None) -> bool:
     """Whether a run may replay the transformer as CUDA graphs (common/graphs.py): only when it stays on the device
     (stays_on_device), and not with the step cache (its skip decision reads the device)."""

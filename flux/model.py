@@ -122,15 +122,19 @@ class QKNorm(nn.Module):
 
 
 class Modulation(nn.Module):
-    """SiLU(vec) -> one ModulationOut (single blocks), or two (double blocks: attention, then MLP)."""
+    """SiLU(vec) -> the block's modulation, packed (B, n * dim); `split` reads it as one ModulationOut (single blocks), or
+    two (double blocks: attention, then MLP)."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.n = 6 if double else 3
         self.lin = nn.Linear(dim, self.n * dim)
 
-    def forward(self, vec: Tensor) -> tuple[ModulationOut, ...]:
-        chunks = self.lin(F.silu(vec))[:, None].chunk(self.n, dim=-1)  # n x (B, 1, dim)
+    def forward(self, vec: Tensor) -> Tensor:
+        return self.lin(F.silu(vec))  # (B, n * dim)
+
+    def split(self, packed: Tensor) -> tuple[ModulationOut, ...]:
+        chunks = packed[:, None].chunk(self.n, dim=-1)  # n x (B, 1, dim)
         return tuple(ModulationOut(*chunks[i:i + 3]) for i in range(0, self.n, 3))
 
 
@@ -174,9 +178,13 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn, self.txt_attn = SelfAttention(dim, num_heads), SelfAttention(dim, num_heads)
         self.img_mlp, self.txt_mlp = MLP(dim), MLP(dim)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor | None, rope: tuple[Tensor, Tensor],
+                modulation: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """`modulation`: the image and text streams' packed modulations (B, 6 * dim) each, taken ahead (Flux.modulations);
+        None: from vec (B, dim) here."""
         L = txt.shape[1]
-        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        img_mod, txt_mod = (self.img_mod(vec), self.txt_mod(vec)) if modulation is None else modulation
+        img_mod, txt_mod = self.img_mod.split(img_mod), self.txt_mod.split(txt_mod)
         out = ops.attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope))  # (B, L+S, dim)
         img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
         txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
@@ -221,8 +229,9 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        (mod,) = self.modulation(vec)
+    def forward(self, x: Tensor, vec: Tensor | None, rope: tuple[Tensor, Tensor], modulation: Tensor | None = None) -> Tensor:
+        """`modulation`: the packed modulation (B, 3 * dim), taken ahead (Flux.modulations); None: from vec (B, dim) here."""
+        (mod,) = self.modulation.split(self.modulation(vec) if modulation is None else modulation)
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1))
         return torch.addcmul(x, mod.gate, self.linear2(self._attention_and_mlp(h, rope)))
 
@@ -244,8 +253,10 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
+    def forward(self, x: Tensor, vec: Tensor | None, modulation: Tensor | None = None) -> Tensor:
+        """`modulation`: adaLN_modulation(vec) (B, 2 * dim), taken ahead (Flux.modulations); None: from vec here."""
+        mod = self.adaLN_modulation(vec) if modulation is None else modulation
+        shift, scale = mod[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
         return self.linear(ops.layer_norm_modulate(x, shift, scale, EPS))
 
 
@@ -274,21 +285,54 @@ class Flux(nn.Module):
         return self.img_in.weight.dtype
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, modulations: Tensor | None = None) -> Tensor:
         """img (B, S, in_channels) packed latents, ids (B, S|L, 3), txt (B, L, 4096), timesteps (B,) in [0, 1]
-        with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only)."""
-        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
-            return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        with 1 = pure noise, y (B, 768) pooled CLIP, guidance (B,) raw scale (guidance-distilled models only).
 
-    def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                 guidance: Tensor | None) -> Tensor:
-        dtype, out_dtype, L = self.dtype, img.dtype, txt.shape[1]
+        `modulations`: what self.modulations(timesteps, y, guidance) returns for these inputs (not checked), taken by
+        the caller for every step of a run at once: the blocks' adaLN weights are a quarter of FLUX.1's (3.2 B
+        parameters), read in full to multiply one vector, once per step unless taken ahead (flux/pipeline.py does)."""
+        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        if modulations is not None and modulations.shape != (img.shape[0], sum(self.modulation_widths)):
+            raise ValueError(f"modulations must have shape ({img.shape[0]}, {sum(self.modulation_widths)}), got {tuple(modulations.shape)}")
+        with ops.use_backend(self.backend, fp8_attention=self.fp8_attention):
+            if modulations is None:  # each block takes its own from vec: streamed blocks (common/offload.py) have their weights then
+                return self._forward(img, img_ids, txt, txt_ids, self.conditioning(timesteps, y, guidance), None)
+            return self._forward(img, img_ids, txt, txt_ids, None, modulations.split(self.modulation_widths, dim=-1))
+
+    @property
+    def modulation_widths(self) -> list[int]:
+        """The widths of the packed modulations, block by block: each double block's image then text stream, each single
+        block, the last layer."""
+        dim, cfg = self.cfg.hidden_size, self.cfg
+        return [6 * dim] * (2 * cfg.num_layers) + [3 * dim] * cfg.num_single_layers + [2 * dim]
+
+    def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """vec (B, dim), what every block's modulation is made from: the embeddings of the timesteps (B,), the guidance
+        scale (B,) and the pooled text y (B, 768), summed in the model's dtype."""
+        dtype = self.dtype
         # The sinusoidal features are taken in fp32 from the caller's timesteps, whatever the model dtype.
         vec = self.time_in(timestep_embedding(timesteps.float() * TIME_FACTOR, TIME_DIM).to(dtype))  # (B, dim)
         if self.cfg.guidance_embeds:
             vec = vec + self.guidance_in(timestep_embedding(guidance.float() * TIME_FACTOR, TIME_DIM).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
+        return vec + self.vector_in(y.to(dtype))
+
+    def modulations(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """Every block's modulation for conditioning(timesteps, y, guidance), packed (B, sum(modulation_widths)) in
+        modulation_widths' order. Calls the blocks' adaLN linears directly: the blocks must be on the device whole (not
+        streamed)."""
+        vec = self.conditioning(timesteps, y, guidance)  # (B, dim)
+        doubles = [m(vec) for block in self.double_blocks for m in (block.img_mod, block.txt_mod)]
+        singles = [block.modulation(vec) for block in self.single_blocks]
+        return torch.cat([*doubles, *singles, self.final_layer.adaLN_modulation(vec)], dim=-1)  # (B, W)
+
+    def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec: Tensor | None,
+                 mods: tuple[Tensor, ...] | None) -> Tensor:
+        """vec (B, dim), or the blocks' modulations taken ahead, (B, width) each in modulation_widths' order."""
+        dtype, out_dtype, L = self.dtype, img.dtype, txt.shape[1]
+        n_double = len(self.double_blocks)
+        double_mods = [None] * n_double if mods is None else list(zip(mods[:2 * n_double:2], mods[1:2 * n_double:2]))
+        single_mods = [None] * len(self.single_blocks) if mods is None else mods[2 * n_double:-1]
 
         img = self.img_in(img.to(dtype))  # (B, S, dim)
         txt = self.txt_in(txt.to(dtype))  # (B, L, dim)
@@ -299,22 +343,22 @@ class Flux(nn.Module):
         L_local = shards.count(L)  # of which text
         txt, img = x[:, :L_local], x[:, L_local:]
 
-        def doubles(img: Tensor, txt: Tensor, start: int, stop: int | None) -> tuple[Tensor, Tensor]:
-            for block in self.double_blocks[start:stop]:
-                img, txt = block(img, txt, vec, rope)
+        def doubles(img: Tensor, txt: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+            for block, modulation in zip(self.double_blocks[start:stop], double_mods[start:stop]):
+                img, txt = block(img, txt, vec, rope, modulation)
             return img, txt
 
         def rest(img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:  # the blocks after the first
-            img, txt = doubles(img, txt, 1, None)
+            img, txt = doubles(img, txt, 1, n_double)
             x = torch.cat([txt, img], dim=1)  # (B, local, dim)
-            for block in self.single_blocks:
-                x = block(x, vec, rope)
+            for block, modulation in zip(self.single_blocks, single_mods):
+                x = block(x, vec, rope, modulation)
             return x[:, L_local:], x[:, :L_local]
 
         with shards.attending():
             img, txt = run_blocks(self.step_cache, (img, txt), lambda img, txt: doubles(img, txt, 0, 1), rest)
         img = shards.gather_after(L, txt, img)  # (B, S, dim): the image tokens of every rank
-        return self.final_layer(img, vec).to(out_dtype)  # (B, S, out_channels)
+        return self.final_layer(img, vec, None if mods is None else mods[-1]).to(out_dtype)  # (B, S, out_channels)
 
     def _check_inputs(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                       guidance: Tensor | None) -> None:

@@ -50,7 +50,7 @@ from zflux.common.latents import pack_latents, unpack_latents
 from zflux.common.lora import KeyMap, LoraPipeline, LoraSet
 from zflux.common.pipeline import (Blend, Predict, Variant, check_request, decode_latents, default_device, denoise, encode_prompts,
                                    image_seq_len, open_snapshot, prepare_img2img, prepare_inpaint, read_scheduler, start_noise)
-from zflux.common.offload import Offload, graphs_allowed, load_device, resolve_mode
+from zflux.common.offload import Offload, graphs_allowed, load_device, on_device_for, resolve_mode
 from zflux.common.sampling import NUM_TRAIN_TIMESTEPS, SamplingDefaults, SchedulerConfig, cfg_combine
 from zflux.common.step_cache import step_cache
 from zflux.common.vae import Autoencoder, check_autoencoder, load_autoencoder
@@ -140,7 +140,8 @@ def embedded_guidance(scale: float, batch: int, device: torch.device | str = "cp
 
 
 def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tuple[int, int], sigmas: Tensor, guidance: float,
-              true_cfg: float, device: torch.device, conditioning: Conditioning = Conditioning(), cuda_graphs: bool = False) -> Predict:
+              true_cfg: float, device: torch.device, conditioning: Conditioning = Conditioning(), cuda_graphs: bool = False,
+              modulations_ahead: bool = False) -> Predict:
     """predict(tokens, i) for denoise over the packed tokens (1, S, 64) of an h x w latent (`size`): one transformer call per step.
 
     `features` and `pooled` hold the prompt's text, or with true CFG the prompt's and the negative
@@ -148,6 +149,8 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
     `conditioning` joins the tokens on the way in (flux.tools.with_conditioning); only the S
     predictions for the image being generated come out. Times and positions are settled here, so
     that the loop adds no host sync; with `cuda_graphs` each call replays a CUDA graph (common/graphs.py).
+    With `modulations_ahead` the first call takes every step's block modulations at once (Flux.modulations: their
+    weights are read once per run, not once per step), for a transformer whose blocks are on the device whole then.
     """
     n, L = features.shape[:2]  # n = 2 with true CFG: conditional row, then the unconditional one
     S = size[0] // 2 * size[1] // 2
@@ -159,12 +162,18 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
     text_ids = txt_ids(n, L, device)  # (n, L, 3)
     guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
     forward = forward_of(transformer, cuda_graphs)
+    ahead: list[Tensor] = []  # (steps + 1, n, W) once taken
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t = times[i].expand(n)  # (n,)
+        if modulations_ahead and not ahead:
+            steps = len(times)
+            every = transformer.modulations(times.repeat_interleave(n), pooled.repeat(steps, 1),
+                                            None if guidance_vec is None else guidance_vec.repeat(steps))  # (steps * n, W)
+            ahead.append(every.view(steps, n, -1))
         x = with_conditioning(tokens.expand(n, -1, -1), conditioning)  # (n, S (+ S_ref), in_channels)
-        out = forward(x, img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled,
-                          guidance=guidance_vec)[:, :S]  # (n, S, 64)
+        out = forward(x, img_ids=image_ids, txt=features, txt_ids=text_ids, timesteps=t, y=pooled, guidance=guidance_vec,
+                      modulations=ahead[0][i] if ahead else None)[:, :S]  # (n, S, 64)
         return cfg_combine(out[:1], out[1:], true_cfg - 1) if n == 2 else out  # (1, S, 64)
 
     return predict
@@ -370,7 +379,7 @@ class FluxPipeline(LoraPipeline):
                                                   pooled_scale=redux_pooled_scale)
         predict = predictor(self.transformer, features=features, pooled=pooled, size=latents.shape[2:], sigmas=sigmas,
                             guidance=settings.guidance, true_cfg=true_cfg, device=self.device, conditioning=conditioning,
-                            cuda_graphs=graphs)
+                            cuda_graphs=graphs, modulations_ahead=on_device_for(self.offload, "transformer", "denoise"))
         with self.offload.stage("denoise"), step_cache(self.transformer, cache):
             tokens = denoise(predict, pack_latents(latents), sigmas, start, blend=blend, progress=progress, desc=self.variant)  # (1, S, 64)
         latents = unpack_latents(tokens, *latents.shape[2:])  # (1, C, h, w)

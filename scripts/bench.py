@@ -207,8 +207,10 @@ def flux_case(args: argparse.Namespace, tool: str = "flux-dev", precision: str |
     what = {"flux-dev": "FLUX.1-dev transformer (4096 img + 512 text tokens)",
             "flux-fill": "FLUX.1 Fill transformer (384 input channels; 4096 img + 512 text tokens)",
             "flux-kontext": "FLUX.1 Kontext transformer (4096 img + 4096 reference + 512 text tokens)"}[tool]
+    # As the pipelines run it (--graphs): the blocks' modulations taken ahead, once per run (flux/pipeline.py).
+    modulations = ours.modulations(t, y, guidance) if args.graphs else None
     return Case(what + (f", zflux {precision}" if precision else ""), lambda: ref(img, txt, y, t, i_ids[0], t_ids[0], guidance, return_dict=False)[0],
-                lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, y, guidance))
+                lambda: forward_of(ours, args.graphs)(img, i_ids, txt, t_ids, t, y, guidance, modulations=modulations))
 
 
 def vae_case(args: argparse.Namespace) -> Case:
@@ -404,7 +406,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=("auto", "sdpa", "triton"), default="auto", help="zflux backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks of both")
     parser.add_argument("--graphs", action="store_true", help="replay zflux's transformer (and Qwen3) forwards and decodes as CUDA graphs, as its "
-                        "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference)")
+                        "pipelines do (common/graphs.py; the closures hold the model: the graphs keep only a weak reference), "
+                        "FLUX.1's with the blocks' modulations taken ahead, as its pipeline does once per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also profile one call of each (see the module docstring)")

@@ -76,6 +76,23 @@ def test_parity_with_diffusers(cfg, B, H, W, L, backend):
     assert rel_err(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("cfg", [DEV, SCHNELL], ids=["dev", "schnell"])
+@torch.no_grad()
+def test_modulations_taken_ahead_for_several_steps(cfg):
+    """Every block's modulation taken for three steps at once (Flux.modulations, as the pipelines do), each step's slice
+    passed in: the steps' outputs against diffusers, as when each block takes its own."""
+    ref, ours = make_pair(cfg)
+    inputs = make_inputs(cfg, 2, 6, 4, 5)
+    times = torch.tensor([0.9, 0.5, 0.2])
+    guidance = None if inputs["guidance"] is None else inputs["guidance"].repeat(3)
+    ahead = ours.modulations(times.repeat_interleave(2), inputs["y"].repeat(3, 1), guidance).view(3, 2, -1)  # (steps, B, W)
+    for i, t in enumerate(times):
+        step = inputs | dict(timesteps=t.expand(2))
+        assert rel_err(ours(**step, modulations=ahead[i]), run_diffusers(ref, step)) <= 1e-5
+    with pytest.raises(ValueError, match="modulations must have shape"):
+        ours(**inputs, modulations=ahead[0, :, 1:])
+
+
 @torch.no_grad()
 def test_kontext_style_ids_and_per_sample_ids():
     """Reference-image tokens at index 1 of axis 0 (Kontext), and ids that differ between samples."""

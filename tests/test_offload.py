@@ -114,6 +114,16 @@ def expected_plan(mode: str) -> dict[str, dict[str, str]]:
     return {stage: {"text_encoder": text, "transformer": transformer, "vae": DEVICE} for stage, (text, transformer) in zip(stages, places)}
 
 
+def assert_same_output(got: torch.Tensor, want: torch.Tensor, name: str, mode: str) -> None:
+    """Bit for bit, but for FLUX.1 with streamed blocks: each of its steps takes the blocks' modulations in the blocks
+    (their weights arrive with them), where a resident transformer takes every step's at once (Flux.modulations), one
+    matmul of many rows against many of one: their sums round alike only up to order (1.6e-7 relative here)."""
+    if name == "flux-dev" and mode == "blocks":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", PIPELINES)
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_each_mode_follows_its_plan_and_changes_nothing(snapshots, real_copies, name, mode):
@@ -130,7 +140,7 @@ def test_each_mode_follows_its_plan_and_changes_nothing(snapshots, real_copies, 
     assert placement(pipe) == plan["decode"]  # what the last stage left
     assert layers_away(pipe.offload.held["text_encoder"]) == 0
     assert image.size == (32, 32)
-    assert torch.equal(pipe.generate("a red fox", output_type="latent", **RUN), reference)
+    assert_same_output(pipe.generate("a red fox", output_type="latent", **RUN), reference, name, mode)
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -141,7 +151,7 @@ def test_offload_composes_with_fp8_weights(snapshots, real_copies, name, mode):
     reference = cls.from_pretrained(snapshots[name], precision="fp8", **FP32).generate("a red fox", output_type="latent", **RUN)
     pipe = cls.from_pretrained(snapshots[name], precision="fp8", offload=mode, **FP32)
     assert any(t.dtype == torch.float8_e4m3fn for t in pipe.transformer.buffers())
-    assert torch.equal(pipe.generate("a red fox", output_type="latent", **RUN), reference)
+    assert_same_output(pipe.generate("a red fox", output_type="latent", **RUN), reference, name, mode)
 
 
 @pytest.mark.parametrize("name", PIPELINES)
