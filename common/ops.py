@@ -226,6 +226,14 @@ def join_heads(*parts: Tensor | Fp8Tensor) -> Tensor | Fp8Tensor:
     return Fp8Tensor(data, parts[0].scale if parts[0].scale.ndim == 0 else torch.cat([p.scale for p in parts], dim=2))
 
 
+def split_tokens(x: Tensor | Fp8Tensor, n: int) -> tuple[Tensor | Fp8Tensor, Tensor | Fp8Tensor]:
+    """Rows (B, S, K), plain or quantized per row (attention(fp8=True)), as their first n tokens and the rest: the text
+    and image streams' shares of a joint attention's output."""
+    if isinstance(x, Fp8Tensor):
+        return Fp8Tensor(x.data[:, :n], x.scale[:, :n]), Fp8Tensor(x.data[:, n:], x.scale[:, n:])
+    return x[:, :n], x[:, n:]
+
+
 def dequantize_heads(x: Tensor | Fp8Tensor, dtype: torch.dtype) -> Tensor:
     """Queries or keys as plain tensors in `dtype`, where a path cannot take them quantized (keys joined with cached
     ones)."""
@@ -291,7 +299,8 @@ def activation_fp8(gate: Tensor, up: Tensor | None = None, before: Tensor | None
     return quant.quantize(y if before is None else torch.cat([before, y], dim=-1))
 
 
-def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:
+def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None = None,
+              fp8: bool = False) -> Tensor | Fp8Tensor:
     """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D), in v's dtype; q and k as qk_norm_rope returns them.
 
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
@@ -300,10 +309,28 @@ def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens:
     only, so such calls run on SDPA. In an fp8 model's forward, the fp8 flash kernel where it runs (see
     use_fp8_attention); elsewhere fp8 models attend as the others do. Inside a sequence-parallel scope
     (common/parallel.py) q, k, v hold this rank's tokens and `key_lens` counts keys of the whole sequence.
+
+    fp8 (an fp8 linear next, fp8.wants_fp8): where the fp8 kernel runs, it writes e4m3 rows with their scales (one
+    value per sample, bounded by v's: kernels/attention.py), and the linear takes them as they are; elsewhere the output
+    is the plain one, which the linear quantizes itself.
     """
+    if fp8 and isinstance(q, Fp8Tensor) and parallel.attending() is None:
+        from zflux.kernels.attention import flash_attention_fp8_rows
+
+        data, scale = flash_attention_fp8_rows(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), *quantized_values(v),
+                                               key_lens)  # (B, S, H, D), (B, S, 1)
+        return Fp8Tensor(rearrange(data, "b s h d -> b s (h d)"), scale)
     shards = parallel.attending()
     out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
     return rearrange(out, "b h s d -> b s (h d)")
+
+
+def quantized_values(v: Tensor) -> tuple[Tensor, Tensor]:
+    """v (B, H, S, D) as the fp8 kernel takes it: e4m3 transposed (B, H, D, S rounded up to 16), one scale per channel
+    (B, H, D)."""
+    from zflux.kernels.quantize import quantize_heads
+
+    return quantize_heads(v, per="channel", transpose=True)
 
 
 def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
@@ -311,10 +338,9 @@ def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Te
     qk_norm_rope go to the fp8 kernel."""
     if isinstance(q, Fp8Tensor):
         from zflux.kernels.attention import flash_attention_fp8_bshd
-        from zflux.kernels.quantize import quantize_heads
 
-        vt, v_scale = quantize_heads(v, per="channel", transpose=True)  # (B, H, D, S rounded up to 16), (B, H, D)
-        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), vt, v_scale, key_lens, v.dtype)
+        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), *quantized_values(v), key_lens,
+                                       v.dtype)
         return rearrange(out, "b s h d -> b h s d")
     if use_fp8_attention(q, k):
         from zflux.kernels.attention import flash_attention_fp8

@@ -185,9 +185,10 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1]
         img_mod, txt_mod = (self.img_mod(vec), self.txt_mod(vec)) if modulation is None else modulation
         img_mod, txt_mod = self.img_mod.split(img_mod), self.txt_mod.split(txt_mod)
-        out = ops.attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope))  # (B, L+S, dim)
-        img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
-        txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
+        out = ops.attention(*self._joint_qkv(img, txt, img_mod, txt_mod, rope), fp8=wants_fp8(self.img_attn.proj))  # (B, L+S, dim)
+        txt_out, img_out = ops.split_tokens(out, L)
+        img = self._residuals(img, img_out, img_mod, self.img_attn, self.img_mlp)
+        txt = self._residuals(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt
 
     def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple[ModulationOut, ...], txt_mod: tuple[ModulationOut, ...],

@@ -21,7 +21,10 @@ The fp8 variant (`flash_attention_fp8_bshd`) takes e4m3 q with a scale per token
 the QK-norm + RoPE kernel quantizes both as it stores them, kernels/rmsnorm.py), and v transposed, (D, S) per head, with
 one scale per channel (fp8 tensor-core products take both operands K-major). Each row's q scale times k's scale times
 the softmax scale is the one multiplier the scores already take; the probabilities are rounded to e4m3 for the PV
-product; v's channel scales multiply the accumulator once, at the end.
+product; v's channel scales multiply the accumulator once, at the end. For an fp8 linear next (the attention output
+projection), `flash_attention_fp8_rows` writes the output as e4m3 rows under one scale per sample, bounded before the
+kernel runs by v's scales, so no pass of its own quantizes them (e4m3's relative precision is the same over 2^15 of
+range below the bound: outputs far smaller than the largest value lose nothing until they fall 2^15 below it).
 """
 
 import os
@@ -32,12 +35,15 @@ import triton.language as tl
 from einops import rearrange
 from torch import Tensor
 
+from zflux.common.quant import E4M3, E4M3_MAX
 from zflux.kernels.quantize import quantize_heads
 
 HEAD_DIMS = (64, 128)
 LOG2_E = 1.4426950408889634
 # fp8: probabilities are taken 2^8 larger, up to 256 of e4m3's 448 (see _fold).
 _P_EXPONENT = tl.constexpr(8.0)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+OUT_BOUND = 1.125  # e4m3 output's scale over the largest of v's channel scales (see _attend_fp8)
 
 
 # Measured on the H100, config by config (bench/RESULTS.md, 2026-11-22 attention variants):
@@ -114,10 +120,10 @@ def _head(ptr, b, h, b_stride, h_stride, s_stride, S, HEAD_DIM: tl.constexpr, RO
 
 @triton.autotune(CONFIGS + FP8_CONFIGS, key=["HEAD_DIM", "DOT_PRECISION", "FP8"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, S, H, qk_scale,
-                            k_scale_stride, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,
-                            HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_scale_ptr,
+                            o_rows_ptr, S, H, qk_scale, k_scale_stride, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                            o_sb, o_sh, o_ss, HAS_KEY_LENS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            FP8: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // 2  # two query sub-tiles of ROWS each
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -154,10 +160,19 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_pt
                                              full_blocks_end, kv_len, qk_scale, True, BLOCK_N, DOT_PRECISION, FP8)
     if FP8:
         v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :]  # (1, D)
+        if OUT_FP8:  # e4m3 out, in units of the sample's one output scale
+            o_scale = tl.load(o_scale_ptr + b)
+            v_scale = v_scale / o_scale
+            if h == 0:
+                rows = start_m + tl.arange(0, BLOCK_M)
+                tl.store(o_rows_ptr + b * S + rows, tl.zeros([BLOCK_M], dtype=tl.float32) + o_scale, mask=rows < S)
         acc0, acc1 = acc0 * v_scale, acc1 * v_scale
     o_desc = _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, ROWS)
-    o_desc.store([start_m, 0], (acc0 / l0[:, None]).to(o_ptr.dtype.element_ty))
-    o_desc.store([start_m + ROWS, 0], (acc1 / l1[:, None]).to(o_ptr.dtype.element_ty))
+    out0, out1 = acc0 / l0[:, None], acc1 / l1[:, None]
+    if OUT_FP8:
+        out0, out1 = tl.clamp(out0, -_E4M3_MAX, _E4M3_MAX), tl.clamp(out1, -_E4M3_MAX, _E4M3_MAX)
+    o_desc.store([start_m, 0], out0.to(o_ptr.dtype.element_ty))
+    o_desc.store([start_m + ROWS, 0], out1.to(o_ptr.dtype.element_ty))
 
 
 def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
@@ -188,10 +203,10 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | Non
     # fp32 (tests): three TF32 products per dot, close to fp32 accuracy, where plain IEEE fp32 dots
     # would take minutes to compile.
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, q, q, q, S, H, D**-0.5 * LOG2_E, 0,
+    _flash_attention_kernel[grid](q, k, v, o, q if key_lens is None else key_lens, q, q, q, q, q, S, H, D**-0.5 * LOG2_E, 0,
                                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                                   HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D,
-                                  DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=False)
+                                  DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FP8=False, OUT_FP8=False)
     return out
 
 
@@ -201,12 +216,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
     return q.new_empty((B, S, H, D))
 
 
-@torch.library.custom_op("zflux::flash_attention_fp8", mutates_args=())
-def flash_attention_fp8_bshd(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor,
-                             key_lens: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """`flash_attention_bshd` on e4m3 inputs: q (B, H, S, D) with a scale per token and head (B, H, S), k (B, H, S, D)
-    with one per head (B, H) or for all heads (1,), v transposed (B, H, D, S') with one per channel (B, H, D)
-    (`zflux.kernels.quantize.quantize_heads` makes each); P in e4m3 too. Output (B, S, H, D) in out_dtype."""
+def _attend_fp8(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor, key_lens: Tensor | None,
+                out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The fp8 kernel's launch: output (B, S, H, D) in out_dtype, and for e4m3 out its row scales (B, S, 1) (else a
+    dummy)."""
     B, H, S, D = q.shape
     if D not in HEAD_DIMS or k.shape != q.shape or vt.shape[:3] != (B, H, D) or vt.shape[3] < S:
         raise ValueError(f"fp8 attention takes q, k (B, H, S, D), D in {HEAD_DIMS}, and v as (B, H, D, >= S), got "
@@ -216,13 +229,37 @@ def flash_attention_fp8_bshd(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Ten
                          f"{tuple(k_scale.shape)}, {tuple(v_scale.shape)}")
     out = torch.empty((B, S, H, D), dtype=out_dtype, device=q.device)
     o = rearrange(out, "b s h d -> b h s d")
+    out_fp8 = out_dtype == E4M3
+    # e4m3 out: each output is a mean of the head's values under weights summing to 1 (up to P's rounding to e4m3, at
+    # most 2^-4 more, and its subnormals), so no output of a sample exceeds the largest of its values, v's channel
+    # scales x 448: one scale per sample, that bound 1/8 wider, keeps every output under 448.
+    o_scale = v_scale.amax(dim=(1, 2)) * OUT_BOUND if out_fp8 else v_scale  # (B,)
+    o_rows = torch.empty((B, S, 1) if out_fp8 else (1,), dtype=torch.float32, device=q.device)
     triton.set_allocator(_workspace)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
     _flash_attention_kernel[grid](q, k, vt, o, q if key_lens is None else key_lens, q_scale.contiguous(), k_scale,
-                                  v_scale.contiguous(), S, H, D**-0.5 * LOG2_E, int(k_scale.numel() > 1),
+                                  v_scale.contiguous(), o_scale, o_rows, S, H, D**-0.5 * LOG2_E, int(k_scale.numel() > 1),
                                   *q.stride()[:3], *k.stride()[:3], *vt.stride()[:3], *o.stride()[:3],
-                                  HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D, DOT_PRECISION="tf32", FP8=True)
-    return out
+                                  HAS_KEY_LENS=key_lens is not None, HEAD_DIM=D, DOT_PRECISION="tf32", FP8=True,
+                                  OUT_FP8=out_fp8)
+    return out, o_rows
+
+
+@torch.library.custom_op("zflux::flash_attention_fp8", mutates_args=())
+def flash_attention_fp8_bshd(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor,
+                             key_lens: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """`flash_attention_bshd` on e4m3 inputs: q (B, H, S, D) with a scale per token and head (B, H, S), k (B, H, S, D)
+    with one per head (B, H) or for all heads (1,), v transposed (B, H, D, S') with one per channel (B, H, D)
+    (`zflux.kernels.quantize.quantize_heads` makes each); P in e4m3 too. Output (B, S, H, D) in out_dtype."""
+    return _attend_fp8(q, q_scale, k, k_scale, vt, v_scale, key_lens, out_dtype)[0]
+
+
+@torch.library.custom_op("zflux::flash_attention_fp8_rows", mutates_args=())
+def flash_attention_fp8_rows(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor,
+                             key_lens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`flash_attention_fp8_bshd` with e4m3 output for an fp8 linear next: (B, S, H, D) and fp32 row scales (B, S, 1),
+    one value per sample (bounded by v's scales, see _attend_fp8), so that the rows (B, S, H*D) need no quantizing pass."""
+    return _attend_fp8(q, q_scale, k, k_scale, vt, v_scale, key_lens, E4M3)
 
 
 @flash_attention_fp8_bshd.register_fake
@@ -230,6 +267,13 @@ def _(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scal
       out_dtype: torch.dtype) -> Tensor:
     B, H, S, D = q.shape
     return q.new_empty((B, S, H, D), dtype=out_dtype)
+
+
+@flash_attention_fp8_rows.register_fake
+def _(q: Tensor, q_scale: Tensor, k: Tensor, k_scale: Tensor, vt: Tensor, v_scale: Tensor, key_lens: Tensor | None
+      ) -> tuple[Tensor, Tensor]:
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D), dtype=E4M3), q.new_empty((B, S, 1), dtype=torch.float32)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_lens: Tensor | None = None) -> Tensor:

@@ -218,3 +218,35 @@ def test_fp8_activations_fused_in_flux(case, monkeypatch):
     err, fp8_err = rel_err(out, expected), rel_err(expected, exact)
     print(f"{case}: fp8 triton vs sdpa {err:.4f}, fp8 vs fp32 {fp8_err:.4f}")
     assert err <= (0.25 if DEVICE == "cpu" else 0.02), err
+
+
+@pytest.mark.parametrize("case", ["zimage", "flux", "flux2"])
+def test_fp8_attention_hands_e4m3_rows_to_the_output_projection(case, monkeypatch):
+    """A model with fp8 linears and fp8 attention under `triton`: every attention whose output projection is fp8 (Z-Image's
+    every block, FLUX's double blocks; the single blocks join it with the MLP's activation first) writes its output as
+    e4m3 rows under the bound scale (flash_attention_fp8_rows, counted), against the plain output quantized per row by
+    its own pass: within the quantization's error (on the interpreter, whose e4m3 casts round worse, within fp8's)."""
+    from zflux.kernels import attention
+    from zflux.kernels.quantize import quantize_rows
+
+    model, inputs = CASES[case](DEVICE)
+    exact = run(model, inputs, "sdpa")
+    quantize_model(model)
+    model.fp8_attention = True
+    calls = []
+    fused = attention.flash_attention_fp8_rows
+    monkeypatch.setattr(attention, "flash_attention_fp8_rows", lambda *args: calls.append(1) or fused(*args))
+    out = run(model, inputs, "triton")
+    attentions = 2 + len(model.layers) if case == "zimage" else model.cfg.num_layers  # Z-Image: one refiner block of each kind
+    assert len(calls) == attentions
+
+    def separate(*args):  # the plain output, then its own quantizing pass
+        plain = attention.flash_attention_fp8_bshd(*args, torch.float32)  # (B, S, H, D)
+        data, scale = quantize_rows(plain.flatten(2))
+        return data.unflatten(2, plain.shape[2:]), scale
+
+    monkeypatch.setattr(attention, "flash_attention_fp8_rows", separate)
+    expected = run(model, inputs, "triton")
+    err, fp8_err = rel_err(out, expected), rel_err(expected, exact)
+    print(f"{case}: e4m3 attention rows vs quantized apart {err:.4f}, fp8 vs fp32 {fp8_err:.4f}")
+    assert err <= (0.25 if DEVICE == "cpu" else 0.03), err

@@ -178,12 +178,13 @@ class MLP(nn.Sequential):
         return down(swiglu(up(x), fp8=wants_fp8(down)))
 
 
-def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, extra: KV | None) -> Tensor:
-    """Attention of q over its own keys plus `extra` (cached reference) keys and values -> (B, S, H*D)."""
+def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, extra: KV | None, fp8: bool = False) -> Tensor | Fp8Tensor:
+    """Attention of q over its own keys plus `extra` (cached reference) keys and values -> (B, S, H*D) (fp8: see
+    ops.attention)."""
     if extra is not None:  # more keys than queries: a bf16 kernel's, so quantized q and k go back to v's dtype
         q, k = (ops.dequantize_heads(t, v.dtype) for t in (q, k))
         k, v = torch.cat([k, extra[0]], dim=2), torch.cat([v, extra[1]], dim=2)  # (B, H, S + R, D)
-    return ops.attention(q, k, v)
+    return ops.attention(q, k, v, fp8=fp8)
 
 
 class SelfAttention(nn.Module):
@@ -244,9 +245,10 @@ class DoubleStreamBlock(nn.Module):
             ref_kv = (ops.dequantize_heads(ref_k, ref_v.dtype), ref_v)  # the cache holds plain keys
             ref_out = self._residuals(refs.x, ops.attention(ref_q, ref_k, ref_v), refs.mod, self.img_attn, self.img_mlp)
             step = RefStep(ref_out, ref_kv)
-        out = attend(q, k, v, ref_kv)  # (B, L+S, dim)
-        img = self._residuals(img, out[:, L:], img_mod, self.img_attn, self.img_mlp)
-        txt = self._residuals(txt, out[:, :L], txt_mod, self.txt_attn, self.txt_mlp)
+        out = attend(q, k, v, ref_kv, fp8=wants_fp8(self.img_attn.proj))  # (B, L+S, dim)
+        txt_out, img_out = ops.split_tokens(out, L)
+        img = self._residuals(img, img_out, img_mod, self.img_attn, self.img_mlp)
+        txt = self._residuals(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt, step
 
     def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: ModulationOut, txt_mod: ModulationOut,
