@@ -205,8 +205,9 @@ class DoubleStreamBlock(nn.Module):
                    ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
-        x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(ops.layer_norm_modulate(x, mlp_mod.shift, mlp_mod.scale, EPS, fp8=wants_fp8(ffn[0]))))
+        x, normed = ops.gated_residual_layer_norm_modulate(x, attn.proj(attn_out), attn_mod.gate, mlp_mod.shift, mlp_mod.scale, EPS,
+                                                           fp8=wants_fp8(ffn[0]))
+        return ops.gated_residual(x, ffn(normed), mlp_mod.gate)
 
 
 class SingleStreamBlock(nn.Module):
@@ -224,7 +225,7 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         (mod,) = self.modulation(vec)
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1))
-        return torch.addcmul(x, mod.gate, self.linear2(self._attention_and_mlp(h, rope)))
+        return ops.gated_residual(x, self.linear2(self._attention_and_mlp(h, rope)), mod.gate)
 
     def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> Tensor | Fp8Tensor:
         """linear2's input (B, S, dim + mlp_hidden): the attention output, then the GELU activation (ops.join_activation:
