@@ -4,8 +4,9 @@
 weights (bf16 from the checkpoint) to e4m3 with one fp32 scale per output channel (`common.quant`).
 An FP8Linear takes its input either already quantized, an `Fp8Tensor` of e4m3 values with one scale
 per token, made by the Triton kernel that precedes it (`ops.layer_norm_modulate`, `ops.rms_norm_scale`
-with fp8=True: the per-token amax is one more row reduction in a kernel that already reduces each row
-for its norm; the MLP activations, `ops.silu_mul` / `ops.gelu_tanh` with fp8=True, and the FLUX single
+with fp8=True, and the gated residuals fused with the MLP's norm, `ops.gated_residual_layer_norm_modulate` /
+`ops.gated_rms_residual_norm_scale`: the per-token amax is one more row reduction in a kernel that already reduces
+each row for its norm; the MLP activations, `ops.silu_mul` / `ops.gelu_tanh` with fp8=True, and the FLUX single
 blocks' [attention output | activation], `ops.join_activation`), or a bf16 tensor it quantizes itself
 (`ops.quantize_fp8`, one small fused kernel: the attention outputs). It then runs `torch._scaled_mm` with the
 row scales of both operands, bf16 output and the bias fused, on GPUs with fp8 tensor cores (compute

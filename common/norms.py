@@ -6,6 +6,7 @@ against it, and `ops.py` chooses between the two at run time. Statistics are acc
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,6 +38,25 @@ def rms_norm_scale(x: Tensor, weight: Tensor, scale: Tensor, eps: float) -> Tens
 def gated_rms_residual(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
     """x + gate * RMSNorm(y): Z-Image's sandwich-norm residual; gate (B, 1, C) or (B, S, C), already tanh'd."""
     return x + gate * rms_norm(y, weight, eps)
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + gate * y in one pass, rounded once: FLUX's gated residual; gate (B, 1, C)."""
+    return torch.addcmul(x, gate, y)
+
+
+def gated_rms_residual_norm_scale(x: Tensor, y: Tensor, weight: Tensor, gate: Tensor, norm_weight: Tensor, scale: Tensor,
+                                  eps: float) -> tuple[Tensor, Tensor]:
+    """(x + gate * RMSNorm(y), RMSNorm of that * (1 + scale)): Z-Image's attention residual and its MLP's pre-norm."""
+    x = gated_rms_residual(x, y, weight, gate, eps)
+    return x, rms_norm_scale(x, norm_weight, scale, eps)
+
+
+def gated_residual_layer_norm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                       eps: float) -> tuple[Tensor, Tensor]:
+    """(x + gate * y, (1 + scale) * LayerNorm of that + shift): FLUX's attention residual and its MLP's adaLN."""
+    x = gated_residual(x, y, gate)
+    return x, layer_norm_modulate(x, shift, scale, eps)
 
 
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, x_bias: Tensor | None = None,

@@ -210,12 +210,13 @@ class DoubleStreamBlock(nn.Module):
         return tuple(ops.join_heads(*pair) for pair in zip(txt_qkv, img_qkv))
 
     @staticmethod
-    def _residuals(x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
+    def _residuals(x: Tensor, attn_out: Tensor | Fp8Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
                    ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
-        x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(ops.layer_norm_modulate(x, mlp_mod.shift, mlp_mod.scale, EPS, fp8=wants_fp8(ffn[0]))))
+        x, normed = ops.gated_residual_layer_norm_modulate(x, attn.proj(attn_out), attn_mod.gate, mlp_mod.shift, mlp_mod.scale, EPS,
+                                                           fp8=wants_fp8(ffn[0]))
+        return ops.gated_residual(x, ffn(normed), mlp_mod.gate)
 
 
 class SingleStreamBlock(nn.Module):
@@ -234,7 +235,7 @@ class SingleStreamBlock(nn.Module):
         """`modulation`: the packed modulation (B, 3 * dim), taken ahead (Flux.modulations); None: from vec (B, dim) here."""
         (mod,) = self.modulation.split(self.modulation(vec) if modulation is None else modulation)
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, EPS, fp8=wants_fp8(self.linear1))
-        return torch.addcmul(x, mod.gate, self.linear2(self._attention_and_mlp(h, rope)))
+        return ops.gated_residual(x, self.linear2(self._attention_and_mlp(h, rope)), mod.gate)
 
     def _attention_and_mlp(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor]) -> Tensor | Fp8Tensor:
         """linear2's input (B, S, dim + mlp_hidden): the attention output, then the GELU activation (ops.join_activation:

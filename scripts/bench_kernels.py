@@ -99,10 +99,15 @@ def memory_ops(S: int, C: int, H: int, model: str) -> list[tuple[str, Callable, 
     if model == "FLUX.1":
         ops.append(("layer_norm_modulate", norms.layer_norm_modulate, modulate.layer_norm_modulate,
                     lambda: (x(), vec(), vec(), 1e-6), 2 * n))
+        ops.append(("gated_residual", norms.gated_residual, modulate.gated_residual, lambda: (x(), x(), vec()), 3 * n))
+        ops.append(("gated_residual_layer_norm_modulate", norms.gated_residual_layer_norm_modulate,
+                    modulate.gated_residual_layer_norm_modulate, lambda: (x(), x(), vec(), vec(), vec(), 1e-6), 4 * n))
     else:
         ops.append(("rms_norm_scale", norms.rms_norm_scale, modulate.rms_norm_scale, lambda: (x(), weight(), vec(), 1e-5), 2 * n))
         ops.append(("gated_rms_residual", norms.gated_rms_residual, modulate.gated_rms_residual,
                     lambda: (x(), x(), weight(), vec(), 1e-5), 3 * n))
+        ops.append(("gated_rms_residual_norm_scale", norms.gated_rms_residual_norm_scale,
+                    modulate.gated_rms_residual_norm_scale, lambda: (x(), x(), weight(), vec(), weight(), vec(), 1e-5), 4 * n))
     return ops
 
 

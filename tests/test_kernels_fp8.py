@@ -30,7 +30,7 @@ from zflux.kernels.activations import activation_fp8, gelu_tanh_, silu_mul_  # n
 from zflux.kernels.quantize import quantize_heads, quantize_rows  # noqa: E402
 from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_fp8  # noqa: E402
 from test_kernels_attention import CASES, qkv  # noqa: E402
-from test_kernels_modulate import inputs, randn  # noqa: E402
+from test_kernels_modulate import fused_args, inputs, randn, unfused, with_norm_weight  # noqa: E402
 from util import rel_err  # noqa: E402
 
 SHAPES = [(2, 37, 200), (1, 64, 256)]
@@ -159,6 +159,22 @@ def test_rms_norm_scale_fp8(shape, dtype):
     check_fp8(modulate.rms_norm_scale_fp8(*args), modulate.rms_norm_scale(*args))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"])
+def test_residual_fused_with_norm_fp8(shape, dtype, name):
+    """The fused residual + norm with e4m3 rows: the residual and the rows byte for byte those of the single kernels
+    (the residual's kernel, then the norm's *_fp8 on it), and the rows against quant.quantize of the plain norm."""
+    args = fused_args(name, with_norm_weight(inputs(*shape, dtype), shape[-1], dtype))
+    out, data, scale = getattr(modulate, f"{name}_fp8")(*args)
+    expected_out, normed = unfused(name, args)
+    norm_fp8 = modulate.rms_norm_scale_fp8 if name == "gated_rms_residual_norm_scale" else modulate.layer_norm_modulate_fp8
+    expected_data, expected_scale = norm_fp8(expected_out, *args[-3:])  # (norm weight or shift, scale, eps)
+    assert torch.equal(out, expected_out) and torch.equal(scale, expected_scale)
+    assert torch.equal(data.view(torch.uint8), expected_data.view(torch.uint8))
+    check_fp8((data, scale), normed)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_ops_hand_fp8_rows_to_fp8_linears(backend):
     """ops.layer_norm_modulate / rms_norm_scale with fp8=True: the kernel's rows under triton, quant.quantize's else."""
@@ -171,6 +187,19 @@ def test_ops_hand_fp8_rows_to_fp8_linears(backend):
     check_fp8(rows, norms.layer_norm_modulate(t["x"], t["shift"], t["scale"], 1e-6))
     check_fp8(scaled, norms.rms_norm_scale(t["x"], t["w"], t["scale"], 1e-5))
     check_fp8(quantized, t["y"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"])
+def test_ops_residual_and_fp8_rows(backend, name):
+    """ops' fused residual + norm with fp8=True: the residual, and the norm as an Fp8Tensor (the kernel's rows under
+    triton, quant.quantize's else), on every backend within the kernels' bars of the PyTorch ops."""
+    args = fused_args(name, with_norm_weight(inputs(2, 9, 64, torch.float32), 64, torch.float32))
+    with ops.use_backend(backend):
+        out, rows = getattr(ops, name)(*args, fp8=True)
+    expected_out, normed = getattr(norms, name)(*args)
+    assert isinstance(rows, Fp8Tensor) and rows.data.dtype == E4M3 and rel_err(out, expected_out) <= 1e-6
+    check_fp8(rows, normed)
 
 
 def quantize_heads_reference(x: torch.Tensor, per: str) -> Fp8Tensor:

@@ -250,3 +250,55 @@ def test_fp8_attention_hands_e4m3_rows_to_the_output_projection(case, monkeypatc
     err, fp8_err = rel_err(out, expected), rel_err(expected, exact)
     print(f"{case}: e4m3 attention rows vs quantized apart {err:.4f}, fp8 vs fp32 {fp8_err:.4f}")
     assert err <= (0.25 if DEVICE == "cpu" else 0.03), err
+
+
+FUSED_RESIDUALS = {"zimage": ["gated_rms_residual_norm_scale"], "flux": ["gated_residual_layer_norm_modulate", "gated_residual"],
+                   "flux2": ["gated_residual_layer_norm_modulate", "gated_residual"]}
+
+
+def fused_residual_calls(model, case: str) -> list[int]:
+    """How often each of FUSED_RESIDUALS[case] runs in one forward: Z-Image once a modulated block (the attention
+    residual with the MLP's pre-norm); FLUX twice a double block (the attention residual with the MLP's adaLN, each
+    stream), and the plain gated residual after every double block's MLP (each stream) and every single block."""
+    if case == "zimage":
+        return [sum(getattr(m, "modulated", False) for m in model.modules())]
+    doubles, singles = model.cfg.num_layers, model.cfg.num_single_layers
+    return [2 * doubles, 2 * doubles + singles]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", ["zimage", "flux", "flux2"])
+def test_residuals_fused_with_the_next_norm(case, fp8, monkeypatch):
+    """Under `triton` each model runs its gated residuals through the fused kernels (counted), fp8 models the forms that
+    hand the norm to the fp8 linear as e4m3 rows, and the output is that of the single kernels they replace, to the bit."""
+    from zflux.kernels import modulate
+    from test_kernels_modulate import unfused
+
+    model, inputs = CASES[case](DEVICE)
+    if fp8:
+        quantize_model(model)
+    names = [f"{name}_fp8" if fp8 and name != "gated_residual" else name for name in FUSED_RESIDUALS[case]]
+    calls = {name: 0 for name in names}
+
+    def counted(name, fused):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1) or fused(*args)
+
+    for name in names:
+        monkeypatch.setattr(modulate, name, counted(name, getattr(modulate, name)))
+    out = run(model, inputs, "triton")
+    assert list(calls.values()) == fused_residual_calls(model, case)
+
+    def single_kernels(name):
+        if not name.endswith("_fp8"):
+            return lambda *args: unfused(name, args)
+        norm_fp8 = modulate.rms_norm_scale_fp8 if name.startswith("gated_rms") else modulate.layer_norm_modulate_fp8
+
+        def unfused_fp8(*args):
+            residual = unfused(name.removesuffix("_fp8"), args)[0]
+            return residual, *norm_fp8(residual, *args[-3:])  # (norm weight or shift, scale, eps)
+        return unfused_fp8
+
+    for name in names:
+        if name != "gated_residual":
+            monkeypatch.setattr(modulate, name, single_kernels(name))
+    assert torch.equal(out, run(model, inputs, "triton"))

@@ -4,7 +4,10 @@ Without a GPU the kernels run through Triton's interpreter, small sizes, fp32 an
 GPU only: the interpreter truncates fp32 -> bf16). The kernels round every intermediate where the
 reference stores one, so tolerances (relative L2) are: fp32 1e-6 (summation order, hardware
 rsqrt); fp16 5e-4 and bf16 4e-3, one rounding of the output dtype, for PyTorch's RMSNorm, whose CUDA
-and CPU kernels differ in whether they round before applying the weight.
+and CPU kernels differ in whether they round before applying the weight. The gated residual (torch.addcmul) is exact in
+fp16 and bf16, where the product of two values is exact in fp32 and both round the fp32 sum once; in fp32 the CPU's
+addcmul may fuse the multiply-add where the interpreter does not (one ulp). The fused residual + norm kernels run the
+single kernels' device functions in one program: they equal those kernels to the bit, both outputs.
 """
 
 import pytest
@@ -63,6 +66,64 @@ def test_gated_rms_residual(shape, dtype):
     check("gated_rms_residual", (t["x"], t["y"], t["w"], t["gate"], 1e-5), dtype)
 
 
+def fused_args(name, t, x=None, y=None, per=slice(None)):
+    """Arguments of a fused residual + norm kernel (per: which samples' vectors, [:1] to broadcast one)."""
+    x, y = t["x"] if x is None else x, t["y"] if y is None else y
+    if name == "gated_rms_residual_norm_scale":
+        return x, y, t["w"], t["gate"][per], t["w1"], t["scale"][per], 1e-5
+    return x, y, t["gate"][per], t["shift"][per], t["scale"][per], 1e-6
+
+
+def unfused(name, args):
+    """The two single kernels a fused one replaces: (residual, norm of it)."""
+    if name == "gated_rms_residual_norm_scale":
+        x, y, w, gate, w1, scale, eps = args
+        out = modulate.gated_rms_residual(x, y, w, gate, eps)
+        return out, modulate.rms_norm_scale(out, w1, scale, eps)
+    x, y, gate, shift, scale, eps = args
+    out = modulate.gated_residual(x, y, gate)
+    return out, modulate.layer_norm_modulate(out, shift, scale, eps)
+
+
+def with_norm_weight(t, C, dtype):
+    return t | dict(w1=randn(C, dtype=dtype, seed=6, std=0.2, mean=1.0))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_residual(shape, dtype):
+    t = inputs(*shape, dtype)
+    got, expected = modulate.gated_residual(t["x"], t["y"], t["gate"]), norms.gated_residual(t["x"], t["y"], t["gate"])
+    assert got.dtype == dtype and (torch.equal(got, expected) if dtype != torch.float32 else rel_err(got, expected) <= 1e-7)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"])
+def test_residual_fused_with_norm(shape, dtype, name):
+    """Both outputs equal the two single kernels' to the bit, and the two norms' ops within the single kernels' bar."""
+    args = fused_args(name, with_norm_weight(inputs(*shape, dtype), shape[-1], dtype))
+    out, normed = getattr(modulate, name)(*args)
+    expected_out, expected_normed = unfused(name, args)
+    assert out.dtype == normed.dtype == dtype and torch.equal(out, expected_out) and torch.equal(normed, expected_normed)
+    reference_out, reference_normed = getattr(norms, name)(*args)
+    assert rel_err(out, reference_out) <= TOL[dtype] and rel_err(normed, reference_normed) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"])
+def test_fused_strided_rows_and_broadcast_vectors(name):
+    """x and y token slices of longer sequences (FLUX's attention output out[:, L:]), vectors per sample or one (1, 1, C)
+    shared by the batch of two."""
+    t = with_norm_weight(inputs(2, 50, 96, torch.float16), 96, torch.float16)
+    x, y = t["x"][:, 7:40], randn(2, 70, 96, dtype=torch.float16, seed=7)[:, 20:53]  # strides of their own
+    for per in (slice(None), slice(0, 1)):
+        args = fused_args(name, t, x, y, per)
+        got, expected = getattr(modulate, name)(*args), unfused(name, args)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert all(rel_err(g, e) <= TOL[torch.float16] for g, e in zip(got, getattr(norms, name)(*args)))
+    assert torch.equal(modulate.gated_residual(x, y, t["gate"][:1]), norms.gated_residual(x, y, t["gate"][:1]))
+
+
 def test_strided_rows_and_broadcast_vectors():
     """A token slice of a longer sequence (Z-Image's final layer) and (1, 1, C) vectors shared by the batch."""
     t = inputs(2, 50, 96, torch.float32)
@@ -81,6 +142,10 @@ def test_bad_inputs_are_named():
         modulate.rms_norm_scale(t["x"][0], t["w"], t["scale"], 1e-6)
     with pytest.raises(ValueError, match="share one dtype"):
         modulate.gated_rms_residual(t["x"], t["y"].half(), t["w"], t["gate"], 1e-6)
+    with pytest.raises(ValueError, match=r"x and y must have the same shape, got \(2, 8, 64\) and \(2, 7, 64\)"):
+        modulate.gated_residual(t["x"], t["y"][:, 1:], t["gate"])
+    with pytest.raises(ValueError, match=r"shift must be \(2, 1, 64\)"):
+        modulate.gated_residual_layer_norm_modulate(t["x"], t["y"], t["gate"], t["x"], t["scale"], 1e-6)
 
 
 def test_custom_ops_check():
@@ -90,6 +155,11 @@ def test_custom_ops_check():
     torch.library.opcheck(modulate.layer_norm_modulate, (t["x"], None, t["scale"], 1e-6))
     torch.library.opcheck(modulate.rms_norm_scale, (t["x"], t["w"], t["scale"], 1e-6))
     torch.library.opcheck(modulate.gated_rms_residual, (t["x"], t["y"], t["w"], t["gate"], 1e-6))
+    torch.library.opcheck(modulate.gated_residual, (t["x"], t["y"], t["gate"]))
+    t = with_norm_weight(t, 64, torch.float32)
+    for name in ("gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"):
+        torch.library.opcheck(getattr(modulate, name), fused_args(name, t))
+        torch.library.opcheck(getattr(modulate, f"{name}_fp8"), fused_args(name, t))
 
 
 @pytest.mark.gpu
@@ -99,3 +169,29 @@ def test_full_size_bf16(name, C):
     args = {"layer_norm_modulate": (t["x"], t["shift"], t["scale"], 1e-6), "rms_norm_scale": (t["x"], t["w"], t["scale"], 1e-5),
             "gated_rms_residual": (t["x"], t["y"], t["w"], t["gate"], 1e-5)}[name]
     check(name, args, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, C", [("gated_rms_residual_norm_scale", 3840), ("gated_residual_layer_norm_modulate", 3072)])
+def test_full_size_fused_bf16(name, C):
+    """Z-Image's (4096 tokens, 3840) and FLUX's (4608 tokens, 3072) rows in bf16: the fused kernels equal the single
+    kernels to the bit; FLUX's residual equals torch.addcmul to the bit; the norms are within the single kernels' bar
+    of the PyTorch ops."""
+    S = 4096 if C == 3840 else 4608
+    args = fused_args(name, with_norm_weight(inputs(1, S, C, torch.bfloat16), C, torch.bfloat16))
+    got = getattr(modulate, name)(*args)
+    assert all(torch.equal(g, e) for g, e in zip(got, unfused(name, args)))
+    reference = getattr(norms, name)(*args)
+    assert all(rel_err(g, e) <= TOL[torch.bfloat16] for g, e in zip(got, reference))
+    if name == "gated_residual_layer_norm_modulate":
+        assert torch.equal(got[0], reference[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_full_size_gated_residual(dtype):
+    """FLUX's (2, 4608, 3072) gated residual, batch 2 with per-sample gates: torch.addcmul's result to the bit in bf16
+    (exact product, one rounding); in fp32 within an ulp (the kernel's multiply-add is fused, addcmul's may not be)."""
+    t = inputs(2, 4608, 3072, dtype)
+    got, expected = modulate.gated_residual(t["x"], t["y"], t["gate"]), norms.gated_residual(t["x"], t["y"], t["gate"])
+    assert torch.equal(got, expected) if dtype == torch.bfloat16 else rel_err(got, expected) <= 1e-7

@@ -18,14 +18,17 @@ pytest.importorskip("triton", reason="the kernel modules need triton (Linux)")
 from zflux.kernels import attention as flash, modulate, rmsnorm  # noqa: E402
 
 # (module, function) ops may call -> the name it is recorded under
+FUSED = ["gated_residual", "gated_rms_residual_norm_scale", "gated_residual_layer_norm_modulate"]
 MATH = {(norms, "rms_norm"): "rms_norm", (norms, "layer_norm_modulate"): "layer_norm_modulate",
         (norms, "rms_norm_scale"): "rms_norm_scale", (norms, "gated_rms_residual"): "gated_rms_residual",
+        **{(norms, name): name for name in FUSED},
         (rope, "qk_norm_rope"): "qk_norm_rope", (F, "scaled_dot_product_attention"): "sdpa",
         (attention_math, "reference_attention"): "reference attention"}
 KERNELS = {(rmsnorm, "rms_norm"): norms.rms_norm, (modulate, "layer_norm_modulate"): norms.layer_norm_modulate,
            (modulate, "rms_norm_scale"): norms.rms_norm_scale, (modulate, "gated_rms_residual"): norms.gated_rms_residual,
-           (rmsnorm, "qk_norm_rope"): rope.qk_norm_rope, (flash, "flash_attention"): attention_math.reference_attention}
-MATH_OPS = ["rms_norm", "layer_norm_modulate", "rms_norm_scale", "gated_rms_residual", "qk_norm_rope"]
+           (rmsnorm, "qk_norm_rope"): rope.qk_norm_rope, (flash, "flash_attention"): attention_math.reference_attention,
+           **{(modulate, name): getattr(norms, name) for name in FUSED}}
+MATH_OPS = ["rms_norm", "layer_norm_modulate", "rms_norm_scale", "gated_rms_residual", *FUSED, "qk_norm_rope"]
 EXPECTED = {  # on CPU tensors, with Triton's interpreter on (as in the CPU suite)
     "auto": MATH_OPS + ["sdpa", "sdpa"],
     "sdpa": MATH_OPS + ["sdpa", "sdpa"],
@@ -69,6 +72,9 @@ def run_every_op() -> None:
     ops.layer_norm_modulate(x, s, s, 1e-6)
     ops.rms_norm_scale(x, w, s, 1e-6)
     ops.gated_rms_residual(x, x, w, s, 1e-6)
+    ops.gated_residual(x, x, s)
+    ops.gated_rms_residual_norm_scale(x, x, w, s, w, s, 1e-6)
+    ops.gated_residual_layer_norm_modulate(x, x, s, s, s, 1e-6)
     ops.qk_norm_rope(q, k, w, w, 1e-6, cos, sin)
     ops.attention(q, k, v)
     ops.attention(q, k, v, key_lens=torch.tensor([5, 3]))
@@ -123,3 +129,19 @@ def test_a_models_backend_beats_the_environment(calls, monkeypatch):
     model.backend = "sdpa"
     model(*inputs)
     assert "sdpa" in calls and "reference attention" not in calls
+
+
+def test_per_token_vectors_run_the_math(calls):
+    """Z-Image Omni's per-token (B, S, C) gates and scales: under triton the fused residual ops run the PyTorch math,
+    also where only one of the vectors is per token."""
+    g = torch.Generator().manual_seed(0)
+    x, w, s = torch.randn(2, 5, 16, generator=g), torch.rand(16, generator=g), torch.randn(2, 1, 16, generator=g)
+    per_token = torch.randn(2, 5, 16, generator=g)
+    with ops.use_backend("triton"):
+        ops.gated_residual(x, x, per_token)
+        ops.gated_rms_residual_norm_scale(x, x, w, s, w, per_token, 1e-6)
+        ops.gated_rms_residual_norm_scale(x, x, w, per_token, w, s, 1e-6)
+        ops.gated_residual_layer_norm_modulate(x, x, s, per_token, s, 1e-6)
+        ops.gated_residual_layer_norm_modulate(x, x, s, s, s, 1e-6)
+    assert calls == ["gated_residual"] + ["gated_rms_residual_norm_scale"] * 2 + ["gated_residual_layer_norm_modulate",
+                                                                                "triton gated_residual_layer_norm_modulate"]

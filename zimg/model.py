@@ -156,10 +156,9 @@ class Block(nn.Module):
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
             h = self.attention(ops.rms_norm_scale(x, self.attention_norm1.weight, scale_msa, self.eps,
                                                     fp8=wants_fp8(self.attention.qkv)), rope, key_lens)
-            x = ops.gated_rms_residual(x, h, self.attention_norm2.weight, gate_msa, self.eps)
-            h = self.feed_forward(ops.rms_norm_scale(x, self.ffn_norm1.weight, scale_mlp, self.eps,
-                                                       fp8=wants_fp8(self.feed_forward.w1)))
-            return ops.gated_rms_residual(x, h, self.ffn_norm2.weight, gate_mlp, self.eps)
+            x, normed = ops.gated_rms_residual_norm_scale(x, h, self.attention_norm2.weight, gate_msa, self.ffn_norm1.weight,
+                                                          scale_mlp, self.eps, fp8=wants_fp8(self.feed_forward.w1))
+            return ops.gated_rms_residual(x, self.feed_forward(normed), self.ffn_norm2.weight, gate_mlp, self.eps)
         x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_lens))
         return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
 

@@ -266,12 +266,13 @@ class DoubleStreamBlock(nn.Module):
         """The modulated norm of x, quantized to fp8 where the linear it goes `into` takes that."""
         return ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(into))
 
-    def _residuals(self, x: Tensor, attn_out: Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
+    def _residuals(self, x: Tensor, attn_out: Tensor | Fp8Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
                    ffn: nn.Module) -> Tensor:
         """Gated attention residual, then the gated, modulated MLP residual, for one stream."""
         attn_mod, mlp_mod = mod
-        x = torch.addcmul(x, attn_mod.gate, attn.proj(attn_out))  # x + gate * y in one pass, rounded once
-        return torch.addcmul(x, mlp_mod.gate, ffn(self._modulated(x, mlp_mod, ffn[0])))
+        x, normed = ops.gated_residual_layer_norm_modulate(x, attn.proj(attn_out), attn_mod.gate, mlp_mod.shift, mlp_mod.scale,
+                                                           self.eps, fp8=wants_fp8(ffn[0]))
+        return ops.gated_residual(x, ffn(normed), mlp_mod.gate)
 
 
 class SingleStreamBlock(nn.Module):
@@ -316,7 +317,7 @@ class SingleStreamBlock(nn.Module):
         return ops.join_activation(attn_out, *hidden.chunk(2, dim=-1), fp8=wants_fp8(self.linear2))
 
     def _output(self, x: Tensor, joined: Tensor | Fp8Tensor, mod: ModulationOut) -> Tensor:
-        return torch.addcmul(x, mod.gate, self.linear2(joined))
+        return ops.gated_residual(x, self.linear2(joined), mod.gate)
 
 
 class LastLayer(nn.Module):
