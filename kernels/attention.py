@@ -164,8 +164,8 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_lens_ptr, q_scale_pt
             o_scale = tl.load(o_scale_ptr + b)
             v_scale = v_scale / o_scale
             if h == 0:
-                rows = start_m + tl.arange(0, BLOCK_M)
-                tl.store(o_rows_ptr + b * S + rows, tl.zeros([BLOCK_M], dtype=tl.float32) + o_scale, mask=rows < S)
+                tile = start_m + tl.arange(0, BLOCK_M)
+                tl.store(o_rows_ptr + b * S + tile, tl.zeros([BLOCK_M], dtype=tl.float32) + o_scale, mask=tile < S)
         acc0, acc1 = acc0 * v_scale, acc1 * v_scale
     o_desc = _head(o_ptr, b, h, o_sb, o_sh, o_ss, S, HEAD_DIM, ROWS)
     out0, out1 = acc0 / l0[:, None], acc1 / l1[:, None]

@@ -170,8 +170,12 @@ def test_residual_fused_with_norm_fp8(shape, dtype, name):
     expected_out, normed = unfused(name, args)
     norm_fp8 = modulate.rms_norm_scale_fp8 if name == "gated_rms_residual_norm_scale" else modulate.layer_norm_modulate_fp8
     expected_data, expected_scale = norm_fp8(expected_out, *args[-3:])  # (norm weight or shift, scale, eps)
-    assert torch.equal(out, expected_out) and torch.equal(scale, expected_scale)
-    assert torch.equal(data.view(torch.uint8), expected_data.view(torch.uint8))
+    if DEVICE == "cuda" and dtype == torch.float32:  # the GPU's fp32 sums round apart in the two kernels: an ulp, and
+        assert rel_err(out, expected_out) <= 1e-6 and rel_err(scale, expected_scale) <= SCALE_TOL  # a byte where it tips
+        assert (data.view(torch.uint8) != expected_data.view(torch.uint8)).float().mean().item() <= MOVED[DEVICE]
+    else:
+        assert torch.equal(out, expected_out) and torch.equal(scale, expected_scale)
+        assert torch.equal(data.view(torch.uint8), expected_data.view(torch.uint8))
     check_fp8((data, scale), normed)
 
 
