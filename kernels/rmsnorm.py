@@ -16,6 +16,11 @@ tables (cos, sin) of shape (B, S, D/2):
 One program handles BLOCK_S tokens of one (batch, head), reading q and k straight out of whatever
 view the caller has (usually a slice of the fused qkv projection, (B, S, 3, H, D) in memory) and
 writing them (B, H, S, D)-contiguous, the layout attention reads per head.
+
+`qk_norm_rope_into` writes them instead at one stream's tokens of tensors that join two streams (FLUX's text and
+image), and also reads the stream's v: it copies v's rows into the joined v, or, where q and k are quantized for the
+fp8 attention kernel as they are stored, takes v's per-channel abs max over its tokens (an atomic max into a
+(B, H, D) buffer that every stream's call shares), so that v's scales need no reduction of their own.
 """
 
 import torch

@@ -18,7 +18,7 @@ require_triton()  # before kernels/ is imported
 from zflux.common import ops  # noqa: E402
 from zflux.common.norms import rms_norm as reference_rms_norm  # noqa: E402
 from zflux.common.rope import qk_norm_rope as reference_qk_norm_rope  # noqa: E402
-from zflux.kernels.rmsnorm import qk_norm_rope, rms_norm  # noqa: E402
+from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_into, rms_norm  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -111,6 +111,16 @@ def test_custom_ops_trace_and_check():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert all(torch.equal(a, b) for a, b in zip(compiled(x, q, k), f(x, q, k)))
+
+
+def test_qk_norm_rope_into_custom_op_check():
+    """torch.library's checks of the op that writes one stream's share of joined tensors (offset 3 of 9 tokens)."""
+    q, k = qkv_views(1, 6, 2, 64, torch.float32)
+    v = randn(1, 6, 2, 64).transpose(1, 2)
+    w = norm_weight(64, torch.float32)
+    cos, sin = rope_tables(1, 6, 64)
+    q_out, k_out, v_out = (torch.zeros(1, 2, 9, 64, device=DEVICE) for _ in range(3))
+    torch.library.opcheck(qk_norm_rope_into, (q, k, v, w, w, w, 1e-6, cos, sin, 3, q_out, k_out, None, None, v_out))
 
 
 @pytest.mark.gpu

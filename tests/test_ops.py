@@ -69,7 +69,7 @@ def run_every_op() -> None:
     ops.layer_norm_modulate(x, s, s, 1e-6)
     ops.rms_norm_scale(x, w, s, 1e-6)
     ops.gated_rms_residual(x, x, w, s, 1e-6)
-    ops.qk_norm_rope(q, k, w, w, 1e-6, cos, sin)
+    ops.attention_inputs([ops.Heads(q, k, v, w, w)], 1e-6, cos, sin)
     ops.attention(q, k, v)
     ops.attention(q, k, v, key_lens=torch.tensor([5, 3]))
 
