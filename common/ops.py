@@ -232,7 +232,7 @@ def attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: Tensor,
     if len(streams) > 2:
         raise ValueError(f"attention_inputs joins one or two streams, got {len(streams)}")
     q0 = streams[0].q
-    fp8 = use_fp8_attention(q0, q0)
+    fp8 = use_fp8_attention(q0, streams[0].k)
     if not fp8 and not use_kernels(q0):
         parts = [(*rope.qk_norm_rope(s.q, s.k, s.q_weight, s.k_weight, eps, cos_i, sin_i), s.v)
                  for s, cos_i, sin_i in _tables(streams, cos, sin)]
@@ -274,7 +274,7 @@ def _fused_attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: 
     for i, (s, cos_i, sin_i) in enumerate(_tables(streams, cos, sin)):
         # Two streams' keys share one scale: each bounds it by the other's norm weight too.
         qk_norm_rope_into(s.q, s.k, None if v is None else s.v, s.q_weight, s.k_weight, streams[i - 1].k_weight, eps,
-                          cos_i, sin_i, offset, q, k, q_scale, k_scale, v)
+                          cos_i, sin_i, offset=offset, q_out=q, k_out=k, q_scale=q_scale, k_scale=k_scale, v_out=v)
         offset += s.q.shape[2]
     if fp8:
         q, k = Fp8Tensor(q, q_scale[..., None]), Fp8Tensor(k, k_scale.reshape(()))

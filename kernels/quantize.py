@@ -8,6 +8,8 @@ one read of x and one write of q and s, where PyTorch takes five passes. `store_
 tail the fused norm kernels (`zflux.kernels.modulate`) end with to hand their rows to an fp8 linear.
 `quantize_heads` does the same for attention's (B, H, S, D) inputs, with a scale per token, per head or per channel
 of each head (v's, for the fp8 flash kernel, which applies those after the PV product), optionally transposed.
+`quantize_values` quantizes v per channel from maxima already taken (by the QK-norm + RoPE kernel, as it reads the
+projection), straight into the join of two streams' values.
 """
 
 import torch

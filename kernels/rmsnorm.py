@@ -194,7 +194,7 @@ def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float
     # Heads vary fastest across programs: programs running together read whole qkv rows between them.
     grid = (B * H, triton.cdiv(S, block_s))
     k_weight = k_weight.contiguous()
-    v_mode = "none" if v is None else "amax" if v_out.shape == (B, H, D) and v_out.dtype == torch.float32 else "copy"
+    v_mode = "none" if v is None else "amax" if v_out.ndim == 3 else "copy"
     v, v_out = (q, q) if v is None else (v, v_out)
     _qk_norm_rope_kernel[grid](q, k, v, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
                                cos, sin, *outs, v_out, S, H, outs[0].shape[2], offset, *q.stride()[:3], *k.stride()[:3],
@@ -238,6 +238,10 @@ def qk_norm_rope_into(q: Tensor, k: Tensor, v: Tensor | None, q_weight: Tensor, 
             or offset < 0 or offset + S > S_out:
         raise ValueError(f"q_out and k_out must be contiguous ({B}, {H}, S_out, {D}) holding tokens [{offset}, {offset + S}), "
                          f"got {tuple(q_out.shape)}, {tuple(k_out.shape)}")
+    if v is not None and (v.shape != q.shape or v_out is None or not v_out.is_contiguous() or v_out.shape not in (
+            (B, H, D), q_out.shape) or v_out.dtype != (torch.float32 if v_out.ndim == 3 else v.dtype)):
+        raise ValueError(f"v must be shaped like q with v_out fp32 ({B}, {H}, {D}) (its maxima) or a contiguous join of "
+                         f"v's dtype shaped like q_out, got {tuple(v.shape)}, {None if v_out is None else tuple(v_out.shape)}")
     fp8 = q_out.dtype == E4M3
     outs = (q_out, k_out, q_scale, k_scale) if fp8 else (q_out, k_out, q_out, k_out)
     _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, offset, k_bound_weight.contiguous(), v, v_out)
