@@ -137,7 +137,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, s
     if V != "none":
         v = tl.load(v_ptr + b * v_sb + h * v_sh + tokens[:, None] * v_ss + dims[None, :], mask=mask, other=0.0)
         if V == "amax":  # v's per-channel abs max, over every stream's tokens: v_out (B, H, D) starts at 0
-            tl.atomic_max(v_out + bh * D + dims, tl.max(tl.abs(v.to(tl.float32)), axis=0), mask=dims < D)
+            tl.atomic_max(v_out + bh * D + dims, tl.max(tl.abs(v.to(tl.float32)), axis=0), mask=dims < D, sem="relaxed")
         else:  # "copy": v's rows into the joined v
             tl.store(v_out + out, v, mask=mask)
     if FP8:
