@@ -181,7 +181,7 @@ def test_fp8_attention_in_every_model(case, monkeypatch):
     expected = run(model, inputs, "sdpa")
     calls = []
     fused = rmsnorm.qk_norm_rope_into
-    monkeypatch.setattr(rmsnorm, "qk_norm_rope_into", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(rmsnorm, "qk_norm_rope_into", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
     for module in model.modules():
         if hasattr(module, "fp8_attention"):
             module.fp8_attention = True
