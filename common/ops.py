@@ -23,7 +23,7 @@ runs.
 import os
 from contextlib import contextmanager
 from importlib.util import find_spec
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,7 @@ def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
     takes, with as many keys as queries.
 
     On the H100 the kernel runs at 671-795 TFLOP/s against cuDNN bf16's 607-633 at these models' shapes, given q and k
-    quantized by the QK-norm + RoPE kernel (qk_norm_rope below), and its whole-model error is the fp8 GEMMs' (bench/RESULTS.md)."""
+    quantized by the QK-norm + RoPE kernel (attention_inputs below), and its whole-model error is the fp8 GEMMs' (bench/RESULTS.md)."""
     if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") == "0" or parallel.attending() is not None:
         return False
     if not use_kernels(q) or k.shape != q.shape:
@@ -237,33 +237,90 @@ def training(x: Tensor, weight: Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-                 k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
-    """rope.qk_norm_rope (RMSNorm over the head dim of q and k, then RoPE), or its fused kernel.
+class Heads(NamedTuple):
+    """One stream's queries, keys and values (B, H, S, D) as its projection gives them (views of it: any strides with
+    unit channel stride), and the stream's QK-norm weights (D,)."""
 
-    Where attention will run the fp8 kernel (use_fp8_attention), the kernel also quantizes them as it stores: q and k
-    come back as Fp8Tensors, q with a scale per token (B, H, S, 1), k with one scale () bounded by k's norm weight and
-    `k_bound_weight` (another stream's k norm weight, where `join_heads` will join the two streams' keys: both calls
-    then give k the same scale)."""
-    if use_fp8_attention(q, k):
-        from zflux.kernels.rmsnorm import qk_norm_rope_fp8
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    q_weight: Tensor
+    k_weight: Tensor
 
-        q8, k8, q_scale, k_scale = qk_norm_rope_fp8(q, k, q_weight, k_weight, eps, cos, sin, k_bound_weight)
-        return Fp8Tensor(q8, q_scale[..., None]), Fp8Tensor(k8, k_scale.reshape(()))
-    if use_kernels(q):
+
+class Fp8Values(NamedTuple):
+    """Values quantized for the fp8 attention kernel: e4m3 `data` (B, H, D, S rounded up to 16), the tokens along the
+    last axis, with fp32 `scale` (B, H, D), one per channel of each head; `dtype`: the attention output's."""
+
+    data: Tensor
+    scale: Tensor
+    dtype: torch.dtype
+
+
+def attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: Tensor, plain_v: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor, Fp8Values | Tensor]:
+    """q, k, v (B, H, S, D) for `attention` from one stream, or two joined along the tokens in order (FLUX's [text;
+    image]): q and k RMS-normed over the head dim, then rotated (rope.qk_norm_rope) by the tables (B or 1, S, D/2) that
+    cover every stream's tokens; one stream's v is its own view, two streams' are joined (torch.cat).
+
+    Where the kernels run, one kernel per stream norms and rotates q and k into the joined tensors and copies v's rows
+    into its join (no concatenation). Where attention will run the fp8 kernel (use_fp8_attention) that kernel quantizes
+    q and k as it stores them: q with a scale per token (B, H, S, 1), k with one scale (), bounded by both streams' k
+    norm weights; and takes v's per-channel maxima, over every stream's tokens, from which one quantizing pass per
+    stream writes the joined v as Fp8Values (no reduction of its own, no concatenation); `plain_v` keeps v plain
+    (FLUX.2 KV caches it: attention then quantizes it itself)."""
+    if len(streams) > 2:
+        raise ValueError(f"attention_inputs joins one or two streams, got {len(streams)}")
+    q0 = streams[0].q
+    fp8 = use_fp8_attention(q0, streams[0].k)
+    if not fp8 and not use_kernels(q0):
+        parts = [(*rope.qk_norm_rope(s.q, s.k, s.q_weight, s.k_weight, eps, cos_i, sin_i), s.v)
+                 for s, cos_i, sin_i in _tables(streams, cos, sin)]
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(joined, dim=2) for joined in zip(*parts))
+    if not fp8 and len(streams) == 1:  # the single stream's v stays a view of its projection
         from zflux.kernels.rmsnorm import qk_norm_rope as fused
 
-        return fused(q, k, q_weight, k_weight, eps, cos, sin)
-    return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+        (s,) = streams
+        return *fused(s.q, s.k, s.q_weight, s.k_weight, eps, cos, sin), s.v
+    return _fused_attention_inputs(streams, eps, cos, sin, fp8, plain_v)
 
 
-def join_heads(*parts: Tensor | Fp8Tensor) -> Tensor | Fp8Tensor:
-    """Streams' (B, H, S_i, D) queries, keys or values joined along the tokens; quantized keys share one scale (see
-    qk_norm_rope's k_bound_weight), quantized queries keep theirs per token."""
-    if not isinstance(parts[0], Fp8Tensor):
-        return torch.cat(parts, dim=2)
-    data = torch.cat([p.data for p in parts], dim=2)
-    return Fp8Tensor(data, parts[0].scale if parts[0].scale.ndim == 0 else torch.cat([p.scale for p in parts], dim=2))
+def _tables(streams: list[Heads], cos: Tensor, sin: Tensor) -> Iterator[tuple[Heads, Tensor, Tensor]]:
+    """Each stream with its tokens' RoPE tables (views of the joined ones)."""
+    offset = 0
+    for s in streams:
+        S = s.q.shape[2]
+        yield s, cos[:, offset:offset + S], sin[:, offset:offset + S]
+        offset += S
+
+
+def _fused_attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: Tensor, fp8: bool, plain_v: bool
+                            ) -> tuple[Tensor, Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor, Fp8Values | Tensor]:
+    """attention_inputs by the kernels: qk_norm_rope_into per stream, then under fp8 quantize_values."""
+    from zflux.kernels.quantize import quantize_values
+    from zflux.kernels.rmsnorm import qk_norm_rope_into
+
+    B, H, _, D = streams[0].q.shape
+    S = sum(s.q.shape[2] for s in streams)
+    like = streams[0].v
+    q, k = (like.new_empty((B, H, S, D), dtype=quant.E4M3 if fp8 else like.dtype) for _ in range(2))
+    q_scale, k_scale = (like.new_empty((B, H, S), dtype=torch.float32), like.new_empty((1,), dtype=torch.float32)) if fp8 else (None, None)
+    quantize_v = fp8 and not plain_v
+    if quantize_v:  # v's abs maxima per channel of each head, max'ed in by every stream's call
+        v = like.new_zeros((B, H, D), dtype=torch.float32)
+    else:  # the joined v, or one stream's own view
+        v = like.new_empty((B, H, S, D)) if len(streams) > 1 else None
+    offset = 0
+    for i, (s, cos_i, sin_i) in enumerate(_tables(streams, cos, sin)):
+        # Two streams' keys share one scale: each bounds it by the other's norm weight too.
+        qk_norm_rope_into(s.q, s.k, None if v is None else s.v, s.q_weight, s.k_weight, streams[i - 1].k_weight, eps,
+                          cos_i, sin_i, offset=offset, q_out=q, k_out=k, q_scale=q_scale, k_scale=k_scale, v_out=v)
+        offset += s.q.shape[2]
+    if fp8:
+        q, k = Fp8Tensor(q, q_scale[..., None]), Fp8Tensor(k, k_scale.reshape(()))
+    if quantize_v:
+        return q, k, Fp8Values(*quantize_values([s.v for s in streams], v), like.dtype)
+    return q, k, streams[0].v if v is None else v
 
 
 def split_tokens(x: Tensor | Fp8Tensor, n: int) -> tuple[Tensor | Fp8Tensor, Tensor | Fp8Tensor]:
@@ -339,9 +396,9 @@ def activation_fp8(gate: Tensor, up: Tensor | None = None, before: Tensor | None
     return quant.quantize(y if before is None else torch.cat([before, y], dim=-1))
 
 
-def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None = None,
+def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Values, key_lens: Tensor | None = None,
               fp8: bool = False) -> Tensor | Fp8Tensor:
-    """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D), in v's dtype; q and k as qk_norm_rope returns them.
+    """Non-causal attention on (B, H, S, D) q, k, v -> (B, S, H*D), in v's dtype; q, k, v as attention_inputs returns them.
 
     `key_lens` (B,) marks right padding: keys at index >= key_lens[b] are masked out. Pass None
     when every sequence is full, which lets SDPA use its fastest (mask-free) kernels. Keys may
@@ -354,33 +411,35 @@ def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens:
     value per sample, bounded by v's: kernels/attention.py), and the linear takes them as they are; elsewhere the output
     is the plain one, which the linear quantizes itself.
     """
-    if fp8 and isinstance(q, Fp8Tensor) and parallel.attending() is None:
+    shards = parallel.attending()
+    if fp8 and isinstance(q, Fp8Tensor) and shards is None:
         from zflux.kernels.attention import flash_attention_fp8_rows
 
-        data, scale = flash_attention_fp8_rows(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), *quantized_values(v),
+        v = fp8_values(v)
+        data, scale = flash_attention_fp8_rows(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), v.data, v.scale,
                                                key_lens)  # (B, S, H, D), (B, S, 1)
         return Fp8Tensor(rearrange(data, "b s h d -> b s (h d)"), scale)
-    shards = parallel.attending()
     out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
     return rearrange(out, "b h s d -> b s (h d)")
 
 
-def quantized_values(v: Tensor) -> tuple[Tensor, Tensor]:
-    """v (B, H, S, D) as the fp8 kernel takes it: e4m3 transposed (B, H, D, S rounded up to 16), one scale per channel
-    (B, H, D)."""
+def fp8_values(v: Tensor | Fp8Values) -> Fp8Values:
+    """v as the fp8 kernel takes it: as attention_inputs quantized it, or, kept plain (its plain_v), quantized here."""
+    if isinstance(v, Fp8Values):
+        return v
     from zflux.kernels.quantize import quantize_heads
 
-    return quantize_heads(v, per="channel", transpose=True)
+    return Fp8Values(*quantize_heads(v, per="channel", transpose=True), v.dtype)
 
 
-def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, key_lens: Tensor | None) -> Tensor:
-    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force; q and k quantized by
-    qk_norm_rope go to the fp8 kernel."""
+def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Values, key_lens: Tensor | None) -> Tensor:
+    """attention() on one device, (B, H, S, D) -> (B, H, S, D), by the backend in force; q, k, v quantized by
+    attention_inputs go to the fp8 kernel."""
     if isinstance(q, Fp8Tensor):
         from zflux.kernels.attention import flash_attention_fp8_bshd
 
-        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), *quantized_values(v), key_lens,
-                                       v.dtype)
+        v = fp8_values(v)
+        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), v.data, v.scale, key_lens, v.dtype)
         return rearrange(out, "b s h d -> b h s d")
     if use_fp8_attention(q, k):
         from zflux.kernels.attention import flash_attention_fp8

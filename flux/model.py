@@ -108,17 +108,17 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMSNorm of q and k over the head dim, then RoPE."""
+    """The weights of the RMSNorm of q and k over the head dim, before RoPE (ops.attention_inputs does both)."""
 
     def __init__(self, head_dim: int):
         super().__init__()
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor], k_bound_weight: Tensor | None = None
-                ) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
-        """q, k (B, H, S, D) normed and rotated (quantized for fp8 attention: see ops.qk_norm_rope and k_bound_weight)."""
-        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, EPS, *rope, k_bound_weight=k_bound_weight)
+    def heads(self, qkv: Tensor, num_heads: int) -> ops.Heads:
+        """A stream's fused projection (B, S, 3 * dim) as q, k, v (B, H, S, D) views, with these norm weights."""
+        q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=num_heads)  # (B, H, S, D) each
+        return ops.Heads(q, k, v, self.query_norm.scale, self.key_norm.scale)
 
 
 class Modulation(nn.Module):
@@ -149,11 +149,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, dim) -> q, k, v (B, H, S, D), q and k normalized and rotated (k_bound_weight: see QKNorm)."""
-        q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope, k_bound_weight)
-        return q, k, v
+    def forward(self, x: Tensor | Fp8Tensor) -> ops.Heads:
+        """x (B, S, dim) -> this stream's q, k, v (B, H, S, D), to be normed, rotated and joined by ops.attention_inputs."""
+        return self.norm.heads(self.qkv(x), self.num_heads)
 
 
 class MLP(nn.Sequential):
@@ -198,16 +196,10 @@ class DoubleStreamBlock(nn.Module):
         A function of its own so that each stream's projections die on return: only the joined
         tensors live through attention and none through the MLPs.
         """
-        L = txt.shape[1]
-        cos, sin = rope  # (B, L+S, D/2) each, text positions first
         txt_attn_mod, img_attn_mod = txt_mod[0], img_mod[0]
-        # Quantized keys of both streams are joined under one scale: each bounds it by both streams' k norm weights.
-        txt_k_norm, img_k_norm = self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale
-        txt_qkv = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS, fp8=wants_fp8(self.txt_attn.qkv)),
-                                (cos[:, :L], sin[:, :L]), k_bound_weight=img_k_norm)
-        img_qkv = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS, fp8=wants_fp8(self.img_attn.qkv)),
-                                (cos[:, L:], sin[:, L:]), k_bound_weight=txt_k_norm)
-        return tuple(ops.join_heads(*pair) for pair in zip(txt_qkv, img_qkv))
+        txt_heads = self.txt_attn(ops.layer_norm_modulate(txt, txt_attn_mod.shift, txt_attn_mod.scale, EPS, fp8=wants_fp8(self.txt_attn.qkv)))
+        img_heads = self.img_attn(ops.layer_norm_modulate(img, img_attn_mod.shift, img_attn_mod.scale, EPS, fp8=wants_fp8(self.img_attn.qkv)))
+        return ops.attention_inputs([txt_heads, img_heads], EPS, *rope)  # rope: (B, L+S, D/2) tables, text positions first
 
     @staticmethod
     def _residuals(x: Tensor, attn_out: Tensor | Fp8Tensor, mod: tuple[ModulationOut, ModulationOut], attn: SelfAttention,
@@ -242,8 +234,7 @@ class SingleStreamBlock(nn.Module):
         e4m3 rows from one kernel for an fp8 linear2); the projection dies on return."""
         projected = self.linear1(x)  # (B, S, 3 * dim + mlp_hidden)
         qkv, hidden = projected.split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope)
+        q, k, v = ops.attention_inputs([self.norm.heads(qkv, self.num_heads)], EPS, *rope)
         return ops.join_activation(ops.attention(q, k, v), hidden, fp8=wants_fp8(self.linear2))
 
 

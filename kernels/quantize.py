@@ -8,6 +8,8 @@ one read of x and one write of q and s, where PyTorch takes five passes. `store_
 tail the fused norm kernels (`zflux.kernels.modulate`) end with to hand their rows to an fp8 linear.
 `quantize_heads` does the same for attention's (B, H, S, D) inputs, with a scale per token, per head or per channel
 of each head (v's, for the fp8 flash kernel, which applies those after the PV product), optionally transposed.
+`quantize_values` quantizes v per channel from maxima already taken (by the QK-norm + RoPE kernel, as it reads the
+projection), straight into the join of two streams' values.
 """
 
 import torch
@@ -82,21 +84,47 @@ def quantize_heads(x: Tensor, per: str, transpose: bool = False) -> tuple[Tensor
     rounded up to 16, so that each row is 16-byte aligned for TMA), and fp32 scales: per "token" (B, H, S), one for each
     token and head; per "head" (B, H); per "channel" (B, H, D), each over the head's tokens."""
     B, H, S, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    width = triton.cdiv(S, 16) * 16
-    out = torch.empty((B, H, D, width) if transpose else (B, H, S, D), dtype=E4M3, device=x.device)
+    out = torch.empty((B, H, D, padded(S)) if transpose else (B, H, S, D), dtype=E4M3, device=x.device)
     if per == "token":
         scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
     else:  # the maxima first: one reduction over the head's tokens (and channels), then the quantizing pass
         dims = (2, 3) if per == "head" else 2
         scale = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, dtype=torch.float32).clamp_(min=TINY) / E4M3_MAX
-    out_ss, out_sd = (1, width) if transpose else (D, 1)
+    _quantize_heads(x, out, scale, per, transpose)
+    return out, scale
+
+
+def quantize_values(vs: list[Tensor], amax: Tensor) -> tuple[Tensor, Tensor]:
+    """Streams' values (B, H, S_i, D) joined along the tokens and quantized per channel of each head, from their abs
+    maxima over every stream's tokens `amax` (B, H, D) (as `zflux.kernels.rmsnorm.qk_norm_rope_into` takes them): what
+    quantize_heads(torch.cat(vs, dim=2), per="channel", transpose=True) returns, to the bit, in one quantizing pass
+    over each stream's view and no reduction or concatenation."""
+    B, H, D = amax.shape
+    out = torch.empty((B, H, D, padded(sum(v.shape[2] for v in vs))), dtype=E4M3, device=amax.device)
+    scale = amax.clamp_(min=TINY) / E4M3_MAX  # (B, H, D)
+    offset = 0
+    for v in vs:
+        _quantize_heads(v, out[..., offset:], scale, "channel", transpose=True)
+        offset += v.shape[2]
+    return out, scale
+
+
+def padded(S: int) -> int:
+    """A transposed head's row length: S tokens rounded up to 16."""
+    return triton.cdiv(S, 16) * 16
+
+
+def _quantize_heads(x: Tensor, out: Tensor, scale: Tensor, per: str, transpose: bool) -> None:
+    """x (B, H, S, D) quantized into out (B, H, S, D) or, transposed, (B, H, D, >= S), a view; per "token": its scales
+    stored into `scale` (B, H, S), else divided by the given ones."""
+    B, H, S, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out_ss, out_sd = (out.stride(3), out.stride(2)) if transpose else (out.stride(2), out.stride(3))
     block_s = max(1, 4096 // D)
     _quantize_heads_kernel[(B * H, triton.cdiv(S, block_s))](x, out, scale, S, H, *x.stride()[:3], out.stride(1), out_ss,
                                                              out_sd, *((D, 1) if per == "channel" else (1, 0)), D=D, BLOCK_S=block_s,
                                                              PER_TOKEN=per == "token", num_warps=4)
-    return out, scale
 
 
 def fp8_like(x: Tensor) -> tuple[Tensor, Tensor]:

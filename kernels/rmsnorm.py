@@ -16,6 +16,11 @@ tables (cos, sin) of shape (B, S, D/2):
 One program handles BLOCK_S tokens of one (batch, head), reading q and k straight out of whatever
 view the caller has (usually a slice of the fused qkv projection, (B, S, 3, H, D) in memory) and
 writing them (B, H, S, D)-contiguous, the layout attention reads per head.
+
+`qk_norm_rope_into` writes them instead at one stream's tokens of tensors that join two streams (FLUX's text and
+image), and also reads the stream's v: it copies v's rows into the joined v, or, where q and k are quantized for the
+fp8 attention kernel as they are stored, takes v's per-channel abs max over its tokens (an atomic max into a
+(B, H, D) buffer that every stream's call shares), so that v's scales need no reduction of their own.
 """
 
 import torch
@@ -109,9 +114,10 @@ def _norm_rope(x_ptr, w, cos, sin, tokens, mask, s_stride, eps, dtype: tl.conste
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
-                         S, H, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, cos_sb, cos_ss, sin_sb, sin_ss, eps, sqrt_d,
-                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
+                         v_out, S, H, S_out, offset, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, cos_sb, cos_ss,
+                         sin_sb, sin_ss, eps, sqrt_d, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         FP8: tl.constexpr, V: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
@@ -126,14 +132,21 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
     dtype: tl.constexpr = q_ptr.dtype.element_ty
     q = _norm_rope(q_ptr + b * q_sb + h * q_sh, qw, cos, sin, tokens, mask, q_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
     k = _norm_rope(k_ptr + b * k_sb + h * k_sh, kw, cos, sin, tokens, mask, k_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
-    out = bh.to(tl.int64) * S * D + tokens[:, None] * D + dims[None, :]  # (BLOCK_S, BLOCK_D): (B, H, S, D)-contiguous
+    # (BLOCK_S, BLOCK_D): tokens offset.. of the (B, H, S_out, D)-contiguous outputs, where the streams are joined
+    out = (bh.to(tl.int64) * S_out + offset + tokens[:, None]) * D + dims[None, :]
+    if V != "none":
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + tokens[:, None] * v_ss + dims[None, :], mask=mask, other=0.0)
+        if V == "amax":  # v's per-channel abs max, over every stream's tokens: v_out (B, H, D) starts at 0
+            tl.atomic_max(v_out + bh * D + dims, tl.max(tl.abs(v.to(tl.float32)), axis=0), mask=dims < D, sem="relaxed")
+        else:  # "copy": v's rows into the joined v
+            tl.store(v_out + out, v, mask=mask)
     if FP8:
         # q: one scale per token. k: one for the whole tensor, from a bound rather than a maximum (which would take a
         # pass of its own): a row normed to RMS 1 has no entry above sqrt(D), RoPE turns channel pairs without
         # lengthening them, so |k| <= sqrt(D) max|w| (w: k's norm weight, or the largest of kb's, where streams with
         # their own weights share one scale). e4m3 is floating point: the bound costs range, not precision.
         q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), _TINY) / _E4M3_MAX  # (BLOCK_S,)
-        tl.store(q_scale_out + bh * S + tokens, q_scale, mask=tokens < S)
+        tl.store(q_scale_out + bh * S_out + offset + tokens, q_scale, mask=tokens < S)
         tl.store(q_out + out, tl.clamp(q / q_scale[:, None], -_E4M3_MAX, _E4M3_MAX).to(q_out.dtype.element_ty), mask=mask)
         bound = tl.max(tl.abs(tl.load(kb_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)), axis=0)
         k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(kw), axis=0), bound) * sqrt_d, _TINY) / _E4M3_MAX
@@ -164,11 +177,16 @@ def _check_qk(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
 
 
 def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-            outs: tuple[Tensor, Tensor, Tensor, Tensor], k_bound_weight: Tensor | None = None) -> None:
-    """Norm and rotate q, k into outs = (q_out, k_out, q_scale, k_scale): (B, H, S, D)-contiguous q_out and k_out; with
-    e4m3 outputs, fp32 scales (B, H, S) per token for q and (1,) for k (bounded by k_bound_weight's entries too)."""
+            outs: tuple[Tensor, Tensor, Tensor, Tensor], offset: int = 0, k_bound_weight: Tensor | None = None,
+            v: Tensor | None = None, v_out: Tensor | None = None) -> None:
+    """Norm and rotate q, k (B, H, S, D) into tokens [offset, offset + S) of outs = (q_out, k_out, q_scale, k_scale):
+    (B, H, S_out, D)-contiguous q_out and k_out; with e4m3 outputs, fp32 scales (B, H, S_out) per token for q and (1,)
+    for k (bounded by k_bound_weight's entries too). With v (B, H, S, D): its rows copied to the same tokens of v_out
+    (B, H, S_out, D), or, for an fp32 v_out (B, H, D), their per-channel abs max max'ed into it."""
     B, H, S, D = q.shape
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
     cos, cos_sb, cos_ss = _rope_table_strides(cos, B, S, D // 2)
     sin, sin_sb, sin_ss = _rope_table_strides(sin, B, S, D // 2)
     block_d = triton.next_power_of_2(D)
@@ -176,10 +194,12 @@ def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float
     # Heads vary fastest across programs: programs running together read whole qkv rows between them.
     grid = (B * H, triton.cdiv(S, block_s))
     k_weight = k_weight.contiguous()
-    _qk_norm_rope_kernel[grid](q, k, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
-                               cos, sin, *outs, S, H, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                               k.stride(2), cos_sb, cos_ss, sin_sb, sin_ss, eps, D**0.5, D=D, BLOCK_S=block_s,
-                               BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, num_warps=8)
+    v_mode = "none" if v is None else "amax" if v_out.ndim == 3 else "copy"
+    v, v_out = (q, q) if v is None else (v, v_out)
+    _qk_norm_rope_kernel[grid](q, k, v, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
+                               cos, sin, *outs, v_out, S, H, outs[0].shape[2], offset, *q.stride()[:3], *k.stride()[:3],
+                               *v.stride()[:3], cos_sb, cos_ss, sin_sb, sin_ss, eps, D**0.5, D=D, BLOCK_S=block_s,
+                               BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, V=v_mode, num_warps=8)
 
 
 @torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
@@ -197,27 +217,31 @@ def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos:
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("zflux::qk_norm_rope_fp8", mutates_args=())
-def qk_norm_rope_fp8(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-                     k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`qk_norm_rope` quantized for the fp8 attention kernel as it stores: q e4m3 (B, H, S, D) with fp32 scales per token
-    (B, H, S); k e4m3 with one scale (1,), sqrt(D) x the largest |weight| of k_weight and k_bound_weight (the other
-    stream's, where two streams' keys are joined), over 448."""
+@torch.library.custom_op("zflux::qk_norm_rope_into", mutates_args=("q_out", "k_out", "q_scale", "k_scale", "v_out"))
+def qk_norm_rope_into(q: Tensor, k: Tensor, v: Tensor | None, q_weight: Tensor, k_weight: Tensor, k_bound_weight: Tensor,
+                      eps: float, cos: Tensor, sin: Tensor, offset: int, q_out: Tensor, k_out: Tensor,
+                      q_scale: Tensor | None, k_scale: Tensor | None, v_out: Tensor | None) -> None:
+    """One stream's share of attention's joined inputs: `qk_norm_rope` of q, k (B, H, S, D) written at tokens
+    [offset, offset + S) of q_out, k_out (B, H, S_out, D), and v's rows copied there in v_out (B, H, S_out, D).
+
+    e4m3 q_out and k_out: quantized for the fp8 attention kernel as they are stored, q with fp32 scales per token into
+    q_scale (B, H, S_out), k with one scale into k_scale (1,): sqrt(D) x the largest |weight| of k_weight and
+    k_bound_weight (another stream's, where two streams' keys are joined: both calls then store the same scale), over
+    448; and an fp32 v_out (B, H, D) takes the per-channel abs max of v's rows (max'ed in: zero it before the first
+    stream), from which v's scales are made, the join's values sharing one scale per channel."""
     _check_qk(q, k, q_weight, k_weight)
-    if k_bound_weight is not None and k_bound_weight.shape != k_weight.shape:
-        raise ValueError(f"k_bound_weight must be shaped like k_weight {tuple(k_weight.shape)}, got {tuple(k_bound_weight.shape)}")
-    outs = _fp8_qk_like(q)
-    _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, k_bound_weight)
-    return outs
-
-
-def _fp8_qk_like(q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, S, D = q.shape
-    data = (q.new_empty((B, H, S, D), dtype=E4M3) for _ in range(2))
-    return *data, q.new_empty((B, H, S), dtype=torch.float32), q.new_empty((1,), dtype=torch.float32)
-
-
-@qk_norm_rope_fp8.register_fake
-def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-      k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _fp8_qk_like(q)
+    if k_bound_weight.shape != k_weight.shape:
+        raise ValueError(f"k_bound_weight must be shaped like k_weight {tuple(k_weight.shape)}, got {tuple(k_bound_weight.shape)}")
+    S_out = q_out.shape[2]
+    if q_out.shape != (B, H, S_out, D) or k_out.shape != q_out.shape or not q_out.is_contiguous() or not k_out.is_contiguous() \
+            or offset < 0 or offset + S > S_out:
+        raise ValueError(f"q_out and k_out must be contiguous ({B}, {H}, S_out, {D}) holding tokens [{offset}, {offset + S}), "
+                         f"got {tuple(q_out.shape)}, {tuple(k_out.shape)}")
+    if v is not None and (v.shape != q.shape or v_out is None or not v_out.is_contiguous() or v_out.shape not in (
+            (B, H, D), q_out.shape) or v_out.dtype != (torch.float32 if v_out.ndim == 3 else v.dtype)):
+        raise ValueError(f"v must be shaped like q with v_out fp32 ({B}, {H}, {D}) (its maxima) or a contiguous join of "
+                         f"v's dtype shaped like q_out, got {tuple(v.shape)}, {None if v_out is None else tuple(v_out.shape)}")
+    fp8 = q_out.dtype == E4M3
+    outs = (q_out, k_out, q_scale, k_scale) if fp8 else (q_out, k_out, q_out, k_out)
+    _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, offset, k_bound_weight.contiguous(), v, v_out)

@@ -28,7 +28,7 @@ from zflux.kernels import modulate  # noqa: E402
 from zflux.common import activations  # noqa: E402
 from zflux.kernels.activations import activation_fp8, gelu_tanh_, silu_mul_  # noqa: E402
 from zflux.kernels.quantize import quantize_heads, quantize_rows  # noqa: E402
-from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_fp8  # noqa: E402
+from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_into  # noqa: E402
 from test_kernels_attention import CASES, qkv  # noqa: E402
 from test_kernels_modulate import fused_args, inputs, randn, unfused, with_norm_weight  # noqa: E402
 from util import rel_err  # noqa: E402
@@ -233,6 +233,17 @@ def test_quantize_heads(per, transpose):
     assert differ <= MOVED[DEVICE]
 
 
+def qk_norm_rope_fp8(q, k, q_weight, k_weight, eps, cos, sin, k_bound_weight=None):
+    """One stream's q and k normed, rotated and quantized by the kernel into tensors of their own: e4m3 q, k (B, H, S, D),
+    q's scales (B, H, S), k's (1,)."""
+    B, H, S, D = q.shape
+    q8, k8 = (torch.empty((B, H, S, D), dtype=E4M3, device=DEVICE) for _ in range(2))
+    q_scale, k_scale = torch.empty((B, H, S), device=DEVICE), torch.empty(1, device=DEVICE)
+    qk_norm_rope_into(q, k, None, q_weight, k_weight, k_weight if k_bound_weight is None else k_bound_weight, eps, cos, sin,
+                      0, q8, k8, q_scale, k_scale, None)
+    return q8, k8, q_scale, k_scale
+
+
 @pytest.mark.parametrize("bound", [False, True])
 def test_qk_norm_rope_fp8(bound):
     """q per token (quant.quantize of the plain kernel's rows), k under sqrt(D) x the largest |norm weight| (its own, or
@@ -250,6 +261,79 @@ def test_qk_norm_rope_fp8(bound):
     assert plain[1].abs().max() <= expected_scale * E4M3_MAX
     expected_k = (plain[1] / expected_scale).to(E4M3)
     assert (k8.view(torch.uint8) != expected_k.view(torch.uint8)).float().mean().item() <= MOVED[DEVICE]
+
+
+def stream_heads(B, H, S, D, dtype, seed, k_norm=1.0):
+    """One stream's ops.Heads as a model makes them: views of a fused qkv projection whose value channels span two
+    decades (per-channel scales differ), and its own norm weights (the keys' times k_norm)."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    fused = torch.randn(B, S, 3, H, D, generator=g, device=DEVICE) * 2
+    fused[:, :, 2] *= torch.logspace(-1, 1, D, device=DEVICE)
+    q, k, v = fused.to(dtype).permute(2, 0, 3, 1, 4)  # (B, H, S, D) each, strided
+    qw, kw = (1 + torch.randn(D, generator=g, device=DEVICE) * 0.3 for _ in range(2))
+    return ops.Heads(q, k, v, qw.to(dtype), (kw * k_norm).to(dtype))
+
+
+def unjoined_inputs(streams, cos, sin):
+    """Attention's fp8 inputs as the models made them before ops.attention_inputs: each stream's q and k quantized by the
+    kernel into tensors of their own (keys bounded by both streams' norm weights), torch.cat of those, and v quantized
+    by quantize_heads of the concatenated values (its maxima by a torch reduction)."""
+    parts, offset = [], 0
+    for i, s in enumerate(streams):
+        S = s.q.shape[2]
+        parts.append(qk_norm_rope_fp8(s.q, s.k, s.q_weight, s.k_weight, 1e-6, cos[:, offset:offset + S],
+                                      sin[:, offset:offset + S], streams[i - 1].k_weight))
+        offset += S
+    q8, k8, q_scale = (torch.cat([p[j] for p in parts], dim=2) for j in range(3))
+    return (q8, q_scale, k8, parts[0][3], *quantize_heads(torch.cat([s.v for s in streams], dim=2), per="channel",
+                                                          transpose=True))
+
+
+def check_attention_inputs_fp8(streams, key_lens=None):
+    """ops.attention_inputs under fp8 attention against unjoined_inputs, to the bit (the same kernels' arithmetic, v's
+    maxima exact either way), and the attention output from each."""
+    B, _, _, D = streams[0].q.shape
+    S = sum(s.q.shape[2] for s in streams)
+    angles = torch.rand(B, S, D // 2, generator=torch.Generator(DEVICE).manual_seed(9), device=DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    with ops.use_backend("triton", fp8_attention=True):
+        q, k, v = ops.attention_inputs(streams, 1e-6, cos, sin)
+        out = ops.attention(q, k, v, key_lens)
+    q8, q_scale, k8, k_scale, vt, v_scale = unjoined_inputs(streams, cos, sin)
+    same_bytes = lambda a, b: torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))  # noqa: E731
+    assert same_bytes(q.data, q8) and torch.equal(q.scale[..., 0], q_scale)
+    assert same_bytes(k.data, k8) and torch.equal(k.scale.reshape(1), k_scale)
+    assert isinstance(v, ops.Fp8Values) and v.dtype == streams[0].v.dtype and v.data.shape == vt.shape
+    assert torch.equal(v.scale, v_scale) and same_bytes(v.data[..., :S], vt[..., :S])
+    expected = flash_attention_fp8_bshd(q8, q_scale, k8, k_scale, vt, v_scale, key_lens, v.dtype)  # (B, S, H, D)
+    assert torch.equal(out, expected.flatten(2))
+    with ops.use_backend("triton", fp8_attention=True):  # plain_v: v as attention would get it without the kernels
+        assert torch.equal(ops.attention_inputs(streams, 1e-6, cos, sin, plain_v=True)[2], torch.cat([s.v for s in streams], dim=2))
+
+
+def test_attention_inputs_fp8_flux_streams():
+    """FLUX's two streams (text keys normed 8x smaller): joined in the kernels' outputs, v's per-channel maxima over both
+    streams' tokens, as quantizing the concatenation gives them."""
+    check_attention_inputs_fp8([stream_heads(2, 3, 7, 64, torch.float32, seed=0, k_norm=1 / 8),
+                                stream_heads(2, 3, 37, 64, torch.float32, seed=1)])
+
+
+def test_attention_inputs_fp8_zimage_padded():
+    """Z-Image's one stream, a CFG batch whose second caption is padded (key_lens)."""
+    check_attention_inputs_fp8([stream_heads(2, 2, 45, 64, torch.float32, seed=2)], torch.tensor([45, 30], device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["flux", "zimage"])
+def test_attention_inputs_fp8_full_size(case):
+    """FLUX.1 at 1024^2 (512 text + 4096 image tokens, 24 heads) and Z-Image's CFG batch (30 heads, 4224 tokens, one
+    caption padded), bf16: bit for bit as unjoined_inputs."""
+    if case == "flux":
+        check_attention_inputs_fp8([stream_heads(1, 24, 512, 128, torch.bfloat16, seed=0, k_norm=1 / 8),
+                                    stream_heads(1, 24, 4096, 128, torch.bfloat16, seed=1)])
+    else:
+        check_attention_inputs_fp8([stream_heads(2, 30, 4224, 128, torch.bfloat16, seed=2)],
+                                   torch.tensor([4224, 4150], device=DEVICE))
 
 
 def fp8_attention_emulated(q, k, v, key_lens):

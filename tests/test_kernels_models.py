@@ -180,8 +180,8 @@ def test_fp8_attention_in_every_model(case, monkeypatch):
                 p.div_(8)
     expected = run(model, inputs, "sdpa")
     calls = []
-    fused = rmsnorm.qk_norm_rope_fp8
-    monkeypatch.setattr(rmsnorm, "qk_norm_rope_fp8", lambda *args: calls.append(1) or fused(*args))
+    fused = rmsnorm.qk_norm_rope_into
+    monkeypatch.setattr(rmsnorm, "qk_norm_rope_into", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
     for module in model.modules():
         if hasattr(module, "fp8_attention"):
             module.fp8_attention = True

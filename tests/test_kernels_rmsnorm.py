@@ -15,9 +15,10 @@ from kernel_env import DEVICE, DTYPES, require_triton
 
 require_triton()  # before kernels/ is imported
 
+from zflux.common import ops  # noqa: E402
 from zflux.common.norms import rms_norm as reference_rms_norm  # noqa: E402
 from zflux.common.rope import qk_norm_rope as reference_qk_norm_rope  # noqa: E402
-from zflux.kernels.rmsnorm import qk_norm_rope, rms_norm  # noqa: E402
+from zflux.kernels.rmsnorm import qk_norm_rope, qk_norm_rope_into, rms_norm  # noqa: E402
 from util import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -112,6 +113,16 @@ def test_custom_ops_trace_and_check():
     assert all(torch.equal(a, b) for a, b in zip(compiled(x, q, k), f(x, q, k)))
 
 
+def test_qk_norm_rope_into_custom_op_check():
+    """torch.library's checks of the op that writes one stream's share of joined tensors (offset 3 of 9 tokens)."""
+    q, k = qkv_views(1, 6, 2, 64, torch.float32)
+    v = randn(1, 6, 2, 64).transpose(1, 2)
+    w = norm_weight(64, torch.float32)
+    cos, sin = rope_tables(1, 6, 64)
+    q_out, k_out, v_out = (torch.zeros(1, 2, 9, 64, device=DEVICE) for _ in range(3))
+    torch.library.opcheck(qk_norm_rope_into, (q, k, v, w, w, w, 1e-6, cos, sin, 3, q_out, k_out, None, None, v_out))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows, C", [(4608, 3072), (4224, 3840), (77, 2560)])
 def test_rms_norm_full_size_bf16(rows, C):
@@ -129,3 +140,35 @@ def test_qk_norm_rope_full_size_bf16(B, S, H):
     got = qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
     expected = reference_qk_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
     assert all(rel_err(g, e) <= TOL[torch.bfloat16] for g, e in zip(got, expected))
+
+
+def check_joined_streams(B, H, L, S, D, dtype):
+    """ops.attention_inputs of two streams (FLUX's text and image) by the kernels: q and k as the kernel gives each stream
+    on its own, and v, joined as torch.cat joins them, to the bit; against the PyTorch math (rope.qk_norm_rope of each
+    stream, torch.cat) within TOL."""
+    streams = []
+    for seed, n in enumerate((L, S)):
+        q, k = qkv_views(B, n, H, D, dtype, seed=seed)
+        v = randn(B, n, 3 * H * D, dtype=dtype, seed=seed + 5).view(B, n, 3, H, D)[:, :, 2].transpose(1, 2)  # strided
+        streams.append(ops.Heads(q, k, v, norm_weight(D, dtype, seed=seed + 3), norm_weight(D, dtype, seed=seed + 7)))
+    cos, sin = rope_tables(B, L + S, D)
+    with ops.use_backend("triton"):
+        got = ops.attention_inputs(streams, 1e-6, cos, sin)
+    unjoined = [(*qk_norm_rope(s.q, s.k, s.q_weight, s.k_weight, 1e-6, cos[:, a:b], sin[:, a:b]), s.v)
+                for s, (a, b) in zip(streams, ((0, L), (L, L + S)))]
+    for g, *parts in zip(got, *unjoined):
+        assert g.shape == (B, H, L + S, D) and g.is_contiguous() and torch.equal(g, torch.cat(parts, dim=2))
+    with ops.use_backend("reference"):
+        expected = ops.attention_inputs(streams, 1e-6, cos, sin)
+    assert all(rel_err(g, e) <= TOL[dtype] for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_joined_streams(dtype):
+    check_joined_streams(2, 3, 7, 37, 64, dtype)
+
+
+@pytest.mark.gpu
+def test_joined_streams_full_size_bf16():
+    """FLUX.1 at 1024^2: 512 text and 4096 image tokens, 24 heads of 128."""
+    check_joined_streams(1, 24, 512, 4096, 128, torch.bfloat16)

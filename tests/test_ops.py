@@ -75,7 +75,7 @@ def run_every_op() -> None:
     ops.gated_residual(x, x, s)
     ops.gated_rms_residual_norm_scale(x, x, w, s, w, s, 1e-6)
     ops.gated_residual_layer_norm_modulate(x, x, s, s, s, 1e-6)
-    ops.qk_norm_rope(q, k, w, w, 1e-6, cos, sin)
+    ops.attention_inputs([ops.Heads(q, k, v, w, w)], 1e-6, cos, sin)
     ops.attention(q, k, v)
     ops.attention(q, k, v, key_lens=torch.tensor([5, 3]))
 

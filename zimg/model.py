@@ -101,8 +101,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor | Fp8Tensor, rope: tuple[Tensor, Tensor], key_lens: Tensor | None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.n_heads)  # (B, H, S, D) each
-        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
-        return self.out(ops.attention(q, k, v, key_lens, fp8=wants_fp8(self.out)))  # (B, S, dim)
+        heads = ops.Heads(q, k, v, self.q_norm.weight, self.k_norm.weight)
+        return self.out(ops.attention(*ops.attention_inputs([heads], self.q_norm.eps, *rope), key_lens,
+                                      fp8=wants_fp8(self.out)))  # (B, S, dim)
 
 
 class FeedForward(nn.Module):

@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMSNorm of q and k over the head dim, then RoPE."""
+    """The weights of the RMSNorm of q and k over the head dim, before RoPE (ops.attention_inputs does both)."""
 
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
@@ -139,11 +139,10 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, rope: Rope, k_bound_weight: Tensor | None = None
-                ) -> tuple[Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor]:
-        """q, k (B, H, S, D) normed and rotated (quantized for fp8 attention: see ops.qk_norm_rope and k_bound_weight)."""
-        return ops.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, self.eps, *rope,
-                                k_bound_weight=k_bound_weight)
+    def heads(self, qkv: Tensor, num_heads: int) -> ops.Heads:
+        """A stream's fused projection (B, S, 3 * dim) as q, k, v (B, H, S, D) views, with these norm weights."""
+        q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=num_heads)  # (B, H, S, D) each
+        return ops.Heads(q, k, v, self.query_norm.scale, self.key_norm.scale)
 
 
 class Modulation(nn.Module):
@@ -178,7 +177,7 @@ class MLP(nn.Sequential):
         return down(swiglu(up(x), fp8=wants_fp8(down)))
 
 
-def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor, extra: KV | None, fp8: bool = False) -> Tensor | Fp8Tensor:
+def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | ops.Fp8Values, extra: KV | None, fp8: bool = False) -> Tensor | Fp8Tensor:
     """Attention of q over its own keys plus `extra` (cached reference) keys and values -> (B, S, H*D) (fp8: see
     ops.attention)."""
     if extra is not None:  # more keys than queries: a bf16 kernel's, so quantized q and k go back to v's dtype
@@ -197,12 +196,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads, eps)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Rope, k_bound_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, dim), already modulated -> q, k, v (B, H, S, D), q and k normalized and rotated (k_bound_weight:
-        see QKNorm)."""
-        q, k, v = rearrange(self.qkv(x), "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope, k_bound_weight)
-        return q, k, v
+    def forward(self, x: Tensor | Fp8Tensor) -> ops.Heads:
+        """x (B, S, dim), already modulated -> this stream's q, k, v (B, H, S, D), to be normed, rotated and joined by
+        ops.attention_inputs."""
+        return self.norm.heads(self.qkv(x), self.num_heads)
 
 
 class RefTokens(NamedTuple):
@@ -238,10 +235,12 @@ class DoubleStreamBlock(nn.Module):
         modulation; they see only each other, while text and image see them too.
         """
         L = txt.shape[1]
-        q, k, v = self._joint_qkv(img, txt, img_mod[0], txt_mod[0], rope)  # (B, H, L+S, D) each
+        # (B, H, L+S, D) each; v kept plain where it joins reference values
+        q, k, v = self._joint_qkv(img, txt, img_mod[0], txt_mod[0], rope, keep_v=ref_kv is not None or refs is not None)
         step = None
         if refs is not None:
-            ref_q, ref_k, ref_v = self.img_attn(self._modulated(refs.x, refs.mod[0], self.img_attn.qkv), refs.rope)  # (B, H, R, D) each
+            ref_heads = self.img_attn(self._modulated(refs.x, refs.mod[0], self.img_attn.qkv))
+            ref_q, ref_k, ref_v = ops.attention_inputs([ref_heads], self.eps, *refs.rope, plain_v=True)  # (B, H, R, D) each
             ref_kv = (ops.dequantize_heads(ref_k, ref_v.dtype), ref_v)  # the cache holds plain keys
             ref_out = self._residuals(refs.x, ops.attention(ref_q, ref_k, ref_v), refs.mod, self.img_attn, self.img_mlp)
             step = RefStep(ref_out, ref_kv)
@@ -251,16 +250,13 @@ class DoubleStreamBlock(nn.Module):
         txt = self._residuals(txt, txt_out, txt_mod, self.txt_attn, self.txt_mlp)
         return img, txt, step
 
-    def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: ModulationOut, txt_mod: ModulationOut,
-                   rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (B, H, L+S, D) over [text; image]; each stream's own projections die on return."""
-        L = txt.shape[1]
-        cos, sin = rope
-        # Quantized keys of both streams are joined under one scale: each bounds it by both streams' k norm weights.
-        txt_k_norm, img_k_norm = self.txt_attn.norm.key_norm.scale, self.img_attn.norm.key_norm.scale
-        txt_qkv = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv), (cos[:, :L], sin[:, :L]), img_k_norm)
-        img_qkv = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv), (cos[:, L:], sin[:, L:]), txt_k_norm)
-        return tuple(ops.join_heads(*pair) for pair in zip(txt_qkv, img_qkv))
+    def _joint_qkv(self, img: Tensor, txt: Tensor, img_mod: ModulationOut, txt_mod: ModulationOut, rope: Rope,
+                   keep_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, L+S, D) over [text; image] (ops.attention_inputs; keep_v: its plain_v); each stream's own
+        projections die on return."""
+        txt_heads = self.txt_attn(self._modulated(txt, txt_mod, self.txt_attn.qkv))
+        img_heads = self.img_attn(self._modulated(img, img_mod, self.img_attn.qkv))
+        return ops.attention_inputs([txt_heads, img_heads], self.eps, *rope, plain_v=keep_v)
 
     def _modulated(self, x: Tensor, mod: ModulationOut, into: nn.Module) -> Tensor | Fp8Tensor:
         """The modulated norm of x, quantized to fp8 where the linear it goes `into` takes that."""
@@ -299,17 +295,15 @@ class SingleStreamBlock(nn.Module):
     def _attention_and_mlp(self, x: Tensor, mod: ModulationOut, rope: Rope, ref_kv: KV | None) -> Tensor | Fp8Tensor:
         """linear2's input (B, S, dim + mlp_hidden): both branches from the one input projection, side by side; the
         projection dies on return."""
-        q, k, v, hidden = self._project(x, mod, rope)
+        q, k, v, hidden = self._project(x, mod, rope, keep_v=ref_kv is not None)
         return self._joined(attend(q, k, v, ref_kv), hidden)
 
-    def _project(self, x: Tensor, mod: ModulationOut, rope: Rope) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v (B, H, S, D), normalized and rotated, and the SwiGLU input (B, S, 2 * mlp_hidden), a view of the
-        projection."""
+    def _project(self, x: Tensor, mod: ModulationOut, rope: Rope, keep_v: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, S, D) for attention (ops.attention_inputs; keep_v: its plain_v, where v is cached or joins cached
+        values), and the SwiGLU input (B, S, 2 * mlp_hidden), a view of the projection."""
         h = ops.layer_norm_modulate(x, mod.shift, mod.scale, self.eps, fp8=wants_fp8(self.linear1))
         qkv, hidden = self.linear1(h).split([3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1)
-        q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)  # (B, H, S, D) each
-        q, k = self.norm(q, k, rope)
-        return q, k, v, hidden
+        return *ops.attention_inputs([self.norm.heads(qkv, self.num_heads)], self.eps, *rope, plain_v=keep_v), hidden
 
     def _joined(self, attn_out: Tensor, hidden: Tensor) -> Tensor | Fp8Tensor:
         """[attention output | SwiGLU(hidden)] (B, S, dim + mlp_hidden) (ops.join_activation: e4m3 rows from one kernel
