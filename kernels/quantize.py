@@ -94,14 +94,14 @@ def quantize_heads(x: Tensor, per: str, transpose: bool = False) -> tuple[Tensor
     return out, scale
 
 
-def quantize_values(vs: list[Tensor], amax: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_values(vs: list[Tensor], maxima: Tensor) -> tuple[Tensor, Tensor]:
     """Streams' values (B, H, S_i, D) joined along the tokens and quantized per channel of each head, from their abs
-    maxima over every stream's tokens `amax` (B, H, D) (as `zflux.kernels.rmsnorm.qk_norm_rope_into` takes them): what
-    quantize_heads(torch.cat(vs, dim=2), per="channel", transpose=True) returns, to the bit, in one quantizing pass
-    over each stream's view and no reduction or concatenation."""
-    B, H, D = amax.shape
-    out = torch.empty((B, H, D, padded(sum(v.shape[2] for v in vs))), dtype=E4M3, device=amax.device)
-    scale = amax.clamp_(min=TINY) / E4M3_MAX  # (B, H, D)
+    maxima over tiles of every stream's tokens (B, H, tiles, D) (as `zflux.kernels.rmsnorm.qk_norm_rope_into` takes
+    them): what quantize_heads(torch.cat(vs, dim=2), per="channel", transpose=True) returns, to the bit, from a reduction
+    over the tiles' maxima (~2% of v's bytes) and one quantizing pass over each stream's view, no concatenation."""
+    B, H, _, D = maxima.shape
+    out = torch.empty((B, H, D, padded(sum(v.shape[2] for v in vs))), dtype=E4M3, device=maxima.device)
+    scale = maxima.amax(dim=2).clamp_(min=TINY) / E4M3_MAX  # (B, H, D)
     offset = 0
     for v in vs:
         _quantize_heads(v, out[..., offset:], scale, "channel", transpose=True)

@@ -225,7 +225,9 @@ def test_fp8_attention_hands_e4m3_rows_to_the_output_projection(case, monkeypatc
     """A model with fp8 linears and fp8 attention under `triton`: every attention whose output projection is fp8 (Z-Image's
     every block, FLUX's double blocks; the single blocks join it with the MLP's activation first) writes its output as
     e4m3 rows under the bound scale (flash_attention_fp8_rows, counted), against the plain output quantized per row by
-    its own pass: within the quantization's error (on the interpreter, whose e4m3 casts round worse, within fp8's)."""
+    its own pass: the whole model's fp8 error from the fp32 model within 1.25x (+1%) of the latter's. (The two differ from
+    each other by about as much as either from fp32: two roundings of every attention output, carried through the
+    blocks.)"""
     from zflux.kernels import attention
     from zflux.kernels.quantize import quantize_rows
 
@@ -246,10 +248,10 @@ def test_fp8_attention_hands_e4m3_rows_to_the_output_projection(case, monkeypatc
         return data.unflatten(2, plain.shape[2:]), scale
 
     monkeypatch.setattr(attention, "flash_attention_fp8_rows", separate)
-    expected = run(model, inputs, "triton")
-    err, fp8_err = rel_err(out, expected), rel_err(expected, exact)
-    print(f"{case}: e4m3 attention rows vs quantized apart {err:.4f}, fp8 vs fp32 {fp8_err:.4f}")
-    assert err <= (0.25 if DEVICE == "cpu" else 0.03), err
+    apart = run(model, inputs, "triton")
+    err, err_apart = rel_err(out, exact), rel_err(apart, exact)
+    print(f"{case}: fp8 vs fp32, e4m3 attention rows {err:.4f}, quantized apart {err_apart:.4f}")
+    assert err <= 1.25 * err_apart + 0.01, (err, err_apart)
 
 
 FUSED_RESIDUALS = {"zimage": ["gated_rms_residual_norm_scale"], "flux": ["gated_residual_layer_norm_modulate", "gated_residual"],
