@@ -298,7 +298,7 @@ def _fused_attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: 
                             ) -> tuple[Tensor, Tensor, Tensor] | tuple[Fp8Tensor, Fp8Tensor, Fp8Values | Tensor]:
     """attention_inputs by the kernels: qk_norm_rope_into per stream, then under fp8 quantize_values."""
     from zflux.kernels.quantize import quantize_values
-    from zflux.kernels.rmsnorm import qk_norm_rope_into, value_tiles
+    from zflux.kernels.rmsnorm import qk_norm_rope_into
 
     B, H, _, D = streams[0].q.shape
     S = sum(s.q.shape[2] for s in streams)
@@ -306,23 +306,18 @@ def _fused_attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: 
     q, k = (like.new_empty((B, H, S, D), dtype=quant.E4M3 if fp8 else like.dtype) for _ in range(2))
     q_scale, k_scale = (like.new_empty((B, H, S), dtype=torch.float32), like.new_empty((1,), dtype=torch.float32)) if fp8 else (None, None)
     quantize_v = fp8 and not plain_v
-    tiles = [value_tiles(s.q.shape[2], D) for s in streams]
-    if quantize_v:  # v's abs maxima per channel of each head over each tile of tokens, every stream's in turn
-        v = like.new_empty((B, H, sum(tiles), D), dtype=torch.float32)
-    else:  # the joined v, or one stream's own view
-        v = like.new_empty((B, H, S, D)) if len(streams) > 1 else None
-    offset, tile = 0, 0
+    # The joined v where it stays plain (quantized values are joined as they are quantized, below).
+    v = like.new_empty((B, H, S, D)) if len(streams) > 1 and not quantize_v else None
+    offset = 0
     for i, (s, cos_i, sin_i) in enumerate(_tables(streams, cos, sin)):
-        v_out = v[:, :, tile:tile + tiles[i]] if quantize_v else v
         # Two streams' keys share one scale: each bounds it by the other's norm weight too.
         qk_norm_rope_into(s.q, s.k, None if v is None else s.v, s.q_weight, s.k_weight, streams[i - 1].k_weight, eps,
-                          cos_i, sin_i, offset=offset, q_out=q, k_out=k, q_scale=q_scale, k_scale=k_scale, v_out=v_out,
-                          v_maxima=quantize_v)
-        offset, tile = offset + s.q.shape[2], tile + tiles[i]
+                          cos_i, sin_i, offset=offset, q_out=q, k_out=k, q_scale=q_scale, k_scale=k_scale, v_out=v)
+        offset += s.q.shape[2]
     if fp8:
         q, k = Fp8Tensor(q, q_scale[..., None]), Fp8Tensor(k, k_scale.reshape(()))
     if quantize_v:
-        return q, k, Fp8Values(*quantize_values([s.v for s in streams], v), like.dtype)
+        return q, k, Fp8Values(*quantize_values([s.v for s in streams]), like.dtype)
     return q, k, streams[0].v if v is None else v
 
 

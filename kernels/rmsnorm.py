@@ -18,9 +18,8 @@ view the caller has (usually a slice of the fused qkv projection, (B, S, 3, H, D
 writing them (B, H, S, D)-contiguous, the layout attention reads per head.
 
 `qk_norm_rope_into` writes them instead at one stream's tokens of tensors that join two streams (FLUX's text and
-image), and also reads the stream's v: it copies v's rows into the joined v, or, where q and k are quantized for the
-fp8 attention kernel as they are stored, takes v's per-channel abs max over its tokens (an atomic max into a
-(B, H, D) buffer that every stream's call shares), so that v's scales need no reduction of their own.
+image), and, where attention takes v plain, copies the stream's v rows into the joined v; for the fp8 attention kernel
+it quantizes q and k as it stores them (v is quantized by `zflux.kernels.quantize.quantize_values`).
 """
 
 import torch
@@ -115,9 +114,9 @@ def _norm_rope(x_ptr, w, cos, sin, tokens, mask, s_stride, eps, dtype: tl.conste
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, q_out, k_out, q_scale_out, k_scale_out,
-                         v_out, S, H, S_out, offset, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, vo_sb, vo_sh,
-                         cos_sb, cos_ss, sin_sb, sin_ss, eps, sqrt_d, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr, FP8: tl.constexpr, V: tl.constexpr):
+                         v_out, S, H, S_out, offset, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, cos_sb, cos_ss,
+                         sin_sb, sin_ss, eps, sqrt_d, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         FP8: tl.constexpr, COPY_V: tl.constexpr):
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
@@ -134,13 +133,9 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, kb_ptr, cos_ptr, s
     k = _norm_rope(k_ptr + b * k_sb + h * k_sh, kw, cos, sin, tokens, mask, k_ss, eps, dtype, D, BLOCK_S, BLOCK_D)
     # (BLOCK_S, BLOCK_D): tokens offset.. of the (B, H, S_out, D)-contiguous outputs, where the streams are joined
     out = (bh.to(tl.int64) * S_out + offset + tokens[:, None]) * D + dims[None, :]
-    if V != "none":
+    if COPY_V:  # v's rows into the joined v
         v = tl.load(v_ptr + b * v_sb + h * v_sh + tokens[:, None] * v_ss + dims[None, :], mask=mask, other=0.0)
-        if V == "amax":  # v's per-channel abs max over this program's tokens: v_out (B, H, tiles, D), one row per tile
-            tl.store(v_out + b * vo_sb + h * vo_sh + tl.program_id(1) * D + dims, tl.max(tl.abs(v.to(tl.float32)), axis=0),
-                     mask=dims < D)
-        else:  # "copy": v's rows into the joined v
-            tl.store(v_out + out, v, mask=mask)
+        tl.store(v_out + out, v, mask=mask)
     if FP8:
         # q: one scale per token. k: one for the whole tensor, from a bound rather than a maximum (which would take a
         # pass of its own): a row normed to RMS 1 has no entry above sqrt(D), RoPE turns channel pairs without
@@ -177,42 +172,30 @@ def _check_qk(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
         raise ValueError(f"q/k norm weights must be ({D},), got {tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
 
 
-def _qk_blocks(D: int) -> tuple[int, int]:
-    """The QK-norm + RoPE kernel's tile: BLOCK_D >= D channels, BLOCK_S tokens (two (BLOCK_S, D) tiles of ~4K elements in
-    flight)."""
-    block_d = triton.next_power_of_2(D)
-    return block_d, max(1, 4096 // block_d)
-
-
-def value_tiles(S: int, D: int) -> int:
-    """How many rows of v's maxima the QK-norm + RoPE kernel writes for S tokens of head dim D: one per tile of tokens."""
-    return triton.cdiv(S, _qk_blocks(D)[1])
-
-
 def _launch(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
             outs: tuple[Tensor, Tensor, Tensor, Tensor], offset: int = 0, k_bound_weight: Tensor | None = None,
-            v: Tensor | None = None, v_out: Tensor | None = None, v_maxima: bool = False) -> None:
+            v: Tensor | None = None, v_out: Tensor | None = None) -> None:
     """Norm and rotate q, k (B, H, S, D) into tokens [offset, offset + S) of outs = (q_out, k_out, q_scale, k_scale):
     (B, H, S_out, D)-contiguous q_out and k_out; with e4m3 outputs, fp32 scales (B, H, S_out) per token for q and (1,)
     for k (bounded by k_bound_weight's entries too). With v (B, H, S, D): its rows copied to the same tokens of v_out
-    (B, H, S_out, D), or (v_maxima) their per-channel abs max over each tile of tokens into the fp32 v_out
-    (B, H, value_tiles(S, D), D)."""
+    (B, H, S_out, D)."""
     B, H, S, D = q.shape
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if v is not None and v.stride(-1) != 1:
         v = v.contiguous()
     cos, cos_sb, cos_ss = _rope_table_strides(cos, B, S, D // 2)
     sin, sin_sb, sin_ss = _rope_table_strides(sin, B, S, D // 2)
-    block_d, block_s = _qk_blocks(D)
+    block_d = triton.next_power_of_2(D)
+    block_s = max(1, 4096 // block_d)  # two (BLOCK_S, D) tiles of ~4K elements in flight
     # Heads vary fastest across programs: programs running together read whole qkv rows between them.
     grid = (B * H, triton.cdiv(S, block_s))
     k_weight = k_weight.contiguous()
-    v_mode = "none" if v is None else "amax" if v_maxima else "copy"
+    copy_v = v is not None
     v, v_out = (q, q) if v is None else (v, v_out)
     _qk_norm_rope_kernel[grid](q, k, v, q_weight.contiguous(), k_weight, k_weight if k_bound_weight is None else k_bound_weight,
                                cos, sin, *outs, v_out, S, H, outs[0].shape[2], offset, *q.stride()[:3], *k.stride()[:3],
-                               *v.stride()[:3], *v_out.stride()[:2], cos_sb, cos_ss, sin_sb, sin_ss, eps, D**0.5, D=D, BLOCK_S=block_s,
-                               BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, V=v_mode, num_warps=8)
+                               *v.stride()[:3], cos_sb, cos_ss, sin_sb, sin_ss, eps, D**0.5, D=D, BLOCK_S=block_s,
+                               BLOCK_D=block_d, FP8=outs[0].dtype == E4M3, COPY_V=copy_v, num_warps=8)
 
 
 @torch.library.custom_op("zflux::qk_norm_rope", mutates_args=())
@@ -233,17 +216,14 @@ def _(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos:
 @torch.library.custom_op("zflux::qk_norm_rope_into", mutates_args=("q_out", "k_out", "q_scale", "k_scale", "v_out"))
 def qk_norm_rope_into(q: Tensor, k: Tensor, v: Tensor | None, q_weight: Tensor, k_weight: Tensor, k_bound_weight: Tensor,
                       eps: float, cos: Tensor, sin: Tensor, offset: int, q_out: Tensor, k_out: Tensor,
-                      q_scale: Tensor | None, k_scale: Tensor | None, v_out: Tensor | None, v_maxima: bool = False) -> None:
+                      q_scale: Tensor | None, k_scale: Tensor | None, v_out: Tensor | None) -> None:
     """One stream's share of attention's joined inputs: `qk_norm_rope` of q, k (B, H, S, D) written at tokens
     [offset, offset + S) of q_out, k_out (B, H, S_out, D), and v's rows copied there in v_out (B, H, S_out, D).
 
     e4m3 q_out and k_out: quantized for the fp8 attention kernel as they are stored, q with fp32 scales per token into
     q_scale (B, H, S_out), k with one scale into k_scale (1,): sqrt(D) x the largest |weight| of k_weight and
     k_bound_weight (another stream's, where two streams' keys are joined: both calls then store the same scale), over
-    448. `v_maxima`: v_out, fp32 (B, H, value_tiles(S, D), D) (a view of the join's, with unit channel and tile strides),
-    takes v's per-channel abs max over each tile of tokens (no atomics: the tiles' maxima are reduced afterwards,
-    `zflux.kernels.quantize.quantize_values`), from which v's scales are made, the join's values sharing one scale per
-    channel."""
+    448."""
     _check_qk(q, k, q_weight, k_weight)
     B, H, S, D = q.shape
     if k_bound_weight.shape != k_weight.shape:
@@ -253,13 +233,10 @@ def qk_norm_rope_into(q: Tensor, k: Tensor, v: Tensor | None, q_weight: Tensor, 
             or offset < 0 or offset + S > S_out:
         raise ValueError(f"q_out and k_out must be contiguous ({B}, {H}, S_out, {D}) holding tokens [{offset}, {offset + S}), "
                          f"got {tuple(q_out.shape)}, {tuple(k_out.shape)}")
-    maxima = (B, H, value_tiles(S, D), D)
-    if v is not None and (v.shape != q.shape or v_out is None or v_out.shape != (maxima if v_maxima else q_out.shape)
-                          or v_out.dtype != (torch.float32 if v_maxima else v.dtype)
-                          or not (v_out.stride()[2:] == (D, 1) if v_maxima else v_out.is_contiguous())):
-        raise ValueError(f"v must be shaped like q with v_out fp32 {maxima} (its maxima, unit tile and channel strides) or a "
-                         f"contiguous join of v's dtype shaped like q_out, got {tuple(v.shape)}, "
-                         f"{None if v_out is None else tuple(v_out.shape)}")
+    if v is not None and (v.shape != q.shape or v_out is None or v_out.shape != q_out.shape or v_out.dtype != v.dtype
+                          or not v_out.is_contiguous()):
+        raise ValueError(f"v must be shaped like q, with v_out a contiguous join of its dtype shaped like q_out, got "
+                         f"{tuple(v.shape)}, {None if v_out is None else tuple(v_out.shape)}")
     fp8 = q_out.dtype == E4M3
     outs = (q_out, k_out, q_scale, k_scale) if fp8 else (q_out, k_out, q_out, k_out)
-    _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, offset, k_bound_weight.contiguous(), v, v_out, v_maxima)
+    _launch(q, k, q_weight, k_weight, eps, cos, sin, outs, offset, k_bound_weight.contiguous(), v, v_out)
