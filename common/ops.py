@@ -375,7 +375,7 @@ def join_activation(before: Tensor, gate: Tensor, up: Tensor | None = None, fp8:
         return activation_fp8(gate, up, before)
     D = before.shape[-1]
     joined = before.new_empty(*before.shape[:-1], D + gate.shape[-1])  # (..., D + F)
-    joined[..., :D] = before
+    rows_of(before[:, None], out=joined[..., :D])  # (B, S, D) as one head of width D
     if up is None:
         gelu_tanh(gate, out=joined[..., D:])
     else:
@@ -418,7 +418,25 @@ def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Value
                                                key_lens)  # (B, S, H, D), (B, S, 1)
         return Fp8Tensor(rearrange(data, "b s h d -> b s (h d)"), scale)
     out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
-    return rearrange(out, "b h s d -> b s (h d)")
+    return rows_of(out)
+
+
+def rows_of(heads: Tensor, out: Tensor | None = None) -> Tensor:
+    """(B, H, S, D) heads as (B, S, H*D) rows: a free view where they are laid out (B, S, H, D) (the flash kernels'
+    outputs) and no `out` (a view of rows, unit channel stride) is given, else one copy into `out` or a new tensor, by
+    the layout kernel where the kernels run (PyTorch copies this transpose in its non-vectorized loop: kernels/layout.py)."""
+    B, H, S, D = heads.shape
+    if out is None:
+        if heads.transpose(1, 2).is_contiguous():
+            return rearrange(heads, "b h s d -> b s (h d)")
+        out = heads.new_empty(B, S, H * D)
+    if use_kernels(heads):
+        from zflux.kernels.layout import heads_to_rows_
+
+        heads_to_rows_(heads if heads.stride(-1) == 1 else heads.contiguous(), out)
+    else:
+        out.copy_(rearrange(heads, "b h s d -> b s (h d)"))
+    return out
 
 
 def fp8_values(v: Tensor | Fp8Values) -> Fp8Values:
