@@ -112,11 +112,13 @@ def quantize_model(model: nn.Module, granularity: str = "per-row") -> nn.Module:
 
 
 def apply_precision(model: nn.Module, precision: str | None) -> nn.Module:
-    """The loaded `model` as `precision` asks: for "fp8", its blocks' linears in fp8 (per-row scales) and its attention
-    through the fp8 flash kernel where that runs (ops.use_fp8_attention; $ZFLUX_FP8_ATTENTION=0 keeps it in bf16)."""
+    """The loaded `model` as `precision` asks: for "fp8", its blocks' linears in fp8 (per-row scales), and its attention
+    through the fp8 flash kernel where that runs (ops.use_fp8_attention; $ZFLUX_FP8_ATTENTION=0 keeps it in bf16) for
+    the families whose whole runs it leaves within the fp8 GEMMs' error (the model class's FP8_ATTENTION; set
+    `model.fp8_attention` to choose otherwise)."""
     if check_precision(precision) != "fp8":
         return model
-    model.fp8_attention = True
+    model.fp8_attention = type(model).FP8_ATTENTION
     return quantize_model(model)
 
 

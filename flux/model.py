@@ -256,11 +256,16 @@ class LastLayer(nn.Module):
 class Flux(nn.Module):
     """The FLUX.1 transformer: packed latents + text -> velocity, both (B, S, channels)."""
 
+    # fp8 attention is not FLUX.1's default under precision fp8: over a whole 28-step FLUX.1-dev run (random full-size
+    # weights, H100) it took the final latents' error from bf16 from 0.050 (fp8 GEMMs) to 0.067, past the per-tensor
+    # scheme's 0.050 (bench/RESULTS.md, 2026-11-24); Z-Image's moved 0.046 -> 0.047, FLUX.2 klein's not at all.
+    FP8_ATTENTION = False
+
     def __init__(self, cfg: FluxConfig, backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.backend = backend  # None: $ZFLUX_BACKEND or auto (zflux.common.ops)
-        self.fp8_attention = False  # common.fp8.apply_precision sets it for precision fp8
+        self.fp8_attention = False  # common.fp8.apply_precision sets it (to FP8_ATTENTION) for precision fp8
         dim, heads = cfg.hidden_size, cfg.num_attention_heads
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)

@@ -156,6 +156,7 @@ def test_pipeline_precision_fp8(tmp_path, family):
         assert any(isinstance(m, FP8Linear) for m in pipe.transformer.modules()) == (precision == "fp8")
         runs[precision] = pipe.generate("a red fox", seed=0, output_type="latent", progress=False, **where)
     assert 0 < rel_err(runs["fp8"], runs[None]) < 0.1
+    assert pipe.transformer.fp8_attention == (family != "flux.1")  # FLUX.1 leaves it off (flux/model.py, Flux.FP8_ATTENTION)
 
 
 @pytest.mark.parametrize("pipeline", [ZImagePipeline, FluxPipeline])
