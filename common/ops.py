@@ -105,7 +105,8 @@ def use_fp8_attention(q: Tensor, k: Tensor) -> bool:
     takes, with as many keys as queries.
 
     On the H100 the kernel runs at 671-795 TFLOP/s against cuDNN bf16's 607-633 at these models' shapes, given q and k
-    quantized by the QK-norm + RoPE kernel (attention_inputs below), and its whole-model error is the fp8 GEMMs' (bench/RESULTS.md)."""
+    quantized by the QK-norm + RoPE kernel (attention_inputs below). Which models turn it on under precision fp8: their
+    class's FP8_ATTENTION (common/fp8.py apply_precision; FLUX.1's whole runs moved too far from bf16 with it)."""
     if not _fp8_attention or os.environ.get("ZFLUX_FP8_ATTENTION") == "0" or parallel.attending() is not None:
         return False
     if not use_kernels(q) or k.shape != q.shape:

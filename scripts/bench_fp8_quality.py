@@ -3,7 +3,7 @@
     python scripts/bench_fp8_quality.py                          # both parts, on the GPU
     python scripts/bench_fp8_quality.py --only small --device cpu    # the trained small models, on the CPU
 
-`random`: Z-Image-Turbo (8 steps) and FLUX.1-dev (28 steps, guidance 3.5) at 1024x1024, random weights at the
+`random`: Z-Image-Turbo (8 steps), FLUX.1-dev (28 steps, guidance 3.5) and FLUX.2 klein 4B (4 steps) at 1024x1024, random weights at the
 real sizes (GPU), random caption features, the same start noise: relative L2 error of the final latents of each
 fp8 scheme against the bf16 run, the mean (and spread) over --seeds draws of weights, noise and captions (one
 draw's difference between the schemes is within what another draw moves either). `small`: zflux's trained small models (zimg/embedded, flux/embedded; 128x128
@@ -32,6 +32,8 @@ from zflux.common.pipeline import denoise
 from zflux.common.shapes import caption, random_scene
 from zflux.common.weights import build_on_meta, load_into
 from zflux.flux import pipeline as flux
+from zflux.flux.flux2 import pipeline as flux2
+from zflux.flux.flux2.model import Flux2
 from zflux.zimg import pipeline as zimage
 
 SCHEMES = {  # name: (scale granularity, fp8 attention)
@@ -97,12 +99,30 @@ def flux_run(device: str, seed: int) -> tuple[Callable[[], torch.nn.Module], Cal
     return lambda: flux.Flux(variant.model), run
 
 
+def flux2_run(device: str, seed: int) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
+    """FLUX.2 klein 4B's transformer factory, and a whole 4-step run from noise and text drawn with `seed`."""
+    variant = flux2.VARIANTS["flux2-klein-4b"]
+    g = torch.Generator(device).manual_seed(seed)
+    tokens = torch.randn(1, 4096, 128, generator=g, device=device)  # a 64 x 64 grid of packed tokens
+    text = torch.randn(1, 512, variant.model.joint_attention_dim, generator=g, device=device)
+    sigmas = flux2.flux2_sigmas(variant.scheduler, variant.defaults.steps, 4096)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        predict = flux2.predictor(model, text=text.to(model.dtype), size=(64, 64), sigmas=sigmas, guidance=1.0, refs=None,
+                                  kv=False, device=torch.device(device))
+        with torch.no_grad():
+            return denoise(predict, tokens, sigmas, 0, progress=False)
+
+    return lambda: Flux2(variant.model), run
+
+
 def bench_random(device: str, seeds: int) -> None:
     print(f"\n### fp8 vs bf16, whole runs at 1024x1024, random weights: relative L2 error of the final latents, mean "
           f"(min-max) over {seeds} seeds\n")
     print("| model | " + " | ".join(SCHEMES) + " |")
     print("|---" * (len(SCHEMES) + 1) + "|")
-    for name, make in [("Z-Image-Turbo, 8 steps", zimage_run), ("FLUX.1-dev, 28 steps", flux_run)]:
+    for name, make in [("Z-Image-Turbo, 8 steps", zimage_run), ("FLUX.1-dev, 28 steps", flux_run),
+                       ("FLUX.2 klein 4B, 4 steps", flux2_run)]:
         errors = np.zeros((seeds, len(SCHEMES)))  # (seed, scheme)
         for seed in range(seeds):
             torch.manual_seed(seed)  # the random weights
