@@ -7,8 +7,9 @@ per token, made by the Triton kernel that precedes it (`ops.layer_norm_modulate`
 with fp8=True, and the gated residuals fused with the MLP's norm, `ops.gated_residual_layer_norm_modulate` /
 `ops.gated_rms_residual_norm_scale`: the per-token amax is one more row reduction in a kernel that already reduces
 each row for its norm; the MLP activations, `ops.silu_mul` / `ops.gelu_tanh` with fp8=True, and the FLUX single
-blocks' [attention output | activation], `ops.join_activation`), or a bf16 tensor it quantizes itself
-(`ops.quantize_fp8`, one small fused kernel: the attention outputs). It then runs `torch._scaled_mm` with the
+blocks' [attention output | activation], `ops.join_activation`; the fp8 attention kernel's output for the output
+projections, `ops.attention` with fp8=True), or a bf16 tensor it quantizes itself (`ops.quantize_fp8`, one small fused
+kernel: the attention outputs where attention runs in bf16). It then runs `torch._scaled_mm` with the
 row scales of both operands, bf16 output and the bias fused, on GPUs with fp8 tensor cores (compute
 capability 8.9 and up); elsewhere (the CPU, older GPUs, the `reference` backend) the same numbers go
 through `quant.reference_linear`: dequantize, matmul in fp32.

@@ -267,9 +267,9 @@ def attention_inputs(streams: list[Heads], eps: float, cos: Tensor, sin: Tensor,
     Where the kernels run, one kernel per stream norms and rotates q and k into the joined tensors and copies v's rows
     into its join (no concatenation). Where attention will run the fp8 kernel (use_fp8_attention) that kernel quantizes
     q and k as it stores them: q with a scale per token (B, H, S, 1), k with one scale (), bounded by both streams' k
-    norm weights; and takes v's per-channel maxima, over every stream's tokens, from which one quantizing pass per
-    stream writes the joined v as Fp8Values (no reduction of its own, no concatenation); `plain_v` keeps v plain
-    (FLUX.2 KV caches it: attention then quantizes it itself)."""
+    norm weights; v is quantized per channel of each head (its maxima over every stream's tokens), each stream by one
+    pass into its place in the joined v, as Fp8Values (no concatenation); `plain_v` keeps v plain (FLUX.2 KV caches it:
+    attention then quantizes it itself)."""
     if len(streams) > 2:
         raise ValueError(f"attention_inputs joins one or two streams, got {len(streams)}")
     q0 = streams[0].q
