@@ -357,7 +357,7 @@ def stays_on_device(offload: Offload, component: str) -> bool:
     One streamed (copies and host waits sit inside its forward) or visiting the device stage by stage
     is not: its weights land wherever free memory is each time, so its graphs would be stale on every
     run and captured anew, their memory pool reserved meanwhile, in a mode chosen for want of memory."""
-    return all(places[component] == DEVICE for places in offload.plan.values())
+    return all(on_device_for(offload, component, stage) for stage in offload.plan)
 
 
 def on_device_for(offload: Offload, component: str, stage: str) -> bool:

@@ -414,9 +414,7 @@ def attention(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Value
     if fp8 and isinstance(q, Fp8Tensor) and shards is None:
         from zflux.kernels.attention import flash_attention_fp8_rows
 
-        v = fp8_values(v)
-        data, scale = flash_attention_fp8_rows(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), v.data, v.scale,
-                                               key_lens)  # (B, S, H, D), (B, S, 1)
+        data, scale = flash_attention_fp8_rows(*fp8_operands(q, k, v), key_lens)  # (B, S, H, D), (B, S, 1)
         return Fp8Tensor(rearrange(data, "b s h d -> b s (h d)"), scale)
     out = attend(q, k, v, key_lens) if shards is None else shards.attention(q, k, v, key_lens, attend=attend)  # (B, H, S, D)
     return rows_of(out)
@@ -440,13 +438,15 @@ def rows_of(heads: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def fp8_values(v: Tensor | Fp8Values) -> Fp8Values:
-    """v as the fp8 kernel takes it: as attention_inputs quantized it, or, kept plain (its plain_v), quantized here."""
-    if isinstance(v, Fp8Values):
-        return v
-    from zflux.kernels.quantize import quantize_heads
+def fp8_operands(q: Fp8Tensor, k: Fp8Tensor, v: Tensor | Fp8Values) -> tuple[Tensor, ...]:
+    """q, k, v as the fp8 kernel takes them: q and its scales per token (B, H, S), k and its one scale (1,), v transposed
+    and its scales per channel (B, H, D); v as attention_inputs quantized it, or, kept plain (its plain_v), quantized
+    here."""
+    if not isinstance(v, Fp8Values):
+        from zflux.kernels.quantize import quantize_heads
 
-    return Fp8Values(*quantize_heads(v, per="channel", transpose=True), v.dtype)
+        v = Fp8Values(*quantize_heads(v, per="channel", transpose=True), v.dtype)
+    return q.data, q.scale[..., 0], k.data, k.scale.reshape(1), v.data, v.scale
 
 
 def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Values, key_lens: Tensor | None) -> Tensor:
@@ -455,8 +455,7 @@ def attend(q: Tensor | Fp8Tensor, k: Tensor | Fp8Tensor, v: Tensor | Fp8Values, 
     if isinstance(q, Fp8Tensor):
         from zflux.kernels.attention import flash_attention_fp8_bshd
 
-        v = fp8_values(v)
-        out = flash_attention_fp8_bshd(q.data, q.scale[..., 0], k.data, k.scale.reshape(1), v.data, v.scale, key_lens, v.dtype)
+        out = flash_attention_fp8_bshd(*fp8_operands(q, k, v), key_lens, v.dtype)
         return rearrange(out, "b s h d -> b h s d")
     if use_fp8_attention(q, k):
         from zflux.kernels.attention import flash_attention_fp8
