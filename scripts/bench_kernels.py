@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py                 # everything
     python scripts/bench_kernels.py --only attention   # both attention tables
     python scripts/bench_kernels.py --only wide        # the wide-head attention row alone
+    python scripts/bench_kernels.py --only gemm        # fp8 GEMMs: exact against fast accumulation
 
 bf16, batch 1 unless noted, at the shapes the two models use at 1024x1024 (FLUX.1: 4608 tokens of
 3072 channels, 24 heads of 128; Z-Image: 4224 tokens of 3840, 30 heads of 128) and at 4x the tokens.
@@ -14,7 +15,11 @@ to the bandwidth of cloning one (S, C) activation in the same run. Attention is 
 triton.testing.do_bench (L2 flushed, median); TFLOP/s counts 4 * B * H * S * S_kv * D (the fp8
 kernel's time includes quantizing q, k, v, which it does itself); the wide-head table times the
 autoencoders' mid-block attention (one head of 512 channels over 128 x 128 latent pixels). `vs best`
-is the best PyTorch path's time over ours: above 1 means the kernel is faster. Prints markdown.
+is the best PyTorch path's time over ours: above 1 means the kernel is faster. The fp8 GEMM table times the fp8
+linears at each model's shapes (per-row scales, bf16 out, `torch._scaled_mm`) with cuBLAS's exact accumulation and
+with the tensor cores' own (fast: what FP8Linear runs, common/fp8.py), replayed from a CUDA graph over two input sets
+(their weights do not fit in L2), and each one's relative error against the exact product of the same e4m3 values
+(fp32 out). Prints markdown.
 """
 
 import argparse
@@ -29,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zflux.common import norms, rope
 from zflux.kernels import attention as attn_kernels
+from zflux.common.quant import Fp8Tensor, dequantize, quantize
 from zflux.kernels import modulate, rmsnorm, wide_attention
 from zflux.kernels.quantize import quantize_heads
 
@@ -219,9 +225,41 @@ def bench_wide_attention() -> None:
         print(f"  {config}: {t}")
 
 
+GEMM_SHAPES = [  # (name, M, K, N): Z-Image's linears at 4224 tokens, FLUX.1's double blocks' image (4096) and text
+    # (512) streams and its single blocks (4608)
+    ("Z-Image qkv", 4224, 3840, 11520), ("Z-Image out", 4224, 3840, 3840), ("Z-Image w1 / w3", 4224, 3840, 10240),
+    ("Z-Image w2", 4224, 10240, 3840), ("FLUX.1 img qkv", 4096, 3072, 9216), ("FLUX.1 img proj", 4096, 3072, 3072),
+    ("FLUX.1 img mlp.0", 4096, 3072, 12288), ("FLUX.1 img mlp.2", 4096, 12288, 3072), ("FLUX.1 txt qkv", 512, 3072, 9216),
+    ("FLUX.1 txt mlp.2", 512, 12288, 3072), ("FLUX.1 linear1", 4608, 3072, 21504), ("FLUX.1 linear2", 4608, 15360, 3072)]
+
+
+def bench_gemm() -> None:
+    print("\n### fp8 GEMMs (e4m3, per-row scales, bf16 out): exact and fast accumulation, us (TFLOP/s) and error\n")
+    print("| shape | M x K x N | exact | fast | speed-up | error, exact | error, fast |")
+    print("|---" * 7 + "|")
+    for label, M, K, N in GEMM_SHAPES:
+        sets = []
+        for _ in range(2):
+            x, w = quantize(torch.randn(M, K, device=DEVICE)), quantize(torch.randn(N, K, device=DEVICE) * K**-0.5)
+            sets.append((x.data, x.scale, w.data, w.scale))
+        cells, errors = [], []
+        exact = dequantize(Fp8Tensor(*sets[0][:2])) @ dequantize(Fp8Tensor(*sets[0][2:])).T  # (M, N) fp32
+        for fast in (False, True):
+            def gemm(a, sa, b, sb, out_dtype=DTYPE):
+                return torch._scaled_mm(a, b.T, scale_a=sa, scale_b=sb.T, out_dtype=out_dtype, use_fast_accum=fast)
+
+            us = graph_time_ms(gemm, sets, loops=5, replays=10) * 1e3
+            cells.append(us)
+            errors.append(((gemm(*sets[0], out_dtype=torch.float32) - exact).norm() / exact.norm()).item())
+        times = " | ".join(f"{t:.1f} ({2 * M * K * N / t / 1e6:.0f})" for t in cells)
+        print(f"| {label} | {M} x {K} x {N} | {times} | {cells[0] / cells[1]:.2f}x | {errors[0]:.1e} | {errors[1]:.1e} |")
+        del sets, exact
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["memory", "attention", "wide"])
+    parser.add_argument("--only", choices=["memory", "attention", "wide", "gemm"])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -231,6 +269,8 @@ def main() -> None:
         bench_attention()
     if args.only in (None, "attention", "wide"):
         bench_wide_attention()
+    if args.only in (None, "gemm"):
+        bench_gemm()
 
 
 if __name__ == "__main__":
