@@ -16,7 +16,8 @@ through `quant.reference_linear`: dequantize, matmul in fp32.
 
 The GEMMs accumulate fast (`use_fast_accum`): the fp8 tensor cores' own accumulator, which keeps fewer bits of the
 running sum than fp32 (about 22), instead of cuBLAS's periodic promotion to fp32 registers. On the H100 that is
-5-15% faster at the models' shapes (Z-Image fp8 NFE 66.0 -> 63.7 ms, FLUX.1-dev 98.5 -> 87.4) for 1e-3 to 3e-3
+7-19% faster per GEMM at most of the models' shapes, and whole NFEs 7-12% (Z-Image 67.1-67.6 -> 62.2-63.3 ms, FLUX.1-dev
+99.2-99.4 -> 87.5-90.8, the two alternating in one run), for 1e-3 to 3e-3
 relative error per GEMM against the exact product of the same e4m3 values (exact accumulation: 1.3e-4), far under
 e4m3's rounding of the operands themselves (2-4e-2): whole runs land as far from bf16 either way (bench/RESULTS.md).
 $ZFLUX_FP8_EXACT_ACCUMULATION=1 takes cuBLAS's exact accumulation instead.
