@@ -162,13 +162,13 @@ def predictor(transformer: Flux, *, features: Tensor, pooled: Tensor, size: tupl
     text_ids = txt_ids(n, L, device)  # (n, L, 3)
     guidance_vec = embedded_guidance(guidance, n, device) if transformer.cfg.guidance_embeds else None  # (n,)
     forward = forward_of(transformer, cuda_graphs)
-    ahead: list[Tensor] = []  # (steps + 1, n, W) once taken
+    ahead: list[Tensor] = []  # (steps, n, W) once taken
 
     def predict(tokens: Tensor, i: int) -> Tensor:
         t = times[i].expand(n)  # (n,)
         if modulations_ahead and not ahead:
-            steps = len(times)
-            every = transformer.modulations(times.repeat_interleave(n), pooled.repeat(steps, 1),
+            steps = len(times) - 1  # the last time (sigma 0) ends the run: no step is taken at it
+            every = transformer.modulations(times[:steps].repeat_interleave(n), pooled.repeat(steps, 1),
                                             None if guidance_vec is None else guidance_vec.repeat(steps))  # (steps * n, W)
             ahead.append(every.view(steps, n, -1))
         x = with_conditioning(tokens.expand(n, -1, -1), conditioning)  # (n, S (+ S_ref), in_channels)

@@ -179,14 +179,14 @@ def test_cfg_rows_share_one_call(snapshots):
 
 def test_flux_takes_modulations_ahead_where_resident(snapshots):
     """A resident FLUX.1 transformer's blocks take their modulations once for every step of a run (Flux.modulations,
-    4 rows for 3 steps and the final sigma); with its blocks streamed, each step takes its own in the blocks."""
+    3 rows for 3 steps: none for the final sigma); with its blocks streamed, each step takes its own in the blocks."""
     rows = []
     for offload, steps in (("none", 3), ("blocks", 3)):
         flux = FluxPipeline.from_pretrained(snapshots["flux-dev"], offload=offload, **FP32)
         rows.append([])
         flux.transformer.double_blocks[0].img_mod.register_forward_pre_hook(lambda module, args: rows[-1].append(args[0].shape[0]))
         flux.generate(PROMPT, height=H, width=W, steps=steps, output_type="latent", progress=False)
-    assert rows == [[4], [1, 1, 1]]
+    assert rows == [[3], [1, 1, 1]]
 
 
 def test_denoise_is_the_euler_loop_with_a_blend_seam():
