@@ -13,7 +13,11 @@ to warm up (timed: it holds the compiling and the graph capture), --iters more a
 a device sync around each; denoise is the rest: the loop and its small steps); the peak memory is
 that of the timed calls, weights included. Each implementation is released before the next loads,
 and the snapshot is deleted before the next pipeline's is built: one family on disk at a time
-(FLUX.1-dev's snapshot is 34 GB).
+(FLUX.1-dev's snapshot is 34 GB). FLUX.2 [dev]'s (112 GB) fits no disk of the GPU machines: its diffusers pipeline
+is assembled in memory instead, and each zflux implementation is made from its tensors (shared, not copied; see
+bench_in_memory): the same weights for both, as with a snapshot. Both models resident take an H200:
+
+    python scripts/bench_pipeline.py --pipelines flux2-dev --impls diffusers zflux zflux-fp8 --iters 1
 
 Implementations: `diffusers`; `zflux` (CUDA graphs on, the default); `zflux-nographs`; `zflux-fp8`
 (precision fp8: the blocks' linears quantized at load, common/fp8.py; CUDA graphs on). Modes:
@@ -39,7 +43,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -150,6 +156,83 @@ def flux2_klein_build(root: Path, device: str) -> None:
                        is_distilled=True).save_pretrained(root)
 
 
+def flux2_dev_assemble(device: str, tiny: bool):
+    """FLUX.2 [dev]'s diffusers pipeline assembled in memory on `device`, its snapshot (112 GB in bf16) being more than
+    the GPU machines' disk holds: random components at the real sizes (the 32 B transformer; Mistral Small 3's 24 B
+    language model, built on the device in bf16, with a one-layer stand-in for the vision tower FLUX.2 does not read;
+    the autoencoder), or the tests' tiny ones. On one GPU it needs an H200 (both models resident: 112 GB)."""
+    if tiny:
+        pipe = tests_module("tiny_flux2").flux2_pipeline("flux2-dev").to(device)
+    else:
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+        from zflux.flux.flux2.model import PRESETS
+
+        tokenizer = tests_module("test_flux2_text").mistral_tokenizer()
+        text = MistralConfig(vocab_size=len(tokenizer), hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                             pad_token_id=tokenizer.pad_token_id)
+        vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
+        config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["flux2-dev"].__dict__.items()}
+        pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**tests_module("tiny_flux2").SCHEDULER),
+                             vae=built_on(device, AutoencoderKLFlux2), tokenizer=tokenizer,
+                             text_encoder=built_in_dtype(device, lambda: Mistral3ForConditionalGeneration(config)),
+                             transformer=random_transformer(lambda: Flux2Transformer2DModel(**kwargs), device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def built_in_dtype(device: str, factory: Callable[[], nn.Module]) -> nn.Module:
+    """A module constructed on `device` straight in bf16 (and initialised by its own code): 24 B parameters in fp32 first
+    would take twice the memory."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    try:
+        with torch.device(device):
+            return factory().eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def flux2_from_diffusers(source, folder: Path, device: torch.device, dtype: torch.dtype, impl: str):
+    """zflux's FLUX.2 [dev] pipeline from diffusers' in-memory one: the transformer converted with its tensors shared
+    (the fused double-block qkv excepted), the same Mistral 3 module and tokenizer, the autoencoder and the scheduler
+    through `folder` (small). zflux-fp8 takes the transformer's weights out of diffusers' pipeline first: each bf16
+    weight is then freed as it is quantized, where an e4m3 copy beside them would not fit."""
+    from zflux.common.fp8 import apply_precision
+    from zflux.common.pipeline import read_scheduler
+    from zflux.common.vae import load_autoencoder
+    from zflux.common.weights import build_on_meta, load_into
+    from zflux.flux.flux2.convert import from_diffusers
+    from zflux.flux.flux2.model import Flux2, Flux2Config
+    from zflux.flux.flux2.pipeline import Flux2Pipeline
+    from zflux.flux.flux2.text import Flux2PromptEncoder
+
+    cfg = Flux2Config.from_diffusers(dict(source.transformer.config))
+    state_dict = from_diffusers(source.transformer.state_dict())
+    precision = "fp8" if impl == "zflux-fp8" else None
+    if precision:
+        source.transformer.to("meta")  # diffusers' references to the weights go: ours hold them
+    transformer = apply_precision(load_into(build_on_meta(lambda: Flux2(cfg)), state_dict), precision)
+    source.vae.save_pretrained(folder / "vae")
+    source.scheduler.save_pretrained(folder / "scheduler")
+    return Flux2Pipeline(transformer, load_autoencoder(folder / "vae", device, dtype),
+                         Flux2PromptEncoder(source.text_encoder.model, source.tokenizer), "flux2-dev",
+                         scheduler=read_scheduler(folder / "scheduler"), device=device)
+
+
+class InMemory(NamedTuple):
+    """A pipeline timed without a snapshot on disk: diffusers' assembled in memory, zflux's made from its tensors."""
+
+    assemble: Callable[[str, bool], object]  # (device, tiny) -> diffusers' pipeline
+    ours: Callable[[object, Path, torch.device, torch.dtype, str], object]  # (diffusers', folder, device, dtype, impl)
+
+
+IN_MEMORY = {"flux2-dev": InMemory(flux2_dev_assemble, flux2_from_diffusers)}
+
+
 def tiny_build(module: str, builder: str, name: str) -> Callable[[Path], None]:
     return lambda root: getattr(tests_module(module), builder)(root, name)
 
@@ -235,6 +318,11 @@ def load(impl: str, spec: Spec, name: str, root: Path, device: torch.device, dty
     module = __import__(f"zflux.{spec.family}.pipeline", fromlist=[spec.ours])
     pipe = getattr(module, spec.ours).from_pretrained(root, device=device, dtype=dtype, variant=name,
                                                       precision="fp8" if impl == "zflux-fp8" else None)
+    return configured(pipe, impl, compiled)
+
+
+def configured(pipe, impl: str, compiled: bool):
+    """zflux's pipeline as `impl` runs it: CUDA graphs on unless zflux-nographs; its repeated blocks compiled if asked."""
     pipe.cuda_graphs = impl != "zflux-nographs"
     if compiled:
         compile_blocks(pipe.transformer)
@@ -271,12 +359,11 @@ def timed_parts(impl: str, pipe, run: Callable, clock: Clock) -> dict[str, float
     return dict(encode=encode, denoise=total - encode - decode, decode=decode)
 
 
-def measure(impl: str, spec: Spec, name: str, root: Path, mode: str, args: argparse.Namespace) -> dict:
-    """Load, warm up, time one implementation of one pipeline in one mode; release it."""
+def measure(impl: str, name: str, mode: str, args: argparse.Namespace, load_pipe: Callable[[], object]) -> dict:
+    """Load (load_pipe()), warm up, time one implementation of one pipeline in one mode; release it."""
     device, clock = torch.device(args.device), Clock(torch.device(args.device))
-    dtype = torch.float32 if args.tiny else DTYPE
     start = clock.now()
-    pipe = load(impl, spec, name, root, device, dtype, compiled=mode == "compiled")
+    pipe = load_pipe()
     loaded = clock.now() - start
     run = generator(impl, pipe, name, args.size)
     start = clock.now()
@@ -348,7 +435,10 @@ def check_disk(spec: Spec, work: Path, tiny: bool) -> None:
 
 def bench(name: str, args: argparse.Namespace) -> list[dict]:
     """Build the pipeline's snapshot, time every implementation in every mode on it, delete it."""
+    if name in IN_MEMORY:
+        return bench_in_memory(name, args)
     spec = SPECS[name]
+    device, dtype = torch.device(args.device), torch.float32 if args.tiny else DTYPE
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))
     check_disk(spec, root, args.tiny)
     try:
@@ -363,16 +453,42 @@ def bench(name: str, args: argparse.Namespace) -> list[dict]:
         rows = []
         for mode in args.modes:
             for impl in args.impls:
-                rows.append(measure(impl, spec, name, root, mode, args))
+                rows.append(measure(impl, name, mode, args, partial(load, impl, spec, name, root, device, dtype, mode == "compiled")))
                 print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def bench_in_memory(name: str, args: argparse.Namespace) -> list[dict]:
+    """Assemble diffusers' pipeline in memory (IN_MEMORY), time it (its load time: the assembling), then each zflux
+    implementation made from its tensors (its load time: the conversion), zflux-fp8 last since it takes the
+    transformer's weights over. Eager only: the one assembly serves every implementation."""
+    if args.modes != ["eager"]:
+        raise SystemExit(f"{name} is assembled in memory once for every implementation: --modes eager only")
+    spec, device = IN_MEMORY[name], torch.device(args.device)
+    dtype = torch.float32 if args.tiny else DTYPE
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))  # the autoencoder and scheduler, for zflux to read
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            source = spec.assemble(args.device, args.tiny)
+        assembled = time.perf_counter() - start
+        print(f"{name}: assembled in memory in {assembled:.0f} s", file=sys.stderr, flush=True)
+        rows = []
+        for impl in sorted(args.impls, key=lambda impl: impl == "zflux-fp8"):
+            load_pipe = (lambda: source) if impl == "diffusers" else (
+                lambda impl=impl: configured(spec.ours(source, folder / impl, device, dtype, impl), impl, compiled=False))
+            rows.append(measure(impl, name, "eager", args, load_pipe) | ({"load_s": assembled} if impl == "diffusers" else {}))
+            print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        return rows
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pipelines", nargs="+", choices=tuple(SPECS), default=["z-image-turbo"])
+    parser.add_argument("--pipelines", nargs="+", choices=(*SPECS, *IN_MEMORY), default=["z-image-turbo"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--iters", type=int, default=2, help="timed runs after the warm-up one (the median is reported)")

@@ -19,3 +19,31 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| z-image-turbo | eager | zflux |" in table and "1.00x" in table  # diffusers against itself
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the snapshot is deleted
+
+
+def test_tiny_flux2_dev_in_memory(tmp_path, capsys):
+    """FLUX.2 [dev], whose full-size snapshot no disk here holds: diffusers' pipeline assembled in memory, zflux's made
+    from its tensors; zflux-fp8 last (it takes the transformer's weights over) whatever order is asked."""
+    bench_pipeline.main(["--tiny", "--device", "cpu", "--pipelines", "flux2-dev", "--iters", "1", "--size", "32",
+                         "--impls", "zflux-fp8", "diffusers", "zflux", "--work", str(tmp_path), "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "flux2-dev.json").read_text())
+    assert [r["impl"] for r in result["rows"]] == ["diffusers", "zflux", "zflux-fp8"]
+    for row in result["rows"]:
+        assert row["e2e_s"] > 0 and row["encode_s"] > 0 and row["decode_s"] > 0 and row["load_s"] > 0
+    assert "| flux2-dev | eager | zflux-fp8 |" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the autoencoder and scheduler folder is deleted
+
+
+def test_zflux_made_in_memory_is_diffusers_pipeline(tmp_path):
+    """The in-memory route times one pipeline twice: zflux's [dev] made from diffusers' tiny one (fp32) gives its latents."""
+    import torch
+
+    from test_flux2_pipeline import PROMPT, TOL, reference
+    from util import rel_err
+
+    source = bench_pipeline.flux2_dev_assemble("cpu", tiny=True)
+    size = dict(height=64, width=48)
+    expected = reference(source, size, dict(num_inference_steps=2, guidance_scale=4.0, **size), seed=3)
+    ours = bench_pipeline.flux2_from_diffusers(source, tmp_path, torch.device("cpu"), torch.float32, "zflux")
+    got = ours.generate(PROMPT, seed=3, steps=2, guidance=4.0, output_type="latent", progress=False, **size)
+    assert rel_err(got, expected) <= TOL

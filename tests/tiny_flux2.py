@@ -41,14 +41,18 @@ def tiny_vae(seed: int) -> AutoencoderKLFlux2:
     return vae
 
 
-def flux2_snapshot(root: Path, name: str = "flux2-klein", seed: int = 0) -> Path:
-    """Save the tiny random snapshot `name` (a key of PIPELINES) to `root`."""
+def flux2_pipeline(name: str = "flux2-klein", seed: int = 0):
+    """diffusers' tiny random pipeline `name` (a key of PIPELINES), in memory."""
     cls, extra, guidance = PIPELINES[name]
     torch.manual_seed(seed)
     tokenizer = mistral_tokenizer() if cls is Flux2Pipeline else qwen_tokenizer()
     text_encoder = (tiny_mistral3 if cls is Flux2Pipeline else tiny_qwen3)(tokenizer, TEXT_HIDDEN)
     transformer = randomize_(Flux2Transformer2DModel(**TRANSFORMER, guidance_embeds=guidance), seed + 2).eval()
-    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=tiny_vae(seed + 1), text_encoder=text_encoder,
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=tiny_vae(seed + 1), text_encoder=text_encoder,
                tokenizer=tokenizer, transformer=transformer, **extra)
-    pipe.save_pretrained(root)
+
+
+def flux2_snapshot(root: Path, name: str = "flux2-klein", seed: int = 0) -> Path:
+    """Save the tiny random snapshot `name` (a key of PIPELINES) to `root`."""
+    flux2_pipeline(name, seed).save_pretrained(root)
     return root
