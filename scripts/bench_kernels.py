@@ -33,8 +33,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zflux.common import norms, rope
-from zflux.kernels import attention as attn_kernels
 from zflux.common.quant import Fp8Tensor, dequantize, quantize
+from zflux.kernels import attention as attn_kernels
 from zflux.kernels import modulate, rmsnorm, wide_attention
 from zflux.kernels.quantize import quantize_heads
 
