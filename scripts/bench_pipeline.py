@@ -156,6 +156,11 @@ def flux2_klein_build(root: Path, device: str) -> None:
                        is_distilled=True).save_pretrained(root)
 
 
+# Mistral Small 3's language model (FLUX.2 [dev]'s text encoder), as its config.json gives it.
+MISTRAL_SMALL_3 = dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, max_position_embeddings=131072)
+
+
 def flux2_dev_assemble(device: str, tiny: bool):
     """FLUX.2 [dev]'s diffusers pipeline assembled in memory on `device`, its snapshot (112 GB in bf16) being more than
     the GPU machines' disk holds: random components at the real sizes (the 32 B transformer; Mistral Small 3's 24 B
@@ -170,9 +175,7 @@ def flux2_dev_assemble(device: str, tiny: bool):
         from zflux.flux.flux2.model import PRESETS
 
         tokenizer = tests_module("test_flux2_text").mistral_tokenizer()
-        text = MistralConfig(vocab_size=len(tokenizer), hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                             pad_token_id=tokenizer.pad_token_id)
+        text = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MISTRAL_SMALL_3)
         vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
         config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["flux2-dev"].__dict__.items()}

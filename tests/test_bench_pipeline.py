@@ -47,3 +47,28 @@ def test_zflux_made_in_memory_is_diffusers_pipeline(tmp_path):
     ours = bench_pipeline.flux2_from_diffusers(source, tmp_path, torch.device("cpu"), torch.float32, "zflux")
     got = ours.generate(PROMPT, seed=3, steps=2, guidance=4.0, output_type="latent", progress=False, **size)
     assert rel_err(got, expected) <= TOL
+
+
+def test_full_size_flux2_dev_assembly_at_small_dims(tmp_path, monkeypatch):
+    """The full-size branch of the in-memory assembly (Mistral 3 built straight in bf16, the [dev] preset, FLUX.2's own
+    autoencoder), with a small language model and transformer: diffusers' pipeline runs, and zflux-fp8 made from it takes
+    the transformer's weights over (diffusers' copy left on meta) and runs its fp8 linears."""
+    import torch
+
+    from test_flux2_pipeline import PROMPT
+    from tiny_flux2 import TRANSFORMER
+    from zflux.common.fp8 import FP8Linear
+    from zflux.flux.flux2 import model
+
+    monkeypatch.setattr(bench_pipeline, "MISTRAL_SMALL_3", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=31,
+                                                                num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    small = {k: tuple(v) if isinstance(v, list) else v for k, v in TRANSFORMER.items()} | dict(in_channels=128, guidance_embeds=True)
+    monkeypatch.setitem(model.PRESETS, "flux2-dev", model.Flux2Config(**small))
+    source = bench_pipeline.flux2_dev_assemble("cpu", tiny=False)
+    assert next(source.text_encoder.parameters()).dtype == torch.bfloat16
+    size = dict(height=32, width=32)
+    source(prompt=PROMPT, num_inference_steps=1, guidance_scale=4.0, output_type="latent", **size)
+    ours = bench_pipeline.flux2_from_diffusers(source, tmp_path, torch.device("cpu"), torch.bfloat16, "zflux-fp8")
+    assert next(source.transformer.parameters()).is_meta
+    assert isinstance(ours.transformer.single_blocks[0].linear2, FP8Linear)
+    assert ours.generate(PROMPT, steps=1, output_type="latent", progress=False, **size).shape == (1, 32, 4, 4)
