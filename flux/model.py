@@ -260,7 +260,7 @@ class Flux(nn.Module):
     # weights, H100) it took the final latents' error from bf16 from 0.050 (fp8 GEMMs) to 0.067, past the per-tensor
     # scheme's 0.050 (bench/RESULTS.md, 2026-11-24); Z-Image's moved 0.046 -> 0.047, FLUX.2 klein's not at all. The
     # cause: P V added into its running accumulator at the fp8 tensor cores' reduced precision; a fresh accumulator per
-    # key block brought FLUX.1 back to 0.046 but cost the kernel 2.4x its speed (registers), slower than cuDNN's bf16.
+    # key block brought FLUX.1 back to 0.046 but halved the kernel's speed (320-405 TFLOP/s at best, below cuDNN's bf16).
     FP8_ATTENTION = False
 
     def __init__(self, cfg: FluxConfig, backend: str | None = None):
