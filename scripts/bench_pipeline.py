@@ -142,18 +142,25 @@ def flux_build(dev: bool) -> Callable[[Path, str], None]:
     return build
 
 
-def flux2_klein_build(root: Path, device: str) -> None:
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+def flux2_parts(variant: str, device: str) -> dict:
+    """What every FLUX.2 pipeline built here shares: diffusers' transformer at `variant`'s size (random), its autoencoder
+    and the shipped scheduler settings."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     from zflux.flux.flux2.model import PRESETS
 
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["flux2-klein-4b"].__dict__.items()}
-    tiny = tests_module("tiny_flux2")
-    Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**tiny.SCHEDULER), vae=built_on(device, AutoencoderKLFlux2),
-                       text_encoder=built_on(device, lambda: qwen3_4b(causal_lm=True)),
-                       tokenizer=tests_module("test_text").qwen_tokenizer(),
-                       transformer=random_transformer(lambda: Flux2Transformer2DModel(**kwargs), device),
-                       is_distilled=True).save_pretrained(root)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS[variant].__dict__.items()}
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(**tests_module("tiny_flux2").SCHEDULER),
+                vae=built_on(device, AutoencoderKLFlux2),
+                transformer=random_transformer(lambda: Flux2Transformer2DModel(**kwargs), device))
+
+
+def flux2_klein_build(root: Path, device: str) -> None:
+    from diffusers import Flux2KleinPipeline
+
+    Flux2KleinPipeline(text_encoder=built_on(device, lambda: qwen3_4b(causal_lm=True)),
+                       tokenizer=tests_module("test_text").qwen_tokenizer(), is_distilled=True,
+                       **flux2_parts("flux2-klein-4b", device)).save_pretrained(root)
 
 
 # Mistral Small 3's language model (FLUX.2 [dev]'s text encoder), as its config.json gives it.
@@ -169,20 +176,15 @@ def flux2_dev_assemble(device: str, tiny: bool):
     if tiny:
         pipe = tests_module("tiny_flux2").flux2_pipeline("flux2-dev").to(device)
     else:
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+        from diffusers import Flux2Pipeline
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
-
-        from zflux.flux.flux2.model import PRESETS
 
         tokenizer = tests_module("test_flux2_text").mistral_tokenizer()
         text = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MISTRAL_SMALL_3)
         vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, head_dim=32)
         config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
-        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["flux2-dev"].__dict__.items()}
-        pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**tests_module("tiny_flux2").SCHEDULER),
-                             vae=built_on(device, AutoencoderKLFlux2), tokenizer=tokenizer,
-                             text_encoder=built_in_dtype(device, lambda: Mistral3ForConditionalGeneration(config)),
-                             transformer=random_transformer(lambda: Flux2Transformer2DModel(**kwargs), device))
+        pipe = Flux2Pipeline(tokenizer=tokenizer, text_encoder=built_in_dtype(device, lambda: Mistral3ForConditionalGeneration(config)),
+                             **flux2_parts("flux2-dev", device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -436,12 +438,17 @@ def check_disk(spec: Spec, work: Path, tiny: bool) -> None:
         raise SystemExit(f"{work} has {free:.0f} GB free; the snapshot needs {spec.snapshot_gb:.0f} GB (--work elsewhere)")
 
 
+def run_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The pipelines' dtype: fp32 for the tiny snapshots (the CPU), bf16 at full size."""
+    return torch.float32 if args.tiny else DTYPE
+
+
 def bench(name: str, args: argparse.Namespace) -> list[dict]:
     """Build the pipeline's snapshot, time every implementation in every mode on it, delete it."""
     if name in IN_MEMORY:
         return bench_in_memory(name, args)
     spec = SPECS[name]
-    device, dtype = torch.device(args.device), torch.float32 if args.tiny else DTYPE
+    device, dtype = torch.device(args.device), run_dtype(args)
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))
     check_disk(spec, root, args.tiny)
     try:
@@ -469,8 +476,7 @@ def bench_in_memory(name: str, args: argparse.Namespace) -> list[dict]:
     transformer's weights over. Eager only: the one assembly serves every implementation."""
     if args.modes != ["eager"]:
         raise SystemExit(f"{name} is assembled in memory once for every implementation: --modes eager only")
-    spec, device = IN_MEMORY[name], torch.device(args.device)
-    dtype = torch.float32 if args.tiny else DTYPE
+    spec, device, dtype = IN_MEMORY[name], torch.device(args.device), run_dtype(args)
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))  # the autoencoder and scheduler, for zflux to read
     try:
         start = time.perf_counter()
