@@ -17,7 +17,9 @@ and the snapshot is deleted before the next pipeline's is built: one family on d
 is assembled in memory instead, and each zflux implementation is made from its tensors (shared, not copied; see
 bench_in_memory): the same weights for both, as with a snapshot. Both models resident take an H200:
 
-    python scripts/bench_pipeline.py --pipelines flux2-dev --impls diffusers zflux zflux-fp8 --iters 1
+    python scripts/bench_pipeline.py --pipelines flux2-dev --impls diffusers zflux zflux-fp8 --iters 1 [--modes compiled]
+
+(one mode per run there: zflux-fp8, timed last, takes the transformer's weights over).
 
 Implementations: `diffusers`; `zflux` (CUDA graphs on, the default); `zflux-nographs`; `zflux-fp8`
 (precision fp8: the blocks' linears quantized at load, common/fp8.py; CUDA graphs on). Modes:
@@ -317,13 +319,18 @@ def load(impl: str, spec: Spec, name: str, root: Path, device: torch.device, dty
 
         pipe = getattr(diffusers, spec.diffusers_class).from_pretrained(root, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
-        if compiled:
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        return pipe
+        return diffusers_configured(pipe, compiled)
     module = __import__(f"zflux.{spec.family}.pipeline", fromlist=[spec.ours])
     pipe = getattr(module, spec.ours).from_pretrained(root, device=device, dtype=dtype, variant=name,
                                                       precision="fp8" if impl == "zflux-fp8" else None)
     return configured(pipe, impl, compiled)
+
+
+def diffusers_configured(pipe, compiled: bool):
+    """diffusers' pipeline in the mode: its transformer's repeated blocks compiled if asked."""
+    if compiled:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    return pipe
 
 
 def configured(pipe, impl: str, compiled: bool):
@@ -473,10 +480,12 @@ def bench(name: str, args: argparse.Namespace) -> list[dict]:
 def bench_in_memory(name: str, args: argparse.Namespace) -> list[dict]:
     """Assemble diffusers' pipeline in memory (IN_MEMORY), time it (its load time: the assembling), then each zflux
     implementation made from its tensors (its load time: the conversion), zflux-fp8 last since it takes the
-    transformer's weights over. Eager only: the one assembly serves every implementation."""
-    if args.modes != ["eager"]:
-        raise SystemExit(f"{name} is assembled in memory once for every implementation: --modes eager only")
+    transformer's weights over. So one mode per run: the one assembly serves one pass over the implementations."""
+    if len(args.modes) != 1:
+        raise SystemExit(f"{name} is assembled in memory once, and zflux-fp8 takes its weights over: one --modes per run")
     spec, device, dtype = IN_MEMORY[name], torch.device(args.device), run_dtype(args)
+    mode = args.modes[0]
+    compiled = mode == "compiled"
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))  # the autoencoder and scheduler, for zflux to read
     try:
         start = time.perf_counter()
@@ -486,9 +495,9 @@ def bench_in_memory(name: str, args: argparse.Namespace) -> list[dict]:
         print(f"{name}: assembled in memory in {assembled:.0f} s", file=sys.stderr, flush=True)
         rows = []
         for impl in sorted(args.impls, key=lambda impl: impl == "zflux-fp8"):
-            load_pipe = (lambda: source) if impl == "diffusers" else (
-                lambda impl=impl: configured(spec.ours(source, folder / impl, device, dtype, impl), impl, compiled=False))
-            rows.append(measure(impl, name, "eager", args, load_pipe) | ({"load_s": assembled} if impl == "diffusers" else {}))
+            load_pipe = (lambda: diffusers_configured(source, compiled)) if impl == "diffusers" else (
+                lambda impl=impl: configured(spec.ours(source, folder / impl, device, dtype, impl), impl, compiled))
+            rows.append(measure(impl, name, mode, args, load_pipe) | ({"load_s": assembled} if impl == "diffusers" else {}))
             print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         return rows
     finally:

@@ -34,6 +34,15 @@ def test_tiny_flux2_dev_in_memory(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the autoencoder and scheduler folder is deleted
 
 
+def test_in_memory_run_takes_one_mode(tmp_path):
+    """zflux-fp8 takes the assembled transformer's weights over: a second mode would find them gone, so it is refused first."""
+    import pytest
+
+    with pytest.raises(SystemExit, match="one --modes per run"):
+        bench_pipeline.main(["--tiny", "--device", "cpu", "--pipelines", "flux2-dev", "--modes", "eager", "compiled",
+                             "--work", str(tmp_path)])
+
+
 def test_zflux_made_in_memory_is_diffusers_pipeline(tmp_path):
     """The in-memory route times one pipeline twice: zflux's [dev] made from diffusers' tiny one (fp32) gives its latents."""
     import torch
