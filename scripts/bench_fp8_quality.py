@@ -12,7 +12,8 @@ scheme's decoded picture against the unquantized run's (bf16 on the GPU, fp32 on
 
 Schemes: `per-row` (what precision="fp8" runs: weights per output channel, activations per token), with the fp8
 attention kernel (where it runs: a GPU with fp8 tensor cores) and without it (ZFLUX_FP8_ATTENTION=0), and
-`per-tensor` (one scale per weight and per activation tensor, as published scaled-fp8 checkpoints). On the CPU the
+`per-tensor` (one scale per weight and per activation tensor, as published scaled-fp8 checkpoints), with and without
+fp8 attention; `random` also prints each pair's paired difference (same draws). On the CPU the
 fp8 linears run the reference path (dequantize, matmul in fp32) and attention is never fp8. Prints markdown.
 """
 
@@ -40,7 +41,9 @@ SCHEMES = {  # name: (scale granularity, fp8 attention)
     "per-row": ("per-row", False),
     "per-row + fp8 attention": ("per-row", True),
     "per-tensor": ("per-tensor", False),
+    "per-tensor + fp8 attention": ("per-tensor", True),
 }
+PAIRS = [("per-row", "per-tensor"), ("per-row + fp8 attention", "per-tensor + fp8 attention")]  # the scales compared
 PROMPTS = 4  # small models: captions of scenes drawn as in training
 EMBEDDED_SIZE = zimage.EMBEDDED_SIZE  # both small models' training size
 
@@ -119,8 +122,9 @@ def flux2_run(device: str, seed: int) -> tuple[Callable[[], torch.nn.Module], Ca
 def bench_random(device: str, seeds: int) -> None:
     print(f"\n### fp8 vs bf16, whole runs at 1024x1024, random weights: relative L2 error of the final latents, mean "
           f"(min-max) over {seeds} seeds\n")
-    print("| model | " + " | ".join(SCHEMES) + " |")
-    print("|---" * (len(SCHEMES) + 1) + "|")
+    pairs = [f"{a} - {b}" for a, b in PAIRS]
+    print("| model | " + " | ".join([*SCHEMES, *pairs]) + " |")
+    print("|---" * (len(SCHEMES) + len(PAIRS) + 1) + "|")
     for name, make in [("Z-Image-Turbo, 8 steps", zimage_run), ("FLUX.1-dev, 28 steps", flux_run),
                        ("FLUX.2 klein 4B, 4 steps", flux2_run)]:
         errors = np.zeros((seeds, len(SCHEMES)))  # (seed, scheme)
@@ -139,7 +143,16 @@ def bench_random(device: str, seeds: int) -> None:
             del model
             torch.cuda.empty_cache()
         cells = [f"{e.mean():.4f} ({e.min():.4f}-{e.max():.4f})" for e in errors.T]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {name} | " + " | ".join(cells + [paired(errors, a, b) for a, b in PAIRS]) + " |", flush=True)
+
+
+def paired(errors: np.ndarray, a: str, b: str) -> str:
+    """Scheme a's error minus b's over the same draws (seed, scheme): the mean, its standard error, and on how many
+    draws a was the closer. A draw moves both errors alike, so the difference on one draw says more than their spreads."""
+    names = list(SCHEMES)
+    diff = errors[:, names.index(a)] - errors[:, names.index(b)]
+    error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return f"{diff.mean():+.4f} +- {error:.4f} ({int((diff < 0).sum())}/{len(diff)} closer)"
 
 
 def image_metrics(image, reference) -> tuple[float, float]:
