@@ -184,18 +184,10 @@ def _weight(w: Tensor, x: Tensor) -> Tensor:
     return w.contiguous()
 
 
-# Rows of 2049-4096 channels (FLUX's 3072, Z-Image's 3840, klein 9B's 4096) go two to a program of 4 warps: half as many
-# programs. Whole Z-Image fp8 NFEs ran 0.8-1.0 ms faster so, although each kernel timed alone from a cold L2 did not
-# (bench/RESULTS.md, 2026-11-24, row kernels).
-WIDE_ROWS_PER_PROGRAM = 2
-
-
 def _launch_config(x: Tensor) -> tuple[tuple[int], dict]:
     """Grid and block sizes for a row kernel over x (B, S, C)."""
     B, S, C = x.shape
     block_m, block_n, num_warps = row_blocks(C)
-    if block_n == 4096:
-        block_m = WIDE_ROWS_PER_PROGRAM
     return (triton.cdiv(B * S, block_m),), dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
 
 
