@@ -26,7 +26,6 @@ from tiny_pipelines import flux_snapshot, one_thread, zimage_snapshot  # noqa: F
 from tiny_zimage_tasks import controlnet_snapshot
 from zflux.zimg import pipeline as zimage_pipeline
 from zflux.zimg.pipeline import ZImagePipeline
-from zflux.zimg.text import Qwen3PromptEncoder
 
 PROMPT = "a photo of a cat"
 SIZE = dict(height=32, width=32)

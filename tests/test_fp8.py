@@ -21,7 +21,7 @@ from util import randomize_, rel_err
 from zflux.cli import main
 from zflux.common.fp8 import FP8Linear, quantize_model, quantized_names
 from zflux.common.identify import check_family
-from zflux.common.quant import E4M3, E4M3_MAX, Fp8Tensor, dequantize, quantize, reference_linear
+from zflux.common.quant import E4M3, E4M3_MAX, dequantize, quantize, reference_linear
 from zflux.common.weights import COMFY_PREFIX
 from zflux.flux.convert import load_transformer as load_flux
 from zflux.flux.flux2.pipeline import Flux2Pipeline

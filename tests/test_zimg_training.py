@@ -1,8 +1,6 @@
 """The small Z-Image's training (zimg/training.py): what it learns reaches the pipeline with the right time and sign.
 Whole runs (the snapshot they write, warm starts) are tested with FLUX.1's in test_training.py."""
 
-import pytest
-import torch
 
 from zflux.common.vae import Autoencoder, AutoencoderConfig
 from zflux.zimg.model import ZImageConfig
